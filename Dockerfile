@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# analytics-service container image.
+#
+#   docker build -t analytics-service:dev .
+#   docker build --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" \
+#     --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" -t IMAGE:0.1.0 .
+#
+# Stages: chef (toolchain + cargo-chef) -> planner (dependency recipe from the manifests)
+# -> builder (dependencies compiled in their own cached layer, then the sources) -> runtime
+# (distroless, no shell, non-root). protoc comes from the protoc-bin-vendored crate, so no
+# system package is installed. The release command line is the one in
+# scripts/build-release.sh; scripts/check-deploy.sh checks that the two agree.
+
+ARG RUST_VERSION=1.95
+ARG CARGO_CHEF_VERSION=0.1.71
+
+FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS chef
+ARG CARGO_CHEF_VERSION
+WORKDIR /build
+RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}"
+
+FROM chef AS planner
+# .dockerignore admits only what the build needs: Cargo.toml, Cargo.lock, build.rs,
+# proto/, migrations/, src/ and benches/.
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /build/recipe.json recipe.json
+# Dependencies only: this layer is reused until Cargo.toml or Cargo.lock change.
+RUN cargo chef cook --release --locked --bin analytics-service --recipe-path recipe.json
+COPY . .
+# migrations/ is compiled into the binary (refinery embeds it), so the runtime image needs
+# no SQL files.
+RUN cargo build --release --locked --bin analytics-service \
+    && install -D -m 0755 target/release/analytics-service /out/analytics-service
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="analytics-service" \
+      org.opencontainers.image.description="Event tracking and user identification over gRPC, backed by PostgreSQL and Redis" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.source="https://github.com/haunted-saas/analytics-service" \
+      org.opencontainers.image.url="https://github.com/haunted-saas/analytics-service" \
+      org.opencontainers.image.documentation="https://github.com/haunted-saas/analytics-service/blob/main/docs/deploy.md" \
+      org.opencontainers.image.vendor="haunted-saas" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
+COPY --from=builder --chown=0:0 /out/analytics-service /usr/local/bin/analytics-service
+# The distroless "nonroot" user, numeric so that runAsNonRoot can verify it.
+USER 65532:65532
+# 50051: gRPC (TLS/mTLS when configured). 9090: plain HTTP /metrics, /livez, /readyz.
+EXPOSE 50051 9090
+ENTRYPOINT ["/usr/local/bin/analytics-service"]
+CMD ["serve"]
