@@ -7,7 +7,8 @@
 #
 # Stages: chef (toolchain + cargo-chef) -> planner (dependency recipe from the manifests)
 # -> builder (dependencies compiled in their own cached layer, then the sources) -> runtime
-# (distroless, no shell, non-root). protoc comes from the protoc-bin-vendored crate, so no
+# (distroless, no shell, non-root; the default target). dev-builder -> dev is the debug image
+# the Tiltfile builds. protoc comes from the protoc-bin-vendored crate, so no
 # system package is installed. The release command line is the one in
 # scripts/build-release.sh; scripts/check-deploy.sh checks that the two agree.
 
@@ -35,6 +36,26 @@ COPY . .
 RUN cargo build --release --locked --bin analytics-service \
     && install -D -m 0755 target/release/analytics-service /out/analytics-service
 
+# --- Development image (Tiltfile: docker_build(..., target="dev")) -----------------------
+# A debug build with BuildKit cache mounts for the registry and target/, so a source change
+# recompiles only this crate. Same distroless runtime as the release image: Tilt rebuilds
+# and redeploys instead of live-updating, since the runtime has no shell to restart in.
+FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS dev-builder
+WORKDIR /build
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/build/target \
+    cargo build --locked --bin analytics-service \
+    && install -D -m 0755 target/debug/analytics-service /out/analytics-service
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS dev
+COPY --from=dev-builder --chown=0:0 /out/analytics-service /usr/local/bin/analytics-service
+USER 65532:65532
+EXPOSE 50051 9090
+ENTRYPOINT ["/usr/local/bin/analytics-service"]
+CMD ["serve"]
+
+# --- Release image (the default target: last stage) ---------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 ARG VERSION=0.1.0
 ARG REVISION=unknown
