@@ -1,0 +1,73 @@
+//! Protobuf messages to domain types (parse, don't validate) and back.
+
+use crate::models::{
+    EventCount, EventFilter, EventName, GroupBy, IdentifyUser, Properties, PropertyValue, TimeRange,
+    TrackEvent, UserId,
+};
+use crate::pb;
+use crate::service::ValidationError;
+
+fn property_value(value: pb::PropertyValue) -> Option<PropertyValue> {
+    value.value.map(|value| match value {
+        pb::property_value::Value::StringValue(text) => PropertyValue::String(text),
+        pb::property_value::Value::NumberValue(number) => PropertyValue::Number(number),
+        pb::property_value::Value::BoolValue(flag) => PropertyValue::Bool(flag),
+    })
+}
+
+fn properties(
+    raw: std::collections::HashMap<String, pb::PropertyValue>,
+) -> Result<Properties, ValidationError> {
+    Properties::parse(raw.into_iter().map(|(key, value)| (key, property_value(value))))
+}
+
+impl TryFrom<pb::TrackEventRequest> for TrackEvent {
+    type Error = ValidationError;
+
+    fn try_from(request: pb::TrackEventRequest) -> Result<Self, Self::Error> {
+        Ok(TrackEvent {
+            name: EventName::parse(request.event_name)?,
+            user_id: UserId::parse_optional(request.user_id)?,
+            properties: properties(request.properties)?,
+            unix_seconds: (request.timestamp != 0).then_some(request.timestamp),
+        })
+    }
+}
+
+impl TryFrom<pb::IdentifyUserRequest> for IdentifyUser {
+    type Error = ValidationError;
+
+    fn try_from(request: pb::IdentifyUserRequest) -> Result<Self, Self::Error> {
+        Ok(IdentifyUser {
+            user_id: UserId::parse(request.user_id)?,
+            properties: properties(request.properties)?,
+        })
+    }
+}
+
+/// GetEventCount needs the clock (end_time 0 means now), so it is a function.
+pub fn event_filter(
+    request: pb::GetEventCountRequest,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<EventFilter, ValidationError> {
+    let event_name =
+        if request.event_name.is_empty() { None } else { Some(EventName::parse(request.event_name)?) };
+    Ok(EventFilter {
+        event_name,
+        range: TimeRange::parse(request.start_time, request.end_time, now)?,
+        group_by: GroupBy::parse(&request.group_by)?,
+    })
+}
+
+pub fn user_count_range(
+    request: &pb::GetUserCountRequest,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<TimeRange, ValidationError> {
+    TimeRange::parse(request.start_time, request.end_time, now)
+}
+
+impl From<EventCount> for pb::EventCount {
+    fn from(count: EventCount) -> Self {
+        pb::EventCount { event_name: count.event_name, timestamp: count.bucket_start, count: count.count }
+    }
+}

@@ -1,0 +1,28 @@
+//! The standard grpc.health.v1 service (tonic-health), driven by the readiness state:
+//! both "" (the whole server) and "analytics.v1.AnalyticsService" are SERVING exactly
+//! when the replica is ready, and NOT_SERVING from the moment shutdown begins.
+
+use tokio::sync::watch;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::service::readiness::Readiness;
+
+/// Fully-qualified name of our service, as health clients ask for it.
+pub const ANALYTICS_SERVICE_NAME: &str = "analytics.v1.AnalyticsService";
+
+/// Mirrors every readiness change into the health reporter until the channel closes.
+pub async fn follow_readiness(reporter: HealthReporter, mut readiness: watch::Receiver<Readiness>) {
+    loop {
+        let status = if readiness.borrow_and_update().is_ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(ANALYTICS_SERVICE_NAME, status).await;
+        if readiness.changed().await.is_err() {
+            return;
+        }
+    }
+}

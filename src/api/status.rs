@@ -1,0 +1,47 @@
+//! The one place a [`ServiceError`] becomes a gRPC status. Callers never see SQL,
+//! hostnames or stack traces: those stay in the logs.
+
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+
+use crate::service::ServiceError;
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::InvalidArgument(validation) => Status::invalid_argument(validation.to_string()),
+            ServiceError::RateLimited { retry_after_seconds } => {
+                let mut status = Status::new(Code::ResourceExhausted, "rate limit exceeded");
+                status.metadata_mut().insert("retry-after", MetadataValue::from(retry_after_seconds));
+                status
+            }
+            ServiceError::Unavailable(reason) => Status::unavailable(reason),
+            ServiceError::Internal => Status::internal("internal error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::ValidationError;
+
+    #[test]
+    fn every_error_maps_to_its_code() {
+        let invalid: Status =
+            ServiceError::InvalidArgument(ValidationError::new("event_name", "must not be empty")).into();
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert_eq!(invalid.message(), "event_name: must not be empty");
+
+        let limited: Status = ServiceError::RateLimited { retry_after_seconds: 7 }.into();
+        assert_eq!(limited.code(), Code::ResourceExhausted);
+        assert_eq!(limited.metadata().get("retry-after").unwrap(), "7");
+
+        let unavailable: Status = ServiceError::Unavailable("database unavailable").into();
+        assert_eq!(unavailable.code(), Code::Unavailable);
+
+        let internal: Status = ServiceError::Internal.into();
+        assert_eq!(internal.code(), Code::Internal);
+        assert_eq!(internal.message(), "internal error");
+    }
+}

@@ -1,0 +1,488 @@
+//! Configuration: every setting is an environment variable (the design's names), read
+//! once with envy into [`Config`] and checked once at start-up. Errors name the variable.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
+
+/// A value that never prints (passwords). `Debug` and logs show `***`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is handed to a driver.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    #[default]
+    Json,
+    /// Human-readable lines (development).
+    Text,
+}
+
+/// How the PostgreSQL connection negotiates TLS (libpq's sslmode names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PostgresSslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw.to_ascii_lowercase().as_str() {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            _ => Err(format!("expected json or text, got {raw:?}")),
+        }
+    }
+}
+
+impl std::str::FromStr for PostgresSslMode {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw.to_ascii_lowercase().as_str() {
+            "disable" => Ok(PostgresSslMode::Disable),
+            "prefer" => Ok(PostgresSslMode::Prefer),
+            "require" => Ok(PostgresSslMode::Require),
+            _ => Err(format!("expected disable, prefer or require, got {raw:?}")),
+        }
+    }
+}
+
+/// Parses an enum-like variable, naming it in the error (envy's own messages for
+/// enums do not).
+fn parse_named<'de, D, T>(deserializer: D, variable: &str) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let raw = String::deserialize(deserializer)?;
+    raw.trim().parse().map_err(|reason| D::Error::custom(format!("{variable}: {reason}")))
+}
+
+fn log_format<'de, D: Deserializer<'de>>(deserializer: D) -> Result<LogFormat, D::Error> {
+    parse_named(deserializer, "LOG_FORMAT")
+}
+
+fn postgres_sslmode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PostgresSslMode, D::Error> {
+    parse_named(deserializer, "POSTGRES_SSLMODE")
+}
+
+/// All settings of the service. Each field is the lower-case form of its variable.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    // ---- service ----
+    /// SERVICE_PORT: gRPC port (AnalyticsService, health, reflection). 0 = any free port.
+    #[serde(default = "defaults::service_port")]
+    pub service_port: u16,
+    /// SERVICE_BIND_ADDRESS: address both listeners bind to.
+    #[serde(default = "defaults::bind_address")]
+    pub service_bind_address: IpAddr,
+    /// SERVICE_NAME: name in logs, traces and metrics.
+    #[serde(default = "defaults::service_name")]
+    pub service_name: String,
+    /// LOG_LEVEL: a tracing filter, e.g. `info` or `info,analytics_service=debug`.
+    #[serde(default = "defaults::log_level")]
+    pub log_level: String,
+    /// LOG_FORMAT: `json` (default) or `text`.
+    #[serde(default, deserialize_with = "log_format")]
+    pub log_format: LogFormat,
+
+    // ---- PostgreSQL ----
+    #[serde(default = "defaults::postgres_host")]
+    pub postgres_host: String,
+    #[serde(default = "defaults::postgres_port")]
+    pub postgres_port: u16,
+    #[serde(default = "defaults::postgres_db")]
+    pub postgres_db: String,
+    #[serde(default = "defaults::postgres_user")]
+    pub postgres_user: String,
+    #[serde(default = "defaults::postgres_password")]
+    pub postgres_password: Secret,
+    /// POSTGRES_MAX_CONNECTIONS: size of the connection pool.
+    #[serde(default = "defaults::postgres_max_connections")]
+    pub postgres_max_connections: u32,
+    /// POSTGRES_SSLMODE: `disable`, `prefer` (default) or `require`.
+    #[serde(default, deserialize_with = "postgres_sslmode")]
+    pub postgres_sslmode: PostgresSslMode,
+    /// POSTGRES_ACQUIRE_TIMEOUT_MS: longest wait for a pooled connection, in milliseconds.
+    #[serde(default = "defaults::postgres_acquire_timeout_ms")]
+    pub postgres_acquire_timeout_ms: u64,
+
+    // ---- Redis ----
+    /// REDIS_HOST: empty disables Redis (cache off, local rate limiter).
+    #[serde(default = "defaults::redis_host")]
+    pub redis_host: String,
+    #[serde(default = "defaults::redis_port")]
+    pub redis_port: u16,
+    #[serde(default)]
+    pub redis_password: Secret,
+    #[serde(default)]
+    pub redis_db: i64,
+    /// REDIS_CACHE_TTL: lifetime of cached count answers, in seconds. 0 = no caching.
+    #[serde(default = "defaults::redis_cache_ttl")]
+    pub redis_cache_ttl: u64,
+    /// REDIS_KEY_PREFIX: namespace of every key this service writes.
+    #[serde(default = "defaults::redis_key_prefix")]
+    pub redis_key_prefix: String,
+    /// REDIS_TIMEOUT_MS: connect and response timeout of Redis calls, in milliseconds.
+    #[serde(default = "defaults::redis_timeout_ms")]
+    pub redis_timeout_ms: u64,
+
+    // ---- rate limiting ----
+    /// RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE: token bucket size per user. 0 = unlimited.
+    #[serde(default = "defaults::rate_limit_per_minute")]
+    pub rate_limit_events_per_user_per_minute: u32,
+
+    // ---- observability ----
+    /// PROMETHEUS_PORT: plain HTTP admin port (/metrics, /livez, /readyz). 0 = any free port.
+    #[serde(default = "defaults::prometheus_port")]
+    pub prometheus_port: u16,
+    /// OTEL_EXPORTER_OTLP_ENDPOINT: OTLP/gRPC collector; empty = trace export off.
+    #[serde(default)]
+    pub otel_exporter_otlp_endpoint: String,
+    /// OTEL_TRACES_SAMPLER_RATIO: share of root traces sampled, 0.0 to 1.0 (parent-based).
+    #[serde(default = "defaults::sampler_ratio")]
+    pub otel_traces_sampler_ratio: f64,
+
+    // ---- behaviour ----
+    /// EVENT_MAX_AGE_DAYS: oldest accepted event timestamp, in days before now.
+    #[serde(default = "defaults::event_max_age_days")]
+    pub event_max_age_days: u32,
+    /// MIGRATE_ON_START: apply migrations when `serve` starts (development only).
+    #[serde(default)]
+    pub migrate_on_start: bool,
+    /// DB_RETRY_MAX_ATTEMPTS: attempts for a retryable database error (1 = no retry).
+    #[serde(default = "defaults::db_retry_max_attempts")]
+    pub db_retry_max_attempts: u32,
+    /// DB_RETRY_BASE_DELAY_MS: first backoff delay in milliseconds; doubles per attempt.
+    #[serde(default = "defaults::db_retry_base_delay_ms")]
+    pub db_retry_base_delay_ms: u64,
+    /// SHUTDOWN_DRAIN_SECONDS: after SIGTERM, longest wait for in-flight calls.
+    #[serde(default = "defaults::shutdown_drain_seconds")]
+    pub shutdown_drain_seconds: u64,
+    /// GRPC_MAX_CONNECTION_AGE_SECONDS: connections are closed gracefully after this age,
+    /// so clients re-resolve DNS and spread over new pods. 0 = never.
+    #[serde(default = "defaults::grpc_max_connection_age_seconds")]
+    pub grpc_max_connection_age_seconds: u64,
+    /// REQUEST_TIMEOUT_SECONDS: longest time a call may take on the server.
+    #[serde(default = "defaults::request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+    /// GRPC_MAX_MESSAGE_BYTES: largest decoded request message.
+    #[serde(default = "defaults::grpc_max_message_bytes")]
+    pub grpc_max_message_bytes: usize,
+    /// HEALTH_POLL_INTERVAL_MS: how often readiness re-checks PostgreSQL and the schema.
+    #[serde(default = "defaults::health_poll_interval_ms")]
+    pub health_poll_interval_ms: u64,
+}
+
+mod defaults {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::Secret;
+
+    pub(super) fn service_port() -> u16 {
+        50051
+    }
+    pub(super) fn bind_address() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+    pub(super) fn service_name() -> String {
+        "analytics-service".into()
+    }
+    pub(super) fn log_level() -> String {
+        "info".into()
+    }
+    pub(super) fn postgres_host() -> String {
+        "localhost".into()
+    }
+    pub(super) fn postgres_port() -> u16 {
+        5432
+    }
+    pub(super) fn postgres_db() -> String {
+        "analytics".into()
+    }
+    pub(super) fn postgres_user() -> String {
+        "analytics".into()
+    }
+    pub(super) fn postgres_password() -> Secret {
+        Secret::new("secret")
+    }
+    pub(super) fn postgres_max_connections() -> u32 {
+        25
+    }
+    pub(super) fn postgres_acquire_timeout_ms() -> u64 {
+        1_000
+    }
+    pub(super) fn redis_host() -> String {
+        "localhost".into()
+    }
+    pub(super) fn redis_port() -> u16 {
+        6379
+    }
+    pub(super) fn redis_cache_ttl() -> u64 {
+        300
+    }
+    pub(super) fn redis_key_prefix() -> String {
+        "analytics".into()
+    }
+    pub(super) fn redis_timeout_ms() -> u64 {
+        250
+    }
+    pub(super) fn rate_limit_per_minute() -> u32 {
+        1_000
+    }
+    pub(super) fn prometheus_port() -> u16 {
+        9090
+    }
+    pub(super) fn sampler_ratio() -> f64 {
+        1.0
+    }
+    pub(super) fn event_max_age_days() -> u32 {
+        30
+    }
+    pub(super) fn db_retry_max_attempts() -> u32 {
+        5
+    }
+    pub(super) fn db_retry_base_delay_ms() -> u64 {
+        50
+    }
+    pub(super) fn shutdown_drain_seconds() -> u64 {
+        15
+    }
+    pub(super) fn grpc_max_connection_age_seconds() -> u64 {
+        300
+    }
+    pub(super) fn request_timeout_seconds() -> u64 {
+        10
+    }
+    pub(super) fn grpc_max_message_bytes() -> usize {
+        4 * 1024 * 1024
+    }
+    pub(super) fn health_poll_interval_ms() -> u64 {
+        2_000
+    }
+}
+
+/// A start-up configuration error; its message names the offending variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables (tests pass their own instead of mutating the process).
+    pub fn from_vars<I>(variables: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let config: Config =
+            envy::from_iter(variables).map_err(|error| ConfigError(name_variables(&error)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and range checks that types alone do not express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |variable: &str, reason: &str| Err(ConfigError(format!("{variable}: {reason}")));
+        if self.service_name.trim().is_empty() {
+            return fail("SERVICE_NAME", "must not be empty");
+        }
+        if self.postgres_host.trim().is_empty() {
+            return fail("POSTGRES_HOST", "must not be empty");
+        }
+        if self.postgres_max_connections == 0 {
+            return fail("POSTGRES_MAX_CONNECTIONS", "must be at least 1");
+        }
+        if self.postgres_acquire_timeout_ms == 0 {
+            return fail("POSTGRES_ACQUIRE_TIMEOUT_MS", "must be at least 1");
+        }
+        if !(0..=15).contains(&self.redis_db) {
+            return fail("REDIS_DB", "must be between 0 and 15");
+        }
+        if self.redis_key_prefix.is_empty() || self.redis_key_prefix.contains(char::is_whitespace) {
+            return fail("REDIS_KEY_PREFIX", "must be non-empty and contain no white space");
+        }
+        if !(0.0..=1.0).contains(&self.otel_traces_sampler_ratio) {
+            return fail("OTEL_TRACES_SAMPLER_RATIO", "must be between 0.0 and 1.0");
+        }
+        if self.event_max_age_days == 0 {
+            return fail("EVENT_MAX_AGE_DAYS", "must be at least 1");
+        }
+        if !(1..=20).contains(&self.db_retry_max_attempts) {
+            return fail("DB_RETRY_MAX_ATTEMPTS", "must be between 1 and 20");
+        }
+        if self.request_timeout_seconds == 0 {
+            return fail("REQUEST_TIMEOUT_SECONDS", "must be at least 1");
+        }
+        if self.grpc_max_message_bytes < 1024 {
+            return fail("GRPC_MAX_MESSAGE_BYTES", "must be at least 1024");
+        }
+        if self.health_poll_interval_ms == 0 {
+            return fail("HEALTH_POLL_INTERVAL_MS", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn grpc_address(&self) -> SocketAddr {
+        SocketAddr::new(self.service_bind_address, self.service_port)
+    }
+
+    pub fn admin_address(&self) -> SocketAddr {
+        SocketAddr::new(self.service_bind_address, self.prometheus_port)
+    }
+
+    pub fn redis_enabled(&self) -> bool {
+        !self.redis_host.trim().is_empty()
+    }
+
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        let endpoint = self.otel_exporter_otlp_endpoint.trim();
+        (!endpoint.is_empty()).then_some(endpoint)
+    }
+
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.redis_cache_ttl)
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    pub fn postgres_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.postgres_acquire_timeout_ms)
+    }
+
+    pub fn db_retry_base_delay(&self) -> Duration {
+        Duration::from_millis(self.db_retry_base_delay_ms)
+    }
+
+    pub fn shutdown_drain(&self) -> Duration {
+        Duration::from_secs(self.shutdown_drain_seconds)
+    }
+
+    pub fn max_connection_age(&self) -> Option<Duration> {
+        (self.grpc_max_connection_age_seconds > 0)
+            .then(|| Duration::from_secs(self.grpc_max_connection_age_seconds))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn health_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.health_poll_interval_ms)
+    }
+
+    pub fn event_max_age(&self) -> chrono::Duration {
+        chrono::Duration::days(i64::from(self.event_max_age_days))
+    }
+}
+
+/// envy names the variable for values it parses itself ("... provided by POSTGRES_PORT")
+/// and reports a missing field by its serde name; this keeps operators' spelling.
+fn name_variables(error: &envy::Error) -> String {
+    match error {
+        envy::Error::MissingValue(field) => format!("{} is required", field.to_uppercase()),
+        envy::Error::Custom(message) => message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(config.service_port, 50051);
+        assert_eq!(config.prometheus_port, 9090);
+        assert_eq!(config.postgres_max_connections, 25);
+        assert_eq!(config.redis_cache_ttl, 300);
+        assert_eq!(config.rate_limit_events_per_user_per_minute, 1000);
+        assert_eq!(config.event_max_age_days, 30);
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(config.redis_enabled());
+        assert_eq!(config.otlp_endpoint(), None);
+    }
+
+    #[test]
+    fn a_bad_number_names_the_variable() {
+        let error = Config::from_vars(vars(&[("POSTGRES_PORT", "abc")])).unwrap_err();
+        assert!(error.to_string().contains("POSTGRES_PORT"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_enum_names_the_variable() {
+        let error = Config::from_vars(vars(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(error.to_string().contains("LOG_FORMAT"), "{error}");
+    }
+
+    #[test]
+    fn range_checks_name_the_variable() {
+        let cases = [
+            ("POSTGRES_MAX_CONNECTIONS", "0"),
+            ("OTEL_TRACES_SAMPLER_RATIO", "1.5"),
+            ("REDIS_DB", "99"),
+            ("EVENT_MAX_AGE_DAYS", "0"),
+            ("DB_RETRY_MAX_ATTEMPTS", "0"),
+        ];
+        for (variable, value) in cases {
+            let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();
+            assert!(error.to_string().contains(variable), "{variable}: {error}");
+        }
+    }
+
+    #[test]
+    fn empty_redis_host_disables_redis() {
+        let config = Config::from_vars(vars(&[("REDIS_HOST", "")])).unwrap();
+        assert!(!config.redis_enabled());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let config =
+            Config::from_vars(vars(&[("POSTGRES_PASSWORD", "hunter2"), ("REDIS_PASSWORD", "pw")])).unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains("\"pw\""));
+        assert_eq!(config.postgres_password.expose(), "hunter2");
+    }
+}

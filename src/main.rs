@@ -1,0 +1,211 @@
+//! The `analytics-service` binary: `serve` (default), `migrate`, `healthcheck`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use analytics_service::config::Config;
+use analytics_service::repository::postgres::{connect_options, schema, Database};
+use analytics_service::startup::Application;
+use analytics_service::telemetry;
+use clap::{Parser, Subcommand};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+#[derive(Parser)]
+#[command(name = "analytics-service", version, about = "Event tracking and user identification over gRPC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server and the admin HTTP port (the default).
+    Serve,
+    /// Apply pending database migrations and exit (safe to run from several pods at once).
+    Migrate {
+        /// Only check: exit 0 when the schema is current, 3 when it is behind.
+        #[arg(long)]
+        check: bool,
+        /// With --check: keep checking until current or this many seconds have passed.
+        #[arg(long, default_value_t = 0, requires = "check")]
+        wait_seconds: u64,
+    },
+    /// Ask a running server's grpc.health.v1 service; exit 0 only when it is SERVING.
+    Healthcheck {
+        /// host:port of the gRPC server.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        /// Service to ask about; "" is the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 5)]
+        timeout_seconds: u64,
+        /// CA bundle that signed the server certificate (enables TLS).
+        #[arg(long)]
+        tls_ca_file: Option<String>,
+        /// Client certificate for mTLS.
+        #[arg(long, requires = "tls_key_file")]
+        tls_cert_file: Option<String>,
+        /// Client key for mTLS.
+        #[arg(long, requires = "tls_cert_file")]
+        tls_key_file: Option<String>,
+        /// Name expected in the server certificate (default: the host of --addr).
+        #[arg(long)]
+        tls_server_name: Option<String>,
+    },
+}
+
+/// Exit code of `migrate --check` when migrations are pending.
+const EXIT_SCHEMA_BEHIND: u8 = 3;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => run(serve()).await,
+        Command::Migrate { check, wait_seconds } => run(migrate(check, wait_seconds)).await,
+        Command::Healthcheck {
+            addr,
+            service,
+            timeout_seconds,
+            tls_ca_file,
+            tls_cert_file,
+            tls_key_file,
+            tls_server_name,
+        } => {
+            let tls = TlsFiles {
+                ca: tls_ca_file,
+                cert: tls_cert_file,
+                key: tls_key_file,
+                server_name: tls_server_name,
+            };
+            healthcheck(&addr, &service, Duration::from_secs(timeout_seconds), tls).await
+        }
+    }
+}
+
+async fn run(verb: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    match verb.await {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "exiting");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config() -> anyhow::Result<Config> {
+    match Config::from_env() {
+        Ok(config) => {
+            telemetry::init(&config)?;
+            Ok(config)
+        }
+        Err(error) => {
+            telemetry::init_plain();
+            Err(error.into())
+        }
+    }
+}
+
+async fn serve() -> anyhow::Result<ExitCode> {
+    let config = load_config()?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "starting");
+    let application = Application::build(config).await?;
+    application.run_until_stopped(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
+    let config = load_config()?;
+    if !check {
+        let report = schema::migrate(&connect_options(&config)).await?;
+        tracing::info!(applied = ?report.applied, "migrations up to date");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let database = Database::connect_lazy(&config);
+    let deadline = Instant::now() + Duration::from_secs(wait_seconds);
+    loop {
+        match schema::status(database.pool()).await {
+            Ok(status) if status.is_usable() => {
+                tracing::info!(status = ?status, "schema is current");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(status) => tracing::info!(status = ?status, "schema is behind, waiting for `migrate`"),
+            Err(error) => tracing::info!(error = %error, "database not reachable yet"),
+        }
+        if Instant::now() >= deadline {
+            return Ok(ExitCode::from(EXIT_SCHEMA_BEHIND));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+struct TlsFiles {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    server_name: Option<String>,
+}
+
+async fn healthcheck(addr: &str, service: &str, timeout: Duration, tls: TlsFiles) -> ExitCode {
+    telemetry::init_plain();
+    let result = tokio::time::timeout(timeout, ask_health(addr, service, tls)).await;
+    match result {
+        Ok(Ok(ServingStatus::Serving)) => {
+            println!("SERVING");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(status)) => {
+            println!("{}", status.as_str_name());
+            ExitCode::FAILURE
+        }
+        Ok(Err(error)) => {
+            eprintln!("healthcheck failed: {error:#}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("healthcheck failed: no answer within {} s", timeout.as_secs());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn ask_health(addr: &str, service: &str, tls: TlsFiles) -> anyhow::Result<ServingStatus> {
+    let scheme = if tls.ca.is_some() { "https" } else { "http" };
+    let mut endpoint = Channel::from_shared(format!("{scheme}://{addr}"))?;
+    if let Some(ca_file) = &tls.ca {
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host).trim_matches(['[', ']']);
+        let mut tls_config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca_file)?))
+            .domain_name(tls.server_name.clone().unwrap_or_else(|| host.to_string()));
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            tls_config = tls_config.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls_config)?;
+    }
+    let channel = endpoint.connect().await?;
+    let response =
+        HealthClient::new(channel).check(HealthCheckRequest { service: service.to_string() }).await?;
+    Ok(response.into_inner().status())
+}

@@ -1,0 +1,135 @@
+//! Prometheus metrics: names, help texts, buckets and the small `record_*` helpers the
+//! rest of the code calls. The recorder is process-wide and installed once.
+//!
+//! gRPC metrics are named like go-grpc-prometheus so stock dashboards work.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const GRPC_STARTED: &str = "grpc_server_started_total";
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+pub const EVENTS_INGESTED: &str = "analytics_events_ingested_total";
+pub const EVENTS_REJECTED: &str = "analytics_events_rejected_total";
+pub const DB_QUERY_SECONDS: &str = "analytics_db_query_seconds";
+pub const DB_ERRORS: &str = "analytics_db_errors_total";
+pub const DB_POOL_CONNECTIONS: &str = "analytics_db_pool_connections";
+pub const DB_POOL_MAX_CONNECTIONS: &str = "analytics_db_pool_max_connections";
+pub const DATABASE_UP: &str = "analytics_database_up";
+pub const REDIS_COMMAND_SECONDS: &str = "analytics_redis_command_seconds";
+pub const REDIS_ERRORS: &str = "analytics_redis_errors_total";
+pub const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
+pub const READY: &str = "analytics_ready";
+pub const BUILD_INFO: &str = "analytics_build_info";
+
+/// Latency buckets in seconds: sub-millisecond cache hits up to the request timeout.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (first call) and returns the handle that renders
+/// the text exposition format. Later calls return the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("latency buckets are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe_all();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_commit" => env!("ANALYTICS_GIT_COMMIT")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe_all() {
+    describe_counter!(GRPC_STARTED, "RPCs started on the server.");
+    describe_counter!(GRPC_HANDLED, "RPCs completed on the server, by status code.");
+    describe_histogram!(
+        GRPC_HANDLING_SECONDS,
+        Unit::Seconds,
+        "Time to handle an RPC, until the response headers."
+    );
+    describe_counter!(EVENTS_INGESTED, "Events committed to PostgreSQL.");
+    describe_counter!(EVENTS_REJECTED, "Events not stored, by reason.");
+    describe_histogram!(
+        DB_QUERY_SECONDS,
+        Unit::Seconds,
+        "Database call latency including retries, by operation."
+    );
+    describe_counter!(DB_ERRORS, "Database calls that failed after retries, by operation and kind.");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Open database connections, by state.");
+    describe_gauge!(DB_POOL_MAX_CONNECTIONS, "Configured size of the database pool.");
+    describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last health probe, else 0.");
+    describe_histogram!(REDIS_COMMAND_SECONDS, Unit::Seconds, "Redis call latency, by operation.");
+    describe_counter!(REDIS_ERRORS, "Failed Redis calls, by operation.");
+    describe_counter!(CACHE_REQUESTS, "Count-cache lookups, by query and result (hit or miss).");
+    describe_gauge!(READY, "1 when the service is ready to serve, else 0.");
+    describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+}
+
+pub fn record_grpc_started(service: &'static str, method: &'static str, kind: &'static str) {
+    counter!(GRPC_STARTED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind)
+        .increment(1);
+}
+
+pub fn record_grpc_handled(
+    service: &'static str,
+    method: &'static str,
+    kind: &'static str,
+    code: &'static str,
+    elapsed: Duration,
+) {
+    counter!(GRPC_HANDLED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind, "grpc_code" => code)
+        .increment(1);
+    histogram!(GRPC_HANDLING_SECONDS, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind)
+        .record(elapsed.as_secs_f64());
+}
+
+pub fn record_db_call(operation: &'static str, elapsed: Duration, error_kind: Option<&'static str>) {
+    histogram!(DB_QUERY_SECONDS, "operation" => operation).record(elapsed.as_secs_f64());
+    if let Some(kind) = error_kind {
+        counter!(DB_ERRORS, "operation" => operation, "kind" => kind).increment(1);
+    }
+}
+
+pub fn record_redis_call(operation: &'static str, elapsed: Duration, failed: bool) {
+    histogram!(REDIS_COMMAND_SECONDS, "operation" => operation).record(elapsed.as_secs_f64());
+    if failed {
+        counter!(REDIS_ERRORS, "operation" => operation).increment(1);
+    }
+}
+
+pub fn record_cache_lookup(query: &'static str, hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    counter!(CACHE_REQUESTS, "query" => query, "result" => result).increment(1);
+}
+
+pub fn record_events_ingested(count: u64) {
+    counter!(EVENTS_INGESTED).increment(count);
+}
+
+pub fn record_event_rejected(reason: &'static str) {
+    counter!(EVENTS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn set_database_up(up: bool) {
+    gauge!(DATABASE_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn set_ready(ready: bool) {
+    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
+}
+
+pub fn set_pool_stats(size: u32, idle: usize, max: u32) {
+    let idle = idle as f64;
+    gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
+    gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((f64::from(size) - idle).max(0.0));
+    gauge!(DB_POOL_MAX_CONNECTIONS).set(f64::from(max));
+}

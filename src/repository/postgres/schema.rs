@@ -1,0 +1,159 @@
+//! Schema migrations: the SQL files in migrations/ (embedded at build time), applied by
+//! refinery over a sqlx connection and serialised across pods with an advisory lock.
+//! Also answers "is the schema current?" for readiness and `migrate --check`.
+
+use std::collections::BTreeSet;
+
+use refinery::{AsyncMigrate, Migration};
+use refinery_core::traits::r#async::{AsyncQuery, AsyncTransaction};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
+use sqlx::{Connection, Row};
+
+use super::RepositoryError;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Advisory lock key taken by `migrate` ("analytic" in ASCII), so concurrent runs queue.
+pub const MIGRATION_LOCK_KEY: i64 = 0x616e_616c_7974_6963;
+/// refinery's bookkeeping table.
+const HISTORY_TABLE: &str = "refinery_schema_history";
+
+/// Where the database schema stands relative to the migrations this binary carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SchemaStatus {
+    /// Every migration this binary knows is applied.
+    Current { version: i32 },
+    /// Some are missing: `migrate` must run.
+    Behind { applied: Option<i32>, expected: i32 },
+    /// The database is newer than this binary (a rollback or a rollout in progress);
+    /// migrations are expand-then-contract, so serving stays safe.
+    Ahead { applied: i32, expected: i32 },
+}
+
+impl SchemaStatus {
+    pub fn is_usable(&self) -> bool {
+        !matches!(self, SchemaStatus::Behind { .. })
+    }
+}
+
+/// What one `migrate` run did.
+#[derive(Clone, Debug)]
+pub struct MigrationReport {
+    pub applied: Vec<String>,
+}
+
+/// Versions embedded in this binary, ascending.
+pub fn expected_versions() -> Vec<i32> {
+    let mut versions: Vec<i32> =
+        embedded::migrations::runner().get_migrations().iter().map(Migration::version).collect();
+    versions.sort_unstable();
+    versions
+}
+
+/// Applies every pending migration, holding the advisory lock for the whole run.
+pub async fn migrate(options: &PgConnectOptions) -> Result<MigrationReport, MigrationError> {
+    let mut connection = PgConnection::connect_with(options).await.map_err(RepositoryError::from)?;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK_KEY)
+        .execute(&mut connection)
+        .await
+        .map_err(RepositoryError::from)?;
+    let result = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(&mut RefineryConnection(&mut connection))
+        .await;
+    // Closing the session would release the lock too; unlocking keeps it explicit.
+    let unlock =
+        sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK_KEY).execute(&mut connection).await;
+    let report = result.map_err(|error| MigrationError::Refinery(Box::new(error)))?;
+    unlock.map_err(RepositoryError::from)?;
+    connection.close().await.ok();
+    Ok(MigrationReport { applied: report.applied_migrations().iter().map(ToString::to_string).collect() })
+}
+
+/// Compares the applied versions with the embedded ones.
+pub async fn status(pool: &PgPool) -> Result<SchemaStatus, RepositoryError> {
+    let expected = expected_versions();
+    let expected_latest = expected.last().copied().unwrap_or(0);
+    let history_exists: bool =
+        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(HISTORY_TABLE).fetch_one(pool).await?;
+    if !history_exists {
+        return Ok(SchemaStatus::Behind { applied: None, expected: expected_latest });
+    }
+    let applied: BTreeSet<i32> = sqlx::query(&format!("SELECT version FROM {HISTORY_TABLE}"))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<i32, _>("version"))
+        .collect::<Result<_, _>>()?;
+    let applied_latest = applied.last().copied();
+    if expected.iter().any(|version| !applied.contains(version)) {
+        return Ok(SchemaStatus::Behind { applied: applied_latest, expected: expected_latest });
+    }
+    match applied_latest {
+        Some(latest) if latest > expected_latest => {
+            Ok(SchemaStatus::Ahead { applied: latest, expected: expected_latest })
+        }
+        _ => Ok(SchemaStatus::Current { version: expected_latest }),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Database(#[from] RepositoryError),
+    #[error("migration failed: {0}")]
+    Refinery(Box<refinery::Error>),
+}
+
+/// refinery drives migrations through its own traits; this adapter lets it use the
+/// same sqlx connection (and so the same TLS and credentials) as the service.
+struct RefineryConnection<'c>(&'c mut PgConnection);
+
+impl AsyncTransaction for RefineryConnection<'_> {
+    type Error = sqlx::Error;
+
+    async fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
+        &'a mut self,
+        queries: T,
+    ) -> Result<usize, Self::Error> {
+        let queries: Vec<String> = queries.map(str::to_owned).collect();
+        run_in_transaction(self.0, queries).await
+    }
+}
+
+/// Runs each query (each may hold several statements) in one transaction.
+async fn run_in_transaction(
+    connection: &mut PgConnection,
+    queries: Vec<String>,
+) -> Result<usize, sqlx::Error> {
+    let mut transaction = connection.begin().await?;
+    for query in &queries {
+        // A plain &str runs over the simple-query protocol, so a file may hold several statements.
+        sqlx::Executor::execute(&mut *transaction, query.as_str()).await?;
+    }
+    transaction.commit().await?;
+    Ok(queries.len())
+}
+
+impl AsyncQuery<Vec<Migration>> for RefineryConnection<'_> {
+    async fn query<'a>(&'a mut self, query: &'a str) -> Result<Vec<Migration>, Self::Error> {
+        let rows = sqlx::query(query).fetch_all(&mut *self.0).await?;
+        rows.iter()
+            .map(|row| {
+                let applied_on: String = row.try_get(2)?;
+                let applied_on =
+                    time::OffsetDateTime::parse(&applied_on, &time::format_description::well_known::Rfc3339)
+                        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+                let checksum: String = row.try_get(3)?;
+                let checksum =
+                    checksum.parse::<u64>().map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+                Ok(Migration::applied(row.try_get(0)?, row.try_get(1)?, applied_on, checksum))
+            })
+            .collect()
+    }
+}
+
+impl AsyncMigrate for RefineryConnection<'_> {}

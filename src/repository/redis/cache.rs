@@ -1,0 +1,185 @@
+//! Cache-aside storage for count answers, namespaced by REDIS_KEY_PREFIX.
+//!
+//! The connection is made lazily, so the service starts while Redis is down. After a
+//! failure Redis is skipped for a short cool-down: callers do not each pay a timeout,
+//! and the log gets one warning per outage instead of one per request.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::AsyncCommands;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::OnceCell;
+
+use crate::config::Config;
+use crate::metrics;
+
+/// How long Redis is bypassed after a failed call.
+const COOL_DOWN: Duration = Duration::from_secs(1);
+
+/// A handle to the cache; cheap to clone. Disabled when REDIS_HOST is empty or the
+/// TTL is 0, in which case every lookup is a miss and nothing is written.
+#[derive(Clone)]
+pub struct CountCache {
+    inner: Option<Arc<CacheInner>>,
+}
+
+struct CacheInner {
+    client: ::redis::Client,
+    connection: OnceCell<ConnectionManager>,
+    key_prefix: String,
+    ttl: Duration,
+    timeout: Duration,
+    /// Process start, the origin of `skip_until_millis`.
+    epoch: Instant,
+    skip_until_millis: AtomicU64,
+    degraded: AtomicBool,
+}
+
+impl CountCache {
+    pub fn from_config(config: &Config) -> Result<Self, ::redis::RedisError> {
+        if !config.redis_enabled() || config.redis_cache_ttl == 0 {
+            return Ok(Self::disabled());
+        }
+        let mut redis_settings = ::redis::RedisConnectionInfo::default().set_db(config.redis_db);
+        if !config.redis_password.is_empty() {
+            redis_settings = redis_settings.set_password(config.redis_password.expose());
+        }
+        let info = ::redis::IntoConnectionInfo::into_connection_info(::redis::ConnectionAddr::Tcp(
+            config.redis_host.clone(),
+            config.redis_port,
+        ))?
+        .set_redis_settings(redis_settings);
+        let client = ::redis::Client::open(info)?;
+        Ok(Self {
+            inner: Some(Arc::new(CacheInner {
+                client,
+                connection: OnceCell::new(),
+                key_prefix: config.redis_key_prefix.clone(),
+                ttl: config.cache_ttl(),
+                timeout: config.redis_timeout(),
+                epoch: Instant::now(),
+                skip_until_millis: AtomicU64::new(0),
+                degraded: AtomicBool::new(false),
+            })),
+        })
+    }
+
+    pub fn disabled() -> Self {
+        Self { inner: None }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Looks up `key`; any failure is a miss.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        let inner = self.inner.as_ref()?;
+        let full_key = inner.full_key(key);
+        let started = Instant::now();
+        let result: Result<Option<Vec<u8>>, CacheFailure> = async {
+            let mut connection = inner.connection().await?;
+            Ok(connection.get(&full_key).await?)
+        }
+        .await;
+        let bytes = inner.observe("get", started, result)??;
+        match serde_json::from_slice(&bytes) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                tracing::warn!(key = %full_key, error = %error, "cached value does not decode, ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Stores `value` under `key` with the given TTL (capped at REDIS_CACHE_TTL when
+    /// `ttl` is `None`); failures are logged and ignored.
+    pub async fn set<T: Serialize>(&self, key: &str, value: &T, ttl: Option<Duration>) {
+        let Some(inner) = self.inner.as_ref() else { return };
+        let Ok(bytes) = serde_json::to_vec(value) else { return };
+        let full_key = inner.full_key(key);
+        let seconds = ttl.unwrap_or(inner.ttl).as_secs().max(1);
+        let started = Instant::now();
+        let result: Result<(), CacheFailure> = async {
+            let mut connection = inner.connection().await?;
+            Ok(connection.set_ex(&full_key, bytes, seconds).await?)
+        }
+        .await;
+        inner.observe("set", started, result);
+    }
+
+    /// The default lifetime of cached answers (REDIS_CACHE_TTL).
+    pub fn ttl(&self) -> Duration {
+        self.inner.as_ref().map_or(Duration::ZERO, |inner| inner.ttl)
+    }
+}
+
+/// Why a cache call did not reach Redis or failed there.
+enum CacheFailure {
+    /// Skipped: Redis failed moments ago.
+    CoolingDown,
+    Redis(::redis::RedisError),
+}
+
+impl From<::redis::RedisError> for CacheFailure {
+    fn from(error: ::redis::RedisError) -> Self {
+        CacheFailure::Redis(error)
+    }
+}
+
+impl CacheInner {
+    fn full_key(&self, key: &str) -> String {
+        format!("{}:cache:{key}", self.key_prefix)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, CacheFailure> {
+        let now_millis = self.epoch.elapsed().as_millis() as u64;
+        if now_millis < self.skip_until_millis.load(Ordering::Relaxed) {
+            return Err(CacheFailure::CoolingDown);
+        }
+        let manager = self
+            .connection
+            .get_or_try_init(|| async {
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), manager_config).await
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    /// Records latency and errors; on failure starts the cool-down and warns once per
+    /// outage. Returns the value on success.
+    fn observe<T>(
+        &self,
+        operation: &'static str,
+        started: Instant,
+        result: Result<T, CacheFailure>,
+    ) -> Option<T> {
+        match result {
+            Ok(value) => {
+                metrics::record_redis_call(operation, started.elapsed(), false);
+                if self.degraded.swap(false, Ordering::Relaxed) {
+                    tracing::info!("redis is reachable again, cache back on");
+                }
+                Some(value)
+            }
+            Err(CacheFailure::CoolingDown) => None,
+            Err(CacheFailure::Redis(error)) => {
+                metrics::record_redis_call(operation, started.elapsed(), true);
+                let until = self.epoch.elapsed() + COOL_DOWN;
+                self.skip_until_millis.store(until.as_millis() as u64, Ordering::Relaxed);
+                if !self.degraded.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(operation, error = %error, "redis call failed, serving from postgresql without cache");
+                }
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Business rules of analytics-service: what TrackEvent, IdentifyUser and the count
+//! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
+//! `validation`); storage goes through `repository`.
+
+pub mod readiness;
+pub mod validation;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use crate::metrics;
+use crate::models::{EventCount, EventFilter, IdentifyUser, NewEvent, TimeRange, TrackEvent};
+use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
+use crate::repository::redis::CountCache;
+pub use validation::ValidationError;
+
+/// Everything a caller can be told. `api` maps each variant to one gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    InvalidArgument(#[from] ValidationError),
+    #[error("rate limit exceeded, retry after {retry_after_seconds} s")]
+    RateLimited { retry_after_seconds: u64 },
+    /// A dependency is down or not ready; the message is safe to show callers.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// A bug or unexpected failure; the details were logged, never shown.
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<RepositoryError> for ServiceError {
+    fn from(error: RepositoryError) -> Self {
+        match error {
+            RepositoryError::Unavailable(_) => ServiceError::Unavailable("database unavailable"),
+            RepositoryError::NotReady(_) => {
+                tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
+                ServiceError::Unavailable("database not ready")
+            }
+            RepositoryError::Query(_) => {
+                tracing::error!(error = %error, "database query failed");
+                ServiceError::Internal
+            }
+        }
+    }
+}
+
+/// The answer of the HealthCheck RPC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServingStatus {
+    Serving,
+    NotServing,
+}
+
+/// The analytics use cases. Cheap to clone: repositories hold pools.
+#[derive(Clone)]
+pub struct AnalyticsService {
+    database: Database,
+    events: EventRepository,
+    users: UserRepository,
+    cache: CountCache,
+    event_max_age: chrono::Duration,
+}
+
+impl AnalyticsService {
+    pub fn new(database: Database, cache: CountCache, event_max_age: chrono::Duration) -> Self {
+        Self {
+            events: EventRepository::new(database.clone()),
+            users: UserRepository::new(database.clone()),
+            database,
+            cache,
+            event_max_age,
+        }
+    }
+
+    /// Stores one event; returns its id once it is committed.
+    #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
+    pub async fn track_event(&self, event: TrackEvent) -> Result<Uuid, ServiceError> {
+        let timestamp = validation::event_timestamp(event.unix_seconds, Utc::now(), self.event_max_age)
+            .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
+        let new_event = NewEvent {
+            id: Uuid::now_v7(),
+            name: event.name,
+            user_id: event.user_id,
+            properties: event.properties,
+            timestamp,
+        };
+        match self.events.insert_many(std::slice::from_ref(&new_event)).await {
+            Ok(()) => {
+                metrics::record_events_ingested(1);
+                Ok(new_event.id)
+            }
+            Err(error) => {
+                metrics::record_event_rejected("database");
+                Err(error.into())
+            }
+        }
+    }
+
+    /// Creates or updates a user identity and writes the audit record (never the
+    /// property values).
+    #[tracing::instrument(skip_all, fields(user_id = %identity.user_id.as_str()))]
+    pub async fn identify_user(&self, identity: IdentifyUser, caller: &str) -> Result<(), ServiceError> {
+        let result = self.users.upsert(&identity).await;
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        tracing::info!(
+            target: "audit",
+            action = "identify_user",
+            user_id = identity.user_id.as_str(),
+            caller,
+            property_keys = identity.properties.len(),
+            outcome,
+            timestamp = %Utc::now().to_rfc3339(),
+            "identify user"
+        );
+        result.map_err(ServiceError::from)
+    }
+
+    /// Event counts, served from the cache when an identical query was answered
+    /// within REDIS_CACHE_TTL.
+    #[tracing::instrument(skip_all)]
+    pub async fn event_counts(&self, filter: EventFilter) -> Result<Vec<EventCount>, ServiceError> {
+        if let Some(group_by) = filter.group_by {
+            group_by.check_bucket_count(filter.range)?;
+        }
+        let key = event_count_cache_key(&filter);
+        if let Some(cached) = self.cache.get::<Vec<EventCount>>(&key).await {
+            metrics::record_cache_lookup("event_count", true);
+            return Ok(cached);
+        }
+        if self.cache.is_enabled() {
+            metrics::record_cache_lookup("event_count", false);
+        }
+        let counts = self.events.count(&filter).await?;
+        self.cache.set(&key, &counts, None).await;
+        Ok(counts)
+    }
+
+    /// Distinct identified users with events in the range, cached like event counts.
+    #[tracing::instrument(skip_all)]
+    pub async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
+        let key = format!("user_count:v1:{}:{}", range.start(), range.end());
+        if let Some(cached) = self.cache.get::<i64>(&key).await {
+            metrics::record_cache_lookup("user_count", true);
+            return Ok(cached);
+        }
+        if self.cache.is_enabled() {
+            metrics::record_cache_lookup("user_count", false);
+        }
+        let count = self.events.unique_users(range).await?;
+        self.cache.set(&key, &count, None).await;
+        Ok(count)
+    }
+
+    /// SERVING when PostgreSQL answers now and the schema is usable.
+    pub async fn health(&self) -> ServingStatus {
+        let healthy = self.database.ping().await.is_ok()
+            && schema::status(self.database.pool()).await.is_ok_and(|status| status.is_usable());
+        if healthy {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    }
+}
+
+/// A key naming every field of the request; the name goes last, length-prefixed, so
+/// no two requests share a key whatever characters the name holds.
+fn event_count_cache_key(filter: &EventFilter) -> String {
+    let group = filter.group_by.map_or("total", |group_by| group_by.as_str());
+    let name = filter.event_name.as_ref().map_or("", |name| name.as_str());
+    let scope = if filter.event_name.is_some() { "one" } else { "all" };
+    format!(
+        "event_count:v1:{}:{}:{group}:{scope}:{}:{name}",
+        filter.range.start(),
+        filter.range.end(),
+        name.len()
+    )
+}

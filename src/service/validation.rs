@@ -1,0 +1,366 @@
+//! Input rules. Raw values from the wire become domain types here or are rejected with a
+//! [`ValidationError`] that names the field. Limits are the named constants below.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+
+use crate::models::{EventName, GroupBy, Properties, PropertyValue, TimeRange, UserId};
+
+/// Longest event name, user id and property key, in bytes (the VARCHAR(255) columns).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Most property keys on one event or identity.
+pub const MAX_PROPERTY_KEYS: usize = 256;
+/// Largest serialised properties object, in bytes (the design's ErrPayloadTooLarge).
+pub const MAX_PROPERTIES_BYTES: usize = 32 * 1024;
+/// How far in the future an event timestamp may lie (clock skew allowance).
+pub const MAX_FUTURE_SKEW: Duration = Duration::hours(1);
+/// Most buckets one GetEventCount answer may span.
+pub const MAX_BUCKETS: i64 = 10_000;
+
+/// A rejected input: which field, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValidationError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+}
+
+/// Checks a required name-like string: non-empty, at most 255 bytes, no control characters.
+fn check_name(field: &str, raw: &str) -> Result<(), ValidationError> {
+    if raw.is_empty() {
+        return Err(ValidationError::new(field, "must not be empty"));
+    }
+    if raw.len() > MAX_NAME_BYTES {
+        return Err(ValidationError::new(
+            field,
+            format!("must be at most {MAX_NAME_BYTES} bytes, got {}", raw.len()),
+        ));
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(ValidationError::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+impl EventName {
+    pub fn parse(raw: String) -> Result<Self, ValidationError> {
+        check_name("event_name", &raw)?;
+        Ok(Self(raw))
+    }
+}
+
+impl UserId {
+    /// A required user id (IdentifyUser).
+    pub fn parse(raw: String) -> Result<Self, ValidationError> {
+        check_name("user_id", &raw)?;
+        Ok(Self(raw))
+    }
+
+    /// An optional user id (TrackEvent): empty means anonymous.
+    pub fn parse_optional(raw: String) -> Result<Option<Self>, ValidationError> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        Self::parse(raw).map(Some)
+    }
+}
+
+impl Properties {
+    /// Builds properties from (key, value) pairs, where a value of `None` means the
+    /// sender set no variant of the oneof.
+    pub fn parse<I>(raw: I) -> Result<Self, ValidationError>
+    where
+        I: IntoIterator<Item = (String, Option<PropertyValue>)>,
+    {
+        let mut properties = BTreeMap::new();
+        for (key, value) in raw {
+            if properties.len() == MAX_PROPERTY_KEYS {
+                return Err(ValidationError::new(
+                    "properties",
+                    format!("must have at most {MAX_PROPERTY_KEYS} keys"),
+                ));
+            }
+            let field = format!("properties[{key:?}]");
+            if key.is_empty() || key.len() > MAX_NAME_BYTES {
+                return Err(ValidationError::new(
+                    field,
+                    format!("key must be 1 to {MAX_NAME_BYTES} bytes, got {}", key.len()),
+                ));
+            }
+            if key.chars().any(char::is_control) {
+                return Err(ValidationError::new(field, "key must not contain control characters"));
+            }
+            let value = match value {
+                None => return Err(ValidationError::new(field, "value must be set")),
+                Some(PropertyValue::String(text)) if text.contains('\0') => {
+                    return Err(ValidationError::new(field, "string value must not contain NUL"))
+                }
+                Some(PropertyValue::Number(number)) if !number.is_finite() => {
+                    return Err(ValidationError::new(field, "number value must be finite"))
+                }
+                Some(valid) => valid,
+            };
+            properties.insert(key, value);
+        }
+        let properties = Properties(properties);
+        let size = serde_json::to_vec(&properties.to_json()).map_or(usize::MAX, |json| json.len());
+        if size > MAX_PROPERTIES_BYTES {
+            return Err(ValidationError::new(
+                "properties",
+                format!("payload exceeds maximum size: {size} bytes, at most {MAX_PROPERTIES_BYTES}"),
+            ));
+        }
+        Ok(properties)
+    }
+}
+
+/// Resolves an event timestamp: `None` is now; otherwise it must lie within
+/// [now - max_age, now + MAX_FUTURE_SKEW].
+pub fn event_timestamp(
+    unix_seconds: Option<i64>,
+    now: DateTime<Utc>,
+    max_age: Duration,
+) -> Result<DateTime<Utc>, ValidationError> {
+    let Some(seconds) = unix_seconds else {
+        return Ok(now);
+    };
+    let timestamp = DateTime::from_timestamp(seconds, 0)
+        .ok_or_else(|| ValidationError::new("timestamp", "is out of range"))?;
+    if timestamp > now + MAX_FUTURE_SKEW {
+        return Err(ValidationError::new(
+            "timestamp",
+            format!("must be at most {} seconds in the future", MAX_FUTURE_SKEW.num_seconds()),
+        ));
+    }
+    if timestamp < now - max_age {
+        return Err(ValidationError::new(
+            "timestamp",
+            format!("must be at most {} days in the past", max_age.num_days()),
+        ));
+    }
+    Ok(timestamp)
+}
+
+impl TimeRange {
+    /// A query range [start, end). `end` of 0 means now.
+    pub fn parse(start: i64, end: i64, now: DateTime<Utc>) -> Result<Self, ValidationError> {
+        let end = if end == 0 { now.timestamp() } else { end };
+        for (field, value) in [("start_time", start), ("end_time", end)] {
+            if DateTime::from_timestamp(value, 0).is_none() {
+                return Err(ValidationError::new(field, "is out of range"));
+            }
+        }
+        if end <= start {
+            return Err(ValidationError::new("end_time", "must be after start_time"));
+        }
+        Ok(Self { start, end })
+    }
+}
+
+impl GroupBy {
+    /// `""` means ungrouped; otherwise `hour`, `day` or `week`.
+    pub fn parse(raw: &str) -> Result<Option<Self>, ValidationError> {
+        match raw {
+            "" => Ok(None),
+            "hour" => Ok(Some(GroupBy::Hour)),
+            "day" => Ok(Some(GroupBy::Day)),
+            "week" => Ok(Some(GroupBy::Week)),
+            other => Err(ValidationError::new(
+                "group_by",
+                format!("must be one of \"hour\", \"day\", \"week\" or empty, got {other:?}"),
+            )),
+        }
+    }
+
+    /// Rejects ranges that would answer with more than [`MAX_BUCKETS`] buckets.
+    pub fn check_bucket_count(&self, range: TimeRange) -> Result<(), ValidationError> {
+        let buckets = self.bucket_count(range);
+        if buckets > MAX_BUCKETS {
+            return Err(ValidationError::new(
+                "group_by",
+                format!("the range spans {buckets} {} buckets, at most {MAX_BUCKETS}", self.as_str()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn string(text: &str) -> Option<PropertyValue> {
+        Some(PropertyValue::String(text.to_string()))
+    }
+
+    #[test]
+    fn event_name_rules() {
+        let cases: &[(&str, String, Option<&str>)] = &[
+            ("valid", "page_view".into(), None),
+            ("empty", String::new(), Some("must not be empty")),
+            ("255 bytes", "a".repeat(255), None),
+            ("256 bytes", "a".repeat(256), Some("at most 255 bytes")),
+            ("multi-byte over limit", "é".repeat(128), Some("at most 255 bytes")),
+            ("newline", "page\nview".into(), Some("control characters")),
+            ("nul", "page\0view".into(), Some("control characters")),
+            ("unicode", "página_vista".into(), None),
+        ];
+        for (name, raw, expected) in cases {
+            let result = EventName::parse(raw.clone());
+            match expected {
+                None => assert!(result.is_ok(), "{name}: {result:?}"),
+                Some(reason) => {
+                    let error = result.expect_err(name);
+                    assert_eq!(error.field, "event_name", "{name}");
+                    assert!(error.reason.contains(reason), "{name}: {error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn user_id_rules() {
+        assert_eq!(UserId::parse_optional(String::new()).unwrap(), None);
+        assert!(UserId::parse_optional("user-1".into()).unwrap().is_some());
+        let cases = [
+            (String::new(), "must not be empty"),
+            ("u".repeat(256), "at most 255 bytes"),
+            ("user\t1".into(), "control characters"),
+        ];
+        for (raw, reason) in cases {
+            let error = UserId::parse(raw).unwrap_err();
+            assert_eq!(error.field, "user_id");
+            assert!(error.reason.contains(reason), "{error}");
+        }
+        let error = UserId::parse_optional("a\u{7}".into()).unwrap_err();
+        assert_eq!(error.field, "user_id");
+    }
+
+    #[test]
+    fn property_rules() {
+        type Case =
+            (&'static str, Vec<(String, Option<PropertyValue>)>, Option<(&'static str, &'static str)>);
+        let too_many: Vec<_> =
+            (0..=MAX_PROPERTY_KEYS).map(|i| (format!("k{i}"), Some(PropertyValue::Bool(true)))).collect();
+        let max_keys: Vec<_> =
+            (0..MAX_PROPERTY_KEYS).map(|i| (format!("k{i}"), Some(PropertyValue::Bool(true)))).collect();
+        let cases: Vec<Case> = vec![
+            (
+                "valid mix",
+                vec![
+                    ("page".into(), string("/")),
+                    ("n".into(), Some(PropertyValue::Number(1.5))),
+                    ("b".into(), Some(PropertyValue::Bool(false))),
+                ],
+                None,
+            ),
+            ("256 keys", max_keys, None),
+            ("257 keys", too_many, Some(("properties", "at most 256 keys"))),
+            (
+                "empty key",
+                vec![(String::new(), string("x"))],
+                Some(("properties[\"\"]", "key must be 1 to 255 bytes")),
+            ),
+            (
+                "long key",
+                vec![("k".repeat(256), string("x"))],
+                Some(("properties[", "key must be 1 to 255 bytes")),
+            ),
+            (
+                "control in key",
+                vec![("a\nb".into(), string("x"))],
+                Some(("properties[\"a\\nb\"]", "control characters")),
+            ),
+            ("nul in value", vec![("page".into(), string("a\0b"))], Some(("properties[\"page\"]", "NUL"))),
+            (
+                "nan",
+                vec![("n".into(), Some(PropertyValue::Number(f64::NAN)))],
+                Some(("properties[\"n\"]", "finite")),
+            ),
+            (
+                "infinity",
+                vec![("n".into(), Some(PropertyValue::Number(f64::INFINITY)))],
+                Some(("properties[\"n\"]", "finite")),
+            ),
+            ("unset value", vec![("v".into(), None)], Some(("properties[\"v\"]", "must be set"))),
+        ];
+        for (name, raw, expected) in cases {
+            let result = Properties::parse(raw);
+            match expected {
+                None => assert!(result.is_ok(), "{name}: {result:?}"),
+                Some((field, reason)) => {
+                    let error = result.expect_err(name);
+                    assert!(error.field.starts_with(field), "{name}: {error}");
+                    assert!(error.reason.contains(reason), "{name}: {error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn properties_size_limit_is_exact() {
+        // {"k":"<text>"} is 8 bytes of framing around the text.
+        let framing = r#"{"k":""}"#.len();
+        let at_limit = "x".repeat(MAX_PROPERTIES_BYTES - framing);
+        assert!(Properties::parse([("k".to_string(), string(&at_limit))]).is_ok());
+        let over = "x".repeat(MAX_PROPERTIES_BYTES - framing + 1);
+        let error = Properties::parse([("k".to_string(), string(&over))]).unwrap_err();
+        assert_eq!(error.field, "properties");
+        assert!(error.reason.contains("exceeds maximum size"), "{error}");
+    }
+
+    #[test]
+    fn timestamp_rules() {
+        let now = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let max_age = Duration::days(30);
+        let cases: &[(&str, Option<i64>, Result<i64, &str>)] = &[
+            ("absent means now", None, Ok(1_700_000_000)),
+            ("past", Some(1_700_000_000 - 86_400), Ok(1_700_000_000 - 86_400)),
+            ("one hour ahead", Some(1_700_000_000 + 3_600), Ok(1_700_003_600)),
+            ("too far ahead", Some(1_700_000_000 + 3_601), Err("future")),
+            ("oldest allowed", Some(1_700_000_000 - 30 * 86_400), Ok(1_700_000_000 - 30 * 86_400)),
+            ("too old", Some(1_700_000_000 - 30 * 86_400 - 1), Err("in the past")),
+            ("out of range", Some(i64::MAX), Err("out of range")),
+        ];
+        for (name, input, expected) in cases {
+            let result = event_timestamp(*input, now, max_age);
+            match expected {
+                Ok(seconds) => assert_eq!(result.unwrap().timestamp(), *seconds, "{name}"),
+                Err(reason) => {
+                    let error = result.expect_err(name);
+                    assert_eq!(error.field, "timestamp");
+                    assert!(error.reason.contains(reason), "{name}: {error}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn time_range_and_grouping_rules() {
+        let now = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        assert_eq!(TimeRange::parse(10, 0, now).unwrap().end(), 1_700_000_000);
+        assert_eq!(TimeRange::parse(10, 10, now).unwrap_err().field, "end_time");
+        assert_eq!(TimeRange::parse(10, 5, now).unwrap_err().field, "end_time");
+        assert_eq!(TimeRange::parse(i64::MIN, 5, now).unwrap_err().field, "start_time");
+
+        assert_eq!(GroupBy::parse("").unwrap(), None);
+        assert_eq!(GroupBy::parse("week").unwrap(), Some(GroupBy::Week));
+        let error = GroupBy::parse("month").unwrap_err();
+        assert_eq!(error.field, "group_by");
+        assert!(GroupBy::parse("Hour").is_err());
+
+        let ten_thousand_hours = TimeRange::parse(0, 10_000 * 3_600, now).unwrap();
+        assert!(GroupBy::Hour.check_bucket_count(ten_thousand_hours).is_ok());
+        let one_more = TimeRange::parse(0, 10_000 * 3_600 + 1, now).unwrap();
+        let error = GroupBy::Hour.check_bucket_count(one_more).unwrap_err();
+        assert_eq!(error.field, "group_by");
+        assert!(GroupBy::Week.check_bucket_count(one_more).is_ok());
+    }
+}

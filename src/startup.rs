@@ -1,0 +1,162 @@
+//! Wiring and lifecycle: builds the application from a [`Config`], binds both
+//! listeners (port 0 works, for tests), serves until the shutdown future resolves,
+//! then drains: NOT_SERVING first, in-flight calls finish, the pool closes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::api::admin;
+use crate::api::grpc::AnalyticsGrpc;
+use crate::api::health::follow_readiness;
+use crate::api::middleware::GrpcObservabilityLayer;
+use crate::config::Config;
+use crate::metrics;
+use crate::pb;
+use crate::pb::analytics_service_server::AnalyticsServiceServer;
+use crate::repository::postgres::{connect_options, schema, Database};
+use crate::repository::redis::CountCache;
+use crate::service::readiness::ReadinessMonitor;
+use crate::service::AnalyticsService;
+
+/// A built, bound, not yet running server.
+pub struct Application {
+    config: Config,
+    grpc_listener: TcpListener,
+    admin_listener: TcpListener,
+    database: Database,
+    service: Arc<AnalyticsService>,
+    readiness: ReadinessMonitor,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let grpc_listener = TcpListener::bind(config.grpc_address())
+            .await
+            .with_context(|| format!("binding the grpc port {}", config.grpc_address()))?;
+        let admin_listener = TcpListener::bind(config.admin_address())
+            .await
+            .with_context(|| format!("binding the admin port {}", config.admin_address()))?;
+
+        if config.migrate_on_start {
+            match schema::migrate(&connect_options(&config)).await {
+                Ok(report) => tracing::info!(applied = ?report.applied, "migrations applied on start"),
+                Err(error) => tracing::error!(error = %error, "MIGRATE_ON_START failed; serving not ready"),
+            }
+        }
+
+        let database = Database::connect_lazy(&config);
+        let cache =
+            CountCache::from_config(&config).context("REDIS_HOST/REDIS_PORT: invalid redis address")?;
+        if cache.is_enabled() {
+            tracing::info!(host = %config.redis_host, port = config.redis_port, ttl_seconds = config.redis_cache_ttl, "redis cache on");
+        } else {
+            tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
+        }
+        let service = Arc::new(AnalyticsService::new(database.clone(), cache, config.event_max_age()));
+        let readiness = ReadinessMonitor::new(database.clone());
+        Ok(Self { config, grpc_listener, admin_listener, database, service, readiness })
+    }
+
+    pub fn grpc_address(&self) -> SocketAddr {
+        self.grpc_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains within SHUTDOWN_DRAIN_SECONDS.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application { config, grpc_listener, admin_listener, database, service, readiness } = self;
+        let metrics_handle = metrics::install();
+
+        // First probe before accepting calls, so a healthy start is ready at once.
+        readiness.probe().await;
+        let probe_task = tokio::spawn(readiness.clone().run(config.health_poll_interval()));
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        let health_task = tokio::spawn(follow_readiness(health_reporter, readiness.subscribe()));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("building reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("building reflection v1alpha")?;
+        let analytics = AnalyticsServiceServer::new(AnalyticsGrpc::new(service, readiness.subscribe()))
+            .max_decoding_message_size(config.grpc_max_message_bytes);
+
+        let admin_readiness = readiness.subscribe();
+        let mut admin_stop = readiness.subscribe();
+        let admin_server = axum::serve(admin_listener, admin::router(metrics_handle, admin_readiness));
+        // The admin port outlives the gRPC drain so probes see "not ready" meanwhile; it
+        // stops once the drain is over (signalled by dropping `drain_done`).
+        let (drain_done, mut drain_done_receiver) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(async move {
+            let stopped = async move {
+                admin_stop.wait_for(|state| state.shutting_down).await.ok();
+                let _ = (&mut drain_done_receiver).await;
+            };
+            if let Err(error) = admin_server.with_graceful_shutdown(stopped).await {
+                tracing::error!(error = %error, "admin server failed");
+            }
+        });
+
+        let shutdown_readiness = readiness.clone();
+        let (shutdown_started, shutdown_started_receiver) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: not serving, draining in-flight calls");
+            shutdown_readiness.begin_shutdown();
+            let _ = shutdown_started.send(());
+        };
+
+        let mut builder = Server::builder().timeout(config.request_timeout()).layer(GrpcObservabilityLayer);
+        if let Some(age) = config.max_connection_age() {
+            builder = builder.max_connection_age(age);
+        }
+        let grpc_address = grpc_listener.local_addr()?;
+        tracing::info!(grpc = %grpc_address, admin = %config.admin_address(), "serving");
+        let server = builder
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(analytics)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal);
+
+        let drain = config.shutdown_drain();
+        let drain_deadline = async move {
+            if shutdown_started_receiver.await.is_ok() {
+                tokio::time::sleep(drain).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = server => result.context("grpc server failed")?,
+            () = drain_deadline => tracing::warn!(drain_seconds = drain.as_secs(), "drain deadline passed, abandoning unfinished calls"),
+        }
+
+        drop(drain_done);
+        readiness.begin_shutdown();
+        admin_task.await.ok();
+        probe_task.abort();
+        health_task.abort();
+        database.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
