@@ -1,0 +1,155 @@
+//! GetEventCount and GetUserCount: bucket edges, week starts, ordering, unique users.
+
+use analytics_service::pb;
+use tonic::Code;
+
+use crate::helpers::{monday_two_weeks_ago, spawn_app, TestApp};
+
+const HOUR: i64 = 3_600;
+const DAY: i64 = 86_400;
+
+async fn counts(app: &TestApp, name: &str, start: i64, end: i64, group_by: &str) -> Vec<(String, i64, i64)> {
+    app.client
+        .clone()
+        .get_event_count(pb::GetEventCountRequest {
+            event_name: name.into(),
+            start_time: start,
+            end_time: end,
+            group_by: group_by.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .counts
+        .into_iter()
+        .map(|count| (count.event_name, count.timestamp, count.count))
+        .collect()
+}
+
+async fn unique_users(app: &TestApp, start: i64, end: i64) -> i64 {
+    app.client
+        .clone()
+        .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
+        .await
+        .unwrap()
+        .into_inner()
+        .unique_users
+}
+
+#[tokio::test]
+async fn hourly_counts_respect_bucket_edges_and_exclude_end_time() {
+    let app = spawn_app().await;
+    let base = monday_two_weeks_ago() + 10 * HOUR;
+    app.track("view", "a", base).await; // first second of hour 10
+    app.track("view", "b", base + HOUR - 1).await; // last second of hour 10
+    app.track("view", "a", base + HOUR).await; // first second of hour 11
+    app.track("click", "a", base + HOUR + 5).await;
+    app.track("view", "c", base + 2 * HOUR).await; // exactly end_time: excluded
+
+    let hourly = counts(&app, "", base, base + 2 * HOUR, "hour").await;
+    assert_eq!(
+        hourly,
+        vec![("view".into(), base, 2), ("click".into(), base + HOUR, 1), ("view".into(), base + HOUR, 1),],
+        "ordered by bucket, then name; the event at end_time is not counted"
+    );
+
+    let only_views = counts(&app, "view", base, base + 2 * HOUR, "hour").await;
+    assert_eq!(only_views, vec![("view".into(), base, 2), ("view".into(), base + HOUR, 1)]);
+}
+
+#[tokio::test]
+async fn daily_and_weekly_buckets_are_utc_and_weeks_start_on_monday() {
+    let app = spawn_app().await;
+    let monday = monday_two_weeks_ago();
+    app.track("signup", "a", monday - 1).await; // Sunday 23:59:59 of the previous week
+    app.track("signup", "b", monday).await; // Monday 00:00:00
+    app.track("signup", "c", monday + 6 * DAY + DAY - 1).await; // Sunday 23:59:59
+    app.track("signup", "d", monday + 7 * DAY).await; // next Monday
+
+    let weekly = counts(&app, "signup", monday - DAY, monday + 8 * DAY, "week").await;
+    assert_eq!(
+        weekly,
+        vec![
+            ("signup".into(), monday - 7 * DAY, 1),
+            ("signup".into(), monday, 2),
+            ("signup".into(), monday + 7 * DAY, 1)
+        ]
+    );
+
+    let daily = counts(&app, "signup", monday - DAY, monday + 8 * DAY, "day").await;
+    assert_eq!(
+        daily,
+        vec![
+            ("signup".into(), monday - DAY, 1),
+            ("signup".into(), monday, 1),
+            ("signup".into(), monday + 6 * DAY, 1),
+            ("signup".into(), monday + 7 * DAY, 1),
+        ],
+        "empty days are omitted"
+    );
+}
+
+#[tokio::test]
+async fn ungrouped_counts_return_one_row_per_name_at_start_time() {
+    let app = spawn_app().await;
+    let base = monday_two_weeks_ago();
+    for offset in [0, HOUR, 3 * DAY] {
+        app.track("view", "a", base + offset).await;
+    }
+    app.track("click", "", base + 5).await;
+    let start = base - 10;
+    let totals = counts(&app, "", start, base + 7 * DAY, "").await;
+    assert_eq!(totals, vec![("click".into(), start, 1), ("view".into(), start, 3)]);
+    assert!(counts(&app, "nothing", start, base + 7 * DAY, "").await.is_empty());
+}
+
+#[tokio::test]
+async fn count_requests_are_validated() {
+    let app = spawn_app().await;
+    let base = monday_two_weeks_ago();
+    let cases = [
+        ("unknown group_by", base, base + DAY, "month", "group_by"),
+        ("end before start", base, base - 1, "", "end_time"),
+        ("empty range", base, base, "hour", "end_time"),
+        ("too many buckets", base - 10_001 * HOUR, base, "hour", "group_by"),
+    ];
+    for (name, start, end, group_by, field) in cases {
+        let status = app
+            .client
+            .clone()
+            .get_event_count(pb::GetEventCountRequest {
+                event_name: String::new(),
+                start_time: start,
+                end_time: end,
+                group_by: group_by.into(),
+            })
+            .await
+            .expect_err(name);
+        assert_eq!(status.code(), Code::InvalidArgument, "{name}");
+        assert!(status.message().starts_with(field), "{name}: {}", status.message());
+    }
+    let status = app
+        .client
+        .clone()
+        .get_user_count(pb::GetUserCountRequest { start_time: base, end_time: base - 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("end_time"));
+}
+
+#[tokio::test]
+async fn unique_users_are_distinct_identified_users_in_range() {
+    let app = spawn_app().await;
+    let base = monday_two_weeks_ago();
+    app.track("view", "alice", base).await;
+    app.track("view", "alice", base + HOUR).await;
+    app.track("click", "bob", base + 2 * HOUR).await;
+    app.track("view", "", base + 2 * HOUR).await; // anonymous: never counted
+    app.track("view", "carol", base + DAY).await; // at end_time: excluded below
+
+    assert_eq!(unique_users(&app, base, base + DAY).await, 2);
+    assert_eq!(unique_users(&app, base, base + DAY + 1).await, 3);
+    assert_eq!(unique_users(&app, base + HOUR, base + 2 * HOUR).await, 1);
+    assert_eq!(unique_users(&app, base - DAY, base).await, 0);
+}

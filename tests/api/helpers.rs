@@ -1,0 +1,302 @@
+//! `spawn_app()` and friends: each test gets a fresh database, its own Redis prefix and
+//! a server on free ports. The database is dropped when the [`TestApp`] is dropped.
+//!
+//! PostgreSQL and Redis addresses default to the local services and can be moved with
+//! TEST_POSTGRES_HOST / TEST_POSTGRES_PORT / TEST_POSTGRES_USER / TEST_REDIS_HOST / TEST_REDIS_PORT.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use analytics_service::config::Config;
+use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
+use analytics_service::pb::{self, PropertyValue};
+use analytics_service::repository::postgres::{connect_options, schema};
+use analytics_service::startup::Application;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+pub fn postgres_host() -> String {
+    std::env::var("TEST_POSTGRES_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+pub fn postgres_port() -> u16 {
+    std::env::var("TEST_POSTGRES_PORT").ok().and_then(|port| port.parse().ok()).unwrap_or(5432)
+}
+pub fn postgres_user() -> String {
+    std::env::var("TEST_POSTGRES_USER").unwrap_or_else(|_| "postgres".into())
+}
+pub fn redis_host() -> String {
+    std::env::var("TEST_REDIS_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+pub fn redis_port() -> u16 {
+    std::env::var("TEST_REDIS_PORT").ok().and_then(|port| port.parse().ok()).unwrap_or(6379)
+}
+
+/// What a test wants of its environment.
+#[derive(Clone, Debug)]
+pub struct TestOptions {
+    /// Apply migrations before the server starts.
+    pub migrate: bool,
+    pub redis: RedisMode,
+    /// Point the pool at a port where nothing listens.
+    pub database_unreachable: bool,
+    /// Extra or overriding environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self { migrate: true, redis: RedisMode::Real, database_unreachable: false, env: Vec::new() }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisMode {
+    Real,
+    /// REDIS_HOST set, but to a port where nothing listens.
+    ClosedPort,
+    /// REDIS_HOST empty: the cache is off.
+    Disabled,
+}
+
+pub struct TestApp {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub client: AnalyticsServiceClient<Channel>,
+    /// A pool on the test's own database, for asserting rows.
+    pub pool: PgPool,
+    pub database_name: String,
+    pub redis_prefix: String,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A port on which nothing listens (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn admin_options() -> PgConnectOptions {
+    PgConnectOptions::new()
+        .host(&postgres_host())
+        .port(postgres_port())
+        .username(&postgres_user())
+        .database("postgres")
+        .disable_statement_logging()
+}
+
+/// Creates an empty database with a unique name.
+pub async fn create_database() -> String {
+    let name = format!("analytics_test_{}", Uuid::now_v7().simple());
+    let mut connection = admin_options().connect().await.expect("connect to postgres as admin");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut connection).await.unwrap();
+    connection.close().await.ok();
+    name
+}
+
+/// The configuration a test server runs with.
+pub fn test_config(database_name: &str, redis_prefix: &str, options: &TestOptions) -> Config {
+    let postgres_port = if options.database_unreachable { closed_port() } else { postgres_port() };
+    let (redis_host, redis_port) = match options.redis {
+        RedisMode::Real => (redis_host(), redis_port()),
+        RedisMode::ClosedPort => ("127.0.0.1".to_string(), closed_port()),
+        RedisMode::Disabled => (String::new(), 6379),
+    };
+    let mut env: HashMap<String, String> = [
+        ("SERVICE_PORT", "0".to_string()),
+        ("PROMETHEUS_PORT", "0".to_string()),
+        ("SERVICE_BIND_ADDRESS", "127.0.0.1".to_string()),
+        ("POSTGRES_HOST", postgres_host()),
+        ("POSTGRES_PORT", postgres_port.to_string()),
+        ("POSTGRES_USER", postgres_user()),
+        ("POSTGRES_PASSWORD", String::new()),
+        ("POSTGRES_DB", database_name.to_string()),
+        ("POSTGRES_SSLMODE", "disable".to_string()),
+        ("POSTGRES_MAX_CONNECTIONS", "5".to_string()),
+        ("POSTGRES_ACQUIRE_TIMEOUT_MS", "1000".to_string()),
+        ("REDIS_HOST", redis_host),
+        ("REDIS_PORT", redis_port.to_string()),
+        ("REDIS_KEY_PREFIX", redis_prefix.to_string()),
+        ("DB_RETRY_BASE_DELAY_MS", "5".to_string()),
+        ("HEALTH_POLL_INTERVAL_MS", "100".to_string()),
+        ("SHUTDOWN_DRAIN_SECONDS", "10".to_string()),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_string(), value))
+    .collect();
+    env.extend(options.env.iter().cloned());
+    Config::from_vars(env).expect("test configuration is valid")
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(TestOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: TestOptions) -> TestApp {
+    let database_name = create_database().await;
+    let redis_prefix = format!("test:{}", Uuid::now_v7().simple());
+    let config = test_config(&database_name, &redis_prefix, &options);
+    if options.migrate {
+        let mut migrate_config = config.clone();
+        migrate_config.postgres_port = postgres_port();
+        schema::migrate(&connect_options(&migrate_config)).await.expect("migrations apply");
+    }
+    start_server(config, database_name, redis_prefix).await
+}
+
+/// Starts a server for an existing database (e.g. a second replica).
+pub async fn start_server(config: Config, database_name: String, redis_prefix: String) -> TestApp {
+    let application = Application::build(config.clone()).await.expect("application builds");
+    let grpc_address = application.grpc_address();
+    let admin_address = application.admin_address();
+    let (shutdown, shutdown_receiver) = oneshot::channel::<()>();
+    let server = tokio::spawn(application.run_until_stopped(async move {
+        shutdown_receiver.await.ok();
+    }));
+    let client = AnalyticsServiceClient::new(channel(grpc_address).await);
+    let pool = PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(admin_options().database(&database_name))
+        .await
+        .expect("test pool connects");
+    TestApp {
+        grpc_address,
+        admin_address,
+        client,
+        pool,
+        database_name,
+        redis_prefix,
+        config,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+pub async fn channel(address: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{address}")).unwrap().connect().await.expect("grpc connects")
+}
+
+impl TestApp {
+    pub fn signal_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            shutdown.send(()).ok();
+        }
+    }
+
+    pub async fn wait_stopped(&mut self) -> anyhow::Result<()> {
+        match self.server.take() {
+            Some(server) => tokio::time::timeout(Duration::from_secs(30), server)
+                .await
+                .expect("server stops within 30 s")
+                .expect("server task does not panic"),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn track(&self, name: &str, user_id: &str, timestamp: i64) -> pb::TrackEventResponse {
+        self.client
+            .clone()
+            .track_event(pb::TrackEventRequest {
+                event_name: name.to_string(),
+                user_id: user_id.to_string(),
+                properties: HashMap::new(),
+                timestamp,
+            })
+            .await
+            .expect("track_event succeeds")
+            .into_inner()
+    }
+
+    pub async fn event_rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// GET on the admin port: (status code, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_address, path).await
+    }
+
+    /// Waits until /readyz answers `status` (the readiness probe runs every 100 ms here).
+    pub async fn wait_for_readyz(&self, status: u16) {
+        for _ in 0..100 {
+            if self.admin_get("/readyz").await.0 == status {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("/readyz never answered {status}");
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        let name = self.database_name.clone();
+        // Drop cannot await: a short-lived runtime on another thread removes the database.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(mut connection) = admin_options().connect().await {
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut connection)
+                        .await
+                        .ok();
+                }
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for the admin port.
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("admin port connects");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn string_value(text: &str) -> PropertyValue {
+    PropertyValue { value: Some(pb::property_value::Value::StringValue(text.to_string())) }
+}
+
+pub fn number_value(number: f64) -> PropertyValue {
+    PropertyValue { value: Some(pb::property_value::Value::NumberValue(number)) }
+}
+
+pub fn bool_value(flag: bool) -> PropertyValue {
+    PropertyValue { value: Some(pb::property_value::Value::BoolValue(flag)) }
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Monday 00:00 UTC of the week two weeks before now: a base for bucket tests that stays
+/// inside the accepted event age (30 days).
+pub fn monday_two_weeks_ago() -> i64 {
+    let two_weeks_ago = now() - 14 * 86_400;
+    // 1970-01-01 was a Thursday: shift by 3 days to align weeks on Monday.
+    (two_weeks_ago + 3 * 86_400).div_euclid(7 * 86_400) * 7 * 86_400 - 3 * 86_400
+}
+
+/// The value of one Prometheus sample line, e.g. `name{a="b"}`; 0 when absent.
+pub fn metric_value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}

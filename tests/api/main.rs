@@ -1,0 +1,17 @@
+//! Integration tests: the real server in-process on port 0, a real gRPC client, a real
+//! PostgreSQL (one database per test) and a real Redis (one key prefix per test).
+
+// Test helpers are `pub` for the sibling modules of this test binary.
+#![allow(unreachable_pub)]
+mod helpers;
+
+mod cache;
+mod cli;
+mod counts;
+mod failures;
+mod health;
+mod identify_user;
+mod lifecycle;
+mod migrations;
+mod track_event;
+mod validation;

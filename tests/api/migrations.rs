@@ -1,0 +1,49 @@
+//! `migrate`: the seed's schema, applied once even when run concurrently.
+
+use analytics_service::repository::postgres::schema::{self, SchemaStatus};
+use sqlx::postgres::PgPoolOptions;
+
+use crate::helpers::{create_database, test_config, TestOptions};
+use analytics_service::repository::postgres::connect_options;
+
+#[tokio::test]
+async fn concurrent_migrations_apply_once_and_create_the_seed_schema() {
+    let database = create_database().await;
+    let config = test_config(&database, "unused", &TestOptions::default());
+    let options = connect_options(&config);
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(options.clone()).await.unwrap();
+    assert_eq!(schema::status(&pool).await.unwrap(), SchemaStatus::Behind { applied: None, expected: 2 });
+
+    let runs = (0..4).map(|_| schema::migrate(&options));
+    for result in futures::future::join_all(runs).await {
+        result.expect("every concurrent run succeeds");
+    }
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM refinery_schema_history").fetch_one(&pool).await.unwrap();
+    assert_eq!(history, 2);
+    assert_eq!(schema::status(&pool).await.unwrap(), SchemaStatus::Current { version: 2 });
+
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename IN ('events', 'user_identities') ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for expected in [
+        "idx_events_event_name",
+        "idx_events_properties",
+        "idx_events_timestamp",
+        "idx_events_user_id",
+        "idx_user_identities_properties",
+    ] {
+        assert!(indexes.iter().any(|index| index == expected), "{expected} in {indexes:?}");
+    }
+    pool.close().await;
+    drop_database(&database).await;
+}
+
+async fn drop_database(name: &str) {
+    let config = test_config("postgres", "unused", &TestOptions::default());
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(connect_options(&config)).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await.unwrap();
+}
