@@ -25,17 +25,18 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "${repo_root}" || exit 1
 started=${SECONDS}
 
-if ! bash scripts/install-tools.sh >/tmp/check-deploy-install.log 2>&1; then
-  cat /tmp/check-deploy-install.log
-  echo "check-deploy: FAIL: scripts/install-tools.sh failed"
-  exit 1
-fi
-# shellcheck source=tools-env.sh
-source scripts/tools-env.sh
-
 chart_dir="helm/analytics-service"
 work_dir="$(mktemp -d -t check-deploy.XXXXXX)"
 trap 'rm -rf "${work_dir}"' EXIT
+
+if ! bash scripts/install-tools.sh >"${work_dir}/install-tools.log" 2>&1; then
+  cat "${work_dir}/install-tools.log"
+  echo "check-deploy: FAIL: scripts/install-tools.sh failed"
+  exit 1
+fi
+grep -v 'already present' "${work_dir}/install-tools.log" | grep -v '^install-tools: done' || true
+# shellcheck source=tools-env.sh
+source scripts/tools-env.sh
 rendered_dir="${work_dir}/rendered"
 core_dir="${work_dir}/core"
 mkdir -p "${rendered_dir}" "${core_dir}"
