@@ -35,7 +35,7 @@ async fn track_event_stores_the_event_and_returns_a_v7_id() {
     assert_eq!(event_id.get_version_num(), 7, "time-ordered UUIDv7");
 
     let row = sqlx::query(
-        "SELECT event_name, user_id, properties, EXTRACT(EPOCH FROM timestamp)::bigint AS ts FROM events WHERE id = $1",
+        "SELECT event_name, user_id, properties, floor(EXTRACT(EPOCH FROM timestamp))::bigint AS ts FROM events WHERE id = $1",
     )
     .bind(event_id)
     .fetch_one(&app.pool)
@@ -59,7 +59,7 @@ async fn anonymous_event_has_no_user_and_absent_timestamp_means_now() {
     let after = now();
 
     let row =
-        sqlx::query("SELECT user_id, EXTRACT(EPOCH FROM timestamp)::bigint AS ts FROM events WHERE id = $1")
+        sqlx::query("SELECT user_id, floor(EXTRACT(EPOCH FROM timestamp))::bigint AS ts FROM events WHERE id = $1")
             .bind(Uuid::parse_str(&response.event_id).unwrap())
             .fetch_one(&app.pool)
             .await
