@@ -61,11 +61,19 @@ counted="$(grpcurl -plaintext -d "{\"start_time\":$((now - 60)),\"end_time\":$((
   "${target}" analytics.v1.AnalyticsService/GetEventCount)"
 grep -q '"eventName": "release_check"' <<<"${counted}" || fail "GetEventCount: ${counted}"
 curl -fsS "http://127.0.0.1:${admin_port}/readyz" >/dev/null || fail "/readyz"
-curl -fsS "http://127.0.0.1:${admin_port}/metrics" | grep -q '^analytics_events_ingested_total 1' || fail "/metrics"
+curl -fsS "http://127.0.0.1:${admin_port}/metrics" \
+  | grep -q '^grpc_server_handled_total{grpc_service="analytics.v1.AnalyticsService",grpc_method="TrackEvent",grpc_type="unary",grpc_code="OK"} 1$' \
+  || fail "/metrics has no TrackEvent OK count"
+started="$(psql -h 127.0.0.1 -U postgres -d "${database}" -Atc "SELECT count(*) FROM events WHERE event_name = 'analytics_service.started'")"
+[[ "${started}" == "1" ]] || fail "self-tracking: expected one analytics_service.started event, found ${started}"
 
 kill -TERM "${server_pid}"
 wait "${server_pid}" || fail "serve exited non-zero after SIGTERM"
 server_pid=""
 grep -q '"message":"stopped"' "/tmp/${database}.log" || fail "no clean stop in the log"
+for lifecycle in analytics_service.migration_applied analytics_service.stopping; do
+  seen="$(psql -h 127.0.0.1 -U postgres -d "${database}" -Atc "SELECT count(*) FROM events WHERE event_name = '${lifecycle}'")"
+  [[ "${seen}" == "1" ]] || fail "self-tracking: expected one ${lifecycle} event, found ${seen}"
+done
 rm -f "/tmp/${database}.log"
-echo "check-release-binary: OK: migrate, serve, healthcheck, grpcurl (list, describe, TrackEvent, GetEventCount), admin port, SIGTERM"
+echo "check-release-binary: OK: migrate, serve, healthcheck, grpcurl (list, describe, TrackEvent, GetEventCount), admin port, self-tracking, SIGTERM"

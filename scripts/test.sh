@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this):
-#   1. local PostgreSQL and Redis up (scripts/dev-services.sh)
+#   1. local PostgreSQL and Redis up (scripts/dev-services.sh); the tool chain in .tools/
+#      (scripts/install-tools.sh: grpcurl, buf, helm, ..., and Debian's prometheus/promtool,
+#      which the observability tests run for real)
 #   2. cargo fmt --check, cargo clippy --all-targets -D warnings
-#   3. cargo nextest: unit and integration tests (real PostgreSQL, Redis, gRPC)
+#   3. cargo nextest: unit and integration tests (real PostgreSQL, Redis, gRPC, Prometheus)
 #   4. buf lint and buf breaking against the first published proto (proto/baseline/)
 #   5. alert rules, their unit tests and the dashboard (scripts/check-observability.sh)
 #   6. Dockerfile, Helm chart, kustomize, Tiltfile (scripts/check-deploy.sh)
@@ -18,6 +20,11 @@ step() { printf '\n==> %s\n' "$*"; }
 step "local services"
 bash scripts/dev-services.sh
 
+step "tools"
+bash scripts/install-tools.sh
+# shellcheck source=tools-env.sh
+source scripts/tools-env.sh
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   step "installing cargo-nextest"
   cargo install cargo-nextest --locked
@@ -31,11 +38,6 @@ cargo clippy --locked --all-targets -- -D warnings
 
 step "cargo nextest run"
 cargo nextest run --locked --no-fail-fast
-
-step "tools for the remaining checks"
-bash scripts/install-tools.sh
-# shellcheck source=tools-env.sh
-source scripts/tools-env.sh
 
 step "buf lint and buf breaking"
 (cd proto && buf lint && buf breaking --against baseline/analytics-v1.binpb)

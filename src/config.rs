@@ -178,6 +178,10 @@ pub struct Config {
     /// EVENT_MAX_AGE_DAYS: oldest accepted event timestamp, in days before now.
     #[serde(default = "defaults::event_max_age_days")]
     pub event_max_age_days: u32,
+    /// SELF_TRACKING: record the service's own lifecycle events (started, stopping,
+    /// migration applied) as events, so they show up in its own counts.
+    #[serde(default = "defaults::enabled")]
+    pub self_tracking: bool,
     /// MIGRATE_ON_START: apply migrations when `serve` starts (development only).
     #[serde(default)]
     pub migrate_on_start: bool,
@@ -266,6 +270,9 @@ mod defaults {
     }
     pub(super) fn sampler_ratio() -> f64 {
         1.0
+    }
+    pub(super) fn enabled() -> bool {
+        true
     }
     pub(super) fn event_max_age_days() -> u32 {
         30

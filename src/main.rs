@@ -5,8 +5,11 @@ use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
 use analytics_service::repository::postgres::{connect_options, schema, Database};
+use analytics_service::repository::redis::CountCache;
+use analytics_service::service::rate_limit::RateLimiter;
+use analytics_service::service::{AnalyticsService, EVENT_MIGRATION_APPLIED};
 use analytics_service::startup::Application;
-use analytics_service::telemetry;
+use analytics_service::telemetry::{self, TelemetryGuard};
 use clap::{Parser, Subcommand};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -99,11 +102,12 @@ async fn run(verb: impl std::future::Future<Output = anyhow::Result<ExitCode>>) 
     }
 }
 
-fn load_config() -> anyhow::Result<Config> {
+/// Reads the configuration and installs logging/tracing; keep the guard alive until exit.
+fn load_config() -> anyhow::Result<(Config, TelemetryGuard)> {
     match Config::from_env() {
         Ok(config) => {
-            telemetry::init(&config)?;
-            Ok(config)
+            let guard = telemetry::init(&config)?;
+            Ok((config, guard))
         }
         Err(error) => {
             telemetry::init_plain();
@@ -113,7 +117,7 @@ fn load_config() -> anyhow::Result<Config> {
 }
 
 async fn serve() -> anyhow::Result<ExitCode> {
-    let config = load_config()?;
+    let (config, _telemetry) = load_config()?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "starting");
     let application = Application::build(config).await?;
     application.run_until_stopped(shutdown_signal()).await?;
@@ -137,10 +141,22 @@ async fn shutdown_signal() {
 }
 
 async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
-    let config = load_config()?;
+    let (config, _telemetry) = load_config()?;
     if !check {
         let report = schema::migrate(&connect_options(&config)).await?;
         tracing::info!(applied = ?report.applied, "migrations up to date");
+        if config.self_tracking && !report.applied.is_empty() {
+            // Self-tracking: the migration shows up in the service's own counts.
+            let service = AnalyticsService::new(
+                Database::connect_lazy(&config),
+                CountCache::disabled(),
+                RateLimiter::per_minute(0),
+                config.event_max_age(),
+            );
+            let latest = schema::expected_versions().last().copied().unwrap_or(0);
+            let properties = vec![("version", latest.to_string()), ("applied", report.applied.join(","))];
+            service.track_lifecycle(EVENT_MIGRATION_APPLIED, properties).await;
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let database = Database::connect_lazy(&config);

@@ -23,6 +23,7 @@ pub const REDIS_COMMAND_SECONDS: &str = "analytics_redis_command_seconds";
 pub const REDIS_ERRORS: &str = "analytics_redis_errors_total";
 pub const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
 pub const READY: &str = "analytics_ready";
+pub const RATE_LIMITED: &str = "analytics_rate_limited_total";
 pub const BUILD_INFO: &str = "analytics_build_info";
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to the request timeout.
@@ -71,6 +72,7 @@ fn describe_all() {
     describe_counter!(REDIS_ERRORS, "Failed Redis calls, by operation.");
     describe_counter!(CACHE_REQUESTS, "Count-cache lookups, by query and result (hit or miss).");
     describe_gauge!(READY, "1 when the service is ready to serve, else 0.");
+    describe_counter!(RATE_LIMITED, "Events refused because their budget was spent.");
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
 }
 
@@ -117,6 +119,10 @@ pub fn record_events_ingested(count: u64) {
 
 pub fn record_event_rejected(reason: &'static str) {
     counter!(EVENTS_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn record_rate_limited() {
+    counter!(RATE_LIMITED).increment(1);
 }
 
 pub fn set_database_up(up: bool) {

@@ -21,8 +21,9 @@ use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsServiceServer;
 use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::CountCache;
+use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
-use crate::service::AnalyticsService;
+use crate::service::{AnalyticsService, EVENT_STARTED, EVENT_STOPPING};
 
 /// A built, bound, not yet running server.
 pub struct Application {
@@ -58,7 +59,9 @@ impl Application {
         } else {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
-        let service = Arc::new(AnalyticsService::new(database.clone(), cache, config.event_max_age()));
+        let rate_limiter = RateLimiter::per_minute(config.rate_limit_events_per_user_per_minute);
+        let service =
+            Arc::new(AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age()));
         let readiness = ReadinessMonitor::new(database.clone());
         Ok(Self { config, grpc_listener, admin_listener, database, service, readiness })
     }
@@ -83,6 +86,13 @@ impl Application {
         readiness.probe().await;
         let probe_task = tokio::spawn(readiness.clone().run(config.health_poll_interval()));
 
+        let self_tracking = config.self_tracking;
+        let lifecycle_task = tokio::spawn(track_started_when_ready(service.clone(), readiness.subscribe()));
+        if !self_tracking {
+            lifecycle_task.abort();
+        }
+        let housekeeping_task = tokio::spawn(forget_idle_rate_limits(service.clone()));
+
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(follow_readiness(health_reporter, readiness.subscribe()));
 
@@ -96,8 +106,9 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
-        let analytics = AnalyticsServiceServer::new(AnalyticsGrpc::new(service, readiness.subscribe()))
-            .max_decoding_message_size(config.grpc_max_message_bytes);
+        let analytics =
+            AnalyticsServiceServer::new(AnalyticsGrpc::new(service.clone(), readiness.subscribe()))
+                .max_decoding_message_size(config.grpc_max_message_bytes);
 
         let admin_readiness = readiness.subscribe();
         let mut admin_stop = readiness.subscribe();
@@ -152,11 +163,43 @@ impl Application {
 
         drop(drain_done);
         readiness.begin_shutdown();
+        lifecycle_task.abort();
+        housekeeping_task.abort();
+        if self_tracking {
+            service.track_lifecycle(EVENT_STOPPING, lifecycle_properties()).await;
+        }
         admin_task.await.ok();
         probe_task.abort();
         health_task.abort();
         database.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Version and instance (the pod name in Kubernetes) of lifecycle events.
+fn lifecycle_properties() -> Vec<(&'static str, String)> {
+    vec![
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ("instance", std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_string())),
+    ]
+}
+
+/// Records `analytics_service.started` once this replica first becomes ready.
+async fn track_started_when_ready(
+    service: Arc<AnalyticsService>,
+    mut readiness: tokio::sync::watch::Receiver<crate::service::readiness::Readiness>,
+) {
+    if readiness.wait_for(|state| state.is_ready()).await.is_ok() {
+        service.track_lifecycle(EVENT_STARTED, lifecycle_properties()).await;
+    }
+}
+
+/// Bounds the rate limiter's memory: forgets users whose budget is full again.
+async fn forget_idle_rate_limits(service: Arc<AnalyticsService>) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        interval.tick().await;
+        service.forget_idle_rate_limits();
     }
 }

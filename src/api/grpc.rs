@@ -27,9 +27,9 @@ impl AnalyticsGrpc {
     }
 }
 
-/// Who called: the peer address (the TLS identity once mTLS is on).
+/// Who called: the peer IP address (the TLS identity once mTLS is on).
 fn caller<T>(request: &Request<T>) -> String {
-    request.remote_addr().map_or_else(|| "unknown".to_string(), |address| address.to_string())
+    request.remote_addr().map_or_else(|| "unknown".to_string(), |address| address.ip().to_string())
 }
 
 #[tonic::async_trait]
@@ -39,11 +39,12 @@ impl AnalyticsApi for AnalyticsGrpc {
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
+        let caller = caller(&request);
         let event = TrackEvent::try_from(request.into_inner()).map_err(|error| {
             metrics::record_event_rejected("invalid_argument");
             ServiceError::from(error)
         })?;
-        let event_id = self.service.track_event(event).await?;
+        let event_id = self.service.track_event(event, &caller).await?;
         Ok(Response::new(pb::TrackEventResponse { success: true, event_id: event_id.to_string() }))
     }
 

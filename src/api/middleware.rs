@@ -1,7 +1,9 @@
 //! gRPC server middleware (a tower layer around every service on the port):
-//! go-grpc-prometheus metrics with bounded labels, and panic recovery: a panicking
-//! handler becomes INTERNAL, its message and location go to the log, the server
-//! keeps serving.
+//! - one server span per RPC with the standard `rpc.*` attributes, joined to the caller's
+//!   trace through W3C `traceparent`, and a `trace_id` field every log line inherits;
+//! - go-grpc-prometheus metrics with bounded labels;
+//! - panic recovery: a panicking handler becomes INTERNAL, its message goes to the log,
+//!   the server keeps serving.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -10,10 +12,14 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::FutureExt;
+use opentelemetry::trace::{TraceContextExt, TraceId};
 use tonic::{Code, Status};
 use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics;
+use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
 
 /// (grpc_service, grpc_method, grpc_type) of every method served. Anything else is
 /// reported as "unknown" so arbitrary paths never create new metric series.
@@ -104,7 +110,8 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (service, method, kind) = classify(request.uri().path());
-        Box::pin(async move {
+        let span = server_span(service, method, request.headers());
+        let handled = async move {
             metrics::record_grpc_started(service, method, kind);
             let started = Instant::now();
             let outcome = AssertUnwindSafe(inner.call(request)).catch_unwind().await;
@@ -118,6 +125,7 @@ where
                         code_name(Code::Unknown),
                         started.elapsed(),
                     );
+                    tracing::warn!("rpc failed in the transport");
                     return Err(error);
                 }
                 Err(panic) => {
@@ -126,17 +134,75 @@ where
                         .map(|text| text.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "non-string panic payload".to_string());
-                    tracing::error!(grpc.service = service, grpc.method = method, panic = %message, "handler panicked");
+                    tracing::error!(panic = %message, "handler panicked");
                     Status::internal("internal error").into_http()
                 }
             };
             // Unary errors travel as trailers-only responses, so the code is in the
             // headers; without a grpc-status header the call succeeded.
             let code = Status::from_header_map(response.headers()).map_or(Code::Ok, |status| status.code());
-            metrics::record_grpc_handled(service, method, kind, code_name(code), started.elapsed());
+            let elapsed = started.elapsed();
+            metrics::record_grpc_handled(service, method, kind, code_name(code), elapsed);
+            let current = tracing::Span::current();
+            current.record("rpc.grpc.status_code", code as i32);
+            if is_server_error(code) {
+                current.record("otel.status_code", "ERROR");
+                tracing::warn!(
+                    grpc_code = code_name(code),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "rpc failed"
+                );
+            } else {
+                tracing::debug!(
+                    grpc_code = code_name(code),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "rpc finished"
+                );
+            }
             Ok(response)
-        })
+        };
+        Box::pin(handled.instrument(span))
     }
+}
+
+/// Codes that mean the server, not the caller, failed (the span is marked as an error).
+fn is_server_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown | Code::Internal | Code::Unavailable | Code::DataLoss | Code::DeadlineExceeded
+    )
+}
+
+/// The server span of one RPC. Its parent is the caller's span when `traceparent` is
+/// present; `trace_id` is the OpenTelemetry trace id when tracing is on, else the one
+/// from `traceparent`, else a fresh random id, so logs always correlate.
+fn server_span(service: &'static str, method: &'static str, headers: &http::HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "grpc.server",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    });
+    if parent.span().span_context().is_valid() {
+        // Fails only when no OpenTelemetry layer is installed; then there is nothing to join.
+        span.set_parent(parent).ok();
+    }
+    let otel_trace_id = span.context().span().span_context().trace_id();
+    let trace_id = if otel_trace_id != TraceId::INVALID {
+        otel_trace_id.to_string()
+    } else {
+        traceparent_trace_id(headers).unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+    };
+    span.record("trace_id", trace_id.as_str());
+    span
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
 //! `validation`); storage goes through `repository`.
 
+pub mod rate_limit;
 pub mod readiness;
 pub mod validation;
+
+use std::sync::Arc;
 
 use chrono::Utc;
 use uuid::Uuid;
@@ -12,6 +15,7 @@ use crate::metrics;
 use crate::models::{EventCount, EventFilter, IdentifyUser, NewEvent, TimeRange, TrackEvent};
 use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
 use crate::repository::redis::CountCache;
+use rate_limit::RateLimiter;
 pub use validation::ValidationError;
 
 /// Everything a caller can be told. `api` maps each variant to one gRPC status.
@@ -45,6 +49,13 @@ impl From<RepositoryError> for ServiceError {
     }
 }
 
+/// Caller name of the service's own lifecycle events.
+pub const SELF_CALLER: &str = "self";
+/// Lifecycle event names (self-tracking).
+pub const EVENT_STARTED: &str = "analytics_service.started";
+pub const EVENT_STOPPING: &str = "analytics_service.stopping";
+pub const EVENT_MIGRATION_APPLIED: &str = "analytics_service.migration_applied";
+
 /// The answer of the HealthCheck RPC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ServingStatus {
@@ -59,25 +70,41 @@ pub struct AnalyticsService {
     events: EventRepository,
     users: UserRepository,
     cache: CountCache,
+    rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
 }
 
 impl AnalyticsService {
-    pub fn new(database: Database, cache: CountCache, event_max_age: chrono::Duration) -> Self {
+    pub fn new(
+        database: Database,
+        cache: CountCache,
+        rate_limiter: RateLimiter,
+        event_max_age: chrono::Duration,
+    ) -> Self {
         Self {
             events: EventRepository::new(database.clone()),
             users: UserRepository::new(database.clone()),
             database,
             cache,
+            rate_limiter: Arc::new(rate_limiter),
             event_max_age,
         }
     }
 
-    /// Stores one event; returns its id once it is committed.
+    /// Stores one event; returns its id once it is committed. `caller` identifies who
+    /// sent it (budget of anonymous events).
     #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
-    pub async fn track_event(&self, event: TrackEvent) -> Result<Uuid, ServiceError> {
+    pub async fn track_event(&self, event: TrackEvent, caller: &str) -> Result<Uuid, ServiceError> {
         let timestamp = validation::event_timestamp(event.unix_seconds, Utc::now(), self.event_max_age)
             .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
+        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), caller);
+        if let Err(wait) = self.rate_limiter.check(&budget) {
+            metrics::record_event_rejected("rate_limited");
+            metrics::record_rate_limited();
+            return Err(ServiceError::RateLimited {
+                retry_after_seconds: rate_limit::retry_after_seconds(wait),
+            });
+        }
         let new_event = NewEvent {
             id: Uuid::now_v7(),
             name: event.name,
@@ -150,6 +177,33 @@ impl AnalyticsService {
         let count = self.events.unique_users(range).await?;
         self.cache.set(&key, &count, None).await;
         Ok(count)
+    }
+
+    /// Forgets idle rate-limit buckets (called periodically to bound memory).
+    pub fn forget_idle_rate_limits(&self) {
+        self.rate_limiter.forget_idle_keys();
+    }
+
+    /// Self-tracking: records one of the service's own lifecycle events through the same
+    /// ingestion path callers use, so they show up in its own counts. Failures are logged.
+    pub async fn track_lifecycle(&self, name: &str, properties: Vec<(&str, String)>) {
+        let properties = properties
+            .into_iter()
+            .map(|(key, value)| (key.to_string(), Some(crate::models::PropertyValue::String(value))));
+        let event = match (
+            crate::models::EventName::parse(name.to_string()),
+            crate::models::Properties::parse(properties),
+        ) {
+            (Ok(name), Ok(properties)) => TrackEvent { name, user_id: None, properties, unix_seconds: None },
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::error!(error = %error, "invalid lifecycle event");
+                return;
+            }
+        };
+        match self.track_event(event, SELF_CALLER).await {
+            Ok(event_id) => tracing::info!(event = name, %event_id, "lifecycle event tracked"),
+            Err(error) => tracing::warn!(event = name, error = %error, "lifecycle event not tracked"),
+        }
     }
 
     /// SERVING when PostgreSQL answers now and the schema is usable.

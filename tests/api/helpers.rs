@@ -127,6 +127,8 @@ pub fn test_config(database_name: &str, redis_prefix: &str, options: &TestOption
         ("DB_RETRY_BASE_DELAY_MS", "5".to_string()),
         ("HEALTH_POLL_INTERVAL_MS", "100".to_string()),
         ("SHUTDOWN_DRAIN_SECONDS", "10".to_string()),
+        // Lifecycle events would add rows to every test's counts; observability tests turn it on.
+        ("SELF_TRACKING", "false".to_string()),
     ]
     .into_iter()
     .map(|(key, value)| (key.to_string(), value))

@@ -13,5 +13,7 @@ mod health;
 mod identify_user;
 mod lifecycle;
 mod migrations;
+mod observability;
+mod proxy;
 mod track_event;
 mod validation;

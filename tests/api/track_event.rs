@@ -58,12 +58,13 @@ async fn anonymous_event_has_no_user_and_absent_timestamp_means_now() {
     let response = app.track("landing_view", "", 0).await;
     let after = now();
 
-    let row =
-        sqlx::query("SELECT user_id, floor(EXTRACT(EPOCH FROM timestamp))::bigint AS ts FROM events WHERE id = $1")
-            .bind(Uuid::parse_str(&response.event_id).unwrap())
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+    let row = sqlx::query(
+        "SELECT user_id, floor(EXTRACT(EPOCH FROM timestamp))::bigint AS ts FROM events WHERE id = $1",
+    )
+    .bind(Uuid::parse_str(&response.event_id).unwrap())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(row.get::<Option<String>, _>("user_id"), None);
     let stored = row.get::<i64, _>("ts");
     assert!((before..=after).contains(&stored), "{before} <= {stored} <= {after}");

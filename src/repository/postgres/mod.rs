@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::ConnectOptions;
+use tracing::Instrument;
 
 use crate::config::{Config, PostgresSslMode};
 use crate::metrics;
@@ -150,6 +151,13 @@ impl Database {
                     "database call failed, retrying"
                 );
             })
+            .instrument(tracing::info_span!(
+                "db.query",
+                otel.name = operation_name,
+                otel.kind = "client",
+                db.system = "postgresql",
+                db.operation = operation_name,
+            ))
             .await;
         metrics::record_db_call(
             operation_name,

@@ -13,6 +13,7 @@ use ::redis::AsyncCommands;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::metrics;
@@ -85,6 +86,7 @@ impl CountCache {
             let mut connection = inner.connection().await?;
             Ok(connection.get(&full_key).await?)
         }
+        .instrument(redis_span("get"))
         .await;
         let bytes = inner.observe("get", started, result)??;
         match serde_json::from_slice(&bytes) {
@@ -108,6 +110,7 @@ impl CountCache {
             let mut connection = inner.connection().await?;
             Ok(connection.set_ex(&full_key, bytes, seconds).await?)
         }
+        .instrument(redis_span("set"))
         .await;
         inner.observe("set", started, result);
     }
@@ -116,6 +119,16 @@ impl CountCache {
     pub fn ttl(&self) -> Duration {
         self.inner.as_ref().map_or(Duration::ZERO, |inner| inner.ttl)
     }
+}
+
+fn redis_span(operation: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "redis.command",
+        otel.name = operation,
+        otel.kind = "client",
+        db.system = "redis",
+        db.operation = operation
+    )
 }
 
 /// Why a cache call did not reach Redis or failed there.
