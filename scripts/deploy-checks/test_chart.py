@@ -22,17 +22,25 @@ CHART = REPO_ROOT / "helm" / "analytics-service"
 RELEASE = "analytics-service"
 NAMESPACE = "analytics"
 
-# The binary's environment contract: every variable must be settable through the chart.
-CONTRACT_ENV = """
-SERVICE_PORT SERVICE_NAME LOG_LEVEL LOG_FORMAT POSTGRES_HOST POSTGRES_PORT POSTGRES_DB
-POSTGRES_USER POSTGRES_PASSWORD POSTGRES_MAX_CONNECTIONS POSTGRES_SSLMODE REDIS_HOST REDIS_PORT
-REDIS_PASSWORD REDIS_DB REDIS_CACHE_TTL REDIS_KEY_PREFIX RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE
-PROMETHEUS_PORT OTEL_EXPORTER_OTLP_ENDPOINT OTEL_TRACES_SAMPLER_RATIO EVENT_MAX_AGE_DAYS
-MIGRATE_ON_START DB_RETRY_MAX_ATTEMPTS DB_RETRY_BASE_DELAY_MS SHUTDOWN_DRAIN_SECONDS
-GRPC_MAX_CONNECTION_AGE_SECONDS REQUEST_TIMEOUT_SECONDS GRPC_MAX_MESSAGE_BYTES TLS_CERT_FILE
-TLS_KEY_FILE TLS_CLIENT_CA_FILE TLS_ALLOWED_CALLERS PII_FIELDS PII_KEYS_FILE INGEST_BATCH_SIZE
-INGEST_LINGER_MS INGEST_QUEUE_CAPACITY
+# The binary's environment contract, read from its source of truth: every field of
+# `pub struct Config` in src/config.rs is the lower-case name of one variable.
+def config_rs_variables() -> list[str]:
+    source = (REPO_ROOT / "src" / "config.rs").read_text()
+    body = source.split("pub struct Config {", 1)[1].split("\n}\n", 1)[0]
+    return [name.upper() for name in re.findall(r"^\s+pub (\w+):", body, flags=re.MULTILINE)]
+
+
+# Variables the chart exposes ahead of the binary (ingestion and security settings).
+PLANNED_ENV = """
+TLS_CERT_FILE TLS_KEY_FILE TLS_CLIENT_CA_FILE TLS_ALLOWED_CALLERS PII_FIELDS PII_KEYS_FILE
+INGEST_BATCH_SIZE INGEST_LINGER_MS INGEST_QUEUE_CAPACITY
 """.split()
+
+CONTRACT_ENV = sorted(set(config_rs_variables()) | set(PLANNED_ENV))
+
+# Variables that come from Secrets rather than plain configuration.
+SECRET_ENV = {"POSTGRES_PASSWORD", "REDIS_PASSWORD"}
+
 
 RESTRICTED_CONTAINER = {
     "runAsNonRoot": True,
@@ -331,6 +339,19 @@ def configured_env(docs: list[dict]) -> set[str]:
     names = set(one(docs, "ConfigMap", RELEASE)["data"])
     names |= {e["name"] for e in server_container(docs)["env"]}
     return names
+
+
+def test_the_contract_is_read_from_config_rs():
+    variables = config_rs_variables()
+    assert "POSTGRES_MAX_CONNECTIONS" in variables and "REDIS_CACHE_TTL" in variables
+    assert len(variables) >= 30, variables
+
+
+def test_kustomize_base_sets_every_plain_variable():
+    lines = (REPO_ROOT / "k8s" / "base" / "config.env").read_text().splitlines()
+    names = {line.split("=", 1)[0] for line in lines if "=" in line and not line.startswith("#")}
+    missing = [name for name in config_rs_variables() if name not in names and name not in SECRET_ENV]
+    assert not missing, f"not in k8s/base/config.env: {missing}"
 
 
 def test_every_contract_variable_can_be_set():
