@@ -29,16 +29,6 @@ async fn view_count(app: &TestApp, start: i64, end: i64) -> i64 {
         .sum()
 }
 
-async fn user_count(app: &TestApp, start: i64, end: i64) -> i64 {
-    app.client
-        .clone()
-        .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
-        .await
-        .unwrap()
-        .into_inner()
-        .unique_users
-}
-
 /// Adds a row behind the service's back, so only a fresh query can see it.
 async fn insert_directly(app: &TestApp, user_id: &str, timestamp: i64) {
     sqlx::query("INSERT INTO events (event_name, user_id, timestamp) VALUES ('view', $1, to_timestamp($2))")
@@ -56,7 +46,7 @@ async fn a_repeated_count_query_is_served_from_redis() {
     app.track("view", "alice", base + 10).await;
 
     assert_eq!(view_count(&app, base, base + HOUR).await, 1);
-    assert_eq!(user_count(&app, base, base + HOUR).await, 1);
+    assert_eq!(app.unique_users(base, base + HOUR).await, 1);
     insert_directly(&app, "bob", base + 20).await;
 
     assert_eq!(
@@ -65,12 +55,12 @@ async fn a_repeated_count_query_is_served_from_redis() {
         "the identical query is answered from the cache"
     );
     assert_eq!(
-        user_count(&app, base, base + HOUR).await,
+        app.unique_users(base, base + HOUR).await,
         1,
         "the identical query is answered from the cache"
     );
     assert_eq!(view_count(&app, base, base + HOUR + 1).await, 2, "a different range is computed fresh");
-    assert_eq!(user_count(&app, base, base + HOUR + 1).await, 2, "a different range is computed fresh");
+    assert_eq!(app.unique_users(base, base + HOUR + 1).await, 2, "a different range is computed fresh");
 
     let (_, metrics) = app.admin_get("/metrics").await;
     let series = |query: &str, result: &str| {
@@ -99,10 +89,10 @@ async fn counts_stay_correct_without_a_cache(redis: RedisMode) {
     let base = monday_two_weeks_ago();
     app.track("view", "alice", base + 10).await;
     assert_eq!(view_count(&app, base, base + HOUR).await, 1);
-    assert_eq!(user_count(&app, base, base + HOUR).await, 1);
+    assert_eq!(app.unique_users(base, base + HOUR).await, 1);
     insert_directly(&app, "bob", base + 20).await;
     assert_eq!(view_count(&app, base, base + HOUR).await, 2, "no cache: always fresh");
-    assert_eq!(user_count(&app, base, base + HOUR).await, 2, "no cache: always fresh");
+    assert_eq!(app.unique_users(base, base + HOUR).await, 2, "no cache: always fresh");
     let (status, _) = app.admin_get("/readyz").await;
     assert_eq!(status, 200, "redis is not needed to be ready");
 }

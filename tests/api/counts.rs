@@ -26,16 +26,6 @@ async fn counts(app: &TestApp, name: &str, start: i64, end: i64, group_by: &str)
         .collect()
 }
 
-async fn unique_users(app: &TestApp, start: i64, end: i64) -> i64 {
-    app.client
-        .clone()
-        .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
-        .await
-        .unwrap()
-        .into_inner()
-        .unique_users
-}
-
 #[tokio::test]
 async fn hourly_counts_respect_bucket_edges_and_exclude_end_time() {
     let app = spawn_app().await;
@@ -148,8 +138,8 @@ async fn unique_users_are_distinct_identified_users_in_range() {
     app.track("view", "", base + 2 * HOUR).await; // anonymous: never counted
     app.track("view", "carol", base + DAY).await; // at end_time: excluded below
 
-    assert_eq!(unique_users(&app, base, base + DAY).await, 2);
-    assert_eq!(unique_users(&app, base, base + DAY + 1).await, 3);
-    assert_eq!(unique_users(&app, base + HOUR, base + 2 * HOUR).await, 1);
-    assert_eq!(unique_users(&app, base - DAY, base).await, 0);
+    assert_eq!(app.unique_users(base, base + DAY).await, 2);
+    assert_eq!(app.unique_users(base, base + DAY + 1).await, 3);
+    assert_eq!(app.unique_users(base + HOUR, base + 2 * HOUR).await, 1);
+    assert_eq!(app.unique_users(base - DAY, base).await, 0);
 }

@@ -216,6 +216,17 @@ impl TestApp {
             .into_inner()
     }
 
+    /// GetUserCount over [start, end).
+    pub async fn unique_users(&self, start: i64, end: i64) -> i64 {
+        self.client
+            .clone()
+            .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
+            .await
+            .expect("get_user_count succeeds")
+            .into_inner()
+            .unique_users
+    }
+
     pub async fn event_rows(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&self.pool).await.unwrap()
     }
@@ -269,6 +280,33 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     let status = response.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// Log output captured from a tracing subscriber (nextest runs each test in its own process,
+/// so a test may install the global subscriber).
+#[derive(Clone, Default)]
+pub struct CapturedLogs(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Every captured line that parses as JSON.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().unwrap().clone();
+        String::from_utf8_lossy(&bytes).lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub fn string_value(text: &str) -> PropertyValue {

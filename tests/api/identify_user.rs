@@ -1,14 +1,13 @@
 //! IdentifyUser: merge semantics, first_seen stability, audit record.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use analytics_service::pb;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use crate::helpers::{number_value, spawn_app, string_value, TestApp};
+use crate::helpers::{number_value, spawn_app, string_value, CapturedLogs, TestApp};
 
 async fn identify(app: &TestApp, user_id: &str, properties: HashMap<String, pb::PropertyValue>) {
     let response = app
@@ -69,20 +68,6 @@ async fn identify_with_no_properties_still_records_the_user() {
     assert_eq!(properties, serde_json::json!({}));
 }
 
-/// Collects log output of this test process (nextest runs each test in its own process).
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn identify_writes_an_audit_record_without_property_values() {
     let logs = CapturedLogs::default();
@@ -99,10 +84,10 @@ async fn identify_writes_an_audit_record_without_property_values() {
     identify(&app, "audited-user", HashMap::from([("email".into(), string_value("secret@example.com"))]))
         .await;
 
-    let output = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let audit: serde_json::Value = output
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    let output = logs.text();
+    let audit = logs
+        .json_lines()
+        .into_iter()
         .find(|line| line["target"] == "audit")
         .expect("an audit record is logged");
     assert_eq!(audit["user_id"], "audited-user");

@@ -22,7 +22,7 @@ use tonic::Code;
 
 use crate::helpers::{
     closed_port, create_database, http_get, metric_value, postgres_host, postgres_port, spawn_app_with,
-    start_server, string_value, test_config, TestOptions,
+    start_server, string_value, test_config, CapturedLogs, TestOptions,
 };
 use crate::proxy::TcpProxy;
 use analytics_service::repository::postgres::{connect_options, schema};
@@ -219,20 +219,6 @@ impl TraceService for SpanCollector {
     }
 }
 
-/// Log lines captured from the process-wide subscriber.
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn attribute(span: &Span, key: &str) -> Option<String> {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     span.attributes.iter().find(|attribute| attribute.key == key).and_then(|attribute| {
@@ -314,10 +300,9 @@ async fn traces_join_the_callers_trace_and_logs_carry_its_id() {
     assert_eq!(database.kind, 3, "SPAN_KIND_CLIENT");
     assert_eq!(attribute(database, "db.system").as_deref(), Some("postgresql"));
 
-    let output = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let audit = output
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    let audit = logs
+        .json_lines()
+        .into_iter()
         .find(|line| line["target"] == "audit")
         .expect("the audit line of IdentifyUser");
     let trace_ids: Vec<&str> =
