@@ -31,6 +31,10 @@ COPY --from=planner /build/recipe.json recipe.json
 # Dependencies only: this layer is reused until Cargo.toml or Cargo.lock change.
 RUN cargo chef cook --release --locked --bin analytics-service --recipe-path recipe.json
 COPY . .
+# build.rs stamps analytics_build_info{git_commit} from GIT_COMMIT (there is no .git in the
+# build context). Set after the dependency layer so a new revision does not invalidate it.
+ARG REVISION=unknown
+ENV GIT_COMMIT=${REVISION}
 # migrations/ is compiled into the binary (refinery embeds it), so the runtime image needs
 # no SQL files.
 RUN cargo build --release --locked --bin analytics-service \
