@@ -6,7 +6,8 @@ use std::time::Duration;
 use analytics_service::pb;
 use sqlx::Connection;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{channel, spawn_app, spawn_app_with, TestOptions};
+use crate::proxy::TcpProxy;
 
 #[tokio::test]
 async fn calls_in_flight_at_shutdown_complete() {
@@ -74,4 +75,27 @@ async fn calls_in_flight_at_shutdown_complete() {
         .await
         .unwrap();
     assert_eq!(stored, 1);
+}
+
+#[tokio::test]
+async fn connections_are_recycled_after_the_maximum_age_so_clients_re_resolve() {
+    let app = spawn_app_with(TestOptions {
+        env: vec![("GRPC_MAX_CONNECTION_AGE_SECONDS".into(), "1".into())],
+        ..TestOptions::default()
+    })
+    .await;
+    // Count the client's TCP connections through a proxy in front of the gRPC port.
+    let proxy = TcpProxy::start(app.grpc_address).await;
+    let mut client = analytics_service::pb::analytics_service_client::AnalyticsServiceClient::new(
+        channel(proxy.address).await,
+    );
+    for _ in 0..30 {
+        client.health_check(pb::HealthCheckRequest {}).await.expect("calls keep working across reconnects");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        proxy.accepted() >= 2,
+        "the server closed the aged connection and the client opened a new one ({} connections)",
+        proxy.accepted()
+    );
 }

@@ -2,7 +2,7 @@
 //! stopping the shared PostgreSQL that parallel tests use.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 pub struct TcpProxy {
     pub address: SocketAddr,
     open: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept_task: JoinHandle<()>,
 }
@@ -21,9 +22,11 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept_task = tokio::spawn({
             let open = open.clone();
+            let accepted = accepted.clone();
             let connections = connections.clone();
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
@@ -31,6 +34,7 @@ impl TcpProxy {
                         drop(client); // refused: closed at once
                         continue;
                     }
+                    accepted.fetch_add(1, Ordering::SeqCst);
                     let forward = tokio::spawn(async move {
                         if let Ok(mut upstream) = TcpStream::connect(target).await {
                             tokio::io::copy_bidirectional(&mut client, &mut upstream).await.ok();
@@ -40,7 +44,12 @@ impl TcpProxy {
                 }
             }
         });
-        Self { address, open, connections, accept_task }
+        Self { address, open, accepted, connections, accept_task }
+    }
+
+    /// Connections forwarded so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Drops every open connection and refuses new ones.
