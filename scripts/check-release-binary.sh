@@ -49,8 +49,8 @@ target="127.0.0.1:${grpc_port}"
 services="$(grpcurl -plaintext "${target}" list)"
 grep -qx 'analytics.v1.AnalyticsService' <<<"${services}" || fail "grpcurl list: ${services}"
 grep -qx 'grpc.health.v1.Health' <<<"${services}" || fail "grpcurl list: ${services}"
-grpcurl -plaintext "${target}" describe analytics.v1.AnalyticsService | grep -q 'rpc TrackEvent' \
-  || fail "grpcurl describe"
+described="$(grpcurl -plaintext "${target}" describe analytics.v1.AnalyticsService)" || fail "grpcurl describe"
+grep -q 'rpc TrackEvent' <<<"${described}" || fail "grpcurl describe: ${described}"
 tracked="$(grpcurl -plaintext -d '{"event_name":"release_check","user_id":"u1","properties":{"page":{"string_value":"/"}}}' \
   "${target}" analytics.v1.AnalyticsService/TrackEvent)"
 grep -q '"success": true' <<<"${tracked}" || fail "TrackEvent: ${tracked}"
@@ -61,8 +61,9 @@ counted="$(grpcurl -plaintext -d "{\"start_time\":$((now - 60)),\"end_time\":$((
   "${target}" analytics.v1.AnalyticsService/GetEventCount)"
 grep -q '"eventName": "release_check"' <<<"${counted}" || fail "GetEventCount: ${counted}"
 curl -fsS "http://127.0.0.1:${admin_port}/readyz" >/dev/null || fail "/readyz"
-curl -fsS "http://127.0.0.1:${admin_port}/metrics" \
-  | grep -q '^grpc_server_handled_total{grpc_service="analytics.v1.AnalyticsService",grpc_method="TrackEvent",grpc_type="unary",grpc_code="OK"} 1$' \
+# Read the whole page first: `curl | grep -q` fails under pipefail when grep exits early.
+metrics="$(curl -fsS "http://127.0.0.1:${admin_port}/metrics")" || fail "/metrics"
+grep -qF 'grpc_server_handled_total{grpc_service="analytics.v1.AnalyticsService",grpc_method="TrackEvent",grpc_type="unary",grpc_code="OK"} 1' <<<"${metrics}" \
   || fail "/metrics has no TrackEvent OK count"
 started="$(psql -h 127.0.0.1 -U postgres -d "${database}" -Atc "SELECT count(*) FROM events WHERE event_name = 'analytics_service.started'")"
 [[ "${started}" == "1" ]] || fail "self-tracking: expected one analytics_service.started event, found ${started}"
