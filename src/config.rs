@@ -3,10 +3,15 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
+
+use crate::security::authorization::CallerPolicy;
+use crate::security::pii::PiiKeys;
+use crate::security::tls::TlsFiles;
 
 /// A value that never prints (passwords). `Debug` and logs show `***`.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
@@ -207,6 +212,44 @@ pub struct Config {
     /// HEALTH_POLL_INTERVAL_MS: how often readiness re-checks PostgreSQL and the schema.
     #[serde(default = "defaults::health_poll_interval_ms")]
     pub health_poll_interval_ms: u64,
+
+    // ---- security (issue 5) ----
+    /// GRPC_MAX_CONCURRENT_STREAMS: most concurrent calls on one HTTP/2 connection.
+    #[serde(default = "defaults::grpc_max_concurrent_streams")]
+    pub grpc_max_concurrent_streams: u32,
+    /// GRPC_MAX_HEADER_LIST_BYTES: largest request header list (metadata), in bytes.
+    #[serde(default = "defaults::grpc_max_header_list_bytes")]
+    pub grpc_max_header_list_bytes: u32,
+    /// TLS_CERT_FILE: PEM server certificate chain; with TLS_KEY_FILE and
+    /// TLS_CLIENT_CA_FILE turns on mTLS on the gRPC port. Empty = plaintext.
+    #[serde(default)]
+    pub tls_cert_file: String,
+    /// TLS_KEY_FILE: PEM private key of TLS_CERT_FILE.
+    #[serde(default)]
+    pub tls_key_file: String,
+    /// TLS_CLIENT_CA_FILE: PEM bundle of the CAs whose client certificates are accepted.
+    #[serde(default)]
+    pub tls_client_ca_file: String,
+    /// TLS_RELOAD_INTERVAL_SECONDS: how often the TLS files are checked for a rotation, in seconds.
+    #[serde(default = "defaults::tls_reload_interval_seconds")]
+    pub tls_reload_interval_seconds: u64,
+    /// TLS_ALLOWED_CALLERS: comma list of caller identities (SPIFFE URI or DNS SAN)
+    /// allowed on every RPC. Empty = any verified caller.
+    #[serde(default)]
+    pub tls_allowed_callers: String,
+    /// TLS_ALLOWED_CALLERS_PER_RPC: `Rpc=id1|id2;Rpc2=id3`, narrowing single RPCs.
+    #[serde(default)]
+    pub tls_allowed_callers_per_rpc: String,
+    /// PII_FIELDS: comma list of property keys whose values are encrypted at rest.
+    #[serde(default = "defaults::pii_fields")]
+    pub pii_fields: String,
+    /// PII_KEYS_FILE: file of `KEY_ID:BASE64_32_BYTE_KEY` lines, the first encrypting new
+    /// writes. Empty (and PII_KEYS empty) = PII encryption off.
+    #[serde(default)]
+    pub pii_keys_file: String,
+    /// PII_KEYS: the same lines as PII_KEYS_FILE, from the environment (`;` or newline separated).
+    #[serde(default)]
+    pub pii_keys: Secret,
 }
 
 mod defaults {
@@ -298,6 +341,18 @@ mod defaults {
     pub(super) fn health_poll_interval_ms() -> u64 {
         2_000
     }
+    pub(super) fn grpc_max_concurrent_streams() -> u32 {
+        200
+    }
+    pub(super) fn grpc_max_header_list_bytes() -> u32 {
+        16 * 1024
+    }
+    pub(super) fn tls_reload_interval_seconds() -> u64 {
+        10
+    }
+    pub(super) fn pii_fields() -> String {
+        "email,phone,name,ip_address".into()
+    }
 }
 
 /// A start-up configuration error; its message names the offending variable.
@@ -361,6 +416,35 @@ impl Config {
         if self.health_poll_interval_ms == 0 {
             return fail("HEALTH_POLL_INTERVAL_MS", "must be at least 1");
         }
+        if !(1..=10_000).contains(&self.grpc_max_concurrent_streams) {
+            return fail("GRPC_MAX_CONCURRENT_STREAMS", "must be between 1 and 10000");
+        }
+        if !(1024..=1024 * 1024).contains(&self.grpc_max_header_list_bytes) {
+            return fail("GRPC_MAX_HEADER_LIST_BYTES", "must be between 1024 and 1048576");
+        }
+        let tls_files_set = [&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file]
+            .iter()
+            .filter(|path| !path.trim().is_empty())
+            .count();
+        if tls_files_set != 0 && tls_files_set != 3 {
+            return fail(
+                "TLS_CERT_FILE/TLS_KEY_FILE/TLS_CLIENT_CA_FILE",
+                "set all three for mTLS, or none for plaintext",
+            );
+        }
+        if !(1..=3_600).contains(&self.tls_reload_interval_seconds) {
+            return fail("TLS_RELOAD_INTERVAL_SECONDS", "must be between 1 and 3600");
+        }
+        let policy = self.caller_policy()?;
+        if !policy.is_open() && self.tls_files().is_none() {
+            return fail("TLS_ALLOWED_CALLERS", "caller allow-lists need mTLS (TLS_CERT_FILE and friends)");
+        }
+        if !self.pii_keys_file.trim().is_empty() && !self.pii_keys.is_empty() {
+            return fail("PII_KEYS_FILE", "set PII_KEYS_FILE or PII_KEYS, not both");
+        }
+        if !self.pii_keys.is_empty() {
+            PiiKeys::parse(&self.pii_keys.expose().replace(';', "\n"), "PII_KEYS").map_err(ConfigError)?;
+        }
         Ok(())
     }
 
@@ -412,6 +496,51 @@ impl Config {
 
     pub fn health_poll_interval(&self) -> Duration {
         Duration::from_millis(self.health_poll_interval_ms)
+    }
+
+    /// The mTLS files, when all three are set.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        let path = |raw: &String| PathBuf::from(raw.trim());
+        (!self.tls_cert_file.trim().is_empty()).then(|| TlsFiles {
+            certificate_chain: path(&self.tls_cert_file),
+            private_key: path(&self.tls_key_file),
+            client_ca: path(&self.tls_client_ca_file),
+        })
+    }
+
+    pub fn tls_reload_interval(&self) -> Duration {
+        Duration::from_secs(self.tls_reload_interval_seconds)
+    }
+
+    /// TLS_ALLOWED_CALLERS and TLS_ALLOWED_CALLERS_PER_RPC, parsed.
+    pub fn caller_policy(&self) -> Result<CallerPolicy, ConfigError> {
+        CallerPolicy::parse(&self.tls_allowed_callers, &self.tls_allowed_callers_per_rpc).map_err(ConfigError)
+    }
+
+    /// PII_FIELDS as a list.
+    pub fn pii_fields(&self) -> Vec<String> {
+        self.pii_fields
+            .split(',')
+            .map(str::trim)
+            .filter(|field| !field.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// The PII keys from PII_KEYS_FILE or PII_KEYS; `None` when neither is set
+    /// (encryption off). Reads the file, so it is called at start-up, not in `validate`.
+    pub fn pii_keys(&self) -> Result<Option<PiiKeys>, ConfigError> {
+        if !self.pii_keys.is_empty() {
+            let lines = self.pii_keys.expose().replace(';', "\n");
+            return PiiKeys::parse(&lines, "PII_KEYS").map(Some).map_err(ConfigError);
+        }
+        let path = self.pii_keys_file.trim();
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError(format!("PII_KEYS_FILE: cannot read {path}: {error}")))?;
+        PiiKeys::parse(&text, "PII_KEYS_FILE").map(Some).map_err(ConfigError)
     }
 
     pub fn event_max_age(&self) -> chrono::Duration {
@@ -475,6 +604,41 @@ mod tests {
             let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();
             assert!(error.to_string().contains(variable), "{variable}: {error}");
         }
+    }
+
+    #[test]
+    fn tls_needs_all_three_files() {
+        let error = Config::from_vars(vars(&[("TLS_CERT_FILE", "/tls/tls.crt")])).unwrap_err();
+        assert!(error.to_string().contains("TLS_KEY_FILE"), "{error}");
+        let config = Config::from_vars(vars(&[
+            ("TLS_CERT_FILE", "/tls/tls.crt"),
+            ("TLS_KEY_FILE", "/tls/tls.key"),
+            ("TLS_CLIENT_CA_FILE", "/tls/ca.crt"),
+        ]))
+        .unwrap();
+        assert_eq!(config.tls_files().unwrap().client_ca, PathBuf::from("/tls/ca.crt"));
+        assert!(Config::from_vars(vars(&[])).unwrap().tls_files().is_none());
+    }
+
+    #[test]
+    fn allow_lists_need_mtls_and_a_valid_syntax() {
+        let error = Config::from_vars(vars(&[("TLS_ALLOWED_CALLERS", "spiffe://a")])).unwrap_err();
+        assert!(error.to_string().contains("TLS_ALLOWED_CALLERS"), "{error}");
+        let error = Config::from_vars(vars(&[("TLS_ALLOWED_CALLERS_PER_RPC", "Nope=a")])).unwrap_err();
+        assert!(error.to_string().contains("TLS_ALLOWED_CALLERS_PER_RPC"), "{error}");
+    }
+
+    #[test]
+    fn pii_defaults_and_keys_from_the_environment() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert_eq!(config.pii_fields(), ["email", "phone", "name", "ip_address"]);
+        assert!(config.pii_keys().unwrap().is_none());
+        let key = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let config = Config::from_vars(vars(&[("PII_KEYS", key)])).unwrap();
+        assert_eq!(config.pii_keys().unwrap().unwrap().current_key_id(), "k1");
+        assert!(!format!("{config:?}").contains("AAECAwQF"), "keys never print");
+        let error = Config::from_vars(vars(&[("PII_KEYS", "k1:short")])).unwrap_err();
+        assert!(error.to_string().contains("PII_KEYS"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod metrics;
 pub mod models;
 pub mod repository;
+pub mod security;
 pub mod service;
 pub mod startup;
 pub mod telemetry;

@@ -1,11 +1,14 @@
-//! The `analytics-service` binary: `serve` (default), `migrate`, `healthcheck`.
+//! The `analytics-service` binary: `serve` (default), `migrate`, `healthcheck`,
+//! `reencrypt`.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
+use analytics_service::repository::postgres::pii::reencrypt_all;
 use analytics_service::repository::postgres::{connect_options, schema, Database};
 use analytics_service::repository::redis::CountCache;
+use analytics_service::security::pii::PiiCipher;
 use analytics_service::service::rate_limit::RateLimiter;
 use analytics_service::service::{AnalyticsService, EVENT_MIGRATION_APPLIED};
 use analytics_service::startup::Application;
@@ -36,6 +39,9 @@ enum Command {
         #[arg(long, default_value_t = 0, requires = "check")]
         wait_seconds: u64,
     },
+    /// Rewrite stored sensitive values (PII_FIELDS, and anything encrypted under an older
+    /// key) under the current key of PII_KEYS_FILE, in batches; safe to re-run.
+    Reencrypt,
     /// Ask a running server's grpc.health.v1 service; exit 0 only when it is SERVING.
     Healthcheck {
         /// host:port of the gRPC server.
@@ -71,6 +77,7 @@ async fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => run(serve()).await,
         Command::Migrate { check, wait_seconds } => run(migrate(check, wait_seconds)).await,
+        Command::Reencrypt => run(reencrypt()).await,
         Command::Healthcheck {
             addr,
             service,
@@ -175,6 +182,32 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+async fn reencrypt() -> anyhow::Result<ExitCode> {
+    let (config, _telemetry) = load_config()?;
+    let keys =
+        config.pii_keys()?.ok_or_else(|| anyhow::anyhow!("PII_KEYS_FILE (or PII_KEYS) is required"))?;
+    let current_key_id = keys.current_key_id().to_string();
+    let fields = config.pii_fields();
+    let cipher = PiiCipher::new(fields.clone(), keys);
+    let database = Database::connect_lazy(&config);
+    let (events, users) = reencrypt_all(&database, &cipher, &fields).await?;
+    tracing::info!(
+        current_key_id,
+        events_rewritten = events.rows_rewritten,
+        events_failed = events.rows_failed,
+        users_rewritten = users.rows_rewritten,
+        users_failed = users.rows_failed,
+        "reencrypt finished"
+    );
+    println!(
+        "reencrypt: key {current_key_id}: events {} rewritten, {} failed; user_identities {} rewritten, {} failed",
+        events.rows_rewritten, events.rows_failed, users.rows_rewritten, users.rows_failed
+    );
+    database.close().await;
+    let failed = events.rows_failed + users.rows_failed;
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 struct TlsFiles {

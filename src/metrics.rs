@@ -25,6 +25,10 @@ pub const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
 pub const READY: &str = "analytics_ready";
 pub const RATE_LIMITED: &str = "analytics_rate_limited_total";
 pub const BUILD_INFO: &str = "analytics_build_info";
+pub const TLS_HANDSHAKES: &str = "analytics_tls_handshakes_total";
+pub const TLS_RELOADS: &str = "analytics_tls_reloads_total";
+pub const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
+pub const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -74,6 +78,13 @@ fn describe_all() {
     describe_gauge!(READY, "1 when the service is ready to serve, else 0.");
     describe_counter!(RATE_LIMITED, "Events refused because their budget was spent.");
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    describe_counter!(TLS_HANDSHAKES, "TLS handshakes on the gRPC port, by result (ok or refused).");
+    describe_counter!(TLS_RELOADS, "Changes of the TLS files seen, by result (ok or invalid).");
+    describe_counter!(RATE_LIMIT_FALLBACKS, "Switches from the Redis-shared rate limiter to the local one.");
+    describe_counter!(
+        PERMISSION_DENIED,
+        "Calls refused because the caller is not on the allow-list, by method."
+    );
 }
 
 pub fn record_grpc_started(service: &'static str, method: &'static str, kind: &'static str) {
@@ -123,6 +134,22 @@ pub fn record_event_rejected(reason: &'static str) {
 
 pub fn record_rate_limited() {
     counter!(RATE_LIMITED).increment(1);
+}
+
+pub fn record_tls_handshake(succeeded: bool) {
+    counter!(TLS_HANDSHAKES, "result" => if succeeded { "ok" } else { "refused" }).increment(1);
+}
+
+pub fn record_tls_reload(succeeded: bool) {
+    counter!(TLS_RELOADS, "result" => if succeeded { "ok" } else { "invalid" }).increment(1);
+}
+
+pub fn record_rate_limit_fallback() {
+    counter!(RATE_LIMIT_FALLBACKS).increment(1);
+}
+
+pub fn record_permission_denied(method: &'static str) {
+    counter!(PERMISSION_DENIED, "method" => method).increment(1);
 }
 
 pub fn set_database_up(up: bool) {

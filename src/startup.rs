@@ -20,7 +20,9 @@ use crate::metrics;
 use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsServiceServer;
 use crate::repository::postgres::{connect_options, schema, Database};
-use crate::repository::redis::CountCache;
+use crate::repository::redis::{CountCache, SharedBudgets};
+use crate::security::pii::PiiCipher;
+use crate::security::tls::{tls_incoming, ReloadingTlsConfig};
 use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
 use crate::service::{AnalyticsService, EVENT_STARTED, EVENT_STOPPING};
@@ -33,6 +35,8 @@ pub struct Application {
     database: Database,
     service: Arc<AnalyticsService>,
     readiness: ReadinessMonitor,
+    /// mTLS on the gRPC port, when TLS_CERT_FILE and friends are set.
+    tls: Option<ReloadingTlsConfig>,
 }
 
 impl Application {
@@ -59,11 +63,13 @@ impl Application {
         } else {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
-        let rate_limiter = RateLimiter::per_minute(config.rate_limit_events_per_user_per_minute);
-        let service =
-            Arc::new(AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age()));
+        let (rate_limiter, pii, tls) = security_from_config(&config)?;
+        let service = Arc::new(
+            AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age())
+                .with_pii(pii),
+        );
         let readiness = ReadinessMonitor::new(database.clone());
-        Ok(Self { config, grpc_listener, admin_listener, database, service, readiness })
+        Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls })
     }
 
     pub fn grpc_address(&self) -> SocketAddr {
@@ -79,7 +85,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Application { config, grpc_listener, admin_listener, database, service, readiness } = self;
+        let Application { config, grpc_listener, admin_listener, database, service, readiness, tls } = self;
         let metrics_handle = metrics::install();
 
         // First probe before accepting calls, so a healthy start is ready at once.
@@ -106,9 +112,11 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
-        let analytics =
-            AnalyticsServiceServer::new(AnalyticsGrpc::new(service.clone(), readiness.subscribe()))
-                .max_decoding_message_size(config.grpc_max_message_bytes);
+        let analytics = AnalyticsServiceServer::new(
+            AnalyticsGrpc::new(service.clone(), readiness.subscribe())
+                .with_caller_policy(config.caller_policy()?),
+        )
+        .max_decoding_message_size(config.grpc_max_message_bytes);
 
         let admin_readiness = readiness.subscribe();
         let mut admin_stop = readiness.subscribe();
@@ -135,18 +143,32 @@ impl Application {
             let _ = shutdown_started.send(());
         };
 
-        let mut builder = Server::builder().timeout(config.request_timeout()).layer(GrpcObservabilityLayer);
+        let mut builder = Server::builder()
+            .timeout(config.request_timeout())
+            .max_concurrent_streams(config.grpc_max_concurrent_streams)
+            .http2_max_header_list_size(config.grpc_max_header_list_bytes)
+            .layer(GrpcObservabilityLayer);
         if let Some(age) = config.max_connection_age() {
             builder = builder.max_connection_age(age);
         }
         let grpc_address = grpc_listener.local_addr()?;
-        tracing::info!(grpc = %grpc_address, admin = %config.admin_address(), "serving");
-        let server = builder
+        tracing::info!(grpc = %grpc_address, admin = %config.admin_address(), mtls = tls.is_some(), "serving");
+        let router = builder
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(analytics)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal);
+            .add_service(analytics);
+        let tls_reload_task = tls.clone().map(|tls| tokio::spawn(tls.watch(config.tls_reload_interval())));
+        let server = async move {
+            match tls {
+                Some(tls) => {
+                    router.serve_with_incoming_shutdown(tls_incoming(grpc_listener, tls), signal).await
+                }
+                None => {
+                    router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal).await
+                }
+            }
+        };
 
         let drain = config.shutdown_drain();
         let drain_deadline = async move {
@@ -165,6 +187,9 @@ impl Application {
         readiness.begin_shutdown();
         lifecycle_task.abort();
         housekeeping_task.abort();
+        if let Some(task) = tls_reload_task {
+            task.abort();
+        }
         if self_tracking {
             service.track_lifecycle(EVENT_STOPPING, lifecycle_properties()).await;
         }
@@ -175,6 +200,45 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The rate limiter (Redis-shared when Redis is configured), the PII cipher and the
+/// mTLS configuration; each says in the log what it runs with.
+fn security_from_config(
+    config: &Config,
+) -> anyhow::Result<(RateLimiter, PiiCipher, Option<ReloadingTlsConfig>)> {
+    let per_minute = config.rate_limit_events_per_user_per_minute;
+    let rate_limiter =
+        match SharedBudgets::from_config(config).context("REDIS_HOST/REDIS_PORT: invalid redis address")? {
+            Some(shared) => {
+                tracing::info!(per_minute, "rate limits shared through redis, local fallback");
+                RateLimiter::shared_per_minute(per_minute, shared)
+            }
+            None => {
+                tracing::info!(per_minute, "redis not configured: rate limits per replica");
+                RateLimiter::per_minute(per_minute)
+            }
+        };
+    let pii = match config.pii_keys()? {
+        Some(keys) => {
+            tracing::info!(fields = %config.pii_fields.trim(), current_key_id = keys.current_key_id(), "pii encryption on");
+            PiiCipher::new(config.pii_fields(), keys)
+        }
+        None => {
+            tracing::warn!("pii encryption off: set PII_KEYS_FILE to encrypt PII_FIELDS at rest");
+            PiiCipher::disabled()
+        }
+    };
+    let tls = match config.tls_files() {
+        Some(files) => Some(ReloadingTlsConfig::load(files).context("loading the mTLS files")?),
+        None => {
+            tracing::warn!(
+                "grpc port in plaintext: set TLS_CERT_FILE, TLS_KEY_FILE and TLS_CLIENT_CA_FILE for mTLS"
+            );
+            None
+        }
+    };
+    Ok((rate_limiter, pii, tls))
 }
 
 /// Version and instance (the pod name in Kubernetes) of lifecycle events.

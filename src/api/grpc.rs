@@ -11,6 +11,8 @@ use crate::metrics;
 use crate::models::{IdentifyUser, TrackEvent};
 use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;
+use crate::security::authorization::CallerPolicy;
+use crate::security::tls::caller_from_extensions;
 use crate::service::readiness::Readiness;
 use crate::service::{AnalyticsService, ServiceError, ServingStatus};
 
@@ -19,27 +21,41 @@ use crate::service::{AnalyticsService, ServiceError, ServingStatus};
 pub struct AnalyticsGrpc {
     service: Arc<AnalyticsService>,
     readiness: watch::Receiver<Readiness>,
+    callers: Arc<CallerPolicy>,
 }
 
 impl AnalyticsGrpc {
     pub fn new(service: Arc<AnalyticsService>, readiness: watch::Receiver<Readiness>) -> Self {
-        Self { service, readiness }
+        Self { service, readiness, callers: Arc::new(CallerPolicy::default()) }
     }
-}
 
-/// Who called: the peer IP address (the TLS identity once mTLS is on).
-fn caller<T>(request: &Request<T>) -> String {
-    request.remote_addr().map_or_else(|| "unknown".to_string(), |address| address.ip().to_string())
+    /// Restricts the RPCs to the callers TLS_ALLOWED_CALLERS(_PER_RPC) name.
+    pub fn with_caller_policy(self, callers: CallerPolicy) -> Self {
+        Self { callers: Arc::new(callers), ..self }
+    }
+
+    /// The caller of `request` (certificate identity under mTLS, else the peer IP),
+    /// recorded on the handler span; PERMISSION_DENIED when not on the allow-list.
+    fn authorize<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<String, Status> {
+        let caller = caller_from_extensions(request.extensions());
+        tracing::Span::current().record("caller", caller.as_str());
+        if self.callers.allows(rpc, &caller) {
+            return Ok(caller);
+        }
+        metrics::record_permission_denied(rpc);
+        tracing::warn!(caller = %caller, rpc, "caller not on the allow-list, permission denied");
+        Err(ServiceError::PermissionDenied.into())
+    }
 }
 
 #[tonic::async_trait]
 impl AnalyticsApi for AnalyticsGrpc {
-    #[tracing::instrument(skip_all, fields(rpc.method = "TrackEvent"))]
+    #[tracing::instrument(skip_all, fields(rpc.method = "TrackEvent", caller = tracing::field::Empty))]
     async fn track_event(
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
-        let caller = caller(&request);
+        let caller = self.authorize(&request, "TrackEvent")?;
         let event = TrackEvent::try_from(request.into_inner()).map_err(|error| {
             metrics::record_event_rejected("invalid_argument");
             ServiceError::from(error)
@@ -48,44 +64,47 @@ impl AnalyticsApi for AnalyticsGrpc {
         Ok(Response::new(pb::TrackEventResponse { success: true, event_id: event_id.to_string() }))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc.method = "IdentifyUser"))]
+    #[tracing::instrument(skip_all, fields(rpc.method = "IdentifyUser", caller = tracing::field::Empty))]
     async fn identify_user(
         &self,
         request: Request<pb::IdentifyUserRequest>,
     ) -> Result<Response<pb::IdentifyUserResponse>, Status> {
-        let caller = caller(&request);
+        let caller = self.authorize(&request, "IdentifyUser")?;
         let identity = IdentifyUser::try_from(request.into_inner()).map_err(ServiceError::from)?;
         self.service.identify_user(identity, &caller).await?;
         Ok(Response::new(pb::IdentifyUserResponse { success: true }))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc.method = "GetEventCount"))]
+    #[tracing::instrument(skip_all, fields(rpc.method = "GetEventCount", caller = tracing::field::Empty))]
     async fn get_event_count(
         &self,
         request: Request<pb::GetEventCountRequest>,
     ) -> Result<Response<pb::GetEventCountResponse>, Status> {
+        self.authorize(&request, "GetEventCount")?;
         let filter =
             convert::event_filter(request.into_inner(), chrono::Utc::now()).map_err(ServiceError::from)?;
         let counts = self.service.event_counts(filter).await?;
         Ok(Response::new(pb::GetEventCountResponse { counts: counts.into_iter().map(Into::into).collect() }))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc.method = "GetUserCount"))]
+    #[tracing::instrument(skip_all, fields(rpc.method = "GetUserCount", caller = tracing::field::Empty))]
     async fn get_user_count(
         &self,
         request: Request<pb::GetUserCountRequest>,
     ) -> Result<Response<pb::GetUserCountResponse>, Status> {
+        self.authorize(&request, "GetUserCount")?;
         let range =
             convert::user_count_range(request.get_ref(), chrono::Utc::now()).map_err(ServiceError::from)?;
         let unique_users = self.service.unique_users(range).await?;
         Ok(Response::new(pb::GetUserCountResponse { unique_users }))
     }
 
-    #[tracing::instrument(skip_all, fields(rpc.method = "HealthCheck"))]
+    #[tracing::instrument(skip_all, fields(rpc.method = "HealthCheck", caller = tracing::field::Empty))]
     async fn health_check(
         &self,
-        _request: Request<pb::HealthCheckRequest>,
+        request: Request<pb::HealthCheckRequest>,
     ) -> Result<Response<pb::HealthCheckResponse>, Status> {
+        self.authorize(&request, "HealthCheck")?;
         let shutting_down = self.readiness.borrow().shutting_down;
         let status = match self.service.health().await {
             ServingStatus::Serving if !shutting_down => "SERVING",

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::metrics;
+use crate::security::tls::caller_from_extensions;
 use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
 
 /// (grpc_service, grpc_method, grpc_type) of every method served. Anything else is
@@ -111,6 +112,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (service, method, kind) = classify(request.uri().path());
         let span = server_span(service, method, request.headers());
+        span.record("caller", caller_from_extensions(request.extensions()).as_str());
         let handled = async move {
             metrics::record_grpc_started(service, method, kind);
             let started = Instant::now();
@@ -187,6 +189,7 @@ fn server_span(service: &'static str, method: &'static str, headers: &http::Head
         rpc.method = method,
         rpc.grpc.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
+        caller = tracing::field::Empty,
     );
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(headers))

@@ -15,6 +15,7 @@ impl From<ServiceError> for Status {
                 status.metadata_mut().insert("retry-after", MetadataValue::from(retry_after_seconds));
                 status
             }
+            ServiceError::PermissionDenied => Status::permission_denied("caller not allowed"),
             ServiceError::Unavailable(reason) => Status::unavailable(reason),
             ServiceError::Internal => Status::internal("internal error"),
         }
@@ -36,6 +37,10 @@ mod tests {
         let limited: Status = ServiceError::RateLimited { retry_after_seconds: 7 }.into();
         assert_eq!(limited.code(), Code::ResourceExhausted);
         assert_eq!(limited.metadata().get("retry-after").unwrap(), "7");
+
+        let denied: Status = ServiceError::PermissionDenied.into();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+        assert_eq!(denied.message(), "caller not allowed");
 
         let unavailable: Status = ServiceError::Unavailable("database unavailable").into();
         assert_eq!(unavailable.code(), Code::Unavailable);

@@ -12,9 +12,10 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::models::{EventCount, EventFilter, IdentifyUser, NewEvent, TimeRange, TrackEvent};
+use crate::models::{EventCount, EventFilter, IdentifyUser, NewEvent, TimeRange, TrackEvent, UserId};
 use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
 use crate::repository::redis::CountCache;
+use crate::security::pii::PiiCipher;
 use rate_limit::RateLimiter;
 pub use validation::ValidationError;
 
@@ -25,6 +26,9 @@ pub enum ServiceError {
     InvalidArgument(#[from] ValidationError),
     #[error("rate limit exceeded, retry after {retry_after_seconds} s")]
     RateLimited { retry_after_seconds: u64 },
+    /// The verified caller is not on the allow-list of this RPC.
+    #[error("caller not allowed")]
+    PermissionDenied,
     /// A dependency is down or not ready; the message is safe to show callers.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -91,6 +95,24 @@ impl AnalyticsService {
         }
     }
 
+    /// Encrypts the PII_FIELDS values of events and identities on write and decrypts
+    /// them on read.
+    pub fn with_pii(self, pii: PiiCipher) -> Self {
+        Self { events: self.events.with_pii(pii.clone()), users: self.users.with_pii(pii), ..self }
+    }
+
+    /// The stored properties of a user, decrypted (the service's own read path).
+    #[tracing::instrument(skip_all)]
+    pub async fn user_properties(&self, user_id: &UserId) -> Result<Option<serde_json::Value>, ServiceError> {
+        Ok(self.users.properties(user_id).await?)
+    }
+
+    /// The stored properties of an event, decrypted (the service's own read path).
+    #[tracing::instrument(skip_all)]
+    pub async fn event_properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, ServiceError> {
+        Ok(self.events.properties(event_id).await?)
+    }
+
     /// Stores one event; returns its id once it is committed. `caller` identifies who
     /// sent it (budget of anonymous events).
     #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
@@ -98,7 +120,7 @@ impl AnalyticsService {
         let timestamp = validation::event_timestamp(event.unix_seconds, Utc::now(), self.event_max_age)
             .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
         let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), caller);
-        if let Err(wait) = self.rate_limiter.check(&budget) {
+        if let Err(wait) = self.rate_limiter.check(&budget).await {
             metrics::record_event_rejected("rate_limited");
             metrics::record_rate_limited();
             return Err(ServiceError::RateLimited {
@@ -125,7 +147,7 @@ impl AnalyticsService {
     }
 
     /// Creates or updates a user identity and writes the audit record (never the
-    /// property values).
+    /// property values). The record's time is the log line's own `timestamp`.
     #[tracing::instrument(skip_all, fields(user_id = %identity.user_id.as_str()))]
     pub async fn identify_user(&self, identity: IdentifyUser, caller: &str) -> Result<(), ServiceError> {
         let result = self.users.upsert(&identity).await;
@@ -137,7 +159,6 @@ impl AnalyticsService {
             caller,
             property_keys = identity.properties.len(),
             outcome,
-            timestamp = %Utc::now().to_rfc3339(),
             "identify user"
         );
         result.map_err(ServiceError::from)

@@ -1,36 +1,115 @@
 //! Per-user event budgets: RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE tokens per user id,
-//! refilled evenly over the minute (GCRA, the governor crate). Anonymous events spend a
-//! budget per caller instead. This limiter is local to the replica.
+//! refilled evenly over the minute (GCRA). Anonymous events spend a budget per caller
+//! identity instead. The budgets live in Redis, shared by every replica; when Redis
+//! fails, each replica falls back to its own local limiter (the governor crate) and
+//! says so once, then once more when Redis is back. After a failure Redis is skipped
+//! for a short cool-down, so callers do not each pay a timeout during an outage.
 
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
-/// Checks and spends event budgets. `None` inside means unlimited (configured 0).
+use crate::metrics;
+use crate::repository::redis::{BudgetDecision, SharedBudgets};
+
+/// How long Redis is bypassed after a failed budget check.
+const REDIS_COOL_DOWN: Duration = Duration::from_secs(1);
+/// The wait reported for a batch larger than the whole budget.
+const WAIT_FOR_OVERSIZED_BATCH: Duration = Duration::from_secs(60);
+
+/// Checks and spends event budgets. Unlimited when configured with 0.
 pub struct RateLimiter {
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    budget: Option<NonZeroU32>,
+    local: Option<DefaultKeyedRateLimiter<String>>,
+    shared: Option<SharedBudgets>,
     clock: DefaultClock,
+    /// Process start, the origin of `skip_redis_until_millis`.
+    epoch: Instant,
+    skip_redis_until_millis: AtomicU64,
+    redis_failed: AtomicBool,
 }
 
 impl RateLimiter {
-    /// `events_per_minute` of 0 disables limiting.
+    /// A limiter local to this replica; `events_per_minute` of 0 disables limiting.
     pub fn per_minute(events_per_minute: u32) -> Self {
-        let limiter = NonZeroU32::new(events_per_minute)
-            .map(|budget| DefaultKeyedRateLimiter::keyed(Quota::per_minute(budget)));
-        Self { limiter, clock: DefaultClock::default() }
+        let budget = NonZeroU32::new(events_per_minute);
+        Self {
+            budget,
+            local: budget.map(|budget| DefaultKeyedRateLimiter::keyed(Quota::per_minute(budget))),
+            shared: None,
+            clock: DefaultClock::default(),
+            epoch: Instant::now(),
+            skip_redis_until_millis: AtomicU64::new(0),
+            redis_failed: AtomicBool::new(false),
+        }
+    }
+
+    /// A limiter whose budgets are shared through Redis, the local one as fallback.
+    pub fn shared_per_minute(events_per_minute: u32, shared: SharedBudgets) -> Self {
+        Self { shared: Some(shared), ..Self::per_minute(events_per_minute) }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Spends one token of `key`'s budget, or says how long until one is available.
-    pub fn check(&self, key: &str) -> Result<(), Duration> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
-        limiter.check_key(&key.to_string()).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    pub async fn check(&self, key: &str) -> Result<(), Duration> {
+        self.check_n(key, 1).await
     }
 
-    /// Forgets keys whose buckets are full again, bounding memory (call periodically).
+    /// Spends `tokens` tokens at once (a batch of events: one per event), all or none.
+    pub async fn check_n(&self, key: &str, tokens: u32) -> Result<(), Duration> {
+        let Some(budget) = self.budget else { return Ok(()) };
+        let Some(tokens) = NonZeroU32::new(tokens) else { return Ok(()) };
+        if let Some(shared) = self.redis_if_not_cooling_down() {
+            let interval = Duration::from_secs(60) / budget.get();
+            match shared.spend(key, tokens.get(), budget.get(), interval).await {
+                Ok(decision) => {
+                    if self.redis_failed.swap(false, Ordering::Relaxed) {
+                        tracing::info!("redis is reachable again, rate limits shared across replicas again");
+                    }
+                    return match decision {
+                        BudgetDecision::Allowed => Ok(()),
+                        BudgetDecision::Wait(wait) => Err(wait),
+                        BudgetDecision::TooLarge => Err(WAIT_FOR_OVERSIZED_BATCH),
+                    };
+                }
+                Err(error) => {
+                    let until = self.epoch.elapsed() + REDIS_COOL_DOWN;
+                    self.skip_redis_until_millis.store(until.as_millis() as u64, Ordering::Relaxed);
+                    if !self.redis_failed.swap(true, Ordering::Relaxed) {
+                        metrics::record_rate_limit_fallback();
+                        tracing::warn!(error = %error, "redis unreachable, rate limiting per replica until it is back");
+                    }
+                }
+            }
+        }
+        self.check_locally(key, tokens)
+    }
+
+    fn redis_if_not_cooling_down(&self) -> Option<&SharedBudgets> {
+        let now_millis = self.epoch.elapsed().as_millis() as u64;
+        let cooling_down = now_millis < self.skip_redis_until_millis.load(Ordering::Relaxed);
+        self.shared.as_ref().filter(|_| !cooling_down)
+    }
+
+    fn check_locally(&self, key: &str, tokens: NonZeroU32) -> Result<(), Duration> {
+        let Some(limiter) = &self.local else { return Ok(()) };
+        match limiter.check_key_n(&key.to_string(), tokens) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            Err(_insufficient_capacity) => Err(WAIT_FOR_OVERSIZED_BATCH),
+        }
+    }
+
+    /// Forgets local keys whose buckets are full again, bounding memory (call
+    /// periodically). Redis keys expire on their own.
     pub fn forget_idle_keys(&self) {
-        if let Some(limiter) = &self.limiter {
+        if let Some(limiter) = &self.local {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -54,22 +133,31 @@ pub fn retry_after_seconds(wait: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_user_gets_exactly_the_budget_then_a_wait() {
+    #[tokio::test]
+    async fn a_user_gets_exactly_the_budget_then_a_wait() {
         let limiter = RateLimiter::per_minute(3);
         for _ in 0..3 {
-            assert!(limiter.check("user:a").is_ok());
+            assert!(limiter.check("user:a").await.is_ok());
         }
-        let wait = limiter.check("user:a").unwrap_err();
+        let wait = limiter.check("user:a").await.unwrap_err();
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(20), "{wait:?}");
-        assert!(limiter.check("user:b").is_ok(), "budgets are per key");
+        assert!(limiter.check("user:b").await.is_ok(), "budgets are per key");
     }
 
-    #[test]
-    fn zero_means_unlimited() {
+    #[tokio::test]
+    async fn a_batch_spends_one_token_per_event() {
+        let limiter = RateLimiter::per_minute(5);
+        assert!(limiter.check_n("user:a", 3).await.is_ok());
+        assert!(limiter.check_n("user:a", 3).await.is_err(), "only 2 tokens left");
+        assert!(limiter.check_n("user:a", 2).await.is_ok());
+        assert!(limiter.check_n("user:b", 6).await.is_err(), "larger than the budget");
+    }
+
+    #[tokio::test]
+    async fn zero_means_unlimited() {
         let limiter = RateLimiter::per_minute(0);
         for _ in 0..10_000 {
-            assert!(limiter.check("user:a").is_ok());
+            assert!(limiter.check("user:a").await.is_ok());
         }
     }
 

@@ -162,7 +162,14 @@ pub async fn start_server(config: Config, database_name: String, redis_prefix: S
     let server = tokio::spawn(application.run_until_stopped(async move {
         shutdown_receiver.await.ok();
     }));
-    let client = AnalyticsServiceClient::new(channel(grpc_address).await);
+    // Under mTLS a plaintext client cannot connect; TLS tests build their own clients.
+    let client = if config.tls_files().is_some() {
+        AnalyticsServiceClient::new(
+            Channel::from_shared(format!("http://{grpc_address}")).unwrap().connect_lazy(),
+        )
+    } else {
+        AnalyticsServiceClient::new(channel(grpc_address).await)
+    };
     let pool = PgPoolOptions::new()
         .max_connections(3)
         .connect_with(admin_options().database(&database_name))

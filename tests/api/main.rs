@@ -6,14 +6,19 @@
 mod helpers;
 
 mod cache;
+mod certs;
 mod cli;
 mod counts;
 mod failures;
 mod health;
+mod hostile;
 mod identify_user;
 mod lifecycle;
 mod migrations;
 mod observability;
+mod pii;
 mod proxy;
+mod rate_limit;
+mod tls;
 mod track_event;
 mod validation;

@@ -113,7 +113,7 @@ async fn invalid_utf8_on_the_wire_is_rejected_by_decoding() {
 
 /// Sends and receives raw protobuf bytes.
 #[derive(Clone, Copy, Default)]
-struct RawCodec;
+pub struct RawCodec;
 
 impl tonic::codec::Codec for RawCodec {
     type Encode = Vec<u8>;

@@ -3,8 +3,10 @@
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::pii::open_properties;
 use super::{Database, RepositoryError};
 use crate::models::{EventCount, EventFilter, NewEvent, TimeRange};
+use crate::security::pii::PiiCipher;
 
 /// Multi-row insert through UNNEST: one statement and one round trip for any batch size.
 const INSERT_EVENTS: &str = "
@@ -35,11 +37,31 @@ const UNIQUE_USERS: &str = "
 #[derive(Clone, Debug)]
 pub struct EventRepository {
     database: Database,
+    pii: PiiCipher,
 }
 
 impl EventRepository {
     pub fn new(database: Database) -> Self {
-        Self { database }
+        Self { database, pii: PiiCipher::disabled() }
+    }
+
+    /// Encrypts sensitive property values on write and decrypts them on read.
+    pub fn with_pii(self, pii: PiiCipher) -> Self {
+        Self { pii, ..self }
+    }
+
+    /// The stored properties of one event, decrypted; `None` when there is no such event.
+    pub async fn properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, RepositoryError> {
+        let stored: Option<Option<serde_json::Value>> = self
+            .database
+            .with_retry("select_event_properties", || async {
+                Ok(sqlx::query_scalar("SELECT properties FROM events WHERE id = $1")
+                    .bind(event_id)
+                    .fetch_optional(self.database.pool())
+                    .await?)
+            })
+            .await?;
+        stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
     /// Stores events in one statement (and so one transaction): all or none commit.
@@ -48,8 +70,14 @@ impl EventRepository {
         let names: Vec<&str> = events.iter().map(|event| event.name.as_str()).collect();
         let user_ids: Vec<Option<&str>> =
             events.iter().map(|event| event.user_id.as_ref().map(|user| user.as_str())).collect();
-        let properties: Vec<serde_json::Value> =
-            events.iter().map(|event| event.properties.to_json()).collect();
+        let properties: Vec<serde_json::Value> = events
+            .iter()
+            .map(|event| {
+                let mut properties = event.properties.to_json();
+                self.pii.seal(&mut properties);
+                properties
+            })
+            .collect();
         let timestamps: Vec<_> = events.iter().map(|event| event.timestamp).collect();
         self.database
             .with_retry("insert_events", || async {

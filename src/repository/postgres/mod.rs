@@ -1,7 +1,9 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
-//! every repository call goes through. Tables live in `events`, `users` and `schema`.
+//! every repository call goes through. Tables live in `events`, `users` and `schema`;
+//! `pii` re-encrypts stored sensitive values after a key rotation.
 
 pub mod events;
+pub mod pii;
 pub mod schema;
 pub mod users;
 

@@ -1,7 +1,9 @@
 //! The `user_identities` table: one row per identified user.
 
+use super::pii::open_properties;
 use super::{Database, RepositoryError};
-use crate::models::IdentifyUser;
+use crate::models::{IdentifyUser, UserId};
+use crate::security::pii::PiiCipher;
 
 /// Properties merge (`||`: new keys overwrite, others stay); `first_seen` is written
 /// once; `last_seen` and `updated_at` only move forward.
@@ -16,15 +18,36 @@ const UPSERT_USER: &str = "
 #[derive(Clone, Debug)]
 pub struct UserRepository {
     database: Database,
+    pii: PiiCipher,
 }
 
 impl UserRepository {
     pub fn new(database: Database) -> Self {
-        Self { database }
+        Self { database, pii: PiiCipher::disabled() }
+    }
+
+    /// Encrypts sensitive property values on write and decrypts them on read.
+    pub fn with_pii(self, pii: PiiCipher) -> Self {
+        Self { pii, ..self }
+    }
+
+    /// The stored properties of one user, decrypted; `None` when the user is unknown.
+    pub async fn properties(&self, user_id: &UserId) -> Result<Option<serde_json::Value>, RepositoryError> {
+        let stored: Option<Option<serde_json::Value>> = self
+            .database
+            .with_retry("select_user_properties", || async {
+                Ok(sqlx::query_scalar("SELECT properties FROM user_identities WHERE user_id = $1")
+                    .bind(user_id.as_str())
+                    .fetch_optional(self.database.pool())
+                    .await?)
+            })
+            .await?;
+        stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
     pub async fn upsert(&self, identity: &IdentifyUser) -> Result<(), RepositoryError> {
-        let properties = identity.properties.to_json();
+        let mut properties = identity.properties.to_json();
+        self.pii.seal(&mut properties);
         self.database
             .with_retry("upsert_user", || async {
                 sqlx::query(UPSERT_USER)

@@ -1,0 +1,156 @@
+//! Sensitive property values in PostgreSQL: decrypting what the repositories read and
+//! `reencrypt`, which rewrites, in batches, every row holding a sensitive value in clear
+//! text or under a key other than the current one.
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Database, RepositoryError};
+use crate::security::pii::{PiiCipher, CIPHERTEXT_PREFIX};
+
+/// Rows read per `reencrypt` batch.
+pub const REENCRYPT_BATCH_ROWS: i64 = 500;
+
+/// Decrypts a stored properties object; a value that does not decrypt (unknown key,
+/// tampered) is a decode error, logged by the caller and never shown.
+pub(super) fn open_properties(pii: &PiiCipher, mut properties: Value) -> Result<Value, RepositoryError> {
+    pii.open(&mut properties)
+        .map_err(|error| RepositoryError::Query(sqlx::Error::Decode(Box::new(error))))?;
+    Ok(properties)
+}
+
+/// What `reencrypt` did to one table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReencryptReport {
+    /// Rows read that carry an encrypted value or a sensitive key.
+    pub rows_examined: u64,
+    /// Rows rewritten under the current key.
+    pub rows_rewritten: u64,
+    /// Rows left alone because a value did not decrypt (unknown key or tampered).
+    pub rows_failed: u64,
+}
+
+/// Candidates: rows with a sensitive key or any encrypted value. Keyset pagination on
+/// the primary key, so each row is visited once even if it cannot be rewritten.
+const EVENT_CANDIDATES: &str = "
+    SELECT id, properties FROM events
+    WHERE id > $1 AND properties IS NOT NULL
+      AND (properties ?| $2 OR properties::text LIKE '%' || $3 || '%')
+    ORDER BY id LIMIT $4";
+const USER_CANDIDATES: &str = "
+    SELECT user_id, properties FROM user_identities
+    WHERE user_id > $1 AND properties IS NOT NULL
+      AND (properties ?| $2 OR properties::text LIKE '%' || $3 || '%')
+    ORDER BY user_id LIMIT $4";
+/// The update only applies when the row did not change since it was read (a
+/// concurrent IdentifyUser wins; the next run picks the row up again).
+const UPDATE_EVENT: &str = "UPDATE events SET properties = $2 WHERE id = $1 AND properties = $3";
+const UPDATE_USER: &str = "UPDATE user_identities SET properties = $2 WHERE user_id = $1 AND properties = $3";
+
+/// Rewrites sensitive values of `events` and `user_identities` under the current key.
+pub async fn reencrypt_all(
+    database: &Database,
+    pii: &PiiCipher,
+    fields: &[String],
+) -> Result<(ReencryptReport, ReencryptReport), RepositoryError> {
+    let events = reencrypt_events(database, pii, fields).await?;
+    let users = reencrypt_users(database, pii, fields).await?;
+    Ok((events, users))
+}
+
+async fn reencrypt_events(
+    database: &Database,
+    pii: &PiiCipher,
+    fields: &[String],
+) -> Result<ReencryptReport, RepositoryError> {
+    let mut report = ReencryptReport::default();
+    let mut after = Uuid::nil();
+    loop {
+        let rows: Vec<(Uuid, Value)> = database
+            .with_retry("reencrypt_select_events", || async {
+                Ok(sqlx::query_as(EVENT_CANDIDATES)
+                    .bind(after)
+                    .bind(fields)
+                    .bind(CIPHERTEXT_PREFIX)
+                    .bind(REENCRYPT_BATCH_ROWS)
+                    .fetch_all(database.pool())
+                    .await?)
+            })
+            .await?;
+        let Some((last_id, _)) = rows.last() else { return Ok(report) };
+        after = *last_id;
+        for (id, stored) in rows {
+            report.rows_examined += 1;
+            let Some(rewritten) = reseal(pii, &stored, &mut report) else { continue };
+            database
+                .with_retry("reencrypt_update_event", || async {
+                    sqlx::query(UPDATE_EVENT)
+                        .bind(id)
+                        .bind(&rewritten)
+                        .bind(&stored)
+                        .execute(database.pool())
+                        .await?;
+                    Ok(())
+                })
+                .await?;
+            report.rows_rewritten += 1;
+        }
+    }
+}
+
+async fn reencrypt_users(
+    database: &Database,
+    pii: &PiiCipher,
+    fields: &[String],
+) -> Result<ReencryptReport, RepositoryError> {
+    let mut report = ReencryptReport::default();
+    let mut after = String::new();
+    loop {
+        let rows: Vec<(String, Value)> = database
+            .with_retry("reencrypt_select_users", || async {
+                Ok(sqlx::query_as(USER_CANDIDATES)
+                    .bind(&after)
+                    .bind(fields)
+                    .bind(CIPHERTEXT_PREFIX)
+                    .bind(REENCRYPT_BATCH_ROWS)
+                    .fetch_all(database.pool())
+                    .await?)
+            })
+            .await?;
+        let Some((last_id, _)) = rows.last() else { return Ok(report) };
+        after = last_id.clone();
+        for (user_id, stored) in rows {
+            report.rows_examined += 1;
+            let Some(rewritten) = reseal(pii, &stored, &mut report) else { continue };
+            database
+                .with_retry("reencrypt_update_user", || async {
+                    sqlx::query(UPDATE_USER)
+                        .bind(&user_id)
+                        .bind(&rewritten)
+                        .bind(&stored)
+                        .execute(database.pool())
+                        .await?;
+                    Ok(())
+                })
+                .await?;
+            report.rows_rewritten += 1;
+        }
+    }
+}
+
+/// The row's properties under the current key, or `None` when nothing is to be done
+/// or a value does not decrypt (counted and logged, never the value).
+fn reseal(pii: &PiiCipher, stored: &Value, report: &mut ReencryptReport) -> Option<Value> {
+    if !pii.needs_reencryption(stored) {
+        return None;
+    }
+    let mut rewritten = stored.clone();
+    match pii.reseal(&mut rewritten) {
+        Ok(()) => Some(rewritten),
+        Err(error) => {
+            report.rows_failed += 1;
+            tracing::warn!(error = %error, "stored value does not decrypt, row left as is");
+            None
+        }
+    }
+}

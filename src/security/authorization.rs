@@ -1,0 +1,89 @@
+//! Caller allow-lists. A caller is the identity of its verified client certificate
+//! (SPIFFE URI SAN, else DNS SAN). TLS_ALLOWED_CALLERS applies to every AnalyticsService
+//! RPC; TLS_ALLOWED_CALLERS_PER_RPC narrows single RPCs with the syntax
+//! `Rpc=id1|id2;Rpc2=id3` (RPC names as in the proto, e.g. `GetEventCount`). A call must
+//! pass both lists that apply to it; an empty or absent list allows every verified caller.
+
+use std::collections::{HashMap, HashSet};
+
+/// RPC names a per-RPC list may name (the AnalyticsService methods).
+pub const AUTHORIZED_RPCS: &[&str] =
+    &["TrackEvent", "IdentifyUser", "GetEventCount", "GetUserCount", "HealthCheck"];
+
+/// Who may call what. Empty means everyone (plaintext mode or no lists configured).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CallerPolicy {
+    global: HashSet<String>,
+    per_rpc: HashMap<String, HashSet<String>>,
+}
+
+impl CallerPolicy {
+    /// Parses TLS_ALLOWED_CALLERS (comma list) and TLS_ALLOWED_CALLERS_PER_RPC.
+    pub fn parse(global: &str, per_rpc: &str) -> Result<Self, String> {
+        let global = global.split(',').map(str::trim).filter(|id| !id.is_empty()).map(String::from).collect();
+        let mut rules = HashMap::new();
+        for rule in per_rpc.split(';').map(str::trim).filter(|rule| !rule.is_empty()) {
+            let Some((rpc, callers)) = rule.split_once('=') else {
+                return Err(format!("TLS_ALLOWED_CALLERS_PER_RPC: expected Rpc=id1|id2, got {rule:?}"));
+            };
+            let rpc = rpc.trim();
+            if !AUTHORIZED_RPCS.contains(&rpc) {
+                return Err(format!(
+                    "TLS_ALLOWED_CALLERS_PER_RPC: unknown rpc {rpc:?}, expected one of {}",
+                    AUTHORIZED_RPCS.join(", ")
+                ));
+            }
+            let callers: HashSet<String> =
+                callers.split('|').map(str::trim).filter(|id| !id.is_empty()).map(String::from).collect();
+            if callers.is_empty() {
+                return Err(format!("TLS_ALLOWED_CALLERS_PER_RPC: {rpc} lists no caller"));
+            }
+            rules.insert(rpc.to_string(), callers);
+        }
+        Ok(Self { global, per_rpc: rules })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.global.is_empty() && self.per_rpc.is_empty()
+    }
+
+    /// Whether `caller` may call `rpc`.
+    pub fn allows(&self, rpc: &str, caller: &str) -> bool {
+        let globally = self.global.is_empty() || self.global.contains(caller);
+        let for_rpc = self.per_rpc.get(rpc).is_none_or(|callers| callers.contains(caller));
+        globally && for_rpc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_lists_must_allow_the_caller() {
+        let policy = CallerPolicy::parse(
+            "spiffe://prod/gateway, spiffe://prod/web",
+            "GetEventCount=spiffe://prod/gateway;GetUserCount=spiffe://prod/gateway",
+        )
+        .unwrap();
+        assert!(policy.allows("GetEventCount", "spiffe://prod/gateway"));
+        assert!(!policy.allows("GetEventCount", "spiffe://prod/web"));
+        assert!(policy.allows("TrackEvent", "spiffe://prod/web"));
+        assert!(!policy.allows("TrackEvent", "spiffe://prod/intruder"));
+    }
+
+    #[test]
+    fn empty_lists_allow_everyone() {
+        let policy = CallerPolicy::parse("", "").unwrap();
+        assert!(policy.is_open());
+        assert!(policy.allows("GetEventCount", "anyone"));
+    }
+
+    #[test]
+    fn bad_rules_name_the_variable() {
+        for rule in ["GetEventCount", "NoSuchRpc=a", "GetEventCount="] {
+            let error = CallerPolicy::parse("", rule).unwrap_err();
+            assert!(error.contains("TLS_ALLOWED_CALLERS_PER_RPC"), "{rule}: {error}");
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Security at the edges of the service: mTLS on the gRPC port with certificate reload
+//! (`tls`), the caller allow-lists (`authorization`) and encryption of sensitive
+//! property values before they reach PostgreSQL (`pii`).
+
+pub mod authorization;
+pub mod pii;
+pub mod tls;
