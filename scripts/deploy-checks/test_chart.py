@@ -460,6 +460,20 @@ def test_helm_test_pod_checks_health_with_client_certificates_when_mtls_is_on():
     assert allowed == "gateway.apps.svc.cluster.local,analytics-service.analytics.svc"
 
 
+def test_per_rpc_allow_lists_render_in_the_binarys_syntax():
+    docs = render(
+        "tls.enabled=true", "tls.existingSecret=tls",
+        "tls.allowedCallersPerRpc.GetEventCount={spiffe://a}",
+        "tls.allowedCallersPerRpc.GetUserCount={spiffe://a,gw.example}",
+    )
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert data["TLS_ALLOWED_CALLERS_PER_RPC"] == "GetEventCount=spiffe://a;GetUserCount=spiffe://a|gw.example"
+    assert data["TLS_RELOAD_INTERVAL_SECONDS"] == "10"
+    assert "allowedCallersPerRpc" in render_error(
+        "tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.NoSuchRpc={a}"
+    )
+
+
 # --- Autoscaling, monitoring, NetworkPolicy ------------------------------------------------------
 
 def test_hpa_with_cpu_target_custom_metrics_and_behavior():
