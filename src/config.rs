@@ -244,12 +244,9 @@ pub struct Config {
     #[serde(default = "defaults::pii_fields")]
     pub pii_fields: String,
     /// PII_KEYS_FILE: file of `KEY_ID:BASE64_32_BYTE_KEY` lines, the first encrypting new
-    /// writes. Empty (and PII_KEYS empty) = PII encryption off.
+    /// writes (a mounted Secret). Empty = PII encryption off.
     #[serde(default)]
     pub pii_keys_file: String,
-    /// PII_KEYS: the same lines as PII_KEYS_FILE, from the environment (`;` or newline separated).
-    #[serde(default)]
-    pub pii_keys: Secret,
 }
 
 mod defaults {
@@ -439,12 +436,6 @@ impl Config {
         if !policy.is_open() && self.tls_files().is_none() {
             return fail("TLS_ALLOWED_CALLERS", "caller allow-lists need mTLS (TLS_CERT_FILE and friends)");
         }
-        if !self.pii_keys_file.trim().is_empty() && !self.pii_keys.is_empty() {
-            return fail("PII_KEYS_FILE", "set PII_KEYS_FILE or PII_KEYS, not both");
-        }
-        if !self.pii_keys.is_empty() {
-            PiiKeys::parse(&self.pii_keys.expose().replace(';', "\n"), "PII_KEYS").map_err(ConfigError)?;
-        }
         Ok(())
     }
 
@@ -527,13 +518,9 @@ impl Config {
             .collect()
     }
 
-    /// The PII keys from PII_KEYS_FILE or PII_KEYS; `None` when neither is set
+    /// The PII keys from PII_KEYS_FILE; `None` when it is not set
     /// (encryption off). Reads the file, so it is called at start-up, not in `validate`.
     pub fn pii_keys(&self) -> Result<Option<PiiKeys>, ConfigError> {
-        if !self.pii_keys.is_empty() {
-            let lines = self.pii_keys.expose().replace(';', "\n");
-            return PiiKeys::parse(&lines, "PII_KEYS").map(Some).map_err(ConfigError);
-        }
         let path = self.pii_keys_file.trim();
         if path.is_empty() {
             return Ok(None);
@@ -629,16 +616,27 @@ mod tests {
     }
 
     #[test]
-    fn pii_defaults_and_keys_from_the_environment() {
+    fn pii_defaults_and_keys_from_a_file() {
         let config = Config::from_vars(vars(&[])).unwrap();
         assert_eq!(config.pii_fields(), ["email", "phone", "name", "ip_address"]);
         assert!(config.pii_keys().unwrap().is_none());
-        let key = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-        let config = Config::from_vars(vars(&[("PII_KEYS", key)])).unwrap();
+        let path = std::env::temp_dir().join(format!("pii-keys-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+        let file = path.display().to_string();
+        let config = Config::from_vars(vars(&[("PII_KEYS_FILE", file.as_str())])).unwrap();
         assert_eq!(config.pii_keys().unwrap().unwrap().current_key_id(), "k1");
-        assert!(!format!("{config:?}").contains("AAECAwQF"), "keys never print");
-        let error = Config::from_vars(vars(&[("PII_KEYS", "k1:short")])).unwrap_err();
-        assert!(error.to_string().contains("PII_KEYS"), "{error}");
+        std::fs::write(&path, "k1:short\n").unwrap();
+        let error = config.pii_keys().unwrap_err();
+        assert!(
+            error.to_string().contains("PII_KEYS_FILE") && !error.to_string().contains("short"),
+            "{error}"
+        );
+        std::fs::remove_file(&path).ok();
+        let error = Config::from_vars(vars(&[("PII_KEYS_FILE", "/nonexistent/keys")]))
+            .unwrap()
+            .pii_keys()
+            .unwrap_err();
+        assert!(error.to_string().contains("PII_KEYS_FILE"), "{error}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! as associated data (a ciphertext moved to another property does not decrypt). The
 //! plaintext is the value's JSON text, so numbers and booleans keep their type.
 //!
-//! Keys come from PII_KEYS_FILE (or PII_KEYS): one `KEY_ID:BASE64_32_BYTE_KEY` per line,
+//! Keys come from PII_KEYS_FILE (a mounted Secret): one `KEY_ID:BASE64_32_BYTE_KEY` per line,
 //! the first line encrypting new writes, every line decrypting. Rotation: put the new
 //! key first, keep the old ones, then run `analytics-service reencrypt`.
 

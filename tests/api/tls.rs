@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use analytics_service::pb;
@@ -16,7 +15,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
 
 use crate::certs::{CertDir, Leaf, TestCa};
-use crate::helpers::{metric_value, spawn_app_with, string_value, test_config, TestApp, TestOptions};
+use crate::helpers::{
+    metric_value, spawn_app_with, string_value, test_config, CapturedLogs, TestApp, TestOptions,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
 const GATEWAY: &str = "spiffe://analytics.test/ns/prod/sa/graphql-gateway";
@@ -275,20 +276,6 @@ async fn callers_not_on_the_allow_list_get_permission_denied() {
     assert_eq!(metric_value(&metrics, "analytics_permission_denied_total{method=\"TrackEvent\"}"), 1.0);
 }
 
-/// Log lines captured from the process-wide subscriber.
-#[derive(Clone, Default)]
-struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLogs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn identify_user_writes_an_audit_record_with_the_caller_identity_and_no_values() {
     let options = TestOptions {
@@ -314,12 +301,8 @@ async fn identify_user_writes_an_audit_record_with_the_caller_identity_and_no_va
         .await
         .unwrap();
 
-    let output = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let audit = output
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .find(|line| line["target"] == "audit")
-        .expect("an audit line");
+    let output = logs.text();
+    let audit = logs.json_lines().into_iter().find(|line| line["target"] == "audit").expect("an audit line");
     // The JSON format flattens the event's fields into the line.
     let fields = &audit;
     assert_eq!(fields["user_id"], "audited-user", "{audit}");
