@@ -5,7 +5,7 @@
 //! Encrypted property values must round-trip whatever they hold.
 //!
 //! The normal suite runs PROPTEST_CASES (default 256) cases per property. The long run
-//! (README, "Fuzzing"): `PROPTEST_CASES=70000 cargo nextest run --test fuzz --test-threads 1`.
+//! (README, "Fuzzing"): `PROPTEST_CASES=170000 cargo nextest run --test fuzz --test-threads 1`.
 //! Failures are persisted under tests/fuzz/proptest-regressions/ and replayed first.
 
 use std::collections::HashMap;
