@@ -183,6 +183,11 @@ pub struct Config {
     /// EVENT_MAX_AGE_DAYS: oldest accepted event timestamp, in days before now.
     #[serde(default = "defaults::event_max_age_days")]
     pub event_max_age_days: u32,
+    /// EVENT_RETENTION_DAYS: events older than this many days are deleted by dropping
+    /// whole monthly partitions (and their rollup rows). 0 = keep forever; otherwise at
+    /// least EVENT_MAX_AGE_DAYS, so accepted events always have a partition.
+    #[serde(default)]
+    pub event_retention_days: u32,
     /// SELF_TRACKING: record the service's own lifecycle events (started, stopping,
     /// migration applied) as events, so they show up in its own counts.
     #[serde(default = "defaults::enabled")]
@@ -401,6 +406,9 @@ impl Config {
         if self.event_max_age_days == 0 {
             return fail("EVENT_MAX_AGE_DAYS", "must be at least 1");
         }
+        if self.event_retention_days != 0 && self.event_retention_days < self.event_max_age_days {
+            return fail("EVENT_RETENTION_DAYS", "must be 0 (keep forever) or at least EVENT_MAX_AGE_DAYS");
+        }
         if !(1..=20).contains(&self.db_retry_max_attempts) {
             return fail("DB_RETRY_MAX_ATTEMPTS", "must be between 1 and 20");
         }
@@ -532,6 +540,11 @@ impl Config {
 
     pub fn event_max_age(&self) -> chrono::Duration {
         chrono::Duration::days(i64::from(self.event_max_age_days))
+    }
+
+    /// `None` keeps events forever.
+    pub fn event_retention(&self) -> Option<chrono::Duration> {
+        (self.event_retention_days > 0).then(|| chrono::Duration::days(i64::from(self.event_retention_days)))
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
 use analytics_service::repository::postgres::pii::reencrypt_all;
-use analytics_service::repository::postgres::{connect_options, schema, Database};
+use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
 use analytics_service::repository::redis::CountCache;
 use analytics_service::security::pii::PiiCipher;
 use analytics_service::service::rate_limit::RateLimiter;
@@ -152,6 +152,15 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
     if !check {
         let report = schema::migrate(&connect_options(&config)).await?;
         tracing::info!(applied = ?report.applied, "migrations up to date");
+        let ahead =
+            chrono::Utc::now() + chrono::Duration::days(31 * i64::from(partitions::PARTITION_MONTHS_AHEAD));
+        let created = partitions::ensure_partitions(
+            &Database::connect_lazy(&config),
+            chrono::Utc::now() - config.event_max_age(),
+            ahead,
+        )
+        .await?;
+        tracing::info!(created, "event partitions created ahead");
         if config.self_tracking && !report.applied.is_empty() {
             // Self-tracking: the migration shows up in the service's own counts.
             let service = AnalyticsService::new(

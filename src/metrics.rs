@@ -74,7 +74,10 @@ fn describe_all() {
     describe_gauge!(DATABASE_UP, "1 when PostgreSQL answered the last health probe, else 0.");
     describe_histogram!(REDIS_COMMAND_SECONDS, Unit::Seconds, "Redis call latency, by operation.");
     describe_counter!(REDIS_ERRORS, "Failed Redis calls, by operation.");
-    describe_counter!(CACHE_REQUESTS, "Count-cache lookups, by query and result (hit or miss).");
+    describe_counter!(
+        CACHE_REQUESTS,
+        "Count-cache lookups, by query and result (hit, miss, or fresh for answers over open buckets)."
+    );
     describe_gauge!(READY, "1 when the service is ready to serve, else 0.");
     describe_counter!(RATE_LIMITED, "Events refused because their budget was spent.");
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
@@ -122,6 +125,11 @@ pub fn record_redis_call(operation: &'static str, elapsed: Duration, failed: boo
 pub fn record_cache_lookup(query: &'static str, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     counter!(CACHE_REQUESTS, "query" => query, "result" => result).increment(1);
+}
+
+/// An answer that touches open buckets: computed fresh, never cached (`result="fresh"`).
+pub fn record_cache_fresh(query: &'static str) {
+    counter!(CACHE_REQUESTS, "query" => query, "result" => "fresh").increment(1);
 }
 
 pub fn record_events_ingested(count: u64) {

@@ -23,6 +23,7 @@ use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::{CountCache, SharedBudgets};
 use crate::security::pii::PiiCipher;
 use crate::security::tls::{tls_incoming, ReloadingTlsConfig};
+use crate::service::partition_maintenance::run_partition_maintenance;
 use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
 use crate::service::{AnalyticsService, EVENT_STARTED, EVENT_STOPPING};
@@ -66,7 +67,8 @@ impl Application {
         let (rate_limiter, pii, tls) = security_from_config(&config)?;
         let service = Arc::new(
             AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age())
-                .with_pii(pii),
+                .with_pii(pii)
+                .with_event_retention(config.event_retention()),
         );
         let readiness = ReadinessMonitor::new(database.clone());
         Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls })
@@ -98,6 +100,11 @@ impl Application {
             lifecycle_task.abort();
         }
         let housekeeping_task = tokio::spawn(forget_idle_rate_limits(service.clone()));
+        let partition_task = tokio::spawn(run_partition_maintenance(
+            database.clone(),
+            config.event_max_age(),
+            config.event_retention(),
+        ));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(follow_readiness(health_reporter, readiness.subscribe()));
@@ -190,6 +197,7 @@ impl Application {
         if let Some(task) = tls_reload_task {
             task.abort();
         }
+        partition_task.abort();
         if self_tracking {
             service.track_lifecycle(EVENT_STOPPING, lifecycle_properties()).await;
         }

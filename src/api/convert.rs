@@ -56,6 +56,17 @@ pub fn event_filter(
         event_name,
         range: TimeRange::parse(request.start_time, request.end_time, now)?,
         group_by: GroupBy::parse(&request.group_by)?,
+        time_zone: time_zone(&request.time_zone)?,
+    })
+}
+
+/// An IANA time zone name; empty means UTC.
+fn time_zone(name: &str) -> Result<chrono_tz::Tz, ValidationError> {
+    if name.is_empty() {
+        return Ok(chrono_tz::UTC);
+    }
+    name.parse::<chrono_tz::Tz>().map_err(|_| {
+        ValidationError::new("time_zone", "must be an IANA time zone name such as Europe/Berlin")
     })
 }
 

@@ -107,13 +107,15 @@ impl GroupBy {
 }
 
 /// What GetEventCount asks for.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventFilter {
     /// `None` counts every event name.
     pub event_name: Option<EventName>,
     pub range: TimeRange,
     /// `None` returns one row per event name for the whole range.
     pub group_by: Option<GroupBy>,
+    /// The calendar day and week buckets follow (IANA name; UTC by default).
+    pub time_zone: chrono_tz::Tz,
 }
 
 /// One row of a GetEventCount answer.

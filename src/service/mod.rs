@@ -2,6 +2,8 @@
 //! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
 //! `validation`); storage goes through `repository`.
 
+mod counts;
+pub mod partition_maintenance;
 pub mod rate_limit;
 pub mod readiness;
 pub mod validation;
@@ -12,7 +14,7 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::models::{EventCount, EventFilter, IdentifyUser, NewEvent, TimeRange, TrackEvent, UserId};
+use crate::models::{IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
@@ -76,6 +78,7 @@ pub struct AnalyticsService {
     cache: CountCache,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
+    event_retention: Option<chrono::Duration>,
 }
 
 impl AnalyticsService {
@@ -92,6 +95,7 @@ impl AnalyticsService {
             cache,
             rate_limiter: Arc::new(rate_limiter),
             event_max_age,
+            event_retention: None,
         }
     }
 
@@ -111,6 +115,13 @@ impl AnalyticsService {
     #[tracing::instrument(skip_all)]
     pub async fn event_properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, ServiceError> {
         Ok(self.events.properties(event_id).await?)
+    }
+
+    /// Sets EVENT_RETENTION_DAYS (`None` keeps events forever), which the count cache
+    /// needs to know which answers a partition drop may still change.
+    pub fn with_event_retention(mut self, event_retention: Option<chrono::Duration>) -> Self {
+        self.event_retention = event_retention;
+        self
     }
 
     /// Stores one event; returns its id once it is committed. `caller` identifies who
@@ -164,42 +175,6 @@ impl AnalyticsService {
         result.map_err(ServiceError::from)
     }
 
-    /// Event counts, served from the cache when an identical query was answered
-    /// within REDIS_CACHE_TTL.
-    #[tracing::instrument(skip_all)]
-    pub async fn event_counts(&self, filter: EventFilter) -> Result<Vec<EventCount>, ServiceError> {
-        if let Some(group_by) = filter.group_by {
-            group_by.check_bucket_count(filter.range)?;
-        }
-        let key = event_count_cache_key(&filter);
-        if let Some(cached) = self.cache.get::<Vec<EventCount>>(&key).await {
-            metrics::record_cache_lookup("event_count", true);
-            return Ok(cached);
-        }
-        if self.cache.is_enabled() {
-            metrics::record_cache_lookup("event_count", false);
-        }
-        let counts = self.events.count(&filter).await?;
-        self.cache.set(&key, &counts, None).await;
-        Ok(counts)
-    }
-
-    /// Distinct identified users with events in the range, cached like event counts.
-    #[tracing::instrument(skip_all)]
-    pub async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
-        let key = format!("user_count:v1:{}:{}", range.start(), range.end());
-        if let Some(cached) = self.cache.get::<i64>(&key).await {
-            metrics::record_cache_lookup("user_count", true);
-            return Ok(cached);
-        }
-        if self.cache.is_enabled() {
-            metrics::record_cache_lookup("user_count", false);
-        }
-        let count = self.events.unique_users(range).await?;
-        self.cache.set(&key, &count, None).await;
-        Ok(count)
-    }
-
     /// Forgets idle rate-limit buckets (called periodically to bound memory).
     pub fn forget_idle_rate_limits(&self) {
         self.rate_limiter.forget_idle_keys();
@@ -237,18 +212,4 @@ impl AnalyticsService {
             ServingStatus::NotServing
         }
     }
-}
-
-/// A key naming every field of the request; the name goes last, length-prefixed, so
-/// no two requests share a key whatever characters the name holds.
-fn event_count_cache_key(filter: &EventFilter) -> String {
-    let group = filter.group_by.map_or("total", |group_by| group_by.as_str());
-    let name = filter.event_name.as_ref().map_or("", |name| name.as_str());
-    let scope = if filter.event_name.is_some() { "one" } else { "all" };
-    format!(
-        "event_count:v1:{}:{}:{group}:{scope}:{}:{name}",
-        filter.range.start(),
-        filter.range.end(),
-        name.len()
-    )
 }

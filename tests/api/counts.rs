@@ -16,6 +16,7 @@ async fn counts(app: &TestApp, name: &str, start: i64, end: i64, group_by: &str)
             start_time: start,
             end_time: end,
             group_by: group_by.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -112,6 +113,7 @@ async fn count_requests_are_validated() {
                 start_time: start,
                 end_time: end,
                 group_by: group_by.into(),
+                ..Default::default()
             })
             .await
             .expect_err(name);

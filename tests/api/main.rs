@@ -19,6 +19,7 @@ mod observability;
 mod pii;
 mod proxy;
 mod rate_limit;
+mod rollups;
 mod tls;
 mod track_event;
 mod validation;

@@ -376,6 +376,7 @@ async fn the_service_tracks_its_own_lifecycle() {
             start_time: crate::helpers::now() - 60,
             end_time: crate::helpers::now() + 60,
             group_by: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -3,7 +3,9 @@
 //! `pii` re-encrypts stored sensitive values after a key rotation.
 
 pub mod events;
+pub mod partitions;
 pub mod pii;
+pub mod rollups;
 pub mod schema;
 pub mod users;
 

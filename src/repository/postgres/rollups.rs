@@ -1,0 +1,315 @@
+//! Count queries answered from the rollup tables that the `events` insert trigger keeps
+//! (migrations V11): `event_counts_hourly`, `user_activity_daily` and
+//! `user_activity_monthly`. Only the partial hours at the edges of a range (and whole
+//! ranges in zones whose offsets are not whole hours) read the raw `events` rows.
+
+use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone, Utc};
+use sqlx::Row;
+
+use super::{Database, RepositoryError};
+use crate::models::{EventCount, EventFilter, GroupBy, TimeRange};
+
+const HOUR_SECONDS: i64 = 3_600;
+const DAY_SECONDS: i64 = 86_400;
+
+/// How a range splits between the hourly rollup and the raw events: raw rows for
+/// `[start, rollup_start)` and `[rollup_end, end)`, whole hours `[rollup_start, rollup_end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HourSplit {
+    pub start: i64,
+    pub rollup_start: i64,
+    pub rollup_end: i64,
+    pub end: i64,
+}
+
+impl HourSplit {
+    /// The whole hours inside `range` come from the rollup.
+    pub fn of(range: TimeRange) -> Self {
+        let rollup_start = ceil_to(range.start(), HOUR_SECONDS).min(range.end());
+        let rollup_end = floor_to(range.end(), HOUR_SECONDS).max(rollup_start);
+        Self { start: range.start(), rollup_start, rollup_end, end: range.end() }
+    }
+
+    /// Everything from the raw events (zones whose offsets are not whole hours).
+    pub fn raw_only(range: TimeRange) -> Self {
+        Self { start: range.start(), rollup_start: range.end(), rollup_end: range.end(), end: range.end() }
+    }
+}
+
+fn floor_to(seconds: i64, unit: i64) -> i64 {
+    seconds.div_euclid(unit) * unit
+}
+
+fn ceil_to(seconds: i64, unit: i64) -> i64 {
+    -floor_to(-seconds, unit)
+}
+
+fn time(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(seconds, 0).unwrap_or_default()
+}
+
+/// True when every UTC hour in `range` lies inside one local hour of `zone` (the zone's
+/// offset is a whole number of hours throughout), so local buckets are sums of UTC hours.
+pub fn hourly_rollup_fits(zone: chrono_tz::Tz, range: TimeRange) -> bool {
+    let whole_hours = |seconds: i64| {
+        zone.offset_from_utc_datetime(&time(seconds).naive_utc()).fix().local_minus_utc() % 3_600 == 0
+    };
+    // Offsets change only at transitions; sampling every hour finds any non-whole offset
+    // that lasts an hour or more (none of the IANA zones has a shorter one).
+    let mut instant = range.start();
+    while instant < range.end() {
+        if !whole_hours(instant) {
+            return false;
+        }
+        instant += HOUR_SECONDS;
+    }
+    whole_hours(range.end() - 1)
+}
+
+/// Union of the hourly rollup and the raw edges, as `(slice_start, event_name, event_count)`.
+/// `name_parameter` is the placeholder number of the event name, when filtered by name.
+fn slices_sql(name_parameter: Option<usize>) -> String {
+    let name = name_parameter.map(|number| format!(" AND event_name = ${number}")).unwrap_or_default();
+    format!(
+        "SELECT bucket_start AS slice_start, event_name, event_count
+           FROM event_counts_hourly
+          WHERE bucket_start >= $3 AND bucket_start < $4{name}
+         UNION ALL
+         SELECT timestamp, event_name, 1
+           FROM events
+          WHERE timestamp >= $1 AND timestamp < $3{name}
+         UNION ALL
+         SELECT timestamp, event_name, 1
+           FROM events
+          WHERE timestamp >= $4 AND timestamp < $2{name}"
+    )
+}
+
+/// The bucket start (Unix seconds) of `slice_start` in zone `$5`. Hours are cut at the
+/// local hour so a repeated local hour (DST end) stays two buckets; days and weeks use
+/// PostgreSQL's zone-aware `date_trunc` (weeks start on Monday).
+fn bucket_sql(group_by: GroupBy) -> &'static str {
+    match group_by {
+        GroupBy::Hour => {
+            "EXTRACT(EPOCH FROM slice_start - ((slice_start AT TIME ZONE $5) - date_trunc('hour', slice_start AT TIME ZONE $5)))::bigint"
+        }
+        GroupBy::Day => "EXTRACT(EPOCH FROM date_trunc('day', slice_start, $5))::bigint",
+        GroupBy::Week => "EXTRACT(EPOCH FROM date_trunc('week', slice_start, $5))::bigint",
+    }
+}
+
+/// Reads counts and unique users from the rollups.
+#[derive(Clone, Debug)]
+pub struct RollupRepository {
+    database: Database,
+}
+
+impl RollupRepository {
+    pub fn new(database: Database) -> Self {
+        Self { database }
+    }
+
+    /// Counts per event name (per bucket of the filter's zone when grouped), ordered by
+    /// bucket then name: the same answer as grouping the raw events.
+    pub async fn event_counts(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
+        let range = filter.range;
+        let split = if filter.group_by.is_none() || hourly_rollup_fits(filter.time_zone, range) {
+            HourSplit::of(range)
+        } else {
+            HourSplit::raw_only(range)
+        };
+        let event_name = filter.event_name.as_ref().map(|name| name.as_str());
+        // $1..$4 are the split's instants, then the zone when grouped, then the name.
+        let zone_name = filter.group_by.map(|_| filter.time_zone.name());
+        let name_parameter = event_name.map(|_| if zone_name.is_some() { 6 } else { 5 });
+        let slices = slices_sql(name_parameter);
+        let sql = match filter.group_by {
+            Some(group_by) => format!(
+                "SELECT event_name, {} AS bucket, sum(event_count)::bigint AS count
+                   FROM ({slices}) slices
+                  GROUP BY 1, 2 ORDER BY bucket, event_name",
+                bucket_sql(group_by)
+            ),
+            None => format!(
+                "SELECT event_name, sum(event_count)::bigint AS count
+                   FROM ({slices}) slices
+                  GROUP BY 1 ORDER BY event_name"
+            ),
+        };
+        self.database
+            .with_retry("count_events_rollup", || async {
+                let mut query = sqlx::query(&sql)
+                    .bind(time(split.start))
+                    .bind(time(split.end))
+                    .bind(time(split.rollup_start))
+                    .bind(time(split.rollup_end));
+                if let Some(zone_name) = zone_name {
+                    query = query.bind(zone_name);
+                }
+                if let Some(event_name) = event_name {
+                    query = query.bind(event_name);
+                }
+                let rows = query.fetch_all(self.database.pool()).await?;
+                rows.iter()
+                    .map(|row| {
+                        let bucket_start = match filter.group_by {
+                            Some(_) => row.try_get::<i64, _>("bucket")?,
+                            None => range.start(),
+                        };
+                        Ok(EventCount {
+                            event_name: row.try_get("event_name")?,
+                            bucket_start,
+                            count: row.try_get("count")?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(RepositoryError::from)
+            })
+            .await
+    }
+
+    /// Exact distinct non-empty user ids with an event in the range: whole UTC days from
+    /// the monthly day masks, whole hours of the edge days from the daily hour masks, the
+    /// partial hours at the edges from the raw events; the union is counted once.
+    pub async fn unique_users(&self, range: TimeRange) -> Result<i64, RepositoryError> {
+        let plan = UniqueUsersPlan::of(range);
+        self.database
+            .with_retry("count_unique_users_rollup", || async {
+                let count: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM (
+                        SELECT monthly.user_id
+                          FROM user_activity_monthly monthly
+                          JOIN unnest($1::date[], $2::int4[]) AS wanted(month, day_mask)
+                            ON monthly.month = wanted.month
+                         WHERE monthly.day_mask & wanted.day_mask <> 0
+                        UNION
+                        SELECT daily.user_id
+                          FROM user_activity_daily daily
+                          JOIN unnest($3::date[], $4::int4[]) AS wanted(day, hour_mask)
+                            ON daily.day = wanted.day
+                         WHERE daily.hour_mask & wanted.hour_mask <> 0
+                        UNION
+                        SELECT user_id FROM events
+                         WHERE timestamp >= $5 AND timestamp < $6 AND user_id IS NOT NULL AND user_id <> ''
+                        UNION
+                        SELECT user_id FROM events
+                         WHERE timestamp >= $7 AND timestamp < $8 AND user_id IS NOT NULL AND user_id <> ''
+                    ) users",
+                )
+                .bind(&plan.months)
+                .bind(&plan.day_masks)
+                .bind(&plan.days)
+                .bind(&plan.hour_masks)
+                .bind(time(plan.split.start))
+                .bind(time(plan.split.rollup_start))
+                .bind(time(plan.split.rollup_end))
+                .bind(time(plan.split.end))
+                .fetch_one(self.database.pool())
+                .await?;
+                Ok(count)
+            })
+            .await
+    }
+}
+
+/// Which rollup rows an exact unique-user count reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UniqueUsersPlan {
+    pub split: HourSplit,
+    /// First days of UTC months, with bit `d - 1` set for each wanted day `d`.
+    pub months: Vec<NaiveDate>,
+    pub day_masks: Vec<i32>,
+    /// UTC days only partly covered, with bit `h` set for each wanted hour `h`.
+    pub days: Vec<NaiveDate>,
+    pub hour_masks: Vec<i32>,
+}
+
+impl Default for HourSplit {
+    fn default() -> Self {
+        Self { start: 0, rollup_start: 0, rollup_end: 0, end: 0 }
+    }
+}
+
+impl UniqueUsersPlan {
+    pub fn of(range: TimeRange) -> Self {
+        let split = HourSplit::of(range);
+        let mut plan = Self { split, ..Self::default() };
+        let whole_days_start = ceil_to(split.rollup_start, DAY_SECONDS).min(split.rollup_end);
+        let whole_days_end = floor_to(split.rollup_end, DAY_SECONDS).max(whole_days_start);
+        plan.add_hours(split.rollup_start, whole_days_start);
+        plan.add_hours(whole_days_end, split.rollup_end);
+        let mut day = whole_days_start;
+        while day < whole_days_end {
+            let date = time(day).date_naive();
+            let month = date.with_day(1).unwrap_or(date);
+            let bit = 1_i32 << (date.day() - 1);
+            match plan.months.last() {
+                Some(last) if *last == month => {
+                    if let Some(mask) = plan.day_masks.last_mut() {
+                        *mask |= bit;
+                    }
+                }
+                _ => {
+                    plan.months.push(month);
+                    plan.day_masks.push(bit);
+                }
+            }
+            day += DAY_SECONDS;
+        }
+        plan
+    }
+
+    /// Whole hours `[from, to)` of one UTC day.
+    fn add_hours(&mut self, from: i64, to: i64) {
+        if from >= to {
+            return;
+        }
+        let first_hour = (from.rem_euclid(DAY_SECONDS)) / HOUR_SECONDS;
+        let hours = (to - from) / HOUR_SECONDS;
+        let mask = (first_hour..first_hour + hours).fold(0_i32, |mask, hour| mask | (1 << hour));
+        self.days.push(time(from).date_naive());
+        self.hour_masks.push(mask);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: i64, end: i64) -> TimeRange {
+        TimeRange { start, end }
+    }
+
+    #[test]
+    fn a_range_splits_into_raw_edges_and_whole_hours() {
+        let split = HourSplit::of(range(1_800, 3 * HOUR_SECONDS + 60));
+        assert_eq!(split, HourSplit { start: 1_800, rollup_start: 3_600, rollup_end: 10_800, end: 10_860 });
+        let inside_one_hour = HourSplit::of(range(100, 200));
+        assert_eq!(inside_one_hour.rollup_start, 200);
+        assert_eq!(inside_one_hour.rollup_end, 200);
+    }
+
+    #[test]
+    fn unique_user_plan_uses_months_for_whole_days_and_hours_for_edge_days() {
+        // 2024-01-30 22:30 UTC to 2024-02-02 01:15 UTC.
+        let start = 1_706_653_800;
+        let end = 1_706_836_500;
+        let plan = UniqueUsersPlan::of(range(start, end));
+        assert_eq!(plan.split.rollup_start, start + 1_800);
+        assert_eq!(plan.split.rollup_end, end - 900);
+        let date = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
+        assert_eq!(plan.months, vec![date(2024, 1, 1), date(2024, 2, 1)]);
+        assert_eq!(plan.day_masks, vec![1 << 30, 1]);
+        assert_eq!(plan.days, vec![date(2024, 1, 30), date(2024, 2, 2)]);
+        assert_eq!(plan.hour_masks, vec![1 << 23, 1]);
+    }
+
+    #[test]
+    fn zones_with_half_hour_offsets_do_not_fit_the_hourly_rollup() {
+        let week = range(1_704_067_200, 1_704_067_200 + 7 * DAY_SECONDS);
+        assert!(hourly_rollup_fits(chrono_tz::Europe::Berlin, week));
+        assert!(hourly_rollup_fits(chrono_tz::UTC, week));
+        assert!(!hourly_rollup_fits(chrono_tz::Asia::Kolkata, week));
+        assert!(!hourly_rollup_fits(chrono_tz::Asia::Kathmandu, week));
+    }
+}

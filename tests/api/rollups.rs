@@ -1,0 +1,392 @@
+//! Issue 4: counts from rollups equal brute-force SQL over `events` (random data, ranges,
+//! names, groupings and time zones, late events included), DST days in the caller's zone,
+//! monthly partitions ahead of time and retention, and the move from the unpartitioned table.
+
+use analytics_service::pb;
+use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use tonic::Code;
+
+use crate::helpers::{create_database, now, spawn_app, start_server, test_config, TestApp, TestOptions};
+
+const HOUR: i64 = 3_600;
+const DAY: i64 = 86_400;
+const ZONES: [&str; 6] = ["", "UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu"];
+const NAMES: [&str; 5] = ["view", "click", "signup", "purchase", "logout"];
+
+type Counts = Vec<(String, i64, i64)>;
+
+async fn grpc_counts(app: &TestApp, name: &str, start: i64, end: i64, group_by: &str, zone: &str) -> Counts {
+    app.client
+        .clone()
+        .get_event_count(pb::GetEventCountRequest {
+            event_name: name.into(),
+            start_time: start,
+            end_time: end,
+            group_by: group_by.into(),
+            time_zone: zone.into(),
+        })
+        .await
+        .unwrap_or_else(|status| panic!("{name} {start} {end} {group_by} {zone}: {status:?}"))
+        .into_inner()
+        .counts
+        .into_iter()
+        .map(|count| (count.event_name, count.timestamp, count.count))
+        .collect()
+}
+
+async fn grpc_unique_users(app: &TestApp, start: i64, end: i64) -> i64 {
+    app.client
+        .clone()
+        .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
+        .await
+        .unwrap()
+        .into_inner()
+        .unique_users
+}
+
+/// The answer computed from the raw rows alone. Hours are cut at the local hour (minutes
+/// and seconds of local time removed), so a repeated local hour stays two buckets.
+async fn brute_force_counts(
+    pool: &PgPool,
+    name: &str,
+    start: i64,
+    end: i64,
+    group_by: &str,
+    zone: &str,
+) -> Counts {
+    let zone = if zone.is_empty() { "UTC" } else { zone };
+    let bucket = match group_by {
+        "hour" => {
+            "EXTRACT(EPOCH FROM timestamp)::bigint
+                   - extract(minute FROM timestamp AT TIME ZONE $4)::bigint * 60
+                   - floor(extract(second FROM timestamp AT TIME ZONE $4))::bigint"
+        }
+        "day" => "EXTRACT(EPOCH FROM date_trunc('day', timestamp, $4))::bigint",
+        "week" => "EXTRACT(EPOCH FROM date_trunc('week', timestamp, $4))::bigint",
+        _ => "$1::bigint + 0 * length($4)",
+    };
+    let sql = format!(
+        "SELECT event_name, {bucket} AS bucket, count(*) AS count FROM events
+          WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2)
+            AND ($3 = '' OR event_name = $3)
+          GROUP BY 1, 2 ORDER BY bucket, event_name"
+    );
+    sqlx::query(&sql)
+        .bind(start)
+        .bind(end)
+        .bind(name)
+        .bind(zone)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get("event_name"), row.get("bucket"), row.get("count")))
+        .collect()
+}
+
+async fn brute_force_unique_users(pool: &PgPool, start: i64, end: i64) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT user_id) FROM events
+          WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''",
+    )
+    .bind(start)
+    .bind(end)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// One multi-row INSERT (one trigger run) of `count` random events in `[from, to)`;
+/// some fall exactly on hour starts to exercise bucket edges.
+async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usize, from: i64, to: i64) {
+    let mut names = Vec::new();
+    let mut users = Vec::new();
+    let mut timestamps = Vec::new();
+    for _ in 0..count {
+        names.push(NAMES[random.random_range(0..NAMES.len())].to_string());
+        let user = random.random_range(0..60);
+        users.push(if user < 5 { String::new() } else { format!("user-{user}") });
+        let mut timestamp = random.random_range(from..to);
+        if random.random_bool(0.1) {
+            timestamp = timestamp.div_euclid(HOUR) * HOUR;
+        }
+        timestamps.push(timestamp as f64 + if random.random_bool(0.2) { 0.25 } else { 0.0 });
+    }
+    sqlx::query(
+        "INSERT INTO events (event_name, user_id, timestamp)
+         SELECT name, user_id, to_timestamp(seconds)
+           FROM unnest($1::text[], $2::text[], $3::float8[]) AS batch(name, user_id, seconds)",
+    )
+    .bind(&names)
+    .bind(&users)
+    .bind(&timestamps)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn compare_random_queries(app: &TestApp, random: &mut StdRng, from: i64, to: i64, queries: usize) {
+    for _ in 0..queries {
+        let start = random.random_range(from - DAY..to);
+        let end = start + random.random_range(1..20 * DAY);
+        let name = if random.random_bool(0.5) { "" } else { NAMES[random.random_range(0..NAMES.len())] };
+        let group_by = ["", "hour", "day", "week"][random.random_range(0..4)];
+        let zone = ZONES[random.random_range(0..ZONES.len())];
+        let answer = grpc_counts(app, name, start, end, group_by, zone).await;
+        let expected = brute_force_counts(&app.pool, name, start, end, group_by, zone).await;
+        assert_eq!(answer, expected, "name {name:?} [{start}, {end}) group_by {group_by:?} zone {zone:?}");
+        let users = grpc_unique_users(app, start, end).await;
+        assert_eq!(users, brute_force_unique_users(&app.pool, start, end).await, "users in [{start}, {end})");
+    }
+}
+
+#[tokio::test]
+async fn rollup_counts_equal_brute_force_sql_for_random_ranges_names_groupings_and_zones() {
+    let app = spawn_app().await;
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    let to = now() - HOUR;
+    let from = to - 40 * DAY;
+    for _ in 0..4 {
+        insert_random_events(&app.pool, &mut random, 1_500, from, to).await;
+    }
+    compare_random_queries(&app, &mut random, from, to, 60).await;
+
+    // Late events into buckets already asked about: the rollups and answers follow.
+    for _ in 0..3 {
+        insert_random_events(&app.pool, &mut random, 300, from, to).await;
+    }
+    compare_random_queries(&app, &mut random, from, to, 30).await;
+
+    // Whole-range sums of the rollups equal the table.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.pool).await.unwrap();
+    let rolled_up: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM event_counts_hourly")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, rolled_up);
+}
+
+/// Inserts one event at the start of every UTC hour in `[from, to)`.
+async fn one_event_per_hour(pool: &PgPool, from: i64, to: i64) {
+    sqlx::query(
+        "INSERT INTO events (event_name, user_id, timestamp)
+         SELECT 'tick', 'clock', hour FROM generate_series(to_timestamp($1), to_timestamp($2) - interval '1 second', interval '1 hour') hour",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn berlin_days_around_dst_transitions_have_23_and_25_hours_of_events() {
+    let app = spawn_app().await;
+    let database = Database::connect_lazy(&app.config);
+    // 2026-03-29: clocks go from 02:00 CET to 03:00 CEST; 2026-10-25: from 03:00 CEST to 02:00 CET.
+    let march_28_berlin = 1_774_652_400; // 2026-03-28T00:00+01:00
+    let october_24_berlin = 1_792_792_800; // 2026-10-24T00:00+02:00
+    partitions::ensure_partitions(
+        &database,
+        chrono::DateTime::from_timestamp(march_28_berlin, 0).unwrap(),
+        chrono::DateTime::from_timestamp(october_24_berlin + 4 * DAY, 0).unwrap(),
+    )
+    .await
+    .unwrap();
+    one_event_per_hour(&app.pool, march_28_berlin, march_28_berlin + 3 * DAY).await;
+    one_event_per_hour(&app.pool, october_24_berlin, october_24_berlin + 4 * DAY).await;
+
+    let spring =
+        grpc_counts(&app, "tick", march_28_berlin, march_28_berlin + 3 * DAY - HOUR, "day", "Europe/Berlin")
+            .await;
+    assert_eq!(
+        spring,
+        vec![
+            ("tick".into(), march_28_berlin, 24),
+            ("tick".into(), march_28_berlin + DAY, 23),
+            ("tick".into(), march_28_berlin + 2 * DAY - HOUR, 24),
+        ]
+    );
+    let autumn = grpc_counts(
+        &app,
+        "tick",
+        october_24_berlin,
+        october_24_berlin + 3 * DAY + HOUR,
+        "day",
+        "Europe/Berlin",
+    )
+    .await;
+    assert_eq!(
+        autumn,
+        vec![
+            ("tick".into(), october_24_berlin, 24),
+            ("tick".into(), october_24_berlin + DAY, 25),
+            ("tick".into(), october_24_berlin + 2 * DAY + HOUR, 24),
+        ]
+    );
+    // The repeated local hour 02:00-03:00 on October 25 is two hourly buckets.
+    let autumn_hours = grpc_counts(
+        &app,
+        "tick",
+        october_24_berlin + DAY,
+        october_24_berlin + 2 * DAY + HOUR,
+        "hour",
+        "Europe/Berlin",
+    )
+    .await;
+    assert_eq!(autumn_hours.len(), 25);
+    assert!(autumn_hours.iter().all(|(_, _, count)| *count == 1), "{autumn_hours:?}");
+    // In UTC the same events make 24-hour days.
+    let utc_days = grpc_counts(
+        &app,
+        "tick",
+        october_24_berlin + 2 * HOUR,
+        october_24_berlin + 2 * HOUR + 2 * DAY,
+        "day",
+        "",
+    )
+    .await;
+    assert_eq!(utc_days.iter().map(|(_, _, count)| *count).collect::<Vec<_>>(), vec![24, 24]);
+
+    let status = app
+        .client
+        .clone()
+        .get_event_count(pb::GetEventCountRequest {
+            start_time: march_28_berlin,
+            end_time: march_28_berlin + DAY,
+            group_by: "day".into(),
+            time_zone: "Mars/Olympus_Mons".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("time_zone"), "{}", status.message());
+}
+
+async fn total_count(app: &TestApp, start: i64, end: i64) -> i64 {
+    grpc_counts(app, "", start, end, "", "").await.iter().map(|(_, _, count)| count).sum()
+}
+
+#[tokio::test]
+async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
+    // The schema and rows exist before the server starts; the server then applies
+    // EVENT_RETENTION_DAYS=90 in its periodic partition task.
+    let database_name = create_database().await;
+    let redis_prefix = format!("test:{}", uuid::Uuid::now_v7().simple());
+    let options =
+        TestOptions { env: vec![("EVENT_RETENTION_DAYS".into(), "90".into())], ..TestOptions::default() };
+    let config = test_config(&database_name, &redis_prefix, &options);
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+    let database = Database::connect_lazy(&config);
+    let pool = database.pool().clone();
+    let insert = |seconds: i64| {
+        sqlx::query(
+            "INSERT INTO events (event_name, user_id, timestamp) VALUES ('view', 'alice', to_timestamp($1))",
+        )
+        .bind(seconds)
+        .execute(&pool)
+    };
+    let current = chrono::Utc::now();
+
+    // Six months ahead has no partition yet: the insert fails; once created ahead it works.
+    let far_future = (current + chrono::Duration::days(183)).timestamp();
+    assert!(insert(far_future).await.is_err(), "no partition yet");
+    partitions::ensure_partitions(&database, current, current + chrono::Duration::days(200)).await.unwrap();
+    insert(far_future).await.expect("inserting into a new month works");
+
+    // An old month (older than the retention) and a recent event.
+    let old = (current - chrono::Duration::days(200)).timestamp();
+    partitions::ensure_partitions(&database, current - chrono::Duration::days(200), current).await.unwrap();
+    insert(old).await.unwrap();
+    let recent = (current - chrono::Duration::days(2)).timestamp();
+    insert(recent).await.unwrap();
+    let old_partition =
+        format!("events_p{}", chrono::DateTime::from_timestamp(old, 0).unwrap().format("%Y%m"));
+    let partition_exists = || async {
+        sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&old_partition)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert!(partition_exists().await);
+
+    let app = start_server(config, database_name, redis_prefix).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while partition_exists().await {
+        assert!(std::time::Instant::now() < deadline, "the serve task drops {old_partition}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(total_count(&app, old - DAY, old + DAY).await, 0, "counts reflect the dropped month");
+    assert_eq!(grpc_unique_users(&app, old - DAY, old + DAY).await, 0);
+    let old_rollups: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM event_counts_hourly WHERE bucket_start < to_timestamp($1))
+              + (SELECT count(*) FROM user_activity_daily WHERE day < to_timestamp($1)::date)
+              + (SELECT count(*) FROM user_activity_monthly WHERE month < date_trunc('month', to_timestamp($1))::date)",
+    )
+    .bind(old + DAY)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(old_rollups, 0, "the rollup rows of the dropped month go too");
+    assert_eq!(total_count(&app, recent - DAY, recent + DAY).await, 1, "recent months stay");
+    assert_eq!(total_count(&app, far_future - DAY, far_future + DAY).await, 1, "future months stay");
+}
+
+#[tokio::test]
+async fn migrating_the_unpartitioned_table_keeps_every_row() {
+    let database_name = create_database().await;
+    let config = test_config(&database_name, "unused", &TestOptions::default());
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(connect_options(&config)).await.unwrap();
+    // The schema before issue 4 (V1 and V2 are idempotent, so refinery applies them again harmlessly).
+    sqlx::raw_sql(include_str!("../../migrations/V1__create_events_table.sql")).execute(&pool).await.unwrap();
+    sqlx::raw_sql(include_str!("../../migrations/V2__create_users_table.sql")).execute(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_name, user_id, properties, timestamp, created_at)
+         SELECT 'event-' || (i % 7), CASE WHEN i % 11 = 0 THEN NULL ELSE 'user-' || (i % 97) END,
+                jsonb_build_object('i', i), now() - (i * interval '7 minutes 13 seconds'), now() - i * interval '1 second'
+           FROM generate_series(1, 50000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let fingerprint =
+        "SELECT count(*), md5(string_agg(id::text || event_name || coalesce(user_id, '-') || properties::text
+                              || timestamp::text || created_at::text, ',' ORDER BY id)) FROM events";
+    let before: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&pool).await.unwrap();
+    assert_eq!(before.0, 50_000);
+
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+
+    let after: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&pool).await.unwrap();
+    assert_eq!(after, before, "every row, byte for byte");
+    let partitioned: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = 'events'::regclass)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(partitioned);
+    let rolled_up: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM event_counts_hourly")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rolled_up, 50_000, "the rollups are backfilled");
+    pool.close().await;
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect_options(&test_config("postgres", "unused", &TestOptions::default())))
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
