@@ -14,7 +14,7 @@ const DAY_SECONDS: i64 = 86_400;
 
 /// How a range splits between the hourly rollup and the raw events: raw rows for
 /// `[start, rollup_start)` and `[rollup_end, end)`, whole hours `[rollup_start, rollup_end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HourSplit {
     pub start: i64,
     pub rollup_start: i64,
@@ -68,21 +68,73 @@ pub fn hourly_rollup_fits(zone: chrono_tz::Tz, range: TimeRange) -> bool {
 
 /// Union of the hourly rollup and the raw edges, as `(slice_start, event_name, event_count)`.
 /// `name_parameter` is the placeholder number of the event name, when filtered by name.
-fn slices_sql(name_parameter: Option<usize>) -> String {
+/// With `raw_by_hour`, raw rows are cut to their UTC hour (so they join the bucket map).
+fn slices_sql(name_parameter: Option<usize>, raw_by_hour: bool) -> String {
     let name = name_parameter.map(|number| format!(" AND event_name = ${number}")).unwrap_or_default();
+    let raw_slice = if raw_by_hour {
+        "date_bin('1 hour', timestamp, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
+    } else {
+        "timestamp"
+    };
     format!(
         "SELECT bucket_start AS slice_start, event_name, event_count
            FROM event_counts_hourly
           WHERE bucket_start >= $3 AND bucket_start < $4{name}
          UNION ALL
-         SELECT timestamp, event_name, 1
+         SELECT {raw_slice}, event_name, 1
            FROM events
           WHERE timestamp >= $1 AND timestamp < $3{name}
          UNION ALL
-         SELECT timestamp, event_name, 1
+         SELECT {raw_slice}, event_name, 1
            FROM events
           WHERE timestamp >= $4 AND timestamp < $2{name}"
     )
+}
+
+/// For every UTC hour touching `range`, the start (Unix seconds) of its bucket in `zone`.
+/// Only valid when [`hourly_rollup_fits`]: each UTC hour then lies in one local bucket.
+/// A local day (week) starts at the first UTC hour whose local date (Monday) is that day's.
+pub fn hour_bucket_map(
+    group_by: GroupBy,
+    zone: chrono_tz::Tz,
+    range: TimeRange,
+) -> (Vec<DateTime<Utc>>, Vec<i64>) {
+    let bucket_key = |hour: i64| -> i64 {
+        let local_date = zone.from_utc_datetime(&time(hour).naive_utc()).date_naive();
+        match group_by {
+            GroupBy::Hour => hour,
+            GroupBy::Day => i64::from(local_date.num_days_from_ce()),
+            GroupBy::Week => {
+                i64::from(local_date.num_days_from_ce())
+                    - i64::from(local_date.weekday().num_days_from_monday())
+            }
+        }
+    };
+    let first_hour = floor_to(range.start(), HOUR_SECONDS);
+    let mut hours = Vec::new();
+    let mut buckets = Vec::new();
+    let mut current: Option<(i64, i64)> = None;
+    let mut hour = first_hour;
+    while hour < range.end() {
+        let key = bucket_key(hour);
+        let bucket_start = match current {
+            Some((current_key, current_start)) if current_key == key => current_start,
+            Some(_) => hour,
+            None => {
+                // The first bucket may start before the range: walk back to its first hour.
+                let mut start = hour;
+                while bucket_key(start - HOUR_SECONDS) == key {
+                    start -= HOUR_SECONDS;
+                }
+                start
+            }
+        };
+        current = Some((key, bucket_start));
+        hours.push(time(hour));
+        buckets.push(bucket_start);
+        hour += HOUR_SECONDS;
+    }
+    (hours, buckets)
 }
 
 /// The bucket start (Unix seconds) of `slice_start` in zone `$5`. Hours are cut at the
@@ -119,21 +171,41 @@ impl RollupRepository {
             HourSplit::raw_only(range)
         };
         let event_name = filter.event_name.as_ref().map(|name| name.as_str());
-        // $1..$4 are the split's instants, then the zone when grouped, then the name.
-        let zone_name = filter.group_by.map(|_| filter.time_zone.name());
-        let name_parameter = event_name.map(|_| if zone_name.is_some() { 6 } else { 5 });
-        let slices = slices_sql(name_parameter);
-        let sql = match filter.group_by {
-            Some(group_by) => format!(
-                "SELECT event_name, {} AS bucket, sum(event_count)::bigint AS count
-                   FROM ({slices}) slices
+        // $1..$4 are the split's instants; then either the hour-to-bucket map ($5, $6),
+        // the zone ($5) for the raw fallback, or nothing when ungrouped; the name goes last.
+        let bucket_map = match filter.group_by {
+            Some(group_by) if split != HourSplit::raw_only(range) => {
+                Some(hour_bucket_map(group_by, filter.time_zone, range))
+            }
+            _ => None,
+        };
+        let zone_name = match (filter.group_by, &bucket_map) {
+            (Some(_), None) => Some(filter.time_zone.name()),
+            _ => None,
+        };
+        let name_parameter =
+            event_name.map(|_| 5 + usize::from(zone_name.is_some()) + 2 * usize::from(bucket_map.is_some()));
+        let sql = match (filter.group_by, &bucket_map) {
+            (Some(_), Some(_)) => format!(
+                "SELECT slices.event_name, map.bucket, sum(slices.event_count)::bigint AS count
+                   FROM ({}) slices
+                   JOIN unnest($5::timestamptz[], $6::int8[]) AS map(hour_start, bucket)
+                     ON map.hour_start = slices.slice_start
                   GROUP BY 1, 2 ORDER BY bucket, event_name",
-                bucket_sql(group_by)
+                slices_sql(name_parameter, true)
             ),
-            None => format!(
+            (Some(group_by), None) => format!(
+                "SELECT event_name, {} AS bucket, sum(event_count)::bigint AS count
+                   FROM ({}) slices
+                  GROUP BY 1, 2 ORDER BY bucket, event_name",
+                bucket_sql(group_by),
+                slices_sql(name_parameter, false)
+            ),
+            (None, _) => format!(
                 "SELECT event_name, sum(event_count)::bigint AS count
-                   FROM ({slices}) slices
-                  GROUP BY 1 ORDER BY event_name"
+                   FROM ({}) slices
+                  GROUP BY 1 ORDER BY event_name",
+                slices_sql(name_parameter, false)
             ),
         };
         self.database
@@ -143,6 +215,9 @@ impl RollupRepository {
                     .bind(time(split.end))
                     .bind(time(split.rollup_start))
                     .bind(time(split.rollup_end));
+                if let Some((hours, buckets)) = &bucket_map {
+                    query = query.bind(hours).bind(buckets);
+                }
                 if let Some(zone_name) = zone_name {
                     query = query.bind(zone_name);
                 }
@@ -224,12 +299,6 @@ pub struct UniqueUsersPlan {
     pub hour_masks: Vec<i32>,
 }
 
-impl Default for HourSplit {
-    fn default() -> Self {
-        Self { start: 0, rollup_start: 0, rollup_end: 0, end: 0 }
-    }
-}
-
 impl UniqueUsersPlan {
     pub fn of(range: TimeRange) -> Self {
         let split = HourSplit::of(range);
@@ -302,6 +371,22 @@ mod tests {
         assert_eq!(plan.day_masks, vec![1 << 30, 1]);
         assert_eq!(plan.days, vec![date(2024, 1, 30), date(2024, 2, 2)]);
         assert_eq!(plan.hour_masks, vec![1 << 23, 1]);
+    }
+
+    #[test]
+    fn berlin_days_map_to_local_midnights_across_dst() {
+        // 2026-03-28 00:00+01:00 .. 2026-03-31 00:00+02:00; March 29 has 23 hours.
+        let march_28 = 1_774_652_400;
+        let (hours, buckets) = hour_bucket_map(
+            GroupBy::Day,
+            chrono_tz::Europe::Berlin,
+            range(march_28 + 5 * HOUR_SECONDS, march_28 + 3 * DAY_SECONDS - HOUR_SECONDS),
+        );
+        assert_eq!(hours.len(), 3 * 24 - 1 - 5);
+        let mut starts = buckets.clone();
+        starts.dedup();
+        assert_eq!(starts, vec![march_28, march_28 + DAY_SECONDS, march_28 + 2 * DAY_SECONDS - HOUR_SECONDS]);
+        assert_eq!(buckets.iter().filter(|start| **start == march_28 + DAY_SECONDS).count(), 23);
     }
 
     #[test]
