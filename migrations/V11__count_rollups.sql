@@ -3,10 +3,11 @@
 --
 -- event_counts_hourly: events per (UTC hour, name). Days and weeks (in any time zone with
 -- whole-hour offsets) are sums of hours.
--- user_activity_monthly: per (UTC month, user), bit d set when the user has an event on
--- day d+1 of that month; whole days of a GetUserCount range read it.
--- user_activity_daily: per (UTC day, user), bit h set when the user has an event in hour h;
--- the partial days at the edges of a range read it. Partial hours read `events`.
+-- user_activity_monthly: per (UTC month, user), a 744-bit map (31 days x 24 hours) with
+-- bit (day - 1) * 24 + hour set when the user has an event in that UTC hour. An exact
+-- GetUserCount over any range reads one row per active user and month for the whole
+-- hours, and `events` only for the partial hours at the edges. One upsert per
+-- (month, user) and batch keeps the trigger's cost low.
 
 CREATE TABLE event_counts_hourly (
     bucket_start TIMESTAMPTZ NOT NULL,
@@ -19,16 +20,17 @@ CREATE INDEX idx_event_counts_hourly_name ON event_counts_hourly (event_name, bu
 CREATE TABLE user_activity_monthly (
     month DATE NOT NULL,
     user_id VARCHAR(255) NOT NULL,
-    day_mask INTEGER NOT NULL,
+    active_hours BIT(744) NOT NULL,
     PRIMARY KEY (month, user_id)
 );
 
-CREATE TABLE user_activity_daily (
-    day DATE NOT NULL,
-    user_id VARCHAR(255) NOT NULL,
-    hour_mask INTEGER NOT NULL,
-    PRIMARY KEY (day, user_id)
-);
+-- The bit of `at` in its month's map.
+CREATE OR REPLACE FUNCTION analytics_hour_of_month(at timestamptz)
+RETURNS integer
+IMMUTABLE LANGUAGE sql AS $$
+    SELECT (extract(day FROM at AT TIME ZONE 'UTC')::integer - 1) * 24
+           + extract(hour FROM at AT TIME ZONE 'UTC')::integer
+$$;
 
 -- Keys are sorted before upserting, so concurrent batches lock shared rows in the same
 -- order and cannot deadlock.
@@ -44,27 +46,16 @@ BEGIN
     ON CONFLICT (bucket_start, event_name)
     DO UPDATE SET event_count = rollup.event_count + EXCLUDED.event_count;
 
-    INSERT INTO user_activity_daily AS activity (day, user_id, hour_mask)
-    SELECT (timestamp AT TIME ZONE 'UTC')::date, user_id,
-           bit_or(1 << extract(hour FROM timestamp AT TIME ZONE 'UTC')::integer)
-    FROM inserted
-    WHERE user_id IS NOT NULL AND user_id <> ''
-    GROUP BY 1, 2
-    ORDER BY 1, 2
-    ON CONFLICT (day, user_id)
-    DO UPDATE SET hour_mask = activity.hour_mask | EXCLUDED.hour_mask
-    WHERE activity.hour_mask | EXCLUDED.hour_mask <> activity.hour_mask;
-
-    INSERT INTO user_activity_monthly AS activity (month, user_id, day_mask)
+    INSERT INTO user_activity_monthly AS activity (month, user_id, active_hours)
     SELECT date_trunc('month', timestamp AT TIME ZONE 'UTC')::date, user_id,
-           bit_or(1 << (extract(day FROM timestamp AT TIME ZONE 'UTC')::integer - 1))
+           bit_or(set_bit(B'0'::bit(744), analytics_hour_of_month(timestamp), 1))
     FROM inserted
     WHERE user_id IS NOT NULL AND user_id <> ''
     GROUP BY 1, 2
     ORDER BY 1, 2
     ON CONFLICT (month, user_id)
-    DO UPDATE SET day_mask = activity.day_mask | EXCLUDED.day_mask
-    WHERE activity.day_mask | EXCLUDED.day_mask <> activity.day_mask;
+    DO UPDATE SET active_hours = activity.active_hours | EXCLUDED.active_hours
+    WHERE activity.active_hours | EXCLUDED.active_hours <> activity.active_hours;
 
     RETURN NULL;
 END $$;
@@ -78,19 +69,14 @@ EXECUTE FUNCTION analytics_rollup_inserted_events();
 -- Backfill from the rows already there (moved by V10).
 INSERT INTO event_counts_hourly (bucket_start, event_name, event_count)
 SELECT date_trunc('hour', timestamp, 'UTC'), event_name, count(*) FROM events GROUP BY 1, 2;
-INSERT INTO user_activity_daily (day, user_id, hour_mask)
-SELECT (timestamp AT TIME ZONE 'UTC')::date, user_id,
-       bit_or(1 << extract(hour FROM timestamp AT TIME ZONE 'UTC')::integer)
-FROM events WHERE user_id IS NOT NULL AND user_id <> '' GROUP BY 1, 2;
-INSERT INTO user_activity_monthly (month, user_id, day_mask)
+INSERT INTO user_activity_monthly (month, user_id, active_hours)
 SELECT date_trunc('month', timestamp AT TIME ZONE 'UTC')::date, user_id,
-       bit_or(1 << (extract(day FROM timestamp AT TIME ZONE 'UTC')::integer - 1))
+       bit_or(set_bit(B'0'::bit(744), analytics_hour_of_month(timestamp), 1))
 FROM events WHERE user_id IS NOT NULL AND user_id <> '' GROUP BY 1, 2;
 
 CREATE OR REPLACE FUNCTION analytics_forget_rollups_before(boundary timestamptz)
 RETURNS void
 LANGUAGE sql AS $$
     DELETE FROM event_counts_hourly WHERE bucket_start < boundary;
-    DELETE FROM user_activity_daily WHERE day < (boundary AT TIME ZONE 'UTC')::date;
     DELETE FROM user_activity_monthly WHERE month < (boundary AT TIME ZONE 'UTC')::date;
 $$;

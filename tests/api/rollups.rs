@@ -328,7 +328,6 @@ async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
     assert_eq!(grpc_unique_users(&app, old - DAY, old + DAY).await, 0);
     let old_rollups: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM event_counts_hourly WHERE bucket_start < to_timestamp($1))
-              + (SELECT count(*) FROM user_activity_daily WHERE day < to_timestamp($1)::date)
               + (SELECT count(*) FROM user_activity_monthly WHERE month < date_trunc('month', to_timestamp($1))::date)",
     )
     .bind(old + DAY)

@@ -1,7 +1,7 @@
 //! Count queries answered from the rollup tables that the `events` insert trigger keeps
-//! (migrations V11): `event_counts_hourly`, `user_activity_daily` and
-//! `user_activity_monthly`. Only the partial hours at the edges of a range (and whole
-//! ranges in zones whose offsets are not whole hours) read the raw `events` rows.
+//! (migration V11): `event_counts_hourly` and `user_activity_monthly`. Only the partial
+//! hours at the edges of a range (and grouped ranges in zones whose offsets are not whole
+//! hours) read the raw `events` rows.
 
 use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone, Utc};
 use sqlx::Row;
@@ -243,38 +243,30 @@ impl RollupRepository {
             .await
     }
 
-    /// Exact distinct non-empty user ids with an event in the range: whole UTC days from
-    /// the monthly day masks, whole hours of the edge days from the daily hour masks, the
-    /// partial hours at the edges from the raw events; the union is counted once.
+    /// Exact distinct non-empty user ids with an event in the range: the whole UTC hours
+    /// from the monthly hour maps, the partial hours at the edges from the raw events;
+    /// the union is counted once.
     pub async fn unique_users(&self, range: TimeRange) -> Result<i64, RepositoryError> {
         let plan = UniqueUsersPlan::of(range);
         self.database
             .with_retry("count_unique_users_rollup", || async {
                 let count: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM (
-                        SELECT monthly.user_id
-                          FROM user_activity_monthly monthly
-                          JOIN unnest($1::date[], $2::int4[]) AS wanted(month, day_mask)
-                            ON monthly.month = wanted.month
-                         WHERE monthly.day_mask & wanted.day_mask <> 0
+                        SELECT activity.user_id
+                          FROM user_activity_monthly activity
+                          JOIN unnest($1::date[], $2::text[]) AS wanted(month, hours)
+                            ON activity.month = wanted.month
+                         WHERE activity.active_hours & wanted.hours::bit(744) <> B'0'::bit(744)
                         UNION
-                        SELECT daily.user_id
-                          FROM user_activity_daily daily
-                          JOIN unnest($3::date[], $4::int4[]) AS wanted(day, hour_mask)
-                            ON daily.day = wanted.day
-                         WHERE daily.hour_mask & wanted.hour_mask <> 0
+                        SELECT user_id FROM events
+                         WHERE timestamp >= $3 AND timestamp < $4 AND user_id IS NOT NULL AND user_id <> ''
                         UNION
                         SELECT user_id FROM events
                          WHERE timestamp >= $5 AND timestamp < $6 AND user_id IS NOT NULL AND user_id <> ''
-                        UNION
-                        SELECT user_id FROM events
-                         WHERE timestamp >= $7 AND timestamp < $8 AND user_id IS NOT NULL AND user_id <> ''
                     ) users",
                 )
                 .bind(&plan.months)
-                .bind(&plan.day_masks)
-                .bind(&plan.days)
-                .bind(&plan.hour_masks)
+                .bind(&plan.hour_maps)
                 .bind(time(plan.split.start))
                 .bind(time(plan.split.rollup_start))
                 .bind(time(plan.split.rollup_end))
@@ -287,57 +279,45 @@ impl RollupRepository {
     }
 }
 
+/// Bits in a month's hour map: 31 days of 24 hours.
+const HOURS_IN_MONTH_MAP: usize = 31 * 24;
+
 /// Which rollup rows an exact unique-user count reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UniqueUsersPlan {
     pub split: HourSplit,
-    /// First days of UTC months, with bit `d - 1` set for each wanted day `d`.
+    /// First days of the UTC months the whole hours touch.
     pub months: Vec<NaiveDate>,
-    pub day_masks: Vec<i32>,
-    /// UTC days only partly covered, with bit `h` set for each wanted hour `h`.
-    pub days: Vec<NaiveDate>,
-    pub hour_masks: Vec<i32>,
+    /// Per month, the wanted hours as a 744-character bit string ('1' at bit
+    /// `(day - 1) * 24 + hour`).
+    pub hour_maps: Vec<String>,
 }
 
 impl UniqueUsersPlan {
     pub fn of(range: TimeRange) -> Self {
         let split = HourSplit::of(range);
         let mut plan = Self { split, ..Self::default() };
-        let whole_days_start = ceil_to(split.rollup_start, DAY_SECONDS).min(split.rollup_end);
-        let whole_days_end = floor_to(split.rollup_end, DAY_SECONDS).max(whole_days_start);
-        plan.add_hours(split.rollup_start, whole_days_start);
-        plan.add_hours(whole_days_end, split.rollup_end);
-        let mut day = whole_days_start;
-        while day < whole_days_end {
-            let date = time(day).date_naive();
+        let mut current_map: Vec<u8> = Vec::new();
+        let mut hour = split.rollup_start;
+        while hour < split.rollup_end {
+            let at = time(hour);
+            let date = at.date_naive();
             let month = date.with_day(1).unwrap_or(date);
-            let bit = 1_i32 << (date.day() - 1);
-            match plan.months.last() {
-                Some(last) if *last == month => {
-                    if let Some(mask) = plan.day_masks.last_mut() {
-                        *mask |= bit;
-                    }
+            if plan.months.last() != Some(&month) {
+                if !current_map.is_empty() {
+                    plan.hour_maps.push(String::from_utf8_lossy(&current_map).into_owned());
                 }
-                _ => {
-                    plan.months.push(month);
-                    plan.day_masks.push(bit);
-                }
+                plan.months.push(month);
+                current_map = vec![b'0'; HOURS_IN_MONTH_MAP];
             }
-            day += DAY_SECONDS;
+            let bit = (date.day() as usize - 1) * 24 + (hour.rem_euclid(DAY_SECONDS) / HOUR_SECONDS) as usize;
+            current_map[bit] = b'1';
+            hour += HOUR_SECONDS;
+        }
+        if !current_map.is_empty() {
+            plan.hour_maps.push(String::from_utf8_lossy(&current_map).into_owned());
         }
         plan
-    }
-
-    /// Whole hours `[from, to)` of one UTC day.
-    fn add_hours(&mut self, from: i64, to: i64) {
-        if from >= to {
-            return;
-        }
-        let first_hour = (from.rem_euclid(DAY_SECONDS)) / HOUR_SECONDS;
-        let hours = (to - from) / HOUR_SECONDS;
-        let mask = (first_hour..first_hour + hours).fold(0_i32, |mask, hour| mask | (1 << hour));
-        self.days.push(time(from).date_naive());
-        self.hour_masks.push(mask);
     }
 }
 
@@ -359,18 +339,19 @@ mod tests {
     }
 
     #[test]
-    fn unique_user_plan_uses_months_for_whole_days_and_hours_for_edge_days() {
-        // 2024-01-30 22:30 UTC to 2024-02-02 01:15 UTC.
-        let start = 1_706_653_800;
-        let end = 1_706_836_500;
+    fn unique_user_plan_marks_the_whole_hours_of_each_month() {
+        // 2024-01-31 22:30 UTC to 2024-02-01 01:15 UTC.
+        let start = 1_706_740_200;
+        let end = 1_706_750_100;
         let plan = UniqueUsersPlan::of(range(start, end));
         assert_eq!(plan.split.rollup_start, start + 1_800);
         assert_eq!(plan.split.rollup_end, end - 900);
         let date = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
         assert_eq!(plan.months, vec![date(2024, 1, 1), date(2024, 2, 1)]);
-        assert_eq!(plan.day_masks, vec![1 << 30, 1]);
-        assert_eq!(plan.days, vec![date(2024, 1, 30), date(2024, 2, 2)]);
-        assert_eq!(plan.hour_masks, vec![1 << 23, 1]);
+        let set_bits = |map: &str| map.match_indices('1').map(|(index, _)| index).collect::<Vec<_>>();
+        assert_eq!(set_bits(&plan.hour_maps[0]), vec![30 * 24 + 23]);
+        assert_eq!(set_bits(&plan.hour_maps[1]), vec![0]);
+        assert!(plan.hour_maps.iter().all(|map| map.len() == HOURS_IN_MONTH_MAP));
     }
 
     #[test]
