@@ -132,7 +132,7 @@ async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usize, 
 async fn compare_random_queries(app: &TestApp, random: &mut StdRng, from: i64, to: i64, queries: usize) {
     for _ in 0..queries {
         let start = random.random_range(from - DAY..to);
-        let end = start + random.random_range(1..20 * DAY);
+        let end = start + random.random_range(1..45 * DAY);
         let name = if random.random_bool(0.5) { "" } else { NAMES[random.random_range(0..NAMES.len())] };
         let group_by = ["", "hour", "day", "week"][random.random_range(0..4)];
         let zone = ZONES[random.random_range(0..ZONES.len())];

@@ -250,13 +250,18 @@ impl RollupRepository {
         let plan = UniqueUsersPlan::of(range);
         self.database
             .with_retry("count_unique_users_rollup", || async {
+                // The distinct step hashes up to (users x months) ids; PostgreSQL's default
+                // work_mem (4 MB) would make it sort on disk instead.
+                let mut transaction = self.database.pool().begin().await?;
+                sqlx::query(UNIQUE_USERS_WORK_MEM).execute(&mut *transaction).await?;
                 let count: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM (
                         SELECT activity.user_id
                           FROM user_activity_monthly activity
-                          JOIN unnest($1::date[], $2::text[]) AS wanted(month, hours)
+                          JOIN unnest($1::date[], $2::text[]::bit(744)[]) AS wanted(month, hours)
                             ON activity.month = wanted.month
-                         WHERE activity.active_hours & wanted.hours::bit(744) <> B'0'::bit(744)
+                         WHERE wanted.hours IS NULL
+                            OR activity.active_hours & wanted.hours <> B'0'::bit(744)
                         UNION
                         SELECT user_id FROM events
                          WHERE timestamp >= $3 AND timestamp < $4 AND user_id IS NOT NULL AND user_id <> ''
@@ -271,13 +276,17 @@ impl RollupRepository {
                 .bind(time(plan.split.rollup_start))
                 .bind(time(plan.split.rollup_end))
                 .bind(time(plan.split.end))
-                .fetch_one(self.database.pool())
+                .fetch_one(&mut *transaction)
                 .await?;
+                transaction.commit().await?;
                 Ok(count)
             })
             .await
     }
 }
+
+/// Memory for the distinct step of an exact unique-user count, this transaction only.
+const UNIQUE_USERS_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'";
 
 /// Bits in a month's hour map: 31 days of 24 hours.
 const HOURS_IN_MONTH_MAP: usize = 31 * 24;
@@ -289,8 +298,9 @@ pub struct UniqueUsersPlan {
     /// First days of the UTC months the whole hours touch.
     pub months: Vec<NaiveDate>,
     /// Per month, the wanted hours as a 744-character bit string ('1' at bit
-    /// `(day - 1) * 24 + hour`).
-    pub hour_maps: Vec<String>,
+    /// `(day - 1) * 24 + hour`); `None` when every hour of the month is wanted (then
+    /// every row of the month counts and no bit test is needed).
+    pub hour_maps: Vec<Option<String>>,
 }
 
 impl UniqueUsersPlan {
@@ -298,14 +308,20 @@ impl UniqueUsersPlan {
         let split = HourSplit::of(range);
         let mut plan = Self { split, ..Self::default() };
         let mut current_map: Vec<u8> = Vec::new();
+        let finish = |map: &[u8], month: NaiveDate| -> Option<String> {
+            let next_month = month.checked_add_months(chrono::Months::new(1)).unwrap_or(month);
+            let hours_in_month = (next_month - month).num_days() as usize * 24;
+            let wanted = map.iter().filter(|bit| **bit == b'1').count();
+            (wanted < hours_in_month).then(|| String::from_utf8_lossy(map).into_owned())
+        };
         let mut hour = split.rollup_start;
         while hour < split.rollup_end {
             let at = time(hour);
             let date = at.date_naive();
             let month = date.with_day(1).unwrap_or(date);
             if plan.months.last() != Some(&month) {
-                if !current_map.is_empty() {
-                    plan.hour_maps.push(String::from_utf8_lossy(&current_map).into_owned());
+                if let Some(previous) = plan.months.last() {
+                    plan.hour_maps.push(finish(&current_map, *previous));
                 }
                 plan.months.push(month);
                 current_map = vec![b'0'; HOURS_IN_MONTH_MAP];
@@ -314,8 +330,8 @@ impl UniqueUsersPlan {
             current_map[bit] = b'1';
             hour += HOUR_SECONDS;
         }
-        if !current_map.is_empty() {
-            plan.hour_maps.push(String::from_utf8_lossy(&current_map).into_owned());
+        if let Some(last) = plan.months.last() {
+            plan.hour_maps.push(finish(&current_map, *last));
         }
         plan
     }
@@ -349,9 +365,15 @@ mod tests {
         let date = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
         assert_eq!(plan.months, vec![date(2024, 1, 1), date(2024, 2, 1)]);
         let set_bits = |map: &str| map.match_indices('1').map(|(index, _)| index).collect::<Vec<_>>();
-        assert_eq!(set_bits(&plan.hour_maps[0]), vec![30 * 24 + 23]);
-        assert_eq!(set_bits(&plan.hour_maps[1]), vec![0]);
-        assert!(plan.hour_maps.iter().all(|map| map.len() == HOURS_IN_MONTH_MAP));
+        let maps: Vec<&str> = plan.hour_maps.iter().map(|map| map.as_deref().unwrap()).collect();
+        assert_eq!(set_bits(maps[0]), vec![30 * 24 + 23]);
+        assert_eq!(set_bits(maps[1]), vec![0]);
+        assert!(maps.iter().all(|map| map.len() == HOURS_IN_MONTH_MAP));
+
+        // All of February 2024 (29 days): no bit test for that month.
+        let february = UniqueUsersPlan::of(range(1_706_745_600, 1_709_251_200));
+        assert_eq!(february.months, vec![date(2024, 2, 1)]);
+        assert_eq!(february.hour_maps, vec![None]);
     }
 
     #[test]
