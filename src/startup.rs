@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::admin;
@@ -172,7 +172,10 @@ impl Application {
                     router.serve_with_incoming_shutdown(tls_incoming(grpc_listener, tls), signal).await
                 }
                 None => {
-                    router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), signal).await
+                    // tonic ignores Server::tcp_nodelay for a caller-supplied listener: without
+                    // TCP_NODELAY, small responses wait for the peer's delayed ACK (about 40 ms).
+                    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+                    router.serve_with_incoming_shutdown(incoming, signal).await
                 }
             }
         };
