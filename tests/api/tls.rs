@@ -251,6 +251,7 @@ async fn callers_not_on_the_allow_list_get_permission_denied() {
         start_time: 0,
         end_time: 0,
         group_by: String::new(),
+        time_zone: String::new(),
     };
     let denied = web.get_event_count(counts.clone()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
