@@ -171,6 +171,11 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            // As on the plaintext port: without TCP_NODELAY small responses wait for the
+            // peer's delayed ACK (about 40 ms).
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(peer = %peer, error = %error, "setting tcp_nodelay failed");
+            }
             let acceptor = tls.acceptor();
             let sender = sender.clone();
             tokio::spawn(async move {
