@@ -28,7 +28,7 @@ async fn concurrent_migrations_apply_once_and_create_the_seed_schema() {
     assert_eq!(schema::status(&pool).await.unwrap(), SchemaStatus::Current { version: latest });
 
     let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT indexname::text FROM pg_indexes WHERE tablename IN ('events', 'user_identities') ORDER BY 1",
+        "SELECT indexname::text FROM pg_indexes WHERE tablename IN ('events', 'user_identities', 'event_insert_ids') ORDER BY 1",
     )
     .fetch_all(&pool)
     .await
@@ -39,6 +39,8 @@ async fn concurrent_migrations_apply_once_and_create_the_seed_schema() {
         "idx_events_timestamp",
         "idx_events_user_id",
         "idx_user_identities_properties",
+        "event_insert_ids_pkey",
+        "idx_event_insert_ids_created_at",
     ] {
         assert!(indexes.iter().any(|index| index == expected), "{expected} in {indexes:?}");
     }
