@@ -252,6 +252,26 @@ pub struct Config {
     /// writes (a mounted Secret). Empty = PII encryption off.
     #[serde(default)]
     pub pii_keys_file: String,
+
+    // ---- ingestion (group commit) ----
+    /// INGEST_BATCH_SIZE: most events per group commit (one multi-row insert). A
+    /// TrackEvents call is never split, so a commit may hold one larger call.
+    #[serde(default = "defaults::ingest_batch_size")]
+    pub ingest_batch_size: usize,
+    /// INGEST_LINGER_MS: how long a group commit waits for more events once its first
+    /// arrived, in milliseconds. 0 = commit what is queued at once.
+    #[serde(default = "defaults::ingest_linger_ms")]
+    pub ingest_linger_ms: u64,
+    /// INGEST_QUEUE_CAPACITY: most events waiting for or inside a group commit; calls
+    /// beyond it fail fast with RESOURCE_EXHAUSTED.
+    #[serde(default = "defaults::ingest_queue_capacity")]
+    pub ingest_queue_capacity: usize,
+    /// INGEST_WRITERS: group commits in flight at once (each holds one pooled connection).
+    #[serde(default = "defaults::ingest_writers")]
+    pub ingest_writers: usize,
+    /// IDEMPOTENCY_WINDOW_DAYS: how long an insert_id is remembered, in days.
+    #[serde(default = "defaults::idempotency_window_days")]
+    pub idempotency_window_days: u32,
 }
 
 mod defaults {
@@ -355,6 +375,21 @@ mod defaults {
     pub(super) fn pii_fields() -> String {
         "email,phone,name,ip_address".into()
     }
+    pub(super) fn ingest_batch_size() -> usize {
+        500
+    }
+    pub(super) fn ingest_linger_ms() -> u64 {
+        2
+    }
+    pub(super) fn ingest_queue_capacity() -> usize {
+        10_000
+    }
+    pub(super) fn ingest_writers() -> usize {
+        2
+    }
+    pub(super) fn idempotency_window_days() -> u32 {
+        7
+    }
 }
 
 /// A start-up configuration error; its message names the offending variable.
@@ -443,6 +478,21 @@ impl Config {
         let policy = self.caller_policy()?;
         if !policy.is_open() && self.tls_files().is_none() {
             return fail("TLS_ALLOWED_CALLERS", "caller allow-lists need mTLS (TLS_CERT_FILE and friends)");
+        }
+        if !(1..=10_000).contains(&self.ingest_batch_size) {
+            return fail("INGEST_BATCH_SIZE", "must be between 1 and 10000");
+        }
+        if self.ingest_linger_ms > 100 {
+            return fail("INGEST_LINGER_MS", "must be at most 100");
+        }
+        if !(1..=1_000_000).contains(&self.ingest_queue_capacity) {
+            return fail("INGEST_QUEUE_CAPACITY", "must be between 1 and 1000000");
+        }
+        if self.ingest_writers == 0 || self.ingest_writers > self.postgres_max_connections as usize {
+            return fail("INGEST_WRITERS", "must be between 1 and POSTGRES_MAX_CONNECTIONS");
+        }
+        if !(1..=365).contains(&self.idempotency_window_days) {
+            return fail("IDEMPOTENCY_WINDOW_DAYS", "must be between 1 and 365");
         }
         Ok(())
     }
@@ -546,6 +596,10 @@ impl Config {
     pub fn event_retention(&self) -> Option<chrono::Duration> {
         (self.event_retention_days > 0).then(|| chrono::Duration::days(i64::from(self.event_retention_days)))
     }
+
+    pub fn ingest_linger(&self) -> Duration {
+        Duration::from_millis(self.ingest_linger_ms)
+    }
 }
 
 /// envy names the variable for values it parses itself ("... provided by POSTGRES_PORT")
@@ -599,6 +653,11 @@ mod tests {
             ("REDIS_DB", "99"),
             ("EVENT_MAX_AGE_DAYS", "0"),
             ("DB_RETRY_MAX_ATTEMPTS", "0"),
+            ("INGEST_BATCH_SIZE", "0"),
+            ("INGEST_LINGER_MS", "1000"),
+            ("INGEST_QUEUE_CAPACITY", "0"),
+            ("INGEST_WRITERS", "26"),
+            ("IDEMPOTENCY_WINDOW_DAYS", "0"),
         ];
         for (variable, value) in cases {
             let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();

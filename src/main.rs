@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
 use analytics_service::repository::postgres::pii::reencrypt_all;
-use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
+use analytics_service::repository::postgres::{
+    connect_options, partitions, schema, Database, EventRepository,
+};
 use analytics_service::repository::redis::CountCache;
 use analytics_service::security::pii::PiiCipher;
+use analytics_service::service::ingest::{self, IngestSettings};
 use analytics_service::service::rate_limit::RateLimiter;
 use analytics_service::service::{AnalyticsService, EVENT_MIGRATION_APPLIED};
 use analytics_service::startup::Application;
@@ -163,15 +166,20 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
         tracing::info!(created, "event partitions created ahead");
         if config.self_tracking && !report.applied.is_empty() {
             // Self-tracking: the migration shows up in the service's own counts.
+            let database = Database::connect_lazy(&config);
+            let (ingest_queue, ingest_writer) =
+                ingest::start(EventRepository::new(database.clone()), IngestSettings::from_config(&config));
             let service = AnalyticsService::new(
-                Database::connect_lazy(&config),
+                database,
                 CountCache::disabled(),
                 RateLimiter::per_minute(0),
                 config.event_max_age(),
-            );
+            )
+            .with_ingest(ingest_queue);
             let latest = schema::expected_versions().last().copied().unwrap_or(0);
             let properties = vec![("version", latest.to_string()), ("applied", report.applied.join(","))];
             service.track_lifecycle(EVENT_MIGRATION_APPLIED, properties).await;
+            ingest_writer.stop(config.shutdown_drain()).await;
         }
         return Ok(ExitCode::SUCCESS);
     }

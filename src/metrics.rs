@@ -44,6 +44,8 @@ pub fn install() -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .expect("latency buckets are not empty")
+                .set_buckets_for_metric(Matcher::Full(INGEST_BATCH_SIZE.into()), BATCH_SIZE_BUCKETS)
+                .expect("batch size buckets are not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe_all();
@@ -88,6 +90,7 @@ fn describe_all() {
         PERMISSION_DENIED,
         "Calls refused because the caller is not on the allow-list, by method."
     );
+    describe_ingest();
 }
 
 pub fn record_grpc_started(service: &'static str, method: &'static str, kind: &'static str) {
@@ -173,4 +176,50 @@ pub fn set_pool_stats(size: u32, idle: usize, max: u32) {
     gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
     gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((f64::from(size) - idle).max(0.0));
     gauge!(DB_POOL_MAX_CONNECTIONS).set(f64::from(max));
+}
+
+// ---- ingestion (group commit) ----
+
+pub const INGEST_BATCH_SIZE: &str = "analytics_ingest_batch_size";
+pub const INGEST_COMMIT_SECONDS: &str = "analytics_ingest_commit_seconds";
+pub const INGEST_QUEUE_DEPTH: &str = "analytics_ingest_queue_depth";
+pub const INGEST_QUEUE_CAPACITY: &str = "analytics_ingest_queue_capacity";
+pub const DEDUP_HITS: &str = "analytics_dedup_hits_total";
+
+/// Events per group commit: from a lone call to a full TrackEvents batch and beyond.
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0];
+
+fn describe_ingest() {
+    describe_histogram!(INGEST_BATCH_SIZE, Unit::Count, "Events written per group commit.");
+    describe_histogram!(
+        INGEST_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Time to write one group commit to PostgreSQL, retries and row isolation included."
+    );
+    describe_gauge!(INGEST_QUEUE_DEPTH, "Events queued for or inside a group commit.");
+    describe_gauge!(INGEST_QUEUE_CAPACITY, "Most events the ingest queue holds (INGEST_QUEUE_CAPACITY).");
+    describe_counter!(DEDUP_HITS, "Events not stored because their insert_id was already stored.");
+}
+
+/// One group commit of `events` events, answered after `elapsed`. Called by the
+/// writer, off the request path.
+pub fn record_ingest_commit(events: usize, elapsed: Duration) {
+    histogram!(INGEST_BATCH_SIZE).record(events as f64);
+    histogram!(INGEST_COMMIT_SECONDS).record(elapsed.as_secs_f64());
+}
+
+pub fn set_ingest_queue(depth: usize, capacity: usize) {
+    gauge!(INGEST_QUEUE_DEPTH).set(depth as f64);
+    gauge!(INGEST_QUEUE_CAPACITY).set(capacity as f64);
+}
+
+/// Events answered as duplicates of an earlier insert_id.
+pub fn record_dedup_hits(count: u64) {
+    counter!(DEDUP_HITS).increment(count);
+    counter!(EVENTS_REJECTED, "reason" => "duplicate").increment(count);
+}
+
+/// Events not stored for `reason`, counted in one step (a failed group commit).
+pub fn record_events_rejected(reason: &'static str, count: u64) {
+    counter!(EVENTS_REJECTED, "reason" => reason).increment(count);
 }

@@ -19,10 +19,12 @@ use crate::config::Config;
 use crate::metrics;
 use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsServiceServer;
+use crate::repository::postgres::EventRepository;
 use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::{CountCache, SharedBudgets};
 use crate::security::pii::PiiCipher;
 use crate::security::tls::{tls_incoming, ReloadingTlsConfig};
+use crate::service::ingest::{self, IngestSettings, IngestWriter};
 use crate::service::partition_maintenance::run_partition_maintenance;
 use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
@@ -38,6 +40,7 @@ pub struct Application {
     readiness: ReadinessMonitor,
     /// mTLS on the gRPC port, when TLS_CERT_FILE and friends are set.
     tls: Option<ReloadingTlsConfig>,
+    ingest_writer: IngestWriter,
 }
 
 impl Application {
@@ -65,13 +68,16 @@ impl Application {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
         let (rate_limiter, pii, tls) = security_from_config(&config)?;
+        let events = EventRepository::new(database.clone()).with_pii(pii.clone());
+        let (ingest_queue, ingest_writer) = ingest::start(events, IngestSettings::from_config(&config));
         let service = Arc::new(
             AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age())
                 .with_pii(pii)
-                .with_event_retention(config.event_retention()),
+                .with_event_retention(config.event_retention())
+                .with_ingest(ingest_queue),
         );
         let readiness = ReadinessMonitor::new(database.clone());
-        Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls })
+        Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls, ingest_writer })
     }
 
     pub fn grpc_address(&self) -> SocketAddr {
@@ -87,7 +93,16 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let Application { config, grpc_listener, admin_listener, database, service, readiness, tls } = self;
+        let Application {
+            config,
+            grpc_listener,
+            admin_listener,
+            database,
+            service,
+            readiness,
+            tls,
+            ingest_writer,
+        } = self;
         let metrics_handle = metrics::install();
 
         // First probe before accepting calls, so a healthy start is ready at once.
@@ -207,6 +222,8 @@ impl Application {
         admin_task.await.ok();
         probe_task.abort();
         health_task.abort();
+        // Calls still queued for a group commit are written before the pool closes.
+        ingest_writer.stop(config.shutdown_drain()).await;
         database.close().await;
         tracing::info!("stopped");
         Ok(())

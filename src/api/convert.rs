@@ -1,11 +1,11 @@
 //! Protobuf messages to domain types (parse, don't validate) and back.
 
 use crate::models::{
-    EventCount, EventFilter, EventName, GroupBy, IdentifyUser, Properties, PropertyValue, TimeRange,
-    TrackEvent, UserId,
+    EventCount, EventFilter, EventName, GroupBy, IdentifyUser, InsertId, Properties, PropertyValue,
+    TimeRange, TrackEvent, UserId,
 };
 use crate::pb;
-use crate::service::ValidationError;
+use crate::service::{EventResult, Stored, ValidationError};
 
 fn property_value(value: pb::PropertyValue) -> Option<PropertyValue> {
     value.value.map(|value| match value {
@@ -30,6 +30,7 @@ impl TryFrom<pb::TrackEventRequest> for TrackEvent {
             user_id: UserId::parse_optional(request.user_id)?,
             properties: properties(request.properties)?,
             unix_seconds: (request.timestamp != 0).then_some(request.timestamp),
+            insert_id: InsertId::parse_optional(request.insert_id)?,
         })
     }
 }
@@ -81,4 +82,41 @@ impl From<EventCount> for pb::EventCount {
     fn from(count: EventCount) -> Self {
         pb::EventCount { event_name: count.event_name, timestamp: count.bucket_start, count: count.count }
     }
+}
+
+/// One result per event, in request order. A rejected event carries the status its
+/// error maps to (the one mapping in `status`), so it reads like a unary failure.
+pub fn track_events_response(results: Vec<EventResult>) -> pb::TrackEventsResponse {
+    let results = results
+        .into_iter()
+        .enumerate()
+        .map(|(index, result)| {
+            let index = i32::try_from(index).unwrap_or(i32::MAX);
+            match result {
+                Ok(Stored::Accepted(id)) => pb::TrackEventResult {
+                    index,
+                    status: pb::TrackEventStatus::Accepted.into(),
+                    event_id: id.to_string(),
+                    ..Default::default()
+                },
+                Ok(Stored::Duplicate(id)) => pb::TrackEventResult {
+                    index,
+                    status: pb::TrackEventStatus::Duplicate.into(),
+                    event_id: id.to_string(),
+                    ..Default::default()
+                },
+                Err(error) => {
+                    let status = tonic::Status::from(error);
+                    pb::TrackEventResult {
+                        index,
+                        status: pb::TrackEventStatus::Rejected.into(),
+                        error: status.message().to_string(),
+                        code: status.code().into(),
+                        ..Default::default()
+                    }
+                }
+            }
+        })
+        .collect();
+    pb::TrackEventsResponse { results }
 }

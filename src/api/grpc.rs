@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use prost::Message as _;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -14,7 +15,7 @@ use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;
 use crate::security::authorization::CallerPolicy;
 use crate::security::tls::caller_from_extensions;
 use crate::service::readiness::Readiness;
-use crate::service::{AnalyticsService, ServiceError, ServingStatus};
+use crate::service::{validation, AnalyticsService, ServiceError, ServingStatus};
 
 /// Implements the generated server trait on top of [`AnalyticsService`].
 #[derive(Clone)]
@@ -60,8 +61,24 @@ impl AnalyticsApi for AnalyticsGrpc {
             metrics::record_event_rejected("invalid_argument");
             ServiceError::from(error)
         })?;
-        let event_id = self.service.track_event(event, &caller).await?;
-        Ok(Response::new(pb::TrackEventResponse { success: true, event_id: event_id.to_string() }))
+        let stored = self.service.track_event(event, &caller).await?;
+        Ok(Response::new(pb::TrackEventResponse { success: true, event_id: stored.event_id().to_string() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc.method = "TrackEvents", caller = tracing::field::Empty))]
+    async fn track_events(
+        &self,
+        request: Request<pb::TrackEventsRequest>,
+    ) -> Result<Response<pb::TrackEventsResponse>, Status> {
+        let caller = self.authorize(&request, "TrackEvents")?;
+        let request = request.into_inner();
+        validation::check_batch(request.events.len(), request.encoded_len()).map_err(|error| {
+            metrics::record_events_rejected("invalid_argument", request.events.len() as u64);
+            ServiceError::from(error)
+        })?;
+        let events = request.events.into_iter().map(TrackEvent::try_from).collect();
+        let results = self.service.track_events(events, &caller).await?;
+        Ok(Response::new(convert::track_events_response(results)))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = "IdentifyUser", caller = tracing::field::Empty))]

@@ -26,6 +26,7 @@ use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
 /// reported as "unknown" so arbitrary paths never create new metric series.
 const KNOWN_METHODS: &[(&str, &str, &str)] = &[
     ("analytics.v1.AnalyticsService", "TrackEvent", "unary"),
+    ("analytics.v1.AnalyticsService", "TrackEvents", "unary"),
     ("analytics.v1.AnalyticsService", "IdentifyUser", "unary"),
     ("analytics.v1.AnalyticsService", "GetEventCount", "unary"),
     ("analytics.v1.AnalyticsService", "GetUserCount", "unary"),

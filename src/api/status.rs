@@ -16,6 +16,7 @@ impl From<ServiceError> for Status {
                 status
             }
             ServiceError::PermissionDenied => Status::permission_denied("caller not allowed"),
+            ServiceError::Overloaded => Status::resource_exhausted("ingest queue full, retry later"),
             ServiceError::Unavailable(reason) => Status::unavailable(reason),
             ServiceError::Internal => Status::internal("internal error"),
         }
@@ -41,6 +42,9 @@ mod tests {
         let denied: Status = ServiceError::PermissionDenied.into();
         assert_eq!(denied.code(), Code::PermissionDenied);
         assert_eq!(denied.message(), "caller not allowed");
+        let overloaded: Status = ServiceError::Overloaded.into();
+        assert_eq!(overloaded.code(), Code::ResourceExhausted);
+        assert_eq!(overloaded.message(), "ingest queue full, retry later");
 
         let unavailable: Status = ServiceError::Unavailable("database unavailable").into();
         assert_eq!(unavailable.code(), Code::Unavailable);

@@ -15,6 +15,17 @@ impl EventName {
     }
 }
 
+/// A client-chosen idempotency key: 1-255 bytes, no control characters. Two events
+/// with the same key within the idempotency window are stored once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InsertId(pub(crate) String);
+
+impl InsertId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A TrackEvent request after parsing; the timestamp is checked against the clock
 /// by the service, which knows the accepted age window.
 #[derive(Clone, Debug)]
@@ -25,6 +36,8 @@ pub struct TrackEvent {
     pub properties: Properties,
     /// Unix seconds as sent; `None` when absent or 0 (meaning "now").
     pub unix_seconds: Option<i64>,
+    /// `None` when the client sent no idempotency key.
+    pub insert_id: Option<InsertId>,
 }
 
 /// An event ready to be written: identity and time are fixed.
@@ -35,6 +48,7 @@ pub struct NewEvent {
     pub user_id: Option<UserId>,
     pub properties: Properties,
     pub timestamp: DateTime<Utc>,
+    pub insert_id: Option<InsertId>,
 }
 
 /// A half-open time range [start, end) in Unix seconds, with end > start.

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 /// RPC names a per-RPC list may name (the AnalyticsService methods).
 pub const AUTHORIZED_RPCS: &[&str] =
-    &["TrackEvent", "IdentifyUser", "GetEventCount", "GetUserCount", "HealthCheck"];
+    &["TrackEvent", "TrackEvents", "IdentifyUser", "GetEventCount", "GetUserCount", "HealthCheck"];
 
 /// Who may call what. Empty means everyone (plaintext mode or no lists configured).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

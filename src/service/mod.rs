@@ -3,6 +3,7 @@
 //! `validation`); storage goes through `repository`.
 
 mod counts;
+pub mod ingest;
 pub mod partition_maintenance;
 pub mod rate_limit;
 pub mod readiness;
@@ -18,11 +19,12 @@ use crate::models::{IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
+pub use ingest::{EventResult, IngestQueue, Stored};
 use rate_limit::RateLimiter;
 pub use validation::ValidationError;
 
 /// Everything a caller can be told. `api` maps each variant to one gRPC status.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
     InvalidArgument(#[from] ValidationError),
@@ -31,6 +33,9 @@ pub enum ServiceError {
     /// The verified caller is not on the allow-list of this RPC.
     #[error("caller not allowed")]
     PermissionDenied,
+    /// The ingest queue is full: the call was refused at once, nothing was stored.
+    #[error("ingest queue full, retry later")]
+    Overloaded,
     /// A dependency is down or not ready; the message is safe to show callers.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -79,9 +84,12 @@ pub struct AnalyticsService {
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
+    ingest: IngestQueue,
 }
 
 impl AnalyticsService {
+    /// A service whose event writes fail as UNAVAILABLE until [`Self::with_ingest`]
+    /// gives it the group-commit queue (read-only uses need none).
     pub fn new(
         database: Database,
         cache: CountCache,
@@ -96,7 +104,13 @@ impl AnalyticsService {
             rate_limiter: Arc::new(rate_limiter),
             event_max_age,
             event_retention: None,
+            ingest: IngestQueue::closed(),
         }
+    }
+
+    /// Writes events through `ingest`, the group-commit queue (see [`ingest::start`]).
+    pub fn with_ingest(self, ingest: IngestQueue) -> Self {
+        Self { ingest, ..self }
     }
 
     /// Encrypts the PII_FIELDS values of events and identities on write and decrypts
@@ -124,37 +138,95 @@ impl AnalyticsService {
         self
     }
 
-    /// Stores one event; returns its id once it is committed. `caller` identifies who
-    /// sent it (budget of anonymous events).
-    #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
-    pub async fn track_event(&self, event: TrackEvent, caller: &str) -> Result<Uuid, ServiceError> {
-        let timestamp = validation::event_timestamp(event.unix_seconds, Utc::now(), self.event_max_age)
-            .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
-        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), caller);
-        if let Err(wait) = self.rate_limiter.check(&budget).await {
-            metrics::record_event_rejected("rate_limited");
-            metrics::record_rate_limited();
-            return Err(ServiceError::RateLimited {
-                retry_after_seconds: rate_limit::retry_after_seconds(wait),
-            });
-        }
-        let new_event = NewEvent {
+    /// Fixes an event's id and time (checked against the accepted age window).
+    fn new_event(&self, event: TrackEvent, now: chrono::DateTime<Utc>) -> Result<NewEvent, ValidationError> {
+        let timestamp = validation::event_timestamp(event.unix_seconds, now, self.event_max_age)?;
+        Ok(NewEvent {
             id: Uuid::now_v7(),
             name: event.name,
             user_id: event.user_id,
             properties: event.properties,
             timestamp,
-        };
-        match self.events.insert_many(std::slice::from_ref(&new_event)).await {
-            Ok(()) => {
-                metrics::record_events_ingested(1);
-                Ok(new_event.id)
-            }
-            Err(error) => {
-                metrics::record_event_rejected("database");
-                Err(error.into())
+            insert_id: event.insert_id,
+        })
+    }
+
+    /// Spends one event of the sender's budget (the user, or `caller` for anonymous
+    /// events).
+    async fn check_rate_limit(&self, event: &NewEvent, caller: &str) -> Result<(), ServiceError> {
+        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), caller);
+        self.rate_limiter.check(&budget).await.map_err(|wait| {
+            metrics::record_event_rejected("rate_limited");
+            metrics::record_rate_limited();
+            ServiceError::RateLimited { retry_after_seconds: rate_limit::retry_after_seconds(wait) }
+        })
+    }
+
+    /// Stores one event through the group commit; answers once it is committed, with its
+    /// id, or with the original id when its insert_id was stored before. `caller`
+    /// identifies who sent it (budget of anonymous events).
+    #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
+    pub async fn track_event(&self, event: TrackEvent, caller: &str) -> Result<Stored, ServiceError> {
+        let new_event = self
+            .new_event(event, Utc::now())
+            .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
+        self.check_rate_limit(&new_event, caller).await?;
+        let mut results = self.ingest.submit(vec![new_event]).await?;
+        results.pop().unwrap_or(Err(ServiceError::Internal))
+    }
+
+    /// Stores the valid events of one TrackEvents call in one group commit and answers
+    /// per event, in order: invalid ones are rejected alone. The call itself fails only
+    /// when nothing was stored for a reason that is not the events' own: queue full,
+    /// shutting down, database unavailable (so a plain retry of the call is right).
+    #[tracing::instrument(skip_all, fields(events = events.len()))]
+    pub async fn track_events(
+        &self,
+        events: Vec<Result<TrackEvent, ValidationError>>,
+        caller: &str,
+    ) -> Result<Vec<EventResult>, ServiceError> {
+        let now = Utc::now();
+        let mut results: Vec<Option<EventResult>> = vec![None; events.len()];
+        let mut valid = Vec::with_capacity(events.len());
+        let mut positions = Vec::with_capacity(events.len());
+        for (index, event) in events.into_iter().enumerate() {
+            match event.and_then(|event| self.new_event(event, now)) {
+                Ok(new_event) => {
+                    valid.push(new_event);
+                    positions.push(index);
+                }
+                Err(error) => results[index] = Some(Err(ServiceError::InvalidArgument(error))),
             }
         }
+        let invalid = results.len() - valid.len();
+        if invalid > 0 {
+            metrics::record_events_rejected("invalid_argument", invalid as u64);
+        }
+        // Each event spends its sender's budget; those over it are rejected alone.
+        let mut admitted = Vec::with_capacity(valid.len());
+        let mut admitted_positions = Vec::with_capacity(valid.len());
+        for (new_event, position) in valid.into_iter().zip(positions) {
+            match self.check_rate_limit(&new_event, caller).await {
+                Ok(()) => {
+                    admitted.push(new_event);
+                    admitted_positions.push(position);
+                }
+                Err(error) => results[position] = Some(Err(error)),
+            }
+        }
+        let (valid, positions) = (admitted, admitted_positions);
+        if !valid.is_empty() {
+            let stored = self.ingest.submit(valid).await?;
+            if let Some(Err(error @ ServiceError::Unavailable(_))) = stored.first() {
+                if stored.iter().all(Result::is_err) {
+                    return Err(error.clone());
+                }
+            }
+            for (position, result) in positions.into_iter().zip(stored) {
+                results[position] = Some(result);
+            }
+        }
+        Ok(results.into_iter().map(|result| result.unwrap_or(Err(ServiceError::Internal))).collect())
     }
 
     /// Creates or updates a user identity and writes the audit record (never the
@@ -190,14 +262,18 @@ impl AnalyticsService {
             crate::models::EventName::parse(name.to_string()),
             crate::models::Properties::parse(properties),
         ) {
-            (Ok(name), Ok(properties)) => TrackEvent { name, user_id: None, properties, unix_seconds: None },
+            (Ok(name), Ok(properties)) => {
+                TrackEvent { name, user_id: None, properties, unix_seconds: None, insert_id: None }
+            }
             (Err(error), _) | (_, Err(error)) => {
                 tracing::error!(error = %error, "invalid lifecycle event");
                 return;
             }
         };
         match self.track_event(event, SELF_CALLER).await {
-            Ok(event_id) => tracing::info!(event = name, %event_id, "lifecycle event tracked"),
+            Ok(stored) => {
+                tracing::info!(event = name, event_id = %stored.event_id(), "lifecycle event tracked")
+            }
             Err(error) => tracing::warn!(event = name, error = %error, "lifecycle event not tracked"),
         }
     }

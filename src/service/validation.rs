@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 
-use crate::models::{EventName, GroupBy, Properties, PropertyValue, TimeRange, UserId};
+use crate::models::{EventName, GroupBy, InsertId, Properties, PropertyValue, TimeRange, UserId};
 
 /// Longest event name, user id and property key, in bytes (the VARCHAR(255) columns).
 pub const MAX_NAME_BYTES: usize = 255;
@@ -17,6 +17,10 @@ pub const MAX_PROPERTIES_BYTES: usize = 32 * 1024;
 pub const MAX_FUTURE_SKEW: Duration = Duration::hours(1);
 /// Most buckets one GetEventCount answer may span.
 pub const MAX_BUCKETS: i64 = 10_000;
+/// Most events in one TrackEvents call.
+pub const MAX_BATCH_EVENTS: usize = 1_000;
+/// Largest encoded TrackEvents request, in bytes (1 MiB).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// A rejected input: which field, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +74,37 @@ impl UserId {
         }
         Self::parse(raw).map(Some)
     }
+}
+
+impl InsertId {
+    /// An optional idempotency key: empty means none.
+    pub fn parse_optional(raw: String) -> Result<Option<Self>, ValidationError> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        check_name("insert_id", &raw)?;
+        Ok(Some(Self(raw)))
+    }
+}
+
+/// Checks the size of a TrackEvents call before its events are parsed one by one.
+pub fn check_batch(event_count: usize, encoded_bytes: usize) -> Result<(), ValidationError> {
+    if event_count == 0 {
+        return Err(ValidationError::new("events", "must not be empty"));
+    }
+    if event_count > MAX_BATCH_EVENTS {
+        return Err(ValidationError::new(
+            "events",
+            format!("must hold at most {MAX_BATCH_EVENTS} events, got {event_count}"),
+        ));
+    }
+    if encoded_bytes > MAX_BATCH_BYTES {
+        return Err(ValidationError::new(
+            "events",
+            format!("request is {encoded_bytes} bytes, at most {MAX_BATCH_BYTES}"),
+        ));
+    }
+    Ok(())
 }
 
 impl Properties {
@@ -301,6 +336,33 @@ mod tests {
                     assert!(error.reason.contains(reason), "{name}: {error}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn insert_id_rules() {
+        assert_eq!(InsertId::parse_optional(String::new()).unwrap(), None);
+        assert_eq!(InsertId::parse_optional("a-1".into()).unwrap().unwrap().as_str(), "a-1");
+        assert!(InsertId::parse_optional("i".repeat(255)).unwrap().is_some());
+        let too_long = InsertId::parse_optional("i".repeat(256)).unwrap_err();
+        assert_eq!(too_long.field, "insert_id");
+        let control = InsertId::parse_optional("a\tb".into()).unwrap_err();
+        assert_eq!(control.field, "insert_id");
+    }
+
+    #[test]
+    fn batch_limits() {
+        assert!(check_batch(1, 10).is_ok());
+        assert!(check_batch(MAX_BATCH_EVENTS, MAX_BATCH_BYTES).is_ok());
+        let cases = [
+            (0, 10, "must not be empty"),
+            (MAX_BATCH_EVENTS + 1, 10, "at most 1000 events"),
+            (1, MAX_BATCH_BYTES + 1, "at most 1048576"),
+        ];
+        for (count, bytes, reason) in cases {
+            let error = check_batch(count, bytes).unwrap_err();
+            assert_eq!(error.field, "events");
+            assert!(error.reason.contains(reason), "{error}");
         }
     }
 

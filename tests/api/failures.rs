@@ -22,6 +22,7 @@ fn event(name: &str) -> pb::TrackEventRequest {
         user_id: "u".into(),
         properties: HashMap::new(),
         timestamp: 0,
+        insert_id: String::new(),
     }
 }
 
@@ -102,6 +103,12 @@ impl AnalyticsService for PanickingService {
         _: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
         panic!("boom in a handler");
+    }
+    async fn track_events(
+        &self,
+        _: Request<pb::TrackEventsRequest>,
+    ) -> Result<Response<pb::TrackEventsResponse>, Status> {
+        Err(Status::unimplemented("test"))
     }
     async fn identify_user(
         &self,

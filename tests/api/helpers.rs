@@ -217,6 +217,7 @@ impl TestApp {
                 user_id: user_id.to_string(),
                 properties: HashMap::new(),
                 timestamp,
+                insert_id: String::new(),
             })
             .await
             .expect("track_event succeeds")

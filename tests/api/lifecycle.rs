@@ -26,6 +26,7 @@ async fn calls_in_flight_at_shutdown_complete() {
                 user_id: "u".into(),
                 properties: HashMap::new(),
                 timestamp: 0,
+                insert_id: String::new(),
             })
             .await
     });

@@ -33,6 +33,7 @@ fn track(name: &str, user: &str) -> pb::TrackEventRequest {
         user_id: user.into(),
         properties: HashMap::new(),
         timestamp: 0,
+        insert_id: String::new(),
     }
 }
 

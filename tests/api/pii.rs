@@ -74,6 +74,7 @@ async fn track_with_email(app: &TestApp, user_id: &str, email: &str) -> Uuid {
                 ("seats".to_string(), number_value(3.0)),
             ]),
             timestamp: 0,
+            insert_id: String::new(),
         })
         .await
         .unwrap()

@@ -24,6 +24,7 @@ fn event(user: &str) -> pb::TrackEventRequest {
         user_id: user.into(),
         properties: HashMap::new(),
         timestamp: 0,
+        insert_id: String::new(),
     }
 }
 

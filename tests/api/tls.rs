@@ -82,6 +82,7 @@ fn event(user: &str) -> pb::TrackEventRequest {
         user_id: user.into(),
         properties: HashMap::new(),
         timestamp: 0,
+        insert_id: String::new(),
     }
 }
 

@@ -25,6 +25,7 @@ async fn track_event_stores_the_event_and_returns_a_v7_id() {
             user_id: "user123".into(),
             properties,
             timestamp,
+            insert_id: String::new(),
         })
         .await
         .unwrap()
@@ -82,6 +83,7 @@ async fn hostile_strings_are_stored_verbatim() {
             user_id: "robert'); DROP TABLE user_identities;--".into(),
             properties: HashMap::from([(hostile.to_string(), string_value("\" OR 1=1 --"))]),
             timestamp: 0,
+            insert_id: String::new(),
         })
         .await
         .unwrap()
@@ -113,6 +115,7 @@ async fn concurrent_calls_store_one_row_each() {
                     user_id: format!("user-{index}"),
                     properties: HashMap::new(),
                     timestamp: 0,
+                    insert_id: String::new(),
                 })
                 .await
                 .unwrap()

@@ -14,7 +14,13 @@ fn request(
     properties: HashMap<String, pb::PropertyValue>,
     timestamp: i64,
 ) -> pb::TrackEventRequest {
-    pb::TrackEventRequest { event_name: name.into(), user_id: user.into(), properties, timestamp }
+    pb::TrackEventRequest {
+        event_name: name.into(),
+        user_id: user.into(),
+        properties,
+        timestamp,
+        insert_id: String::new(),
+    }
 }
 
 #[tokio::test]

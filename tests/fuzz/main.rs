@@ -133,12 +133,14 @@ fn track_request() -> impl Strategy<Value = pb::TrackEventRequest> {
         edgy_string(),
         prop::collection::hash_map(edgy_string(), property_value(), 0..6),
         any::<i64>(),
+        edgy_string(),
     )
-        .prop_map(|(event_name, user_id, properties, timestamp)| pb::TrackEventRequest {
+        .prop_map(|(event_name, user_id, properties, timestamp, insert_id)| pb::TrackEventRequest {
             event_name,
             user_id,
             properties: properties.into_iter().collect::<HashMap<_, _>>(),
             timestamp,
+            insert_id,
         })
 }
 

@@ -1,4 +1,8 @@
-//! The `events` table: inserting tracked events and counting them.
+//! The `events` table and its idempotency keys (`event_insert_ids`): inserting tracked
+//! events in one multi-row statement, deduplicating by insert_id, expiring old keys,
+//! and counting events.
+
+use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
 use uuid::Uuid;
@@ -9,9 +13,58 @@ use crate::models::{EventCount, EventFilter, NewEvent, TimeRange};
 use crate::security::pii::PiiCipher;
 
 /// Multi-row insert through UNNEST: one statement and one round trip for any batch size.
+/// `ON CONFLICT DO NOTHING` makes a retry after an ambiguous commit (connection lost
+/// after COMMIT was sent) harmless: the event ids are ours and already stored.
 const INSERT_EVENTS: &str = "
     INSERT INTO events (id, event_name, user_id, properties, timestamp)
-    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[])";
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[])
+    ON CONFLICT DO NOTHING";
+
+/// The same insert for a batch in which some events carry an insert_id, as one atomic
+/// statement: claim each key (a new key, or one older than the window $7 days), then
+/// store the events without a key plus those whose key was claimed. Keys that were not
+/// claimed (seen within the window, possibly committed by another replica a moment ago:
+/// ON CONFLICT waits for it) are returned by `claimed`'s absence. $6 must hold each key
+/// at most once (ON CONFLICT DO UPDATE cannot touch one row twice in a statement).
+const INSERT_EVENTS_WITH_KEYS: &str = "
+    WITH input AS (
+        SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[])
+            AS input(id, event_name, user_id, properties, timestamp, insert_id)
+    ), claimed AS (
+        INSERT INTO event_insert_ids (insert_id, event_id)
+        SELECT insert_id, id FROM input WHERE insert_id IS NOT NULL ORDER BY insert_id
+        ON CONFLICT (insert_id) DO UPDATE SET event_id = EXCLUDED.event_id, created_at = now()
+            WHERE event_insert_ids.created_at < now() - make_interval(days => $7)
+        RETURNING insert_id
+    ), stored AS (
+        INSERT INTO events (id, event_name, user_id, properties, timestamp)
+        SELECT id, event_name, user_id, properties, timestamp FROM input
+        WHERE insert_id IS NULL OR insert_id IN (SELECT insert_id FROM claimed)
+        ON CONFLICT DO NOTHING
+    )
+    SELECT insert_id FROM claimed";
+
+/// The events that keys seen within the window point at (read after the insert
+/// committed, so a key claimed concurrently by another replica is visible).
+const SELECT_KEYED_EVENTS: &str =
+    "SELECT insert_id, event_id FROM event_insert_ids WHERE insert_id = ANY($1::text[])";
+
+/// Deletes at most $2 keys older than the window ($1 days) per statement, so expiry
+/// never holds long locks.
+const EXPIRE_INSERT_IDS: &str = "
+    DELETE FROM event_insert_ids WHERE insert_id IN (
+        SELECT insert_id FROM event_insert_ids
+        WHERE created_at < now() - make_interval(days => $1)
+        LIMIT $2)";
+
+/// What became of one event of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Stored now under its own id.
+    Inserted,
+    /// Its insert_id was already stored within the window, for this event id.
+    Duplicate { original: Uuid },
+}
 
 /// Bucket start in Unix seconds, truncated in UTC ($3 is `hour`, `day` or `week`;
 /// PostgreSQL's weeks start on Monday).
@@ -64,13 +117,41 @@ impl EventRepository {
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
-    /// Stores events in one statement (and so one transaction): all or none commit.
-    pub async fn insert_many(&self, events: &[NewEvent]) -> Result<(), RepositoryError> {
-        let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-        let names: Vec<&str> = events.iter().map(|event| event.name.as_str()).collect();
+    /// Stores events in one statement (and so one transaction): all or none commit,
+    /// retried as a whole on retryable errors. Events whose insert_id was stored within
+    /// `window_days` are not stored again; a key repeated inside `events` is stored once,
+    /// for its first event, and the later ones answer as its duplicates. Returns one
+    /// outcome per event, in order.
+    pub async fn insert_batch(
+        &self,
+        events: &[NewEvent],
+        window_days: i32,
+    ) -> Result<Vec<InsertOutcome>, RepositoryError> {
+        // First event of each key; later events with the same key are its duplicates.
+        let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            if let Some(insert_id) = &event.insert_id {
+                match first_with_key.get(insert_id.as_str()) {
+                    Some(&first) => repeats.push((index, first)),
+                    None => {
+                        first_with_key.insert(insert_id.as_str(), index);
+                    }
+                }
+            }
+        }
+        let repeated: HashSet<usize> = repeats.iter().map(|(index, _)| *index).collect();
+        let unique: Vec<&NewEvent> = events
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| !repeated.contains(index))
+            .map(|(_, event)| event)
+            .collect();
+        let ids: Vec<Uuid> = unique.iter().map(|event| event.id).collect();
+        let names: Vec<&str> = unique.iter().map(|event| event.name.as_str()).collect();
         let user_ids: Vec<Option<&str>> =
-            events.iter().map(|event| event.user_id.as_ref().map(|user| user.as_str())).collect();
-        let properties: Vec<serde_json::Value> = events
+            unique.iter().map(|event| event.user_id.as_ref().map(|user| user.as_str())).collect();
+        let properties: Vec<serde_json::Value> = unique
             .iter()
             .map(|event| {
                 let mut properties = event.properties.to_json();
@@ -78,20 +159,105 @@ impl EventRepository {
                 properties
             })
             .collect();
-        let timestamps: Vec<_> = events.iter().map(|event| event.timestamp).collect();
-        self.database
+        let timestamps: Vec<_> = unique.iter().map(|event| event.timestamp).collect();
+
+        let mut outcomes = vec![InsertOutcome::Inserted; events.len()];
+        if first_with_key.is_empty() {
+            self.database
+                .with_retry("insert_events", || async {
+                    sqlx::query(INSERT_EVENTS)
+                        .bind(&ids)
+                        .bind(&names)
+                        .bind(&user_ids)
+                        .bind(&properties)
+                        .bind(&timestamps)
+                        .execute(self.database.pool())
+                        .await?;
+                    Ok(())
+                })
+                .await?;
+            return Ok(outcomes);
+        }
+
+        let unique_keys: Vec<Option<&str>> =
+            unique.iter().map(|event| event.insert_id.as_ref().map(|insert_id| insert_id.as_str())).collect();
+        let claimed: Vec<String> = self
+            .database
             .with_retry("insert_events", || async {
-                sqlx::query(INSERT_EVENTS)
+                let claimed: Vec<String> = sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
                     .bind(&ids)
                     .bind(&names)
                     .bind(&user_ids)
                     .bind(&properties)
                     .bind(&timestamps)
-                    .execute(self.database.pool())
+                    .bind(&unique_keys)
+                    .bind(window_days)
+                    .fetch_all(self.database.pool())
                     .await?;
-                Ok(())
+                Ok(claimed)
             })
-            .await
+            .await?;
+        if claimed.len() < first_with_key.len() {
+            let claimed: HashSet<&str> = claimed.iter().map(String::as_str).collect();
+            let seen: Vec<&str> =
+                first_with_key.keys().copied().filter(|key| !claimed.contains(key)).collect();
+            let originals: Vec<(String, Uuid)> = self
+                .database
+                .with_retry("select_insert_ids", || async {
+                    let rows: Vec<(String, Uuid)> = sqlx::query_as(SELECT_KEYED_EVENTS)
+                        .bind(&seen)
+                        .fetch_all(self.database.pool())
+                        .await?;
+                    Ok(rows)
+                })
+                .await?;
+            if originals.len() < seen.len() {
+                // Expiry removed a key between the two statements: nothing of this batch
+                // is lost by failing it, and a retry (or the caller's bisection) claims
+                // the key afresh while the rows already stored answer as ours.
+                return Err(RepositoryError::Query(sqlx::Error::Protocol(
+                    "an insert_id expired between claim and lookup".into(),
+                )));
+            }
+            for (key, original) in originals {
+                let Some(&index) = first_with_key.get(key.as_str()) else { continue };
+                // Our own id means an earlier attempt of this very statement committed
+                // (a retry after an ambiguous commit): the event was stored, by us.
+                if original != events[index].id {
+                    outcomes[index] = InsertOutcome::Duplicate { original };
+                }
+            }
+        }
+        for (index, first) in repeats {
+            outcomes[index] = match outcomes[first] {
+                InsertOutcome::Inserted => InsertOutcome::Duplicate { original: events[first].id },
+                duplicate @ InsertOutcome::Duplicate { .. } => duplicate,
+            };
+        }
+        Ok(outcomes)
+    }
+
+    /// Deletes idempotency keys older than the window, `chunk` rows per statement,
+    /// until none is left; returns how many were deleted.
+    pub async fn expire_insert_ids(&self, window_days: i32, chunk: i64) -> Result<u64, RepositoryError> {
+        let mut total = 0;
+        loop {
+            let deleted = self
+                .database
+                .with_retry("expire_insert_ids", || async {
+                    let result = sqlx::query(EXPIRE_INSERT_IDS)
+                        .bind(window_days)
+                        .bind(chunk)
+                        .execute(self.database.pool())
+                        .await?;
+                    Ok(result.rows_affected())
+                })
+                .await?;
+            total += deleted;
+            if deleted < chunk.max(1) as u64 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Counts per event name, per bucket when grouped, ordered by bucket then name.

@@ -20,7 +20,7 @@ use tracing::Instrument;
 use crate::config::{Config, PostgresSslMode};
 use crate::metrics;
 
-pub use events::EventRepository;
+pub use events::{EventRepository, InsertOutcome};
 pub use users::UserRepository;
 
 /// A database failure, classified by what the caller can do about it.
