@@ -13,6 +13,7 @@ mod failures;
 mod health;
 mod hostile;
 mod identify_user;
+mod ingest;
 mod lifecycle;
 mod migrations;
 mod observability;
