@@ -10,6 +10,7 @@ mod certs;
 mod cli;
 mod counts;
 mod failures;
+mod faults;
 mod health;
 mod hostile;
 mod identify_user;

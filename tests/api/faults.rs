@@ -1,0 +1,336 @@
+//! Faults under load, against the durability contract: SIGTERM and kill -9 of the real
+//! binary while clients write, and a PostgreSQL outage (a proxy the test cuts). After
+//! each, every event a client saw acknowledged is in the database.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use analytics_service::pb;
+use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::ConnectOptions;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::helpers::{
+    closed_port, create_database, postgres_host, postgres_port, postgres_user, spawn_app_with, TestOptions,
+};
+use crate::ingest::event;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
+
+/// Clients that write until told to stop, remembering every acknowledged event id.
+struct Load {
+    acknowledged: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` tasks, each sending unary calls (every 4th call a batch of 10)
+    /// back to back, at most `max_calls` each.
+    fn start(address: SocketAddr, clients: usize, max_calls: usize) -> Self {
+        let acknowledged = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..clients)
+            .map(|worker| {
+                let acknowledged = acknowledged.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(channel) =
+                        Channel::from_shared(format!("http://{address}")).unwrap().connect().await
+                    else {
+                        return;
+                    };
+                    let mut client = AnalyticsServiceClient::new(channel);
+                    for call in 0..max_calls {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let user = format!("w{worker}");
+                        let key = format!("w{worker}-c{call}");
+                        let acked: Vec<String> = if call % 4 == 3 {
+                            let events = (0..10)
+                                .map(|index| event("load", &user, &format!("{key}-{index}")))
+                                .collect();
+                            match client.track_events(pb::TrackEventsRequest { events }).await {
+                                Ok(response) => response
+                                    .into_inner()
+                                    .results
+                                    .into_iter()
+                                    .filter(|result| !result.event_id.is_empty())
+                                    .map(|result| result.event_id)
+                                    .collect(),
+                                Err(_) => Vec::new(),
+                            }
+                        } else {
+                            match client.track_event(event("load", &user, &key)).await {
+                                Ok(response) => vec![response.into_inner().event_id],
+                                Err(_) => Vec::new(),
+                            }
+                        };
+                        acknowledged.lock().unwrap().extend(acked);
+                    }
+                })
+            })
+            .collect();
+        Self { acknowledged, stop, workers }
+    }
+
+    fn acknowledged_count(&self) -> usize {
+        self.acknowledged.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) until at least `count` events were acknowledged.
+    async fn wait_for(&self, count: usize) {
+        for _ in 0..600 {
+            if self.acknowledged_count() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("only {} events acknowledged, wanted {count}", self.acknowledged_count());
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            tokio::time::timeout(Duration::from_secs(30), worker).await.expect("load stops").ok();
+        }
+        let acknowledged = self.acknowledged.lock().unwrap().clone();
+        acknowledged
+    }
+}
+
+/// How many of `ids` are rows of `events` in `database` (dropped afterwards).
+async fn stored(database: &str, ids: &[String]) -> i64 {
+    let options = sqlx::postgres::PgConnectOptions::new()
+        .host(&postgres_host())
+        .port(postgres_port())
+        .username(&postgres_user())
+        .database(database)
+        .disable_statement_logging();
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
+    let count = sqlx::query_scalar("SELECT count(*) FROM events WHERE id::text = ANY($1)")
+        .bind(ids)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mut admin = options.database("postgres").connect().await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&mut admin).await.ok();
+    count
+}
+
+/// A migrated database and the real binary serving it on a known port.
+async fn start_binary() -> (String, Child, SocketAddr) {
+    let database = create_database().await;
+    let base = |command: &mut Command| {
+        command
+            .env("POSTGRES_HOST", postgres_host())
+            .env("POSTGRES_PORT", postgres_port().to_string())
+            .env("POSTGRES_USER", postgres_user())
+            .env("POSTGRES_PASSWORD", "")
+            .env("POSTGRES_DB", &database)
+            .env("POSTGRES_SSLMODE", "disable")
+            .env("POSTGRES_MAX_CONNECTIONS", "8")
+            .env("REDIS_HOST", "")
+            .env("LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+    };
+    let mut migrate = Command::new(BINARY);
+    base(&mut migrate);
+    assert!(migrate.arg("migrate").status().unwrap().success());
+    let grpc_port = closed_port();
+    let mut serve = Command::new(BINARY);
+    base(&mut serve);
+    let server = serve
+        .env("SERVICE_BIND_ADDRESS", "127.0.0.1")
+        .env("SERVICE_PORT", grpc_port.to_string())
+        .env("PROMETHEUS_PORT", "0")
+        .env("SHUTDOWN_DRAIN_SECONDS", "20")
+        .arg("serve")
+        .spawn()
+        .unwrap();
+    let address: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
+    for _ in 0..200 {
+        if let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await {
+            let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
+            if health.is_ok_and(|health| health.into_inner().status == "SERVING") {
+                return (database, server, address);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut server = server;
+    server.kill().ok();
+    server.wait().ok();
+    panic!("the server did not come up");
+}
+
+async fn wait_exit(server: &mut Child) -> std::process::ExitStatus {
+    for _ in 0..600 {
+        if let Some(status) = server.try_wait().unwrap() {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.kill().ok();
+    server.wait().ok();
+    panic!("the server did not exit");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_loses_no_acknowledged_event() {
+    let (database, mut server, address) = start_binary().await;
+    let load = Load::start(address, 16, 100_000);
+    load.wait_for(2_000).await;
+
+    let killed = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let exit = wait_exit(&mut server).await;
+    assert_eq!(exit.code(), Some(0), "a drained shutdown exits 0");
+
+    let acknowledged = load.finish().await;
+    assert!(acknowledged.len() >= 2_000);
+    assert_eq!(
+        stored(&database, &acknowledged).await,
+        acknowledged.len() as i64,
+        "no acknowledged event is missing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_load_loses_no_acknowledged_event() {
+    let (database, mut server, address) = start_binary().await;
+    let load = Load::start(address, 16, 100_000);
+    load.wait_for(2_000).await;
+
+    let killed = Command::new("kill").args(["-KILL", &server.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let exit = wait_exit(&mut server).await;
+    assert_eq!(exit.code(), None, "killed by a signal");
+
+    let acknowledged = load.finish().await;
+    assert!(acknowledged.len() >= 2_000);
+    assert_eq!(
+        stored(&database, &acknowledged).await,
+        acknowledged.len() as i64,
+        "no acknowledged event is missing"
+    );
+}
+
+/// A TCP proxy to PostgreSQL that the test can cut (closing every connection and
+/// refusing new ones) and restore.
+struct Proxy {
+    address: SocketAddr,
+    cut: watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (cut, cut_receiver) = watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = cut_receiver.clone();
+                if *cut.borrow() {
+                    continue; // dropped: the connection closes at once
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { address, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
+    let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
+    let proxy = Proxy::start(target).await;
+    let app = spawn_app_with(TestOptions {
+        env: vec![
+            ("POSTGRES_PORT".into(), proxy.address.port().to_string()),
+            ("POSTGRES_ACQUIRE_TIMEOUT_MS".into(), "200".into()),
+        ],
+        ..TestOptions::default()
+    })
+    .await;
+    let mut acknowledged = Vec::new();
+    for index in 0..20 {
+        let response =
+            app.client.clone().track_event(event("before", &format!("u{index}"), "")).await.unwrap();
+        acknowledged.push(response.into_inner().event_id);
+    }
+
+    proxy.set_cut(true);
+    let unary = (0..10).map(|index| {
+        let mut client = app.client.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                client.track_event(event("during", &format!("u{index}"), &format!("k{index}"))),
+            )
+            .await
+        }
+    });
+    for answer in futures::future::join_all(unary).await {
+        let status =
+            answer.expect("answers within the retry budget, no hang").expect_err("database is cut off");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "database unavailable");
+    }
+    let batch = pb::TrackEventsRequest { events: vec![event("during", "u", ""), event("during", "v", "")] };
+    let status = tokio::time::timeout(Duration::from_secs(20), app.client.clone().track_events(batch))
+        .await
+        .expect("no hang")
+        .expect_err("a batch that stored nothing fails as a call");
+    assert_eq!(status.code(), Code::Unavailable);
+    app.wait_for_readyz(503).await;
+
+    proxy.set_cut(false);
+    let mut recovered = false;
+    for _ in 0..100 {
+        if let Ok(response) = app.client.clone().track_event(event("after", "u", "k0")).await {
+            acknowledged.push(response.into_inner().event_id);
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the service reconnects by itself");
+    app.wait_for_readyz(200).await;
+    for index in 0..20 {
+        let response =
+            app.client.clone().track_event(event("after", &format!("u{index}"), "")).await.unwrap();
+        acknowledged.push(response.into_inner().event_id);
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE id::text = ANY($1)")
+        .bind(&acknowledged)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, acknowledged.len() as i64, "no acknowledged event is missing");
+    let during: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_name = 'during'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(during, 0, "nothing refused during the outage was stored");
+}
