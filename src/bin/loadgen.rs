@@ -630,13 +630,14 @@ async fn insert_copy(connection: &mut PgConnection, first: u64, count: u64) -> a
     Ok(())
 }
 
-/// (events, commits, commit seconds) so far, from the server's /metrics.
-type CommitStats = (f64, f64, f64);
+/// (events, commits, commit seconds, TrackEvent(s) calls, their handling seconds) so
+/// far, from the server's /metrics.
+type CommitStats = (f64, f64, f64, f64, f64);
 
 async fn commit_stats(admin: SocketAddr) -> CommitStats {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else { return (0.0, 0.0, 0.0) };
+    let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else { return Default::default() };
     if stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await.is_err() {
-        return (0.0, 0.0, 0.0);
+        return Default::default();
     }
     let mut body = String::new();
     stream.read_to_string(&mut body).await.ok();
@@ -645,10 +646,22 @@ async fn commit_stats(admin: SocketAddr) -> CommitStats {
             .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse::<f64>().ok()))
             .unwrap_or(0.0)
     };
+    let handling = |suffix: &str| {
+        ["TrackEvent", "TrackEvents"]
+            .iter()
+            .map(|method| {
+                value(&format!(
+                    "grpc_server_handling_seconds{suffix}{{grpc_service=\"analytics.v1.AnalyticsService\",grpc_method=\"{method}\",grpc_type=\"unary\"}} "
+                ))
+            })
+            .sum::<f64>()
+    };
     (
         value("analytics_ingest_batch_size_sum "),
         value("analytics_ingest_batch_size_count "),
         value("analytics_ingest_commit_seconds_sum "),
+        handling("_count"),
+        handling("_sum"),
     )
 }
 
@@ -657,8 +670,10 @@ fn mean_batch(before: CommitStats, after: CommitStats) -> String {
     if commits <= 0.0 {
         return String::new();
     }
+    let calls = after.3 - before.3;
+    let server_mean = if calls > 0.0 { 1000.0 * (after.4 - before.4) / calls } else { 0.0 };
     format!(
-        "{:.0} events/commit, {:.1} ms/commit",
+        "{:.0} events/commit, {:.1} ms/commit, server-side mean {server_mean:.1} ms/call",
         (after.0 - before.0) / commits,
         1000.0 * (after.2 - before.2) / commits
     )
