@@ -17,6 +17,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::ServiceError;
@@ -72,11 +73,13 @@ impl Stored {
 pub type EventResult = Result<Stored, ServiceError>;
 
 /// One call's events on their way to a commit. The permits are its room in the queue,
-/// given back when it is answered.
+/// given back when it is answered; the span is the caller's, so the commit joins its
+/// trace.
 struct Job {
     events: Vec<NewEvent>,
     reply: oneshot::Sender<Vec<EventResult>>,
     room: OwnedSemaphorePermit,
+    span: tracing::Span,
 }
 
 /// The sending side, held by the service. Cheap to clone; never blocks a caller.
@@ -105,7 +108,8 @@ impl IngestQueue {
             Err(TryAcquireError::Closed) => return Err(ServiceError::Unavailable("shutting down")),
         };
         let (reply, answer) = oneshot::channel();
-        match self.sender.try_send(Job { events, reply, room }) {
+        let span = tracing::Span::current();
+        match self.sender.try_send(Job { events, reply, room, span }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 metrics::record_events_rejected("queue_full", count as u64);
@@ -217,10 +221,14 @@ impl Writer {
             batch.fill_ready(&mut receiver, batch_size);
             metrics::set_ingest_queue(self.queue.depth(), self.queue.capacity);
             let writer = self.clone();
-            tokio::spawn(async move {
-                writer.commit(batch).await;
-                drop(commit_slot);
-            });
+            let span = batch.span();
+            tokio::spawn(
+                async move {
+                    writer.commit(batch).await;
+                    drop(commit_slot);
+                }
+                .instrument(span),
+            );
         }
         // Every queued call has been handed to a commit; wait for those in flight.
         in_flight.acquire_many(u32::try_from(writers).unwrap_or(u32::MAX)).await.ok();
@@ -228,7 +236,6 @@ impl Writer {
     }
 
     /// Writes one batch and answers each of its callers.
-    #[tracing::instrument(skip_all, fields(events = batch.events, calls = batch.jobs.len()))]
     async fn commit(&self, batch: Batch) {
         let started = std::time::Instant::now();
         let mut events = Vec::with_capacity(batch.events);
@@ -320,6 +327,17 @@ impl Batch {
     fn push(&mut self, job: Job) {
         self.events += job.events.len();
         self.jobs.push(job);
+    }
+
+    /// The commit's span: a child of the first caller's span (so a lone call's trace
+    /// shows its database write), following from every other caller's.
+    fn span(&self) -> tracing::Span {
+        let parent = self.jobs.first().map_or_else(tracing::Span::none, |job| job.span.clone());
+        let span = tracing::info_span!(parent: &parent, "ingest.commit", events = self.events, calls = self.jobs.len());
+        for job in self.jobs.iter().skip(1) {
+            span.follows_from(&job.span);
+        }
+        span
     }
 
     /// Adds calls that are already queued, without waiting, until `batch_size` events.

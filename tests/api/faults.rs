@@ -12,8 +12,6 @@ use analytics_service::pb;
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::ConnectOptions;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -21,6 +19,7 @@ use crate::helpers::{
     closed_port, create_database, postgres_host, postgres_port, postgres_user, spawn_app_with, TestOptions,
 };
 use crate::ingest::event;
+use crate::proxy::TcpProxy;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
 
@@ -226,45 +225,10 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
     );
 }
 
-/// A TCP proxy to PostgreSQL that the test can cut (closing every connection and
-/// refusing new ones) and restore.
-struct Proxy {
-    address: SocketAddr,
-    cut: watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (cut, cut_receiver) = watch::channel(false);
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let mut cut = cut_receiver.clone();
-                if *cut.borrow() {
-                    continue; // dropped: the connection closes at once
-                }
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|cut| *cut) => {}
-                    }
-                });
-            }
-        });
-        Self { address, cut }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.send_replace(cut);
-    }
-}
-
 #[tokio::test]
 async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
     let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
-    let proxy = Proxy::start(target).await;
+    let proxy = TcpProxy::start(target).await;
     let app = spawn_app_with(TestOptions {
         env: vec![
             ("POSTGRES_PORT".into(), proxy.address.port().to_string()),
@@ -280,7 +244,7 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
         acknowledged.push(response.into_inner().event_id);
     }
 
-    proxy.set_cut(true);
+    proxy.cut();
     let unary = (0..10).map(|index| {
         let mut client = app.client.clone();
         async move {
@@ -305,7 +269,7 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
     assert_eq!(status.code(), Code::Unavailable);
     app.wait_for_readyz(503).await;
 
-    proxy.set_cut(false);
+    proxy.restore();
     let mut recovered = false;
     for _ in 0..100 {
         if let Ok(response) = app.client.clone().track_event(event("after", "u", "k0")).await {
