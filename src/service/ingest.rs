@@ -30,6 +30,8 @@ use crate::repository::postgres::{EventRepository, InsertOutcome, RepositoryErro
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(3_600);
 /// Keys deleted per expiry statement.
 const EXPIRY_CHUNK: i64 = 10_000;
+/// How often the queue gauges are refreshed while the writer waits.
+const GAUGE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The writer's knobs, from the INGEST_* and IDEMPOTENCY_* variables.
 #[derive(Clone, Copy, Debug)]
@@ -186,6 +188,8 @@ impl Writer {
         let writers = self.settings.writers.max(1);
         let in_flight = Arc::new(Semaphore::new(writers));
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
         loop {
             let first = tokio::select! {
@@ -203,6 +207,10 @@ impl Writer {
                     tokio::spawn(self.clone().expire_insert_ids());
                     continue;
                 }
+                _ = gauges.tick() => {
+                    metrics::set_ingest_queue(self.queue.depth(), self.queue.capacity);
+                    continue;
+                }
             };
             let mut batch = Batch::default();
             batch.push(first);
@@ -216,7 +224,15 @@ impl Writer {
                     }
                 }
             }
-            let Ok(commit_slot) = in_flight.clone().acquire_owned().await else { break };
+            // Every writer busy: keep the gauges current while waiting (a stalled database
+            // shows as a full queue).
+            let commit_slot = loop {
+                tokio::select! {
+                    slot = in_flight.clone().acquire_owned() => break slot,
+                    _ = gauges.tick() => metrics::set_ingest_queue(self.queue.depth(), self.queue.capacity),
+                }
+            };
+            let Ok(commit_slot) = commit_slot else { break };
             // Calls that arrived while every writer was busy join this commit.
             batch.fill_ready(&mut receiver, batch_size);
             metrics::set_ingest_queue(self.queue.depth(), self.queue.capacity);
