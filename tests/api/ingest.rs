@@ -385,3 +385,35 @@ async fn event_ids_of_a_batch_are_stored_with_their_content() {
         assert_eq!(name, format!("e{index}"), "result {index} names its own event");
     }
 }
+
+#[tokio::test]
+async fn events_of_a_batch_over_their_senders_budget_are_rejected_alone() {
+    let app = spawn_app_with(TestOptions {
+        env: vec![("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE".into(), "2".into())],
+        ..TestOptions::default()
+    })
+    .await;
+    let events = vec![
+        event("view", "busy", ""),
+        event("view", "busy", ""),
+        event("view", "busy", ""),
+        event("view", "calm", ""),
+    ];
+    let results = app
+        .client
+        .clone()
+        .track_events(pb::TrackEventsRequest { events })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let accepted = results.iter().filter(|result| status_of(result) == TrackEventStatus::Accepted).count();
+    let limited: Vec<_> =
+        results.iter().filter(|result| status_of(result) == TrackEventStatus::Rejected).collect();
+    assert_eq!(accepted, 3, "two of busy's and calm's one");
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0].code, Code::ResourceExhausted as i32);
+    assert_eq!(limited[0].error, "rate limit exceeded");
+    assert_eq!(status_of(&results[3]), TrackEventStatus::Accepted);
+    assert_eq!(app.event_rows().await, 3);
+}
