@@ -1,6 +1,6 @@
 -- Idempotency keys of TrackEvent/TrackEvents: one row per client-supplied insert_id,
--- pointing at the event it stored. A separate table (not a unique index on events) so
--- that events can later be range-partitioned by timestamp: a unique constraint on a
+-- pointing at the event it stored. A separate table, not a unique index on events:
+-- events is range-partitioned by timestamp (V10), and a unique constraint on a
 -- partitioned table must include the partition key, which an insert_id lookup lacks.
 -- Rows older than IDEMPOTENCY_WINDOW_DAYS are expired by the service (created_at index).
 -- V12, after the partitioning migrations V10/V11, so deployed databases apply it in order.
