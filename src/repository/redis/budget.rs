@@ -64,18 +64,9 @@ impl SharedBudgets {
         if !config.redis_enabled() {
             return Ok(None);
         }
-        let mut redis_settings = ::redis::RedisConnectionInfo::default().set_db(config.redis_db);
-        if !config.redis_password.is_empty() {
-            redis_settings = redis_settings.set_password(config.redis_password.expose());
-        }
-        let info = ::redis::IntoConnectionInfo::into_connection_info(::redis::ConnectionAddr::Tcp(
-            config.redis_host.clone(),
-            config.redis_port,
-        ))?
-        .set_redis_settings(redis_settings);
         Ok(Some(Self {
             inner: Arc::new(BudgetsInner {
-                client: ::redis::Client::open(info)?,
+                client: super::client(config)?,
                 connection: OnceCell::new(),
                 key_prefix: config.redis_key_prefix.clone(),
                 timeout: config.redis_timeout(),

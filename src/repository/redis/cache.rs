@@ -45,16 +45,7 @@ impl CountCache {
         if !config.redis_enabled() || config.redis_cache_ttl == 0 {
             return Ok(Self::disabled());
         }
-        let mut redis_settings = ::redis::RedisConnectionInfo::default().set_db(config.redis_db);
-        if !config.redis_password.is_empty() {
-            redis_settings = redis_settings.set_password(config.redis_password.expose());
-        }
-        let info = ::redis::IntoConnectionInfo::into_connection_info(::redis::ConnectionAddr::Tcp(
-            config.redis_host.clone(),
-            config.redis_port,
-        ))?
-        .set_redis_settings(redis_settings);
-        let client = ::redis::Client::open(info)?;
+        let client = super::client(config)?;
         Ok(Self {
             inner: Some(Arc::new(CacheInner {
                 client,
