@@ -293,20 +293,7 @@ impl EventRepository {
                         query.fetch_all(self.database.pool()).await?
                     }
                 };
-                rows.iter()
-                    .map(|row| {
-                        let bucket_start = match filter.group_by {
-                            Some(_) => row.try_get::<i64, _>("bucket")?,
-                            None => range.start(),
-                        };
-                        Ok(EventCount {
-                            event_name: row.try_get("event_name")?,
-                            bucket_start,
-                            count: row.try_get("count")?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-                    .map_err(RepositoryError::from)
+                event_counts_from_rows(&rows, filter.group_by.is_some(), range.start())
             })
             .await
     }
@@ -324,4 +311,24 @@ impl EventRepository {
             })
             .await
     }
+}
+
+/// Rows of (`event_name`, `bucket` when grouped, `count`) as [`EventCount`]s; ungrouped
+/// rows are reported at the start of the range.
+pub(super) fn event_counts_from_rows(
+    rows: &[sqlx::postgres::PgRow],
+    grouped: bool,
+    range_start: i64,
+) -> Result<Vec<EventCount>, RepositoryError> {
+    rows.iter()
+        .map(|row| {
+            let bucket_start = if grouped { row.try_get::<i64, _>("bucket")? } else { range_start };
+            Ok(EventCount {
+                event_name: row.try_get("event_name")?,
+                bucket_start,
+                count: row.try_get("count")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(RepositoryError::from)
 }

@@ -4,8 +4,8 @@
 //! hours) read the raw `events` rows.
 
 use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone, Utc};
-use sqlx::Row;
 
+use super::events::event_counts_from_rows;
 use super::{Database, RepositoryError};
 use crate::models::{EventCount, EventFilter, GroupBy, TimeRange};
 
@@ -225,20 +225,7 @@ impl RollupRepository {
                     query = query.bind(event_name);
                 }
                 let rows = query.fetch_all(self.database.pool()).await?;
-                rows.iter()
-                    .map(|row| {
-                        let bucket_start = match filter.group_by {
-                            Some(_) => row.try_get::<i64, _>("bucket")?,
-                            None => range.start(),
-                        };
-                        Ok(EventCount {
-                            event_name: row.try_get("event_name")?,
-                            bucket_start,
-                            count: row.try_get("count")?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, sqlx::Error>>()
-                    .map_err(RepositoryError::from)
+                event_counts_from_rows(&rows, filter.group_by.is_some(), range.start())
             })
             .await
     }
