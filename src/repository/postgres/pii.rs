@@ -3,6 +3,7 @@
 //! text or under a key other than the current one.
 
 use serde_json::Value;
+use sqlx::Postgres;
 use uuid::Uuid;
 
 use super::{Database, RepositoryError};
@@ -30,22 +31,41 @@ pub struct ReencryptReport {
     pub rows_failed: u64,
 }
 
-/// Candidates: rows with a sensitive key or any encrypted value. Keyset pagination on
-/// the primary key, so each row is visited once even if it cannot be rewritten.
-const EVENT_CANDIDATES: &str = "
+/// One table `reencrypt` walks: its candidate query and its conditional update, and
+/// the operation names their database calls are recorded under.
+struct ReencryptTable {
+    /// Candidates: rows with a sensitive key or any encrypted value. Keyset pagination
+    /// on the primary key (`$1`), so each row is visited once even if it cannot be
+    /// rewritten.
+    candidates: &'static str,
+    /// The update only applies when the row did not change since it was read (a
+    /// concurrent IdentifyUser wins; the next run picks the row up again).
+    update: &'static str,
+    select_operation: &'static str,
+    update_operation: &'static str,
+}
+
+const EVENTS: ReencryptTable = ReencryptTable {
+    candidates: "
     SELECT id, properties FROM events
     WHERE id > $1 AND properties IS NOT NULL
       AND (properties ?| $2 OR properties::text LIKE '%' || $3 || '%')
-    ORDER BY id LIMIT $4";
-const USER_CANDIDATES: &str = "
+    ORDER BY id LIMIT $4",
+    update: "UPDATE events SET properties = $2 WHERE id = $1 AND properties = $3",
+    select_operation: "reencrypt_select_events",
+    update_operation: "reencrypt_update_event",
+};
+
+const USER_IDENTITIES: ReencryptTable = ReencryptTable {
+    candidates: "
     SELECT user_id, properties FROM user_identities
     WHERE user_id > $1 AND properties IS NOT NULL
       AND (properties ?| $2 OR properties::text LIKE '%' || $3 || '%')
-    ORDER BY user_id LIMIT $4";
-/// The update only applies when the row did not change since it was read (a
-/// concurrent IdentifyUser wins; the next run picks the row up again).
-const UPDATE_EVENT: &str = "UPDATE events SET properties = $2 WHERE id = $1 AND properties = $3";
-const UPDATE_USER: &str = "UPDATE user_identities SET properties = $2 WHERE user_id = $1 AND properties = $3";
+    ORDER BY user_id LIMIT $4",
+    update: "UPDATE user_identities SET properties = $2 WHERE user_id = $1 AND properties = $3",
+    select_operation: "reencrypt_select_users",
+    update_operation: "reencrypt_update_user",
+};
 
 /// Rewrites sensitive values of `events` and `user_identities` under the current key.
 pub async fn reencrypt_all(
@@ -53,62 +73,30 @@ pub async fn reencrypt_all(
     pii: &PiiCipher,
     fields: &[String],
 ) -> Result<(ReencryptReport, ReencryptReport), RepositoryError> {
-    let events = reencrypt_events(database, pii, fields).await?;
-    let users = reencrypt_users(database, pii, fields).await?;
+    let events = reencrypt_table::<Uuid>(database, pii, fields, &EVENTS).await?;
+    let users = reencrypt_table::<String>(database, pii, fields, &USER_IDENTITIES).await?;
     Ok((events, users))
 }
 
-async fn reencrypt_events(
+/// Walks `table` in primary-key order, `REENCRYPT_BATCH_ROWS` candidates at a time,
+/// starting after the smallest key `K::default()` (the nil UUID, the empty text), and
+/// rewrites each candidate that needs it.
+async fn reencrypt_table<K>(
     database: &Database,
     pii: &PiiCipher,
     fields: &[String],
-) -> Result<ReencryptReport, RepositoryError> {
+    table: &ReencryptTable,
+) -> Result<ReencryptReport, RepositoryError>
+where
+    K: Clone + Default + Send + Sync + Unpin + sqlx::Type<Postgres> + for<'a> sqlx::Encode<'a, Postgres>,
+    K: for<'r> sqlx::Decode<'r, Postgres>,
+{
     let mut report = ReencryptReport::default();
-    let mut after = Uuid::nil();
+    let mut after = K::default();
     loop {
-        let rows: Vec<(Uuid, Value)> = database
-            .with_retry("reencrypt_select_events", || async {
-                Ok(sqlx::query_as(EVENT_CANDIDATES)
-                    .bind(after)
-                    .bind(fields)
-                    .bind(CIPHERTEXT_PREFIX)
-                    .bind(REENCRYPT_BATCH_ROWS)
-                    .fetch_all(database.pool())
-                    .await?)
-            })
-            .await?;
-        let Some((last_id, _)) = rows.last() else { return Ok(report) };
-        after = *last_id;
-        for (id, stored) in rows {
-            report.rows_examined += 1;
-            let Some(rewritten) = reseal(pii, &stored, &mut report) else { continue };
-            database
-                .with_retry("reencrypt_update_event", || async {
-                    sqlx::query(UPDATE_EVENT)
-                        .bind(id)
-                        .bind(&rewritten)
-                        .bind(&stored)
-                        .execute(database.pool())
-                        .await?;
-                    Ok(())
-                })
-                .await?;
-            report.rows_rewritten += 1;
-        }
-    }
-}
-
-async fn reencrypt_users(
-    database: &Database,
-    pii: &PiiCipher,
-    fields: &[String],
-) -> Result<ReencryptReport, RepositoryError> {
-    let mut report = ReencryptReport::default();
-    let mut after = String::new();
-    loop {
-        let rows: Vec<(String, Value)> = database
-            .with_retry("reencrypt_select_users", || async {
-                Ok(sqlx::query_as(USER_CANDIDATES)
+        let rows: Vec<(K, Value)> = database
+            .with_retry(table.select_operation, || async {
+                Ok(sqlx::query_as(table.candidates)
                     .bind(&after)
                     .bind(fields)
                     .bind(CIPHERTEXT_PREFIX)
@@ -117,15 +105,15 @@ async fn reencrypt_users(
                     .await?)
             })
             .await?;
-        let Some((last_id, _)) = rows.last() else { return Ok(report) };
-        after = last_id.clone();
-        for (user_id, stored) in rows {
+        let Some((last_key, _)) = rows.last() else { return Ok(report) };
+        after = last_key.clone();
+        for (key, stored) in rows {
             report.rows_examined += 1;
             let Some(rewritten) = reseal(pii, &stored, &mut report) else { continue };
             database
-                .with_retry("reencrypt_update_user", || async {
-                    sqlx::query(UPDATE_USER)
-                        .bind(&user_id)
+                .with_retry(table.update_operation, || async {
+                    sqlx::query(table.update)
+                        .bind(&key)
                         .bind(&rewritten)
                         .bind(&stored)
                         .execute(database.pool())
