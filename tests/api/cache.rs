@@ -2,7 +2,6 @@
 //! changing the rows underneath), answers over open buckets are always fresh, and a
 //! missing Redis never breaks a query.
 
-use analytics_service::pb;
 use redis::AsyncCommands;
 
 use crate::helpers::{
@@ -13,22 +12,7 @@ use crate::helpers::{
 const HOUR: i64 = 3_600;
 
 async fn view_count(app: &TestApp, start: i64, end: i64) -> i64 {
-    app.client
-        .clone()
-        .get_event_count(pb::GetEventCountRequest {
-            event_name: "view".into(),
-            start_time: start,
-            end_time: end,
-            group_by: "hour".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .counts
-        .iter()
-        .map(|count| count.count)
-        .sum()
+    app.counts("view", start, end, "hour", "").await.iter().map(|(_, _, count)| count).sum()
 }
 
 /// Adds a row behind the service's back, so only a fresh query can see it.

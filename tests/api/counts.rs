@@ -3,29 +3,10 @@
 use analytics_service::pb;
 use tonic::Code;
 
-use crate::helpers::{monday_two_weeks_ago, spawn_app, TestApp};
+use crate::helpers::{monday_two_weeks_ago, spawn_app};
 
 const HOUR: i64 = 3_600;
 const DAY: i64 = 86_400;
-
-async fn counts(app: &TestApp, name: &str, start: i64, end: i64, group_by: &str) -> Vec<(String, i64, i64)> {
-    app.client
-        .clone()
-        .get_event_count(pb::GetEventCountRequest {
-            event_name: name.into(),
-            start_time: start,
-            end_time: end,
-            group_by: group_by.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .counts
-        .into_iter()
-        .map(|count| (count.event_name, count.timestamp, count.count))
-        .collect()
-}
 
 #[tokio::test]
 async fn hourly_counts_respect_bucket_edges_and_exclude_end_time() {
@@ -37,14 +18,14 @@ async fn hourly_counts_respect_bucket_edges_and_exclude_end_time() {
     app.track("click", "a", base + HOUR + 5).await;
     app.track("view", "c", base + 2 * HOUR).await; // exactly end_time: excluded
 
-    let hourly = counts(&app, "", base, base + 2 * HOUR, "hour").await;
+    let hourly = app.counts("", base, base + 2 * HOUR, "hour", "").await;
     assert_eq!(
         hourly,
         vec![("view".into(), base, 2), ("click".into(), base + HOUR, 1), ("view".into(), base + HOUR, 1),],
         "ordered by bucket, then name; the event at end_time is not counted"
     );
 
-    let only_views = counts(&app, "view", base, base + 2 * HOUR, "hour").await;
+    let only_views = app.counts("view", base, base + 2 * HOUR, "hour", "").await;
     assert_eq!(only_views, vec![("view".into(), base, 2), ("view".into(), base + HOUR, 1)]);
 }
 
@@ -57,7 +38,7 @@ async fn daily_and_weekly_buckets_are_utc_and_weeks_start_on_monday() {
     app.track("signup", "c", monday + 6 * DAY + DAY - 1).await; // Sunday 23:59:59
     app.track("signup", "d", monday + 7 * DAY).await; // next Monday
 
-    let weekly = counts(&app, "signup", monday - DAY, monday + 8 * DAY, "week").await;
+    let weekly = app.counts("signup", monday - DAY, monday + 8 * DAY, "week", "").await;
     assert_eq!(
         weekly,
         vec![
@@ -67,7 +48,7 @@ async fn daily_and_weekly_buckets_are_utc_and_weeks_start_on_monday() {
         ]
     );
 
-    let daily = counts(&app, "signup", monday - DAY, monday + 8 * DAY, "day").await;
+    let daily = app.counts("signup", monday - DAY, monday + 8 * DAY, "day", "").await;
     assert_eq!(
         daily,
         vec![
@@ -89,9 +70,9 @@ async fn ungrouped_counts_return_one_row_per_name_at_start_time() {
     }
     app.track("click", "", base + 5).await;
     let start = base - 10;
-    let totals = counts(&app, "", start, base + 7 * DAY, "").await;
+    let totals = app.counts("", start, base + 7 * DAY, "", "").await;
     assert_eq!(totals, vec![("click".into(), start, 1), ("view".into(), start, 3)]);
-    assert!(counts(&app, "nothing", start, base + 7 * DAY, "").await.is_empty());
+    assert!(app.counts("nothing", start, base + 7 * DAY, "", "").await.is_empty());
 }
 
 #[tokio::test]

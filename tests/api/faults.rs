@@ -16,9 +16,9 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::helpers::{
-    closed_port, create_database, postgres_host, postgres_port, postgres_user, spawn_app_with, TestOptions,
+    closed_port, create_database, keyed_track_request, postgres_host, postgres_port, postgres_user,
+    spawn_app_with, track_request, wait_until, TestOptions,
 };
-use crate::ingest::event;
 use crate::proxy::TcpProxy;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
@@ -55,7 +55,7 @@ impl Load {
                         let key = format!("w{worker}-c{call}");
                         let acked: Vec<String> = if call % 4 == 3 {
                             let events = (0..10)
-                                .map(|index| event("load", &user, &format!("{key}-{index}")))
+                                .map(|index| keyed_track_request("load", &user, &format!("{key}-{index}")))
                                 .collect();
                             match client.track_events(pb::TrackEventsRequest { events }).await {
                                 Ok(response) => response
@@ -68,7 +68,7 @@ impl Load {
                                 Err(_) => Vec::new(),
                             }
                         } else {
-                            match client.track_event(event("load", &user, &key)).await {
+                            match client.track_event(keyed_track_request("load", &user, &key)).await {
                                 Ok(response) => vec![response.into_inner().event_id],
                                 Err(_) => Vec::new(),
                             }
@@ -87,13 +87,11 @@ impl Load {
 
     /// Waits (bounded) until at least `count` events were acknowledged.
     async fn wait_for(&self, count: usize) {
-        for _ in 0..600 {
-            if self.acknowledged_count() >= count {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("only {} events acknowledged, wanted {count}", self.acknowledged_count());
+        let reached = wait_until(Duration::from_secs(30), Duration::from_millis(50), async || {
+            self.acknowledged_count() >= count
+        })
+        .await;
+        assert!(reached, "only {} events acknowledged, wanted {count}", self.acknowledged_count());
     }
 
     async fn finish(self) -> Vec<String> {
@@ -158,14 +156,16 @@ async fn start_binary() -> (String, Child, SocketAddr) {
         .spawn()
         .unwrap();
     let address: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
-    for _ in 0..200 {
-        if let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await {
-            let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
-            if health.is_ok_and(|health| health.into_inner().status == "SERVING") {
-                return (database, server, address);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let serving = wait_until(Duration::from_secs(10), Duration::from_millis(50), async || {
+        let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await else {
+            return false;
+        };
+        let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
+        health.is_ok_and(|health| health.into_inner().status == "SERVING")
+    })
+    .await;
+    if serving {
+        return (database, server, address);
     }
     let mut server = server;
     server.kill().ok();
@@ -174,27 +174,35 @@ async fn start_binary() -> (String, Child, SocketAddr) {
 }
 
 async fn wait_exit(server: &mut Child) -> std::process::ExitStatus {
-    for _ in 0..600 {
-        if let Some(status) = server.try_wait().unwrap() {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut exit = None;
+    wait_until(Duration::from_secs(30), Duration::from_millis(50), async || {
+        exit = server.try_wait().unwrap();
+        exit.is_some()
+    })
+    .await;
+    if let Some(status) = exit {
+        return status;
     }
     server.kill().ok();
     server.wait().ok();
     panic!("the server did not exit");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_under_load_loses_no_acknowledged_event() {
+/// Sends `signal` to the real binary while 16 clients write; once it has exited as
+/// `expected_exit` says, every event a client saw acknowledged must be stored.
+async fn signal_under_load_loses_no_acknowledged_event(
+    signal: &str,
+    expected_exit: Option<i32>,
+    exit_meaning: &str,
+) {
     let (database, mut server, address) = start_binary().await;
     let load = Load::start(address, 16, 100_000);
     load.wait_for(2_000).await;
 
-    let killed = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    let killed = Command::new("kill").args([signal, &server.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let exit = wait_exit(&mut server).await;
-    assert_eq!(exit.code(), Some(0), "a drained shutdown exits 0");
+    assert_eq!(exit.code(), expected_exit, "{exit_meaning}");
 
     let acknowledged = load.finish().await;
     assert!(acknowledged.len() >= 2_000);
@@ -206,23 +214,13 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_loses_no_acknowledged_event() {
+    signal_under_load_loses_no_acknowledged_event("-TERM", Some(0), "a drained shutdown exits 0").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn kill_9_under_load_loses_no_acknowledged_event() {
-    let (database, mut server, address) = start_binary().await;
-    let load = Load::start(address, 16, 100_000);
-    load.wait_for(2_000).await;
-
-    let killed = Command::new("kill").args(["-KILL", &server.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let exit = wait_exit(&mut server).await;
-    assert_eq!(exit.code(), None, "killed by a signal");
-
-    let acknowledged = load.finish().await;
-    assert!(acknowledged.len() >= 2_000);
-    assert_eq!(
-        stored(&database, &acknowledged).await,
-        acknowledged.len() as i64,
-        "no acknowledged event is missing"
-    );
+    signal_under_load_loses_no_acknowledged_event("-KILL", None, "killed by a signal").await;
 }
 
 #[tokio::test]
@@ -240,7 +238,7 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
     let mut acknowledged = Vec::new();
     for index in 0..20 {
         let response =
-            app.client.clone().track_event(event("before", &format!("u{index}"), "")).await.unwrap();
+            app.client.clone().track_event(track_request("before", &format!("u{index}"))).await.unwrap();
         acknowledged.push(response.into_inner().event_id);
     }
 
@@ -250,7 +248,7 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
         async move {
             tokio::time::timeout(
                 Duration::from_secs(20),
-                client.track_event(event("during", &format!("u{index}"), &format!("k{index}"))),
+                client.track_event(keyed_track_request("during", &format!("u{index}"), &format!("k{index}"))),
             )
             .await
         }
@@ -261,7 +259,8 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert_eq!(status.message(), "database unavailable");
     }
-    let batch = pb::TrackEventsRequest { events: vec![event("during", "u", ""), event("during", "v", "")] };
+    let batch =
+        pb::TrackEventsRequest { events: vec![track_request("during", "u"), track_request("during", "v")] };
     let status = tokio::time::timeout(Duration::from_secs(20), app.client.clone().track_events(batch))
         .await
         .expect("no hang")
@@ -270,20 +269,21 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
     app.wait_for_readyz(503).await;
 
     proxy.restore();
-    let mut recovered = false;
-    for _ in 0..100 {
-        if let Ok(response) = app.client.clone().track_event(event("after", "u", "k0")).await {
-            acknowledged.push(response.into_inner().event_id);
-            recovered = true;
-            break;
+    let recovered = wait_until(Duration::from_secs(10), Duration::from_millis(100), async || {
+        match app.client.clone().track_event(keyed_track_request("after", "u", "k0")).await {
+            Ok(response) => {
+                acknowledged.push(response.into_inner().event_id);
+                true
+            }
+            Err(_) => false,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert!(recovered, "the service reconnects by itself");
     app.wait_for_readyz(200).await;
     for index in 0..20 {
         let response =
-            app.client.clone().track_event(event("after", &format!("u{index}"), "")).await.unwrap();
+            app.client.clone().track_event(track_request("after", &format!("u{index}"))).await.unwrap();
         acknowledged.push(response.into_inner().event_id);
     }
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE id::text = ANY($1)")

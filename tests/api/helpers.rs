@@ -188,6 +188,35 @@ pub async fn start_server(config: Config, database_name: String, redis_prefix: S
     }
 }
 
+/// A TrackEvent request for "now", without properties or insert_id.
+pub fn track_request(name: &str, user_id: &str) -> pb::TrackEventRequest {
+    keyed_track_request(name, user_id, "")
+}
+
+/// A TrackEvent request for "now" carrying `insert_id` ("" for none), without properties.
+pub fn keyed_track_request(name: &str, user_id: &str, insert_id: &str) -> pb::TrackEventRequest {
+    pb::TrackEventRequest {
+        event_name: name.into(),
+        user_id: user_id.into(),
+        properties: HashMap::new(),
+        timestamp: 0,
+        insert_id: insert_id.into(),
+    }
+}
+
+/// Checks `condition` every `poll` until it holds, `timeout / poll` times at the most (so
+/// for at least `timeout`, the checks not counted); whether it held. The caller asserts.
+pub async fn wait_until(timeout: Duration, poll: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let attempts = timeout.as_millis().div_ceil(poll.as_millis().max(1));
+    for _ in 0..attempts {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(poll).await;
+    }
+    false
+}
+
 pub async fn channel(address: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{address}")).unwrap().connect().await.expect("grpc connects")
 }
@@ -212,16 +241,58 @@ impl TestApp {
     pub async fn track(&self, name: &str, user_id: &str, timestamp: i64) -> pb::TrackEventResponse {
         self.client
             .clone()
-            .track_event(pb::TrackEventRequest {
-                event_name: name.to_string(),
-                user_id: user_id.to_string(),
-                properties: HashMap::new(),
-                timestamp,
-                insert_id: String::new(),
-            })
+            .track_event(pb::TrackEventRequest { timestamp, ..track_request(name, user_id) })
             .await
             .expect("track_event succeeds")
             .into_inner()
+    }
+
+    /// TrackEvent for "now" with an idempotency key ("" for none); the call must succeed.
+    pub async fn track_keyed(&self, name: &str, user_id: &str, insert_id: &str) -> pb::TrackEventResponse {
+        self.client
+            .clone()
+            .track_event(keyed_track_request(name, user_id, insert_id))
+            .await
+            .expect("track_event succeeds")
+            .into_inner()
+    }
+
+    /// TrackEvents with `events`; the call must succeed. One result per event, in order.
+    pub async fn track_batch(&self, events: Vec<pb::TrackEventRequest>) -> Vec<pb::TrackEventResult> {
+        self.client
+            .clone()
+            .track_events(pb::TrackEventsRequest { events })
+            .await
+            .expect("track_events succeeds")
+            .into_inner()
+            .results
+    }
+
+    /// GetEventCount as (event_name, bucket start, count) rows; `zone` "" is UTC.
+    pub async fn counts(
+        &self,
+        name: &str,
+        start: i64,
+        end: i64,
+        group_by: &str,
+        zone: &str,
+    ) -> Vec<(String, i64, i64)> {
+        self.client
+            .clone()
+            .get_event_count(pb::GetEventCountRequest {
+                event_name: name.into(),
+                start_time: start,
+                end_time: end,
+                group_by: group_by.into(),
+                time_zone: zone.into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("{name} {start} {end} {group_by} {zone}: {status:?}"))
+            .into_inner()
+            .counts
+            .into_iter()
+            .map(|count| (count.event_name, count.timestamp, count.count))
+            .collect()
     }
 
     /// GetUserCount over [start, end).
@@ -246,13 +317,11 @@ impl TestApp {
 
     /// Waits until /readyz answers `status` (the readiness probe runs every 100 ms here).
     pub async fn wait_for_readyz(&self, status: u16) {
-        for _ in 0..100 {
-            if self.admin_get("/readyz").await.0 == status {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("/readyz never answered {status}");
+        let answered = wait_until(Duration::from_secs(5), Duration::from_millis(50), async || {
+            self.admin_get("/readyz").await.0 == status
+        })
+        .await;
+        assert!(answered, "/readyz never answered {status}");
     }
 }
 

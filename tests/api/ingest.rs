@@ -2,7 +2,7 @@
 //! results, idempotency by insert_id (sequential, concurrent, across two replicas),
 //! poison-row isolation and backpressure with a stalled database.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use analytics_service::pb;
@@ -11,17 +11,10 @@ use sqlx::Connection;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::helpers::{metric_value, spawn_app, spawn_app_with, start_server, TestOptions};
-
-pub fn event(name: &str, user_id: &str, insert_id: &str) -> pb::TrackEventRequest {
-    pb::TrackEventRequest {
-        event_name: name.into(),
-        user_id: user_id.into(),
-        properties: HashMap::new(),
-        timestamp: 0,
-        insert_id: insert_id.into(),
-    }
-}
+use crate::helpers::{
+    keyed_track_request, metric_value, spawn_app, spawn_app_with, start_server, track_request, wait_until,
+    TestOptions,
+};
 
 fn status_of(result: &pb::TrackEventResult) -> TrackEventStatus {
     TrackEventStatus::try_from(result.status).expect("a known status")
@@ -44,15 +37,8 @@ async fn many_concurrent_unary_calls_share_commits_and_store_exactly_one_row_eac
     .await;
     const CALLS: usize = 400;
     let calls = (0..CALLS).map(|index| {
-        let mut client = app.client.clone();
-        async move {
-            client
-                .track_event(event("click", &format!("user-{index}"), ""))
-                .await
-                .unwrap()
-                .into_inner()
-                .event_id
-        }
+        let app = &app;
+        async move { app.track_keyed("click", &format!("user-{index}"), "").await.event_id }
     });
     let ids: Vec<String> = futures::future::join_all(calls).await;
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), CALLS, "every call got its own id");
@@ -72,16 +58,16 @@ async fn many_concurrent_unary_calls_share_commits_and_store_exactly_one_row_eac
 async fn a_batch_answers_per_event_and_stores_only_valid_new_events() {
     let app = spawn_app().await;
     let mut client = app.client.clone();
-    let earlier = client.track_event(event("signup", "u0", "key-0")).await.unwrap().into_inner().event_id;
+    let earlier = app.track_keyed("signup", "u0", "key-0").await.event_id;
 
-    let mut too_old = event("old", "u4", "");
+    let mut too_old = track_request("old", "u4");
     too_old.timestamp = 1;
     let events = vec![
-        event("view", "u1", ""),
-        event("", "u2", ""),
-        event("view", "u3", "key-1"),
-        event("view again", "u3", "key-1"),
-        event("signup", "u0", "key-0"),
+        track_request("view", "u1"),
+        track_request("", "u2"),
+        keyed_track_request("view", "u3", "key-1"),
+        keyed_track_request("view again", "u3", "key-1"),
+        keyed_track_request("signup", "u0", "key-0"),
         too_old,
     ];
     let results = client
@@ -138,12 +124,12 @@ async fn batch_size_limits_are_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(status.message(), "events: must not be empty");
 
-    let events = (0..1_001).map(|index| event("view", &format!("u{index}"), "")).collect();
+    let events = (0..1_001).map(|index| track_request("view", &format!("u{index}"))).collect();
     let status = client.track_events(pb::TrackEventsRequest { events }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("at most 1000 events"), "{}", status.message());
 
-    let mut big = event("view", "u", "");
+    let mut big = track_request("view", "u");
     big.properties =
         (0..40).map(|key| (format!("k{key}"), crate::helpers::string_value(&"x".repeat(30_000)))).collect();
     let status = client.track_events(pb::TrackEventsRequest { events: vec![big] }).await.unwrap_err();
@@ -151,8 +137,8 @@ async fn batch_size_limits_are_invalid_argument() {
     assert!(status.message().contains("at most 1048576"), "{}", status.message());
     assert_eq!(app.event_rows().await, 0);
 
-    let events = (0..1_000).map(|index| event("view", &format!("u{index}"), "")).collect();
-    let results = client.track_events(pb::TrackEventsRequest { events }).await.unwrap().into_inner().results;
+    let events = (0..1_000).map(|index| track_request("view", &format!("u{index}"))).collect();
+    let results = app.track_batch(events).await;
     assert!(results.iter().all(|result| status_of(result) == TrackEventStatus::Accepted));
     assert_eq!(app.event_rows().await, 1_000);
 }
@@ -160,9 +146,8 @@ async fn batch_size_limits_are_invalid_argument() {
 #[tokio::test]
 async fn the_same_insert_id_sent_twice_in_sequence_is_stored_once() {
     let app = spawn_app().await;
-    let mut client = app.client.clone();
-    let first = client.track_event(event("purchase", "u1", "order-42")).await.unwrap().into_inner();
-    let second = client.track_event(event("purchase", "u1", "order-42")).await.unwrap().into_inner();
+    let first = app.track_keyed("purchase", "u1", "order-42").await;
+    let second = app.track_keyed("purchase", "u1", "order-42").await;
     assert!(first.success && second.success);
     assert_eq!(first.event_id, second.event_id, "the retry answers with the original event_id");
     assert_eq!(app.event_rows().await, 1);
@@ -184,14 +169,7 @@ async fn the_same_insert_id_sent_concurrently_is_stored_once() {
     .await;
     for round in 0..10 {
         let key = format!("retry-{round}");
-        let calls =
-            (0..8).map(|_| {
-                let mut client = app.client.clone();
-                let key = key.clone();
-                async move {
-                    client.track_event(event("purchase", "u1", &key)).await.unwrap().into_inner().event_id
-                }
-            });
+        let calls = (0..8).map(|_| async { app.track_keyed("purchase", "u1", &key).await.event_id });
         let ids: HashSet<String> = futures::future::join_all(calls).await.into_iter().collect();
         assert_eq!(ids.len(), 1, "round {round}: every answer carries the same event_id: {ids:?}");
     }
@@ -206,17 +184,15 @@ async fn the_same_insert_id_sent_to_two_replicas_is_stored_once() {
             .await;
     for round in 0..10 {
         let key = format!("replicated-{round}");
-        let (mut client_one, mut client_two) = (first.client.clone(), second.client.clone());
         let (one, two) = tokio::join!(
-            client_one.track_event(event("purchase", "u1", &key)),
-            client_two.track_event(event("purchase", "u1", &key)),
+            first.track_keyed("purchase", "u1", &key),
+            second.track_keyed("purchase", "u1", &key),
         );
-        let (one, two) = (one.unwrap().into_inner(), two.unwrap().into_inner());
         assert_eq!(one.event_id, two.event_id, "round {round}");
     }
     // And in sequence, across replicas.
-    let one = first.client.clone().track_event(event("purchase", "u2", "seq")).await.unwrap().into_inner();
-    let two = second.client.clone().track_event(event("purchase", "u2", "seq")).await.unwrap().into_inner();
+    let one = first.track_keyed("purchase", "u2", "seq").await;
+    let two = second.track_keyed("purchase", "u2", "seq").await;
     assert_eq!(one.event_id, two.event_id);
     assert_eq!(first.event_rows().await, 11);
 }
@@ -224,16 +200,15 @@ async fn the_same_insert_id_sent_to_two_replicas_is_stored_once() {
 #[tokio::test]
 async fn an_expired_insert_id_is_stored_again() {
     let app = spawn_app().await;
-    let mut client = app.client.clone();
-    let first = client.track_event(event("purchase", "u1", "old-key")).await.unwrap().into_inner();
+    let first = app.track_keyed("purchase", "u1", "old-key").await;
     sqlx::query("UPDATE event_insert_ids SET created_at = now() - interval '8 days'")
         .execute(&app.pool)
         .await
         .unwrap();
-    let second = client.track_event(event("purchase", "u1", "old-key")).await.unwrap().into_inner();
+    let second = app.track_keyed("purchase", "u1", "old-key").await;
     assert_ne!(first.event_id, second.event_id, "outside the 7-day window the key is new again");
     assert_eq!(app.event_rows().await, 2);
-    let third = client.track_event(event("purchase", "u1", "old-key")).await.unwrap().into_inner();
+    let third = app.track_keyed("purchase", "u1", "old-key").await;
     assert_eq!(third.event_id, second.event_id, "and remembered from then on");
 }
 
@@ -249,15 +224,12 @@ async fn a_poison_row_fails_only_its_own_caller() {
         .await
         .unwrap();
 
-    let events = vec![event("ok", "u1", ""), event("poison", "u2", ""), event("ok", "u3", "key-3")];
-    let results = app
-        .client
-        .clone()
-        .track_events(pb::TrackEventsRequest { events })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let events = vec![
+        track_request("ok", "u1"),
+        track_request("poison", "u2"),
+        keyed_track_request("ok", "u3", "key-3"),
+    ];
+    let results = app.track_batch(events).await;
     assert_eq!(status_of(&results[0]), TrackEventStatus::Accepted);
     assert_eq!(status_of(&results[1]), TrackEventStatus::Rejected);
     assert_eq!(results[1].code, Code::Internal as i32);
@@ -268,7 +240,7 @@ async fn a_poison_row_fails_only_its_own_caller() {
     let calls = (0..20).map(|index| {
         let mut client = app.client.clone();
         let name = if index == 7 { "poison" } else { "ok" };
-        async move { client.track_event(event(name, &format!("v{index}"), "")).await }
+        async move { client.track_event(track_request(name, &format!("v{index}"))).await }
     });
     let answers = futures::future::join_all(calls).await;
     for (index, answer) in answers.iter().enumerate() {
@@ -311,18 +283,16 @@ async fn a_full_queue_refuses_fast_and_stays_bounded_while_the_database_stalls()
     for wave in 0..3 {
         waiting.extend((0..100).map(|index| {
             let mut client = app.client.clone();
-            tokio::spawn(
-                async move { client.track_event(event("view", &format!("w{wave}-{index}"), "")).await },
-            )
+            tokio::spawn(async move {
+                client.track_event(track_request("view", &format!("w{wave}-{index}"))).await
+            })
         }));
         // Refusals come back while the database is still stalled: they wait for nothing.
         // (Bounded wait for the answers to arrive; the assertions follow.)
-        for _ in 0..400 {
-            if waiting.iter().filter(|call| !call.is_finished()).count() <= CAPACITY {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_until(Duration::from_secs(10), Duration::from_millis(25), async || {
+            waiting.iter().filter(|call| !call.is_finished()).count() <= CAPACITY
+        })
+        .await;
         let mut still_waiting = Vec::new();
         for call in waiting.drain(..) {
             if call.is_finished() {
@@ -338,13 +308,11 @@ async fn a_full_queue_refuses_fast_and_stays_bounded_while_the_database_stalls()
         assert_eq!(waiting.len(), CAPACITY, "wave {wave}: only the queue's capacity waits");
         // The gauge is refreshed every 250 ms by the writer: wait (bounded) for a fresh one.
         let mut depth = 0.0;
-        for _ in 0..40 {
+        wait_until(Duration::from_secs(2), Duration::from_millis(50), async || {
             depth = metric_value(&app.admin_get("/metrics").await.1, "analytics_ingest_queue_depth");
-            if depth == CAPACITY as f64 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            depth == CAPACITY as f64
+        })
+        .await;
         assert_eq!(depth, CAPACITY as f64, "wave {wave}: the queue holds exactly its capacity");
     }
     assert_eq!(refused, 300 - CAPACITY);
@@ -367,15 +335,8 @@ async fn a_full_queue_refuses_fast_and_stays_bounded_while_the_database_stalls()
 #[tokio::test]
 async fn event_ids_of_a_batch_are_stored_with_their_content() {
     let app = spawn_app().await;
-    let events = (0..50).map(|index| event(&format!("e{index}"), &format!("u{index}"), "")).collect();
-    let results = app
-        .client
-        .clone()
-        .track_events(pb::TrackEventsRequest { events })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let events = (0..50).map(|index| track_request(&format!("e{index}"), &format!("u{index}"))).collect();
+    let results = app.track_batch(events).await;
     for (index, result) in results.iter().enumerate() {
         let name: String = sqlx::query_scalar("SELECT event_name FROM events WHERE id = $1")
             .bind(Uuid::parse_str(&result.event_id).unwrap())
@@ -394,19 +355,12 @@ async fn events_of_a_batch_over_their_senders_budget_are_rejected_alone() {
     })
     .await;
     let events = vec![
-        event("view", "busy", ""),
-        event("view", "busy", ""),
-        event("view", "busy", ""),
-        event("view", "calm", ""),
+        track_request("view", "busy"),
+        track_request("view", "busy"),
+        track_request("view", "busy"),
+        track_request("view", "calm"),
     ];
-    let results = app
-        .client
-        .clone()
-        .track_events(pb::TrackEventsRequest { events })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results = app.track_batch(events).await;
     let accepted = results.iter().filter(|result| status_of(result) == TrackEventStatus::Accepted).count();
     let limited: Vec<_> =
         results.iter().filter(|result| status_of(result) == TrackEventStatus::Rejected).collect();

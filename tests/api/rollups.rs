@@ -19,35 +19,6 @@ const NAMES: [&str; 5] = ["view", "click", "signup", "purchase", "logout"];
 
 type Counts = Vec<(String, i64, i64)>;
 
-async fn grpc_counts(app: &TestApp, name: &str, start: i64, end: i64, group_by: &str, zone: &str) -> Counts {
-    app.client
-        .clone()
-        .get_event_count(pb::GetEventCountRequest {
-            event_name: name.into(),
-            start_time: start,
-            end_time: end,
-            group_by: group_by.into(),
-            time_zone: zone.into(),
-        })
-        .await
-        .unwrap_or_else(|status| panic!("{name} {start} {end} {group_by} {zone}: {status:?}"))
-        .into_inner()
-        .counts
-        .into_iter()
-        .map(|count| (count.event_name, count.timestamp, count.count))
-        .collect()
-}
-
-async fn grpc_unique_users(app: &TestApp, start: i64, end: i64) -> i64 {
-    app.client
-        .clone()
-        .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
-        .await
-        .unwrap()
-        .into_inner()
-        .unique_users
-}
-
 /// The answer computed from the raw rows alone. Hours are cut at the local hour (minutes
 /// and seconds of local time removed), so a repeated local hour stays two buckets.
 async fn brute_force_counts(
@@ -136,10 +107,10 @@ async fn compare_random_queries(app: &TestApp, random: &mut StdRng, from: i64, t
         let name = if random.random_bool(0.5) { "" } else { NAMES[random.random_range(0..NAMES.len())] };
         let group_by = ["", "hour", "day", "week"][random.random_range(0..4)];
         let zone = ZONES[random.random_range(0..ZONES.len())];
-        let answer = grpc_counts(app, name, start, end, group_by, zone).await;
+        let answer = app.counts(name, start, end, group_by, zone).await;
         let expected = brute_force_counts(&app.pool, name, start, end, group_by, zone).await;
         assert_eq!(answer, expected, "name {name:?} [{start}, {end}) group_by {group_by:?} zone {zone:?}");
-        let users = grpc_unique_users(app, start, end).await;
+        let users = app.unique_users(start, end).await;
         assert_eq!(users, brute_force_unique_users(&app.pool, start, end).await, "users in [{start}, {end})");
     }
 }
@@ -203,8 +174,7 @@ async fn berlin_days_around_dst_transitions_have_23_and_25_hours_of_events() {
     one_event_per_hour(&app.pool, october_24_berlin, october_24_berlin + 4 * DAY).await;
 
     let spring =
-        grpc_counts(&app, "tick", march_28_berlin, march_28_berlin + 3 * DAY - HOUR, "day", "Europe/Berlin")
-            .await;
+        app.counts("tick", march_28_berlin, march_28_berlin + 3 * DAY - HOUR, "day", "Europe/Berlin").await;
     assert_eq!(
         spring,
         vec![
@@ -213,15 +183,9 @@ async fn berlin_days_around_dst_transitions_have_23_and_25_hours_of_events() {
             ("tick".into(), march_28_berlin + 2 * DAY - HOUR, 24),
         ]
     );
-    let autumn = grpc_counts(
-        &app,
-        "tick",
-        october_24_berlin,
-        october_24_berlin + 3 * DAY + HOUR,
-        "day",
-        "Europe/Berlin",
-    )
-    .await;
+    let autumn = app
+        .counts("tick", october_24_berlin, october_24_berlin + 3 * DAY + HOUR, "day", "Europe/Berlin")
+        .await;
     assert_eq!(
         autumn,
         vec![
@@ -231,27 +195,15 @@ async fn berlin_days_around_dst_transitions_have_23_and_25_hours_of_events() {
         ]
     );
     // The repeated local hour 02:00-03:00 on October 25 is two hourly buckets.
-    let autumn_hours = grpc_counts(
-        &app,
-        "tick",
-        october_24_berlin + DAY,
-        october_24_berlin + 2 * DAY + HOUR,
-        "hour",
-        "Europe/Berlin",
-    )
-    .await;
+    let autumn_hours = app
+        .counts("tick", october_24_berlin + DAY, october_24_berlin + 2 * DAY + HOUR, "hour", "Europe/Berlin")
+        .await;
     assert_eq!(autumn_hours.len(), 25);
     assert!(autumn_hours.iter().all(|(_, _, count)| *count == 1), "{autumn_hours:?}");
     // In UTC the same events make 24-hour days.
-    let utc_days = grpc_counts(
-        &app,
-        "tick",
-        october_24_berlin + 2 * HOUR,
-        october_24_berlin + 2 * HOUR + 2 * DAY,
-        "day",
-        "",
-    )
-    .await;
+    let utc_days = app
+        .counts("tick", october_24_berlin + 2 * HOUR, october_24_berlin + 2 * HOUR + 2 * DAY, "day", "")
+        .await;
     assert_eq!(utc_days.iter().map(|(_, _, count)| *count).collect::<Vec<_>>(), vec![24, 24]);
 
     let status = app
@@ -271,7 +223,7 @@ async fn berlin_days_around_dst_transitions_have_23_and_25_hours_of_events() {
 }
 
 async fn total_count(app: &TestApp, start: i64, end: i64) -> i64 {
-    grpc_counts(app, "", start, end, "", "").await.iter().map(|(_, _, count)| count).sum()
+    app.counts("", start, end, "", "").await.iter().map(|(_, _, count)| count).sum()
 }
 
 #[tokio::test]
@@ -325,7 +277,7 @@ async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(total_count(&app, old - DAY, old + DAY).await, 0, "counts reflect the dropped month");
-    assert_eq!(grpc_unique_users(&app, old - DAY, old + DAY).await, 0);
+    assert_eq!(app.unique_users(old - DAY, old + DAY).await, 0);
     let old_rollups: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM event_counts_hourly WHERE bucket_start < to_timestamp($1))
               + (SELECT count(*) FROM user_activity_monthly WHERE month < date_trunc('month', to_timestamp($1))::date)",
