@@ -17,39 +17,52 @@ pub enum PropertyValue {
     Bool(bool),
 }
 
-/// Validated event or user properties (key order is stable so serialisation is too).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Properties(pub(crate) BTreeMap<String, PropertyValue>);
+/// Validated event or user properties, held as the JSON object the `properties` JSONB
+/// columns store. Validation builds it once (measuring its size on the way) and the
+/// repositories write it as is; keys are sorted, so serialisation is stable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Properties(serde_json::Value);
+
+impl Default for Properties {
+    fn default() -> Self {
+        Self(serde_json::Value::Object(serde_json::Map::new()))
+    }
+}
 
 impl Properties {
+    /// The JSON object of validated values (only `service::validation` has them).
+    pub(crate) fn from_values(values: BTreeMap<String, PropertyValue>) -> Self {
+        let object = values
+            .into_iter()
+            .map(|(key, value)| {
+                let json = match value {
+                    PropertyValue::String(text) => serde_json::Value::String(text),
+                    // Validation guarantees finiteness, so from_f64 never yields None.
+                    PropertyValue::Number(number) => serde_json::Number::from_f64(number)
+                        .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                    PropertyValue::Bool(flag) => serde_json::Value::Bool(flag),
+                };
+                (key, json)
+            })
+            .collect();
+        Self(serde_json::Value::Object(object))
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.as_object().map_or(0, serde_json::Map::len)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &PropertyValue)> {
-        self.0.iter()
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &serde_json::Value)> {
+        self.0.as_object().into_iter().flatten()
     }
 
-    /// The JSON object stored in the `properties` JSONB columns.
-    pub fn to_json(&self) -> serde_json::Value {
-        let object = self
-            .0
-            .iter()
-            .map(|(key, value)| {
-                let json = match value {
-                    PropertyValue::String(text) => serde_json::Value::String(text.clone()),
-                    // Validation guarantees finiteness, so from_f64 never yields None.
-                    PropertyValue::Number(number) => serde_json::Number::from_f64(*number)
-                        .map_or(serde_json::Value::Null, serde_json::Value::Number),
-                    PropertyValue::Bool(flag) => serde_json::Value::Bool(*flag),
-                };
-                (key.clone(), json)
-            })
-            .collect();
-        serde_json::Value::Object(object)
+    /// The JSON object stored in the `properties` JSONB columns (before encryption of
+    /// sensitive values).
+    pub fn json(&self) -> &serde_json::Value {
+        &self.0
     }
 }

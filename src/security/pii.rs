@@ -10,6 +10,7 @@
 //! the first line encrypting new writes, every line decrypting. Rotation: put the new
 //! key first, keep the old ones, then run `analytics-service reencrypt`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -139,6 +140,20 @@ impl PiiCipher {
         }
     }
 
+    /// `properties` as they are to be stored: a copy with the sensitive values encrypted
+    /// as [`PiiCipher::seal`] does, or, when none needs it, the object itself (no copy).
+    pub fn sealed<'a>(&self, properties: &'a Value) -> Cow<'a, Value> {
+        let (Some(inner), Value::Object(object)) = (&self.inner, properties) else {
+            return Cow::Borrowed(properties);
+        };
+        if !object.iter().any(|(key, value)| inner.fields.contains(key) && !is_ciphertext(value)) {
+            return Cow::Borrowed(properties);
+        }
+        let mut sealed = properties.clone();
+        self.seal(&mut sealed);
+        Cow::Owned(sealed)
+    }
+
     /// Decrypts, in place, every encrypted value of a properties object (whatever its
     /// key, so values written under an older PII_FIELDS still read back).
     pub fn open(&self, properties: &mut Value) -> Result<(), DecryptError> {
@@ -236,6 +251,24 @@ mod tests {
         let mut read = stored.clone();
         cipher.open(&mut read).unwrap();
         assert_eq!(read, original);
+    }
+
+    #[test]
+    fn sealed_copies_only_when_a_value_is_to_be_encrypted() {
+        let cipher = cipher(KEY_A);
+        let clear = json!({"plan": "pro"});
+        assert!(matches!(cipher.sealed(&clear), Cow::Borrowed(_)));
+        let original = json!({"email": "ada@example.com", "age": 36, "plan": "pro"});
+        let sealed = cipher.sealed(&original);
+        assert!(matches!(sealed, Cow::Owned(_)));
+        assert!(sealed["email"].as_str().unwrap().starts_with("enc:v1:a:"));
+        assert!(sealed["age"].as_str().unwrap().starts_with("enc:v1:a:"));
+        assert_eq!(sealed["plan"], "pro");
+        assert!(matches!(cipher.sealed(&sealed), Cow::Borrowed(_)), "sealed values are left alone");
+        let mut read = sealed.into_owned();
+        cipher.open(&mut read).unwrap();
+        assert_eq!(read, original);
+        assert!(matches!(PiiCipher::disabled().sealed(&original), Cow::Borrowed(_)));
     }
 
     #[test]

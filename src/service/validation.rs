@@ -144,8 +144,8 @@ impl Properties {
             };
             properties.insert(key, value);
         }
-        let properties = Properties(properties);
-        let size = serde_json::to_vec(&properties.to_json()).map_or(usize::MAX, |json| json.len());
+        let properties = Properties::from_values(properties);
+        let size = serialized_len(properties.json());
         if size > MAX_PROPERTIES_BYTES {
             return Err(ValidationError::new(
                 "properties",
@@ -154,6 +154,22 @@ impl Properties {
         }
         Ok(properties)
     }
+}
+
+/// Bytes of `value` as compact JSON text (as stored), counted without building the text.
+fn serialized_len(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    serde_json::to_writer(&mut counter, value).map_or(usize::MAX, |()| counter.0)
 }
 
 /// Resolves an event timestamp: `None` is now; otherwise it must lie within

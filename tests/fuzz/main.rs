@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use analytics_service::api::convert;
-use analytics_service::models::{IdentifyUser, Properties, PropertyValue, TrackEvent};
+use analytics_service::models::{IdentifyUser, Properties, TrackEvent};
 use analytics_service::pb;
 use analytics_service::security::pii::{PiiCipher, PiiKeys};
 use analytics_service::service::validation::{MAX_NAME_BYTES, MAX_PROPERTY_KEYS};
@@ -49,12 +49,13 @@ fn assert_valid_properties(properties: &Properties) {
     for (key, value) in properties.iter() {
         assert_valid_name(key);
         match value {
-            PropertyValue::String(text) => assert!(!text.contains('\0')),
-            PropertyValue::Number(number) => assert!(number.is_finite()),
-            PropertyValue::Bool(_) => {}
+            serde_json::Value::String(text) => assert!(!text.contains('\0')),
+            serde_json::Value::Number(number) => assert!(number.as_f64().is_some_and(f64::is_finite)),
+            serde_json::Value::Bool(_) => {}
+            other => panic!("{key:?}: only text, finite numbers and booleans are valid, got {other}"),
         }
     }
-    let json = properties.to_json().to_string();
+    let json = properties.json().to_string();
     assert!(!json.contains("\\u0000"), "PostgreSQL's jsonb refuses NUL");
 }
 

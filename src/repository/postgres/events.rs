@@ -2,6 +2,7 @@
 //! events in one multi-row statement, deduplicating by insert_id, expiring old keys,
 //! and counting events.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
@@ -151,14 +152,10 @@ impl EventRepository {
         let names: Vec<&str> = unique.iter().map(|event| event.name.as_str()).collect();
         let user_ids: Vec<Option<&str>> =
             unique.iter().map(|event| event.user_id.as_ref().map(|user| user.as_str())).collect();
-        let properties: Vec<serde_json::Value> = unique
-            .iter()
-            .map(|event| {
-                let mut properties = event.properties.to_json();
-                self.pii.seal(&mut properties);
-                properties
-            })
-            .collect();
+        // Validation built each object; only those with a value to encrypt are copied.
+        let sealed: Vec<Cow<'_, serde_json::Value>> =
+            unique.iter().map(|event| self.pii.sealed(event.properties.json())).collect();
+        let properties: Vec<&serde_json::Value> = sealed.iter().map(|properties| &**properties).collect();
         let timestamps: Vec<_> = unique.iter().map(|event| event.timestamp).collect();
 
         let mut outcomes = vec![InsertOutcome::Inserted; events.len()];

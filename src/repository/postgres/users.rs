@@ -46,13 +46,12 @@ impl UserRepository {
     }
 
     pub async fn upsert(&self, identity: &IdentifyUser) -> Result<(), RepositoryError> {
-        let mut properties = identity.properties.to_json();
-        self.pii.seal(&mut properties);
+        let properties = self.pii.sealed(identity.properties.json());
         self.database
             .with_retry("upsert_user", || async {
                 sqlx::query(UPSERT_USER)
                     .bind(identity.user_id.as_str())
-                    .bind(&properties)
+                    .bind(properties.as_ref())
                     .execute(self.database.pool())
                     .await?;
                 Ok(())
