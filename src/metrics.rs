@@ -185,6 +185,8 @@ pub const INGEST_COMMIT_SECONDS: &str = "analytics_ingest_commit_seconds";
 pub const INGEST_QUEUE_DEPTH: &str = "analytics_ingest_queue_depth";
 pub const INGEST_QUEUE_CAPACITY: &str = "analytics_ingest_queue_capacity";
 pub const DEDUP_HITS: &str = "analytics_dedup_hits_total";
+pub const USER_ACTIVITY_FOLDED: &str = "analytics_user_activity_folded_pairs_total";
+pub const USER_ACTIVITY_FOLD_TIMESTAMP: &str = "analytics_user_activity_fold_timestamp_seconds";
 
 /// Events per group commit: from a lone call to a full TrackEvents batch and beyond.
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0];
@@ -199,6 +201,12 @@ fn describe_ingest() {
     describe_gauge!(INGEST_QUEUE_DEPTH, "Events queued for or inside a group commit.");
     describe_gauge!(INGEST_QUEUE_CAPACITY, "Most events the ingest queue holds (INGEST_QUEUE_CAPACITY).");
     describe_counter!(DEDUP_HITS, "Events not stored because their insert_id was already stored.");
+    describe_counter!(USER_ACTIVITY_FOLDED, "Pending (hour, user) pairs folded into the user bitmaps.");
+    describe_gauge!(
+        USER_ACTIVITY_FOLD_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time of the last completed fold pass of this replica (the fold watermark)."
+    );
 }
 
 /// One group commit of `events` events, answered after `elapsed`. Called by the
@@ -222,4 +230,11 @@ pub fn record_dedup_hits(count: u64) {
 /// Events not stored for `reason`, counted in one step (a failed group commit).
 pub fn record_events_rejected(reason: &'static str, count: u64) {
     counter!(EVENTS_REJECTED, "reason" => reason).increment(count);
+}
+
+/// One completed fold pass that folded `pairs` pending pairs.
+pub fn record_user_activity_fold(pairs: usize) {
+    counter!(USER_ACTIVITY_FOLDED).increment(pairs as u64);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    gauge!(USER_ACTIVITY_FOLD_TIMESTAMP).set(now.as_secs_f64());
 }

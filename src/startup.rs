@@ -28,6 +28,7 @@ use crate::service::ingest::{self, IngestSettings, IngestWriter};
 use crate::service::partition_maintenance::run_partition_maintenance;
 use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
+use crate::service::user_activity_fold::run_user_activity_fold;
 use crate::service::{AnalyticsService, EVENT_STARTED, EVENT_STOPPING};
 
 /// A built, bound, not yet running server.
@@ -120,6 +121,8 @@ impl Application {
             config.event_max_age(),
             config.event_retention(),
         ));
+
+        let fold_task = tokio::spawn(run_user_activity_fold(database.clone()));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(follow_readiness(health_reporter, readiness.subscribe()));
@@ -216,6 +219,7 @@ impl Application {
             task.abort();
         }
         partition_task.abort();
+        fold_task.abort();
         if self_tracking {
             service.track_lifecycle(EVENT_STOPPING, lifecycle_properties()).await;
         }

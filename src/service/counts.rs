@@ -1,19 +1,32 @@
-//! GetEventCount and GetUserCount: answers from the rollups, and the cache policy that
-//! keeps them never stale.
+//! GetEventCount and GetUserCount: answers from the rollups, and the cache that keeps
+//! them never stale.
 //!
-//! A bucket is closed once it ends more than EVENT_MAX_AGE_DAYS ago: TrackEvent rejects
-//! older timestamps, so no event can land there any more (EVENT_MAX_AGE_DAYS is the
-//! late-event window). An answer whose range is closed is immutable and is cached without
-//! expiry; any answer touching an open bucket is computed fresh from the rollups and not
-//! cached, so a late event is visible on the very next call. Ranges a retention drop may
-//! still shorten are treated as open too.
+//! An answer splits into its whole UTC hours (read from the rollups) and the partial
+//! hours at its edges (read from the raw events, the open hour among them). The rollup
+//! part is cached in Redis for REDIS_CACHE_TTL together with a stamp of the rows it was
+//! read from (src/repository/postgres/rollups.rs, `RollupStamp`), keyed by its whole
+//! hours, so a dashboard whose end time slides reuses it for up to an hour. Every call
+//! reads the current stamp first and uses the cached part only when the stamps are
+//! equal: a late event into any of those hours, or a fold of new users into their
+//! bitmaps, changes the stamp in the transaction that writes it, so the next answer
+//! includes it. The edges are always read fresh.
+//!
+//! A range that ended more than EVENT_MAX_AGE_DAYS ago is closed for good: TrackEvent
+//! rejects older timestamps (EVENT_MAX_AGE_DAYS is the late-event window), so such an
+//! answer is immutable and cached whole, without expiry and without a stamp. Ranges a
+//! retention drop may still shorten are not treated as closed.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 
 use super::{AnalyticsService, ServiceError};
 use crate::metrics;
 use crate::models::{EventCount, EventFilter, TimeRange};
-use crate::repository::postgres::rollups::RollupRepository;
+use crate::repository::postgres::rollups::{
+    merge_event_counts, user_count_split, CountPart, EventCountPlan, RollupRepository, RollupStamp,
+};
+use crate::repository::postgres::user_activity::{decode_users, encode_users};
 
 /// Margin kept before the retention cut-off: partitions are whole months, so data up
 /// to a month newer than `now - EVENT_RETENTION_DAYS` may be dropped next.
@@ -60,58 +73,125 @@ impl AnalyticsService {
             group_by.check_bucket_count(filter.range)?;
         }
         let rollups = RollupRepository::new(self.database.clone());
-        if self.cache_policy(filter.range) == CachePolicy::Fresh || !self.cache.is_enabled() {
-            if self.cache.is_enabled() {
-                metrics::record_cache_fresh("event_count");
-            }
+        if !self.cache.is_enabled() {
             return Ok(rollups.event_counts(&filter).await?);
         }
-        let key = event_count_cache_key(&filter);
-        if let Some(cached) = self.cache.get::<Vec<EventCount>>(&key).await {
-            metrics::record_cache_lookup("event_count", true);
-            return Ok(cached);
+        if self.cache_policy(filter.range) == CachePolicy::Immutable {
+            let key =
+                event_count_cache_key("event_count:v2", filter.range.start(), filter.range.end(), &filter);
+            if let Some(cached) = self.cache.get::<Vec<EventCount>>(&key).await {
+                metrics::record_cache_lookup("event_count", true);
+                return Ok(cached);
+            }
+            metrics::record_cache_lookup("event_count", false);
+            let counts = rollups.event_counts(&filter).await?;
+            self.cache.set_without_expiry(&key, &counts).await;
+            return Ok(counts);
         }
-        metrics::record_cache_lookup("event_count", false);
-        let counts = rollups.event_counts(&filter).await?;
-        self.cache.set_without_expiry(&key, &counts).await;
-        Ok(counts)
+        let plan = EventCountPlan::of(&filter);
+        if !plan.has_rollup_part() {
+            metrics::record_cache_fresh("event_count");
+            return Ok(rollups.event_counts(&filter).await?);
+        }
+        // The rollup part (whole hours) is cached with its stamp and reused while the
+        // stamp is unchanged; the partial hours at the edges are always read fresh.
+        let key =
+            event_count_cache_key("event_count:v3", plan.split.rollup_start, plan.split.rollup_end, &filter);
+        let stamp = rollups.event_counts_stamp(&plan).await?;
+        let cached = self.cache.get::<StampedEventCounts>(&key).await.filter(|cached| cached.stamp == stamp);
+        metrics::record_cache_lookup("event_count", cached.is_some());
+        let mut rollup_counts = match cached {
+            Some(cached) => cached.counts,
+            None => {
+                let (counts, stamp) = rollups.rollup_event_counts_with_stamp(&filter, &plan).await?;
+                let stamped = StampedEventCounts { stamp, counts };
+                self.cache.set(&key, &stamped, None).await;
+                stamped.counts
+            }
+        };
+        if filter.group_by.is_none() {
+            // Ungrouped rows carry the range start, which slides within the cached hours.
+            rollup_counts.iter_mut().for_each(|count| count.bucket_start = filter.range.start());
+        }
+        let edges = rollups.event_counts_part(&filter, &plan, CountPart::RawEdges).await?;
+        Ok(merge_event_counts(rollup_counts, edges))
     }
 
     /// Exact distinct identified users with events in the range.
     #[tracing::instrument(skip_all)]
     pub async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
         let rollups = RollupRepository::new(self.database.clone());
-        if self.cache_policy(range) == CachePolicy::Fresh || !self.cache.is_enabled() {
-            if self.cache.is_enabled() {
-                metrics::record_cache_fresh("user_count");
-            }
+        if !self.cache.is_enabled() {
             return Ok(rollups.unique_users(range).await?);
         }
-        let key = format!("user_count:v2:{}:{}", range.start(), range.end());
-        if let Some(cached) = self.cache.get::<i64>(&key).await {
-            metrics::record_cache_lookup("user_count", true);
-            return Ok(cached);
+        if self.cache_policy(range) == CachePolicy::Immutable {
+            let key = format!("user_count:v2:{}:{}", range.start(), range.end());
+            if let Some(cached) = self.cache.get::<i64>(&key).await {
+                metrics::record_cache_lookup("user_count", true);
+                return Ok(cached);
+            }
+            metrics::record_cache_lookup("user_count", false);
+            let count = rollups.unique_users(range).await?;
+            self.cache.set_without_expiry(&key, &count).await;
+            return Ok(count);
+        }
+        let split = user_count_split(range);
+        if split.rollup_start == split.rollup_end {
+            metrics::record_cache_fresh("user_count");
+            return Ok(rollups.unique_users(range).await?);
+        }
+        // The union of the folded bitmaps is cached with their stamp; the users not folded
+        // yet are read fresh, in the same snapshot as the stamp they are checked against.
+        let key = format!("user_count:v3:{}:{}", split.rollup_start, split.rollup_end);
+        let cached = self.cache.get::<StampedUsers>(&key).await;
+        if let Some(cached) = cached {
+            let parts = rollups.user_count_parts(split, false).await?;
+            if parts.stamp == cached.stamp {
+                if let Some(folded) = cached.users() {
+                    metrics::record_cache_lookup("user_count", true);
+                    return Ok(parts.count(&folded));
+                }
+            }
         }
         metrics::record_cache_lookup("user_count", false);
-        let count = rollups.unique_users(range).await?;
-        self.cache.set_without_expiry(&key, &count).await;
-        Ok(count)
+        let parts = rollups.user_count_parts(split, true).await?;
+        let folded = parts.folded.clone().unwrap_or_default();
+        self.cache.set(&key, &StampedUsers::new(parts.stamp, &folded), None).await;
+        Ok(parts.count(&folded))
+    }
+}
+
+/// The cached rollup part of a GetEventCount answer.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StampedEventCounts {
+    stamp: RollupStamp,
+    counts: Vec<EventCount>,
+}
+
+/// The cached union of the folded user bitmaps of a range (base64 of the stored form).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StampedUsers {
+    stamp: RollupStamp,
+    users: String,
+}
+
+impl StampedUsers {
+    fn new(stamp: RollupStamp, users: &roaring::RoaringBitmap) -> Self {
+        Self { stamp, users: BASE64.encode(encode_users(users)) }
+    }
+
+    fn users(&self) -> Option<roaring::RoaringBitmap> {
+        BASE64.decode(&self.users).ok().and_then(|bytes| decode_users(&bytes).ok())
     }
 }
 
 /// A key naming every field of the request; the name goes last, length-prefixed, so
 /// no two requests share a key whatever characters the name holds.
-fn event_count_cache_key(filter: &EventFilter) -> String {
+fn event_count_cache_key(version: &str, start: i64, end: i64, filter: &EventFilter) -> String {
     let group = filter.group_by.map_or("total", |group_by| group_by.as_str());
     let name = filter.event_name.as_ref().map_or("", |name| name.as_str());
     let scope = if filter.event_name.is_some() { "one" } else { "all" };
-    format!(
-        "event_count:v2:{}:{}:{group}:{}:{scope}:{}:{name}",
-        filter.range.start(),
-        filter.range.end(),
-        filter.time_zone.name(),
-        name.len()
-    )
+    format!("{version}:{start}:{end}:{group}:{}:{scope}:{}:{name}", filter.time_zone.name(), name.len())
 }
 
 #[cfg(test)]

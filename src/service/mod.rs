@@ -7,6 +7,7 @@ pub mod ingest;
 pub mod partition_maintenance;
 pub mod rate_limit;
 pub mod readiness;
+pub mod user_activity_fold;
 pub mod validation;
 
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Cache-aside for count queries: answers over closed ranges come from Redis (proved by
-//! changing the rows underneath), answers over open buckets are always fresh, and a
-//! missing Redis never breaks a query.
+//! changing the rows underneath); within the late-event window the whole hours of an
+//! answer are cached with a stamp and a late event is in the next answer; the partial
+//! hours at the edges are always fresh; and a missing Redis never breaks a query.
 
 use redis::AsyncCommands;
 
@@ -75,26 +76,80 @@ async fn a_closed_range_is_cached_without_expiry() {
 }
 
 #[tokio::test]
-async fn a_late_event_into_a_past_bucket_is_in_the_next_answer() {
+async fn a_late_event_into_a_cached_hour_is_in_the_next_answer() {
     let app = spawn_app_with(TestOptions::default()).await;
     // Two days ago: an hour that has ended but is still inside the 30-day late-event window.
+    // The range holds that whole hour (the cached rollup part) and partial hours at the
+    // edges (always read fresh).
     let hour = (crate::helpers::now() - 2 * 86_400).div_euclid(HOUR) * HOUR;
+    let (start, end) = (hour - 1_800, hour + HOUR + 600);
     app.track("view", "alice", hour + 10).await;
-    assert_eq!(view_count(&app, hour, hour + HOUR).await, 1);
-    assert_eq!(app.unique_users(hour, hour + HOUR).await, 1);
+    app.track("view", "carol", hour + HOUR + 100).await;
+    assert_eq!(view_count(&app, start, end).await, 2, "computed, then cached");
+    assert_eq!(view_count(&app, start, end).await, 2, "from the cache");
+    assert_eq!(view_count(&app, start + 10, end + 10).await, 2, "a sliding range reuses the same whole hour");
+    assert_eq!(app.unique_users(start, end).await, 2);
 
-    app.track("view", "bob", hour + 20).await; // the late event
-    assert_eq!(view_count(&app, hour, hour + HOUR).await, 2, "never stale");
-    assert_eq!(app.unique_users(hour, hour + HOUR).await, 2, "never stale");
+    // A change the rollups never make (it skips the stamp), only to prove the answer comes
+    // from Redis; undone at once.
+    let tamper = |delta: i64| {
+        sqlx::query("UPDATE event_counts_hourly SET event_count = event_count + $1 WHERE bucket_start = to_timestamp($2)")
+            .bind(delta)
+            .bind(hour as f64)
+            .execute(&app.pool)
+    };
+    tamper(100).await.unwrap();
+    assert_eq!(view_count(&app, start, end).await, 2, "answered from the cache");
+    tamper(-100).await.unwrap();
+
+    app.track("view", "bob", hour + 20).await; // the late event, into the cached hour
+    assert_eq!(view_count(&app, start, end).await, 3, "never stale: the stamp changed");
+    assert_eq!(view_count(&app, start, end).await, 3, "cached again");
+    assert_eq!(app.unique_users(start, end).await, 3, "never stale");
+    app.track("view", "dave", hour + HOUR + 200).await; // into the fresh edge
+    assert_eq!(view_count(&app, start, end).await, 4, "edges are read fresh");
+    assert_eq!(app.unique_users(start, end).await, 4, "edges are read fresh");
 
     let (_, metrics) = app.admin_get("/metrics").await;
-    assert_eq!(cache_series(&metrics, "event_count", "fresh"), 2.0, "{metrics}");
-    assert_eq!(cache_series(&metrics, "event_count", "hit"), 0.0);
-    assert_eq!(cache_series(&metrics, "user_count", "fresh"), 2.0);
+    assert_eq!(cache_series(&metrics, "event_count", "miss"), 2.0, "{metrics}");
+    assert_eq!(cache_series(&metrics, "event_count", "hit"), 5.0, "{metrics}");
+    assert_eq!(cache_series(&metrics, "event_count", "fresh"), 0.0, "{metrics}");
+
+    // Users: once the fold has moved every pair into the bitmaps, the union is cached and
+    // reused while no fold touches those hours.
+    let folded = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_activity_pending")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+            == 0
+    };
+    let all_folded = crate::helpers::wait_until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(50),
+        folded,
+    )
+    .await;
+    assert!(all_folded, "the fold task empties user_activity_pending");
+    assert_eq!(app.unique_users(start, end).await, 4);
+    let (_, before) = app.admin_get("/metrics").await;
+    assert_eq!(app.unique_users(start, end).await, 4);
+    let (_, after) = app.admin_get("/metrics").await;
+    assert_eq!(
+        cache_series(&after, "user_count", "hit") - cache_series(&before, "user_count", "hit"),
+        1.0,
+        "{after}"
+    );
+
+    // Entries over hours inside the late-event window expire after REDIS_CACHE_TTL.
     let client = redis::Client::open(format!("redis://{}:{}/", redis_host(), redis_port())).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = connection.keys(format!("{}:cache:*", app.redis_prefix)).await.unwrap();
-    assert!(keys.is_empty(), "answers over open buckets are not cached: {keys:?}");
+    assert_eq!(keys.len(), 2, "one event-count and one user-count entry: {keys:?}");
+    for key in &keys {
+        let ttl: i64 = connection.ttl(key).await.unwrap();
+        assert!((1..=300).contains(&ttl), "{key} expires within REDIS_CACHE_TTL, ttl {ttl}");
+    }
 }
 
 async fn counts_stay_correct_without_a_cache(redis: RedisMode) {

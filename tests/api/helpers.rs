@@ -101,6 +101,16 @@ pub async fn create_database() -> String {
     name
 }
 
+/// Drops a database made by [`create_database`], closing any connection still open.
+pub async fn drop_database(name: &str) {
+    let mut connection = admin_options().connect().await.expect("connect to postgres as admin");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    connection.close().await.ok();
+}
+
 /// The configuration a test server runs with.
 pub fn test_config(database_name: &str, redis_prefix: &str, options: &TestOptions) -> Config {
     let postgres_port = if options.database_unreachable { closed_port() } else { postgres_port() };

@@ -2,8 +2,10 @@
 //! names, groupings and time zones, late events included), DST days in the caller's zone,
 //! monthly partitions ahead of time and retention, and the move from the unpartitioned table.
 
+use analytics_service::models::TimeRange;
 use analytics_service::pb;
-use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
+use analytics_service::repository::postgres::rollups::RollupRepository;
+use analytics_service::repository::postgres::{connect_options, partitions, schema, user_activity, Database};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgPoolOptions;
@@ -141,6 +143,93 @@ async fn rollup_counts_equal_brute_force_sql_for_random_ranges_names_groupings_a
         .await
         .unwrap();
     assert_eq!(events, rolled_up);
+    let rolled_up_by_day: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM event_counts_daily")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, rolled_up_by_day);
+}
+
+/// Unique users are exact whatever share of the (hour, user) pairs the fold has moved into
+/// the bitmaps: all pending, some folded, all folded, and new users after a fold.
+#[tokio::test]
+async fn unique_users_are_exact_before_during_and_after_the_fold() {
+    let database_name = create_database().await;
+    let config = test_config(&database_name, "unused", &TestOptions::default());
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+    let database = Database::connect_lazy(&config);
+    let pool = database.pool().clone();
+    let rollups = RollupRepository::new(database.clone());
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    let to = now() - HOUR;
+    let from = to - 20 * DAY;
+    let parse = |start: i64, end: i64| TimeRange::parse(start, end, chrono::Utc::now()).unwrap();
+    let mut ranges: Vec<TimeRange> = (0..25)
+        .map(|_| {
+            let start = random.random_range(from - DAY..to);
+            parse(start, start + random.random_range(1..25 * DAY))
+        })
+        .collect();
+    ranges.push(parse(from - DAY, to));
+    let check = |stage: &'static str| {
+        let ranges = ranges.clone();
+        let rollups = rollups.clone();
+        let pool = pool.clone();
+        async move {
+            for range in ranges {
+                let expected = brute_force_unique_users(&pool, range.start(), range.end()).await;
+                let answer = rollups.unique_users(range).await.unwrap();
+                assert_eq!(answer, expected, "{stage}: users in [{}, {})", range.start(), range.end());
+            }
+        }
+    };
+    let pending = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_activity_pending")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+
+    for _ in 0..3 {
+        insert_random_events(&pool, &mut random, 800, from, to).await;
+    }
+    check("all pending").await;
+    let pending_before = pending().await;
+    assert!(pending_before > 100);
+
+    let outcome = user_activity::fold_pending_pairs(&database, pending_before / 3).await.unwrap();
+    assert_eq!(outcome.folded_pairs as i64, pending_before / 3);
+    assert_eq!(pending().await, pending_before - pending_before / 3);
+    check("a third folded").await;
+
+    user_activity::fold_all_pending_pairs(&database).await.unwrap();
+    assert_eq!(pending().await, 0);
+    check("all folded").await;
+
+    // Late events of known and brand-new users into folded hours, then folded again.
+    insert_random_events(&pool, &mut random, 400, from, to).await;
+    sqlx::query(
+        "INSERT INTO events (event_name, user_id, timestamp)
+         SELECT 'view', 'newcomer-' || i, to_timestamp($1 + i * 3001) FROM generate_series(1, 50) i",
+    )
+    .bind(from)
+    .execute(&pool)
+    .await
+    .unwrap();
+    check("late events pending over folded bitmaps").await;
+    user_activity::fold_all_pending_pairs(&database).await.unwrap();
+    check("late events folded").await;
+    let (hours, days): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM user_activity_hourly), (SELECT count(*) FROM user_activity_daily)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(hours > 20 * 20 && days >= 20, "bitmaps per hour ({hours}) and per day ({days})");
+    pool.close().await;
+    crate::helpers::drop_database(&database_name).await;
 }
 
 /// Inserts one event at the start of every UTC hour in `[from, to)`.
@@ -280,7 +369,10 @@ async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
     assert_eq!(app.unique_users(old - DAY, old + DAY).await, 0);
     let old_rollups: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM event_counts_hourly WHERE bucket_start < to_timestamp($1))
-              + (SELECT count(*) FROM user_activity_monthly WHERE month < date_trunc('month', to_timestamp($1))::date)",
+              + (SELECT count(*) FROM event_counts_daily WHERE bucket_start < to_timestamp($1))
+              + (SELECT count(*) FROM user_activity_hourly WHERE bucket_start < to_timestamp($1))
+              + (SELECT count(*) FROM user_activity_daily WHERE bucket_start < to_timestamp($1))
+              + (SELECT count(*) FROM user_activity_pending WHERE hour_start < to_timestamp($1))",
     )
     .bind(old + DAY)
     .fetch_one(&app.pool)

@@ -7,6 +7,7 @@ pub mod partitions;
 pub mod pii;
 pub mod rollups;
 pub mod schema;
+pub mod user_activity;
 pub mod users;
 
 use std::future::Future;

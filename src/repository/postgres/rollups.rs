@@ -1,38 +1,69 @@
-//! Count queries answered from the rollup tables that the `events` insert trigger keeps
-//! (migration V11): `event_counts_hourly` and `user_activity_monthly`. Only the partial
-//! hours at the edges of a range (and grouped ranges in zones whose offsets are not whole
+//! Count queries answered from the rollups that the `events` insert trigger keeps
+//! (migrations V11 and V13): `event_counts_daily` and `event_counts_hourly` for event
+//! counts, the user bitmaps of `user_activity_daily` / `user_activity_hourly` plus the
+//! not yet folded `user_activity_pending` pairs for unique users. Whole UTC days come from
+//! the day rows, whole hours at the edges from the hour rows, and only the partial hours
+//! at the very edges of a range (and grouped ranges in zones whose offsets are not whole
 //! hours) read the raw `events` rows.
 
-use chrono::{DateTime, Datelike, NaiveDate, Offset, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Offset, TimeZone, Utc};
+use roaring::RoaringBitmap;
 
 use super::events::event_counts_from_rows;
+use super::user_activity::decode_users;
 use super::{Database, RepositoryError};
 use crate::models::{EventCount, EventFilter, GroupBy, TimeRange};
 
 const HOUR_SECONDS: i64 = 3_600;
 const DAY_SECONDS: i64 = 86_400;
 
-/// How a range splits between the hourly rollup and the raw events: raw rows for
-/// `[start, rollup_start)` and `[rollup_end, end)`, whole hours `[rollup_start, rollup_end)`.
+/// How a range splits between the rollups and the raw events:
+/// raw rows `[start, rollup_start)`, hour rows `[rollup_start, day_start)`, day rows
+/// `[day_start, day_end)`, hour rows `[day_end, rollup_end)`, raw rows `[rollup_end, end)`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct HourSplit {
+pub struct RangeSplit {
     pub start: i64,
     pub rollup_start: i64,
+    pub day_start: i64,
+    pub day_end: i64,
     pub rollup_end: i64,
     pub end: i64,
 }
 
-impl HourSplit {
-    /// The whole hours inside `range` come from the rollup.
-    pub fn of(range: TimeRange) -> Self {
+impl RangeSplit {
+    /// The whole hours inside `range` come from the hour rows, no day rows.
+    pub fn hours(range: TimeRange) -> Self {
         let rollup_start = ceil_to(range.start(), HOUR_SECONDS).min(range.end());
         let rollup_end = floor_to(range.end(), HOUR_SECONDS).max(rollup_start);
-        Self { start: range.start(), rollup_start, rollup_end, end: range.end() }
+        Self {
+            start: range.start(),
+            rollup_start,
+            day_start: rollup_end,
+            day_end: rollup_end,
+            rollup_end,
+            end: range.end(),
+        }
+    }
+
+    /// The whole UTC days inside the whole hours come from the day rows, when
+    /// `day_fits(day_start)` holds for every one of them (else none do).
+    pub fn with_whole_days(self, day_fits: impl Fn(i64) -> bool) -> Self {
+        let day_start = ceil_to(self.rollup_start, DAY_SECONDS);
+        let day_end = floor_to(self.rollup_end, DAY_SECONDS);
+        if day_start >= day_end || !(day_start..day_end).step_by(DAY_SECONDS as usize).all(day_fits) {
+            return self;
+        }
+        Self { day_start, day_end, ..self }
     }
 
     /// Everything from the raw events (zones whose offsets are not whole hours).
     pub fn raw_only(range: TimeRange) -> Self {
-        Self { start: range.start(), rollup_start: range.end(), rollup_end: range.end(), end: range.end() }
+        let end = range.end();
+        Self { start: range.start(), rollup_start: end, day_start: end, day_end: end, rollup_end: end, end }
+    }
+
+    fn instants(&self) -> [DateTime<Utc>; 6] {
+        [self.start, self.rollup_start, self.day_start, self.day_end, self.rollup_end, self.end].map(time)
     }
 }
 
@@ -66,29 +97,114 @@ pub fn hourly_rollup_fits(zone: chrono_tz::Tz, range: TimeRange) -> bool {
     whole_hours(range.end() - 1)
 }
 
-/// Union of the hourly rollup and the raw edges, as `(slice_start, event_name, event_count)`.
-/// `name_parameter` is the placeholder number of the event name, when filtered by name.
-/// With `raw_by_hour`, raw rows are cut to their UTC hour (so they join the bucket map).
-fn slices_sql(name_parameter: Option<usize>, raw_by_hour: bool) -> String {
-    let name = name_parameter.map(|number| format!(" AND event_name = ${number}")).unwrap_or_default();
+/// Which part of a [`RangeSplit`] a count query reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CountPart {
+    /// The day rows and hour rows: `[rollup_start, rollup_end)`.
+    Rollups,
+    /// The raw events of the partial hours at both edges.
+    RawEdges,
+    /// Both.
+    Whole,
+}
+
+/// The slices of `part` of a [`RangeSplit`] (bound as $1..$6), as `(slice_start,
+/// event_name, event_count)`; with `name_filtered`, only the name bound as $7. With
+/// `raw_by_hour`, raw rows are cut to their UTC hour (so they join the bucket map).
+fn slices_sql(part: CountPart, name_filtered: bool, raw_by_hour: bool) -> String {
+    let name = if name_filtered { " AND event_name = $7" } else { "" };
     let raw_slice = if raw_by_hour {
         "date_bin('1 hour', timestamp, TIMESTAMPTZ '1970-01-01 00:00:00+00')"
     } else {
         "timestamp"
     };
-    format!(
+    let rollups = format!(
         "SELECT bucket_start AS slice_start, event_name, event_count
-           FROM event_counts_hourly
+           FROM event_counts_daily
           WHERE bucket_start >= $3 AND bucket_start < $4{name}
          UNION ALL
-         SELECT {raw_slice}, event_name, 1
+         SELECT bucket_start, event_name, event_count
+           FROM event_counts_hourly
+          WHERE bucket_start >= $2 AND bucket_start < $3{name}
+         UNION ALL
+         SELECT bucket_start, event_name, event_count
+           FROM event_counts_hourly
+          WHERE bucket_start >= $4 AND bucket_start < $5{name}"
+    );
+    let raw_edges = format!(
+        "SELECT {raw_slice} AS slice_start, event_name, 1 AS event_count
            FROM events
-          WHERE timestamp >= $1 AND timestamp < $3{name}
+          WHERE timestamp >= $1 AND timestamp < $2{name}
          UNION ALL
          SELECT {raw_slice}, event_name, 1
            FROM events
-          WHERE timestamp >= $4 AND timestamp < $2{name}"
-    )
+          WHERE timestamp >= $5 AND timestamp < $6{name}"
+    );
+    match part {
+        CountPart::Rollups => rollups,
+        CountPart::RawEdges => raw_edges,
+        CountPart::Whole => format!("{rollups}\n UNION ALL\n {raw_edges}"),
+    }
+}
+
+/// A version of the rollup part of a range: (rows, sum) over the rows that a change to
+/// the part must touch. Equal stamps mean an unchanged part (see V14 and V13).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RollupStamp {
+    pub rows: i64,
+    pub sum: i64,
+}
+
+/// How one GetEventCount is read: the split of its range and, when grouped, the map from
+/// every UTC hour touching the range to its bucket in the caller's zone.
+#[derive(Clone, Debug)]
+pub struct EventCountPlan {
+    pub split: RangeSplit,
+    bucket_map: Option<(Vec<DateTime<Utc>>, Vec<i64>)>,
+}
+
+impl EventCountPlan {
+    pub fn of(filter: &EventFilter) -> Self {
+        let range = filter.range;
+        let rollup_fits = filter.group_by.is_none() || hourly_rollup_fits(filter.time_zone, range);
+        // Grouped: a UTC day comes from its day row only when all its hours fall in one
+        // bucket (UTC days and weeks); ungrouped, every whole day does.
+        let bucket_map = match filter.group_by {
+            Some(group_by) if rollup_fits => Some(hour_bucket_map(group_by, filter.time_zone, range)),
+            _ => None,
+        };
+        let split = match (&bucket_map, rollup_fits) {
+            (_, false) => RangeSplit::raw_only(range),
+            (None, true) => RangeSplit::hours(range).with_whole_days(|_| true),
+            (Some((hours, buckets)), true) => {
+                let first_hour = hours.first().map_or(0, DateTime::timestamp);
+                RangeSplit::hours(range).with_whole_days(|day_start| {
+                    let first = ((day_start - first_hour) / HOUR_SECONDS) as usize;
+                    buckets
+                        .get(first..first + 24)
+                        .is_some_and(|day| day.iter().all(|bucket| *bucket == day[0]))
+                })
+            }
+        };
+        Self { split, bucket_map }
+    }
+
+    /// Whether any whole hour comes from the rollups.
+    pub fn has_rollup_part(&self) -> bool {
+        self.split.rollup_start < self.split.rollup_end
+    }
+}
+
+/// Adds `more` into `counts`; the result is ordered by bucket, then name.
+pub fn merge_event_counts(counts: Vec<EventCount>, more: Vec<EventCount>) -> Vec<EventCount> {
+    let mut merged: std::collections::BTreeMap<(i64, String), i64> = std::collections::BTreeMap::new();
+    for count in counts.into_iter().chain(more) {
+        *merged.entry((count.bucket_start, count.event_name)).or_default() += count.count;
+    }
+    merged
+        .into_iter()
+        .map(|((bucket_start, event_name), count)| EventCount { event_name, bucket_start, count })
+        .collect()
 }
 
 /// For every UTC hour touching `range`, the start (Unix seconds) of its bucket in `zone`.
@@ -137,17 +253,79 @@ pub fn hour_bucket_map(
     (hours, buckets)
 }
 
-/// The bucket start (Unix seconds) of `slice_start` in zone `$5`. Hours are cut at the
+/// The bucket start (Unix seconds) of `slice_start` in zone `$8`. Hours are cut at the
 /// local hour so a repeated local hour (DST end) stays two buckets; days and weeks use
 /// PostgreSQL's zone-aware `date_trunc` (weeks start on Monday).
 fn bucket_sql(group_by: GroupBy) -> &'static str {
     match group_by {
         GroupBy::Hour => {
-            "EXTRACT(EPOCH FROM slice_start - ((slice_start AT TIME ZONE $5) - date_trunc('hour', slice_start AT TIME ZONE $5)))::bigint"
+            "EXTRACT(EPOCH FROM slice_start - ((slice_start AT TIME ZONE $8) - date_trunc('hour', slice_start AT TIME ZONE $8)))::bigint"
         }
-        GroupBy::Day => "EXTRACT(EPOCH FROM date_trunc('day', slice_start, $5))::bigint",
-        GroupBy::Week => "EXTRACT(EPOCH FROM date_trunc('week', slice_start, $5))::bigint",
+        GroupBy::Day => "EXTRACT(EPOCH FROM date_trunc('day', slice_start, $8))::bigint",
+        GroupBy::Week => "EXTRACT(EPOCH FROM date_trunc('week', slice_start, $8))::bigint",
     }
+}
+
+fn event_counts_sql(filter: &EventFilter, plan: &EventCountPlan, part: CountPart) -> String {
+    let slices = |raw_by_hour| slices_sql(part, filter.event_name.is_some(), raw_by_hour);
+    match (filter.group_by, &plan.bucket_map) {
+        (Some(_), Some(_)) => format!(
+            "SELECT slices.event_name, map.bucket, sum(slices.event_count)::bigint AS count
+               FROM ({}) slices
+               JOIN unnest($8::timestamptz[], $9::int8[]) AS map(hour_start, bucket)
+                 ON map.hour_start = slices.slice_start
+              GROUP BY 1, 2 ORDER BY bucket, event_name",
+            slices(true)
+        ),
+        (Some(group_by), None) => format!(
+            "SELECT event_name, {} AS bucket, sum(event_count)::bigint AS count
+               FROM ({}) slices
+              GROUP BY 1, 2 ORDER BY bucket, event_name",
+            bucket_sql(group_by),
+            slices(false)
+        ),
+        (None, _) => format!(
+            "SELECT event_name, sum(event_count)::bigint AS count
+               FROM ({}) slices
+              GROUP BY 1 ORDER BY event_name",
+            slices(false)
+        ),
+    }
+}
+
+/// Binds the split's instants ($1..$6), the name ($7, NULL when unfiltered), then the
+/// bucket map ($8, $9) or the zone ($8) when grouped.
+fn bind_event_counts<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    filter: &'q EventFilter,
+    plan: &'q EventCountPlan,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    for instant in plan.split.instants() {
+        query = query.bind(instant);
+    }
+    query = query.bind(filter.event_name.as_ref().map(|name| name.as_str()));
+    if let Some((hours, buckets)) = &plan.bucket_map {
+        query = query.bind(hours).bind(buckets);
+    } else if filter.group_by.is_some() {
+        query = query.bind(filter.time_zone.name());
+    }
+    query
+}
+
+/// (rows, events) of `event_totals_hourly` over the whole hours of `split`.
+async fn event_totals_stamp(
+    executor: impl sqlx::PgExecutor<'_>,
+    split: RangeSplit,
+) -> Result<RollupStamp, RepositoryError> {
+    let (rows, sum): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(event_count), 0)::bigint
+           FROM event_totals_hourly WHERE bucket_start >= $1 AND bucket_start < $2",
+    )
+    .bind(time(split.rollup_start))
+    .bind(time(split.rollup_end))
+    .fetch_one(executor)
+    .await?;
+    Ok(RollupStamp { rows, sum })
 }
 
 /// Reads counts and unique users from the rollups.
@@ -164,163 +342,170 @@ impl RollupRepository {
     /// Counts per event name (per bucket of the filter's zone when grouped), ordered by
     /// bucket then name: the same answer as grouping the raw events.
     pub async fn event_counts(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
-        let range = filter.range;
-        let split = if filter.group_by.is_none() || hourly_rollup_fits(filter.time_zone, range) {
-            HourSplit::of(range)
-        } else {
-            HourSplit::raw_only(range)
-        };
-        let event_name = filter.event_name.as_ref().map(|name| name.as_str());
-        // $1..$4 are the split's instants; then either the hour-to-bucket map ($5, $6),
-        // the zone ($5) for the raw fallback, or nothing when ungrouped; the name goes last.
-        let bucket_map = match filter.group_by {
-            Some(group_by) if split != HourSplit::raw_only(range) => {
-                Some(hour_bucket_map(group_by, filter.time_zone, range))
-            }
-            _ => None,
-        };
-        let zone_name = match (filter.group_by, &bucket_map) {
-            (Some(_), None) => Some(filter.time_zone.name()),
-            _ => None,
-        };
-        let name_parameter =
-            event_name.map(|_| 5 + usize::from(zone_name.is_some()) + 2 * usize::from(bucket_map.is_some()));
-        let sql = match (filter.group_by, &bucket_map) {
-            (Some(_), Some(_)) => format!(
-                "SELECT slices.event_name, map.bucket, sum(slices.event_count)::bigint AS count
-                   FROM ({}) slices
-                   JOIN unnest($5::timestamptz[], $6::int8[]) AS map(hour_start, bucket)
-                     ON map.hour_start = slices.slice_start
-                  GROUP BY 1, 2 ORDER BY bucket, event_name",
-                slices_sql(name_parameter, true)
-            ),
-            (Some(group_by), None) => format!(
-                "SELECT event_name, {} AS bucket, sum(event_count)::bigint AS count
-                   FROM ({}) slices
-                  GROUP BY 1, 2 ORDER BY bucket, event_name",
-                bucket_sql(group_by),
-                slices_sql(name_parameter, false)
-            ),
-            (None, _) => format!(
-                "SELECT event_name, sum(event_count)::bigint AS count
-                   FROM ({}) slices
-                  GROUP BY 1 ORDER BY event_name",
-                slices_sql(name_parameter, false)
-            ),
-        };
+        let plan = EventCountPlan::of(filter);
+        self.event_counts_part(filter, &plan, CountPart::Whole).await
+    }
+
+    /// The counts of one part of the plan, ordered by bucket then name.
+    pub async fn event_counts_part(
+        &self,
+        filter: &EventFilter,
+        plan: &EventCountPlan,
+        part: CountPart,
+    ) -> Result<Vec<EventCount>, RepositoryError> {
+        let sql = event_counts_sql(filter, plan, part);
         self.database
             .with_retry("count_events_rollup", || async {
-                let mut query = sqlx::query(&sql)
-                    .bind(time(split.start))
-                    .bind(time(split.end))
-                    .bind(time(split.rollup_start))
-                    .bind(time(split.rollup_end));
-                if let Some((hours, buckets)) = &bucket_map {
-                    query = query.bind(hours).bind(buckets);
-                }
-                if let Some(zone_name) = zone_name {
-                    query = query.bind(zone_name);
-                }
-                if let Some(event_name) = event_name {
-                    query = query.bind(event_name);
-                }
-                let rows = query.fetch_all(self.database.pool()).await?;
-                event_counts_from_rows(&rows, filter.group_by.is_some(), range.start())
+                let rows = bind_event_counts(sqlx::query(&sql), filter, plan)
+                    .fetch_all(self.database.pool())
+                    .await?;
+                event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())
             })
             .await
     }
 
-    /// Exact distinct non-empty user ids with an event in the range: the whole UTC hours
-    /// from the monthly hour maps, the partial hours at the edges from the raw events;
-    /// the union is counted once.
+    /// The rollup part of the plan and its stamp, read in one snapshot.
+    pub async fn rollup_event_counts_with_stamp(
+        &self,
+        filter: &EventFilter,
+        plan: &EventCountPlan,
+    ) -> Result<(Vec<EventCount>, RollupStamp), RepositoryError> {
+        let sql = event_counts_sql(filter, plan, CountPart::Rollups);
+        self.database
+            .with_retry("count_events_rollup", || async {
+                let mut transaction = self.database.pool().begin().await?;
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(&mut *transaction)
+                    .await?;
+                let rows =
+                    bind_event_counts(sqlx::query(&sql), filter, plan).fetch_all(&mut *transaction).await?;
+                let stamp = event_totals_stamp(&mut *transaction, plan.split).await?;
+                transaction.commit().await?;
+                Ok((event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())?, stamp))
+            })
+            .await
+    }
+
+    /// The current stamp of the plan's rollup part.
+    pub async fn event_counts_stamp(&self, plan: &EventCountPlan) -> Result<RollupStamp, RepositoryError> {
+        self.database
+            .with_retry("stamp_event_counts", || async {
+                let mut connection = self.database.pool().acquire().await?;
+                event_totals_stamp(&mut *connection, plan.split).await
+            })
+            .await
+    }
+
+    /// Exact distinct non-empty user ids with an event in the range.
     pub async fn unique_users(&self, range: TimeRange) -> Result<i64, RepositoryError> {
-        let plan = UniqueUsersPlan::of(range);
+        let parts = self.user_count_parts(user_count_split(range), true).await?;
+        Ok(parts.count(parts.folded.as_ref().unwrap_or(&RoaringBitmap::new())))
+    }
+
+    /// Reads, in one snapshot, the stamp of the folded bitmaps of the whole UTC days and
+    /// hours of `split` (and, `with_bitmaps`, their union), the ordinals of the users not
+    /// folded yet: the pending pairs of those hours and the raw events of the partial
+    /// hours at the edges.
+    pub async fn user_count_parts(
+        &self,
+        split: RangeSplit,
+        with_bitmaps: bool,
+    ) -> Result<UserCountParts, RepositoryError> {
+        let [start, rollup_start, day_start, day_end, rollup_end, end] = split.instants();
+        let users_column = if with_bitmaps { "users" } else { "NULL::bytea" };
+        let bitmaps_sql = format!(
+            "SELECT {users_column} AS users, version FROM user_activity_daily
+              WHERE bucket_start >= $3 AND bucket_start < $4
+             UNION ALL
+             SELECT {users_column}, version FROM user_activity_hourly
+              WHERE bucket_start >= $1 AND bucket_start < $2
+             UNION ALL
+             SELECT {users_column}, version FROM user_activity_hourly
+              WHERE bucket_start >= $5 AND bucket_start < $6"
+        );
         self.database
             .with_retry("count_unique_users_rollup", || async {
-                // The distinct step hashes up to (users x months) ids; PostgreSQL's default
-                // work_mem (4 MB) would make it sort on disk instead.
                 let mut transaction = self.database.pool().begin().await?;
-                sqlx::query(UNIQUE_USERS_WORK_MEM).execute(&mut *transaction).await?;
-                let count: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM (
-                        SELECT activity.user_id
-                          FROM user_activity_monthly activity
-                          JOIN unnest($1::date[], $2::text[]::bit(744)[]) AS wanted(month, hours)
-                            ON activity.month = wanted.month
-                         WHERE wanted.hours IS NULL
-                            OR activity.active_hours & wanted.hours <> B'0'::bit(744)
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .execute(&mut *transaction)
+                    .await?;
+                let bitmaps: Vec<(Option<Vec<u8>>, i64)> = sqlx::query_as(&bitmaps_sql)
+                    .bind(rollup_start)
+                    .bind(day_start)
+                    .bind(day_start)
+                    .bind(day_end)
+                    .bind(day_end)
+                    .bind(rollup_end)
+                    .fetch_all(&mut *transaction)
+                    .await?;
+                // An id without an ordinal has never been folded, so it is in no bitmap.
+                let unfolded: Vec<Option<i32>> = sqlx::query_scalar(
+                    "SELECT ordinals.ordinal FROM (
+                        SELECT user_id FROM user_activity_pending
+                         WHERE hour_start >= $2 AND hour_start < $3
+                        UNION
+                        SELECT user_id FROM events
+                         WHERE timestamp >= $1 AND timestamp < $2 AND user_id IS NOT NULL AND user_id <> ''
                         UNION
                         SELECT user_id FROM events
                          WHERE timestamp >= $3 AND timestamp < $4 AND user_id IS NOT NULL AND user_id <> ''
-                        UNION
-                        SELECT user_id FROM events
-                         WHERE timestamp >= $5 AND timestamp < $6 AND user_id IS NOT NULL AND user_id <> ''
-                    ) users",
+                     ) unfolded
+                     LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id",
                 )
-                .bind(&plan.months)
-                .bind(&plan.hour_maps)
-                .bind(time(plan.split.start))
-                .bind(time(plan.split.rollup_start))
-                .bind(time(plan.split.rollup_end))
-                .bind(time(plan.split.end))
-                .fetch_one(&mut *transaction)
+                .bind(start)
+                .bind(rollup_start)
+                .bind(rollup_end)
+                .bind(end)
+                .fetch_all(&mut *transaction)
                 .await?;
                 transaction.commit().await?;
-                Ok(count)
+                let stamp = RollupStamp {
+                    rows: bitmaps.len() as i64,
+                    sum: bitmaps.iter().map(|(_, version)| version).sum(),
+                };
+                let folded = if with_bitmaps {
+                    let mut users = RoaringBitmap::new();
+                    for bytes in bitmaps.iter().filter_map(|(users, _)| users.as_ref()) {
+                        users |= decode_users(bytes)?;
+                    }
+                    Some(users)
+                } else {
+                    None
+                };
+                let never_folded = unfolded.iter().filter(|ordinal| ordinal.is_none()).count() as u64;
+                let unfolded_ordinals =
+                    unfolded.into_iter().flatten().map(|ordinal| ordinal as u32).collect();
+                Ok(UserCountParts { folded, stamp, unfolded_ordinals, never_folded })
             })
             .await
     }
 }
 
-/// Memory for the distinct step of an exact unique-user count, this transaction only.
-const UNIQUE_USERS_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'";
-
-/// Bits in a month's hour map: 31 days of 24 hours.
-const HOURS_IN_MONTH_MAP: usize = 31 * 24;
-
-/// Which rollup rows an exact unique-user count reads.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct UniqueUsersPlan {
-    pub split: HourSplit,
-    /// First days of the UTC months the whole hours touch.
-    pub months: Vec<NaiveDate>,
-    /// Per month, the wanted hours as a 744-character bit string ('1' at bit
-    /// `(day - 1) * 24 + hour`); `None` when every hour of the month is wanted (then
-    /// every row of the month counts and no bit test is needed).
-    pub hour_maps: Vec<Option<String>>,
+/// How a unique-user count splits its range: every whole UTC day from the day bitmaps.
+pub fn user_count_split(range: TimeRange) -> RangeSplit {
+    RangeSplit::hours(range).with_whole_days(|_| true)
 }
 
-impl UniqueUsersPlan {
-    pub fn of(range: TimeRange) -> Self {
-        let split = HourSplit::of(range);
-        let mut plan = Self { split, ..Self::default() };
-        let mut current_map: Vec<u8> = Vec::new();
-        let finish = |map: &[u8], month: NaiveDate| -> Option<String> {
-            let next_month = month.checked_add_months(chrono::Months::new(1)).unwrap_or(month);
-            let hours_in_month = (next_month - month).num_days() as usize * 24;
-            let wanted = map.iter().filter(|bit| **bit == b'1').count();
-            (wanted < hours_in_month).then(|| String::from_utf8_lossy(map).into_owned())
-        };
-        let mut hour = split.rollup_start;
-        while hour < split.rollup_end {
-            let at = time(hour);
-            let date = at.date_naive();
-            let month = date.with_day(1).unwrap_or(date);
-            if plan.months.last() != Some(&month) {
-                if let Some(previous) = plan.months.last() {
-                    plan.hour_maps.push(finish(&current_map, *previous));
-                }
-                plan.months.push(month);
-                current_map = vec![b'0'; HOURS_IN_MONTH_MAP];
-            }
-            let bit = (date.day() as usize - 1) * 24 + (hour.rem_euclid(DAY_SECONDS) / HOUR_SECONDS) as usize;
-            current_map[bit] = b'1';
-            hour += HOUR_SECONDS;
-        }
-        if let Some(last) = plan.months.last() {
-            plan.hour_maps.push(finish(&current_map, *last));
-        }
-        plan
+/// What a unique-user count reads in one snapshot (see [`RollupRepository::user_count_parts`]).
+#[derive(Clone, Debug, Default)]
+pub struct UserCountParts {
+    /// The union of the folded bitmaps, when asked for.
+    pub folded: Option<RoaringBitmap>,
+    /// (rows, sum of versions) of those bitmaps.
+    pub stamp: RollupStamp,
+    /// Ordinals of users in the pending pairs and the raw edges.
+    pub unfolded_ordinals: Vec<u32>,
+    /// Users in the pending pairs and the raw edges that have no ordinal yet.
+    pub never_folded: u64,
+}
+
+impl UserCountParts {
+    /// The exact count, given the union of the folded bitmaps (read now or cached with an
+    /// equal stamp).
+    pub fn count(&self, folded: &RoaringBitmap) -> i64 {
+        let mut users = folded.clone();
+        users.extend(self.unfolded_ordinals.iter().copied());
+        (users.len() + self.never_folded) as i64
     }
 }
 
@@ -334,33 +519,34 @@ mod tests {
 
     #[test]
     fn a_range_splits_into_raw_edges_and_whole_hours() {
-        let split = HourSplit::of(range(1_800, 3 * HOUR_SECONDS + 60));
-        assert_eq!(split, HourSplit { start: 1_800, rollup_start: 3_600, rollup_end: 10_800, end: 10_860 });
-        let inside_one_hour = HourSplit::of(range(100, 200));
-        assert_eq!(inside_one_hour.rollup_start, 200);
-        assert_eq!(inside_one_hour.rollup_end, 200);
+        let split = RangeSplit::hours(range(1_800, 3 * HOUR_SECONDS + 60));
+        let expected = RangeSplit {
+            start: 1_800,
+            rollup_start: 3_600,
+            day_start: 10_800,
+            day_end: 10_800,
+            rollup_end: 10_800,
+            end: 10_860,
+        };
+        assert_eq!(split, expected);
+        let inside_one_hour = RangeSplit::hours(range(100, 200));
+        assert_eq!((inside_one_hour.rollup_start, inside_one_hour.rollup_end), (200, 200));
     }
 
     #[test]
-    fn unique_user_plan_marks_the_whole_hours_of_each_month() {
-        // 2024-01-31 22:30 UTC to 2024-02-01 01:15 UTC.
-        let start = 1_706_740_200;
-        let end = 1_706_750_100;
-        let plan = UniqueUsersPlan::of(range(start, end));
-        assert_eq!(plan.split.rollup_start, start + 1_800);
-        assert_eq!(plan.split.rollup_end, end - 900);
-        let date = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).unwrap();
-        assert_eq!(plan.months, vec![date(2024, 1, 1), date(2024, 2, 1)]);
-        let set_bits = |map: &str| map.match_indices('1').map(|(index, _)| index).collect::<Vec<_>>();
-        let maps: Vec<&str> = plan.hour_maps.iter().map(|map| map.as_deref().unwrap()).collect();
-        assert_eq!(set_bits(maps[0]), vec![30 * 24 + 23]);
-        assert_eq!(set_bits(maps[1]), vec![0]);
-        assert!(maps.iter().all(|map| map.len() == HOURS_IN_MONTH_MAP));
-
-        // All of February 2024 (29 days): no bit test for that month.
-        let february = UniqueUsersPlan::of(range(1_706_745_600, 1_709_251_200));
-        assert_eq!(february.months, vec![date(2024, 2, 1)]);
-        assert_eq!(february.hour_maps, vec![None]);
+    fn whole_days_come_from_the_day_rows_when_every_day_fits() {
+        // 2024-01-30 22:30 UTC to 2024-02-02 01:15 UTC: Jan 31 and Feb 1 are whole days.
+        let span = range(1_706_653_800, 1_706_836_500);
+        let split = RangeSplit::hours(span).with_whole_days(|_| true);
+        assert_eq!(split.rollup_start, 1_706_655_600);
+        assert_eq!((split.day_start, split.day_end), (1_706_659_200, 1_706_832_000));
+        assert_eq!(split.rollup_end, 1_706_835_600);
+        // One day that does not fit a bucket: hours only.
+        let refused = RangeSplit::hours(span).with_whole_days(|day| day != 1_706_745_600);
+        assert_eq!(refused, RangeSplit::hours(span));
+        // Less than a whole day: hours only.
+        let short = range(1_706_653_800, 1_706_653_800 + DAY_SECONDS);
+        assert_eq!(RangeSplit::hours(short).with_whole_days(|_| true), RangeSplit::hours(short));
     }
 
     #[test]

@@ -1,0 +1,176 @@
+//! The per-hour and per-day bitmaps of active users (migration V13): folding the pending
+//! (UTC hour, user) pairs that the `events` insert trigger appends into the bitmaps, and
+//! decoding bitmaps for the unique-user counts.
+//!
+//! A pair is always either pending or folded, never both and never neither: one
+//! transaction deletes the pairs, assigns user ordinals and rewrites the bitmaps. Folds
+//! are serialised across replicas by an advisory lock; a replica that finds it taken
+//! skips its turn.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use roaring::RoaringBitmap;
+
+use super::{Database, RepositoryError};
+
+/// Advisory lock held by a fold (and by retention, which deletes bitmaps: see V13).
+pub const USER_ACTIVITY_FOLD_LOCK_KEY: i64 = 4_104_202_613;
+
+/// Pending pairs folded per transaction.
+pub const FOLD_BATCH_PAIRS: i64 = 100_000;
+
+const HOUR_SECONDS: i64 = 3_600;
+const DAY_SECONDS: i64 = 86_400;
+
+/// The stored form of a bitmap: roaring's portable serialization.
+pub fn encode_users(users: &RoaringBitmap) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(users.serialized_size());
+    users.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
+    bytes
+}
+
+pub fn decode_users(bytes: &[u8]) -> Result<RoaringBitmap, RepositoryError> {
+    RoaringBitmap::deserialize_from(bytes)
+        .map_err(|error| RepositoryError::Query(sqlx::Error::Decode(Box::new(error))))
+}
+
+/// What one fold did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FoldOutcome {
+    /// Pending pairs folded into the bitmaps.
+    pub folded_pairs: usize,
+    /// Another replica held the fold lock; nothing was done.
+    pub lock_busy: bool,
+}
+
+/// Folds up to `limit` pending pairs into the hourly and daily bitmaps.
+pub async fn fold_pending_pairs(database: &Database, limit: i64) -> Result<FoldOutcome, RepositoryError> {
+    database
+        .with_retry("fold_user_activity", || async {
+            let mut transaction = database.pool().begin().await?;
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(USER_ACTIVITY_FOLD_LOCK_KEY)
+                .fetch_one(&mut *transaction)
+                .await?;
+            if !locked {
+                return Ok(FoldOutcome { folded_pairs: 0, lock_busy: true });
+            }
+            let pairs: Vec<(DateTime<Utc>, String)> = sqlx::query_as(
+                "DELETE FROM user_activity_pending
+                  WHERE ctid = ANY(ARRAY(SELECT ctid FROM user_activity_pending LIMIT $1))
+              RETURNING hour_start, user_id",
+            )
+            .bind(limit)
+            .fetch_all(&mut *transaction)
+            .await?;
+            if pairs.is_empty() {
+                return Ok(FoldOutcome::default());
+            }
+
+            let mut user_ids: Vec<&str> = pairs.iter().map(|(_, user_id)| user_id.as_str()).collect();
+            user_ids.sort_unstable();
+            user_ids.dedup();
+            sqlx::query(
+                "INSERT INTO user_ordinals (user_id)
+                 SELECT user_id FROM unnest($1::text[]) AS fresh(user_id)
+                 ON CONFLICT (user_id) DO NOTHING",
+            )
+            .bind(&user_ids)
+            .execute(&mut *transaction)
+            .await?;
+            let ordinals: HashMap<String, i32> =
+                sqlx::query_as("SELECT user_id, ordinal FROM user_ordinals WHERE user_id = ANY($1)")
+                    .bind(&user_ids)
+                    .fetch_all(&mut *transaction)
+                    .await?
+                    .into_iter()
+                    .collect();
+
+            let mut hours: BTreeMap<i64, RoaringBitmap> = BTreeMap::new();
+            let mut days: BTreeMap<i64, RoaringBitmap> = BTreeMap::new();
+            for (hour_start, user_id) in &pairs {
+                let ordinal =
+                    *ordinals.get(user_id).ok_or_else(|| RepositoryError::Query(sqlx::Error::RowNotFound))?
+                        as u32;
+                let hour = hour_start.timestamp().div_euclid(HOUR_SECONDS) * HOUR_SECONDS;
+                hours.entry(hour).or_default().insert(ordinal);
+                days.entry(hour.div_euclid(DAY_SECONDS) * DAY_SECONDS).or_default().insert(ordinal);
+            }
+            merge_bitmaps(&mut transaction, "user_activity_hourly", hours).await?;
+            merge_bitmaps(&mut transaction, "user_activity_daily", days).await?;
+            transaction.commit().await?;
+            Ok(FoldOutcome { folded_pairs: pairs.len(), lock_busy: false })
+        })
+        .await
+}
+
+/// ORs `additions` (bucket start in Unix seconds -> users) into `table`'s bitmaps,
+/// bumping `version` of every row that changes.
+async fn merge_bitmaps(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &'static str,
+    additions: BTreeMap<i64, RoaringBitmap>,
+) -> Result<(), RepositoryError> {
+    let starts: Vec<DateTime<Utc>> =
+        additions.keys().map(|seconds| DateTime::from_timestamp(*seconds, 0).unwrap_or_default()).collect();
+    let existing: HashMap<i64, RoaringBitmap> = sqlx::query_as::<_, (DateTime<Utc>, Vec<u8>)>(&format!(
+        "SELECT bucket_start, users FROM {table} WHERE bucket_start = ANY($1) FOR UPDATE"
+    ))
+    .bind(&starts)
+    .fetch_all(&mut **transaction)
+    .await?
+    .into_iter()
+    .map(|(start, bytes)| Ok((start.timestamp(), decode_users(&bytes)?)))
+    .collect::<Result<_, RepositoryError>>()?;
+    let mut changed_starts = Vec::new();
+    let mut changed_users = Vec::new();
+    for ((seconds, added), start) in additions.into_iter().zip(starts) {
+        let merged = match existing.get(&seconds) {
+            Some(current) if added.is_subset(current) => continue,
+            Some(current) => current | added,
+            None => added,
+        };
+        changed_starts.push(start);
+        changed_users.push(encode_users(&merged));
+    }
+    if changed_starts.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "INSERT INTO {table} AS bitmap (bucket_start, users)
+         SELECT * FROM unnest($1::timestamptz[], $2::bytea[])
+         ON CONFLICT (bucket_start)
+         DO UPDATE SET users = EXCLUDED.users, version = bitmap.version + 1"
+    ))
+    .bind(&changed_starts)
+    .bind(&changed_users)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+/// Folds until nothing is pending (or another replica holds the lock); returns the
+/// pairs folded.
+pub async fn fold_all_pending_pairs(database: &Database) -> Result<usize, RepositoryError> {
+    let mut folded = 0;
+    loop {
+        let outcome = fold_pending_pairs(database, FOLD_BATCH_PAIRS).await?;
+        folded += outcome.folded_pairs;
+        if outcome.lock_busy || (outcome.folded_pairs as i64) < FOLD_BATCH_PAIRS {
+            return Ok(folded);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps_survive_the_stored_form() {
+        let users: RoaringBitmap = [0, 7, 65_536, 1_000_000].into_iter().collect();
+        assert_eq!(decode_users(&encode_users(&users)).unwrap(), users);
+        assert!(decode_users(b"not a bitmap").is_err());
+    }
+}
