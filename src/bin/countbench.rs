@@ -243,8 +243,9 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
                 let days = match shape {
                     Shape::Events { days, .. } | Shape::Users { days } => days,
                 };
-                // A sliding end time: every sample asks a different range.
-                let sample_end = end - sample * 97;
+                // Every sample asks a range whose whole hours differ from the others' (ends
+                // 1 h 1 min 40 s apart), so its first call finds nothing cached: cold.
+                let sample_end = end - sample * 3_700;
                 (sample_end - days * DAY + 3_600, sample_end)
             })
             .collect();
@@ -300,7 +301,7 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
     }
 
     println!();
-    dashboard_mix(&client, &raw, arguments, end, admin_address).await?;
+    dashboard_mix(&client, &raw, &database, arguments, end, admin_address).await?;
     stop.send(()).ok();
     server.await??;
     Ok(())
@@ -366,11 +367,16 @@ async fn service_answer(
     }
 }
 
-/// Many clients repeating the same 20 dashboard queries with a sliding end time; reports
-/// the cache hit rate from the service's own metric and checks answers against raw SQL.
+/// Many clients repeating the same 20 dashboard queries with a sliding end time while
+/// events keep arriving: each round first stores 200 events in the last minute (the open
+/// edge) and, every fifth round, one late event somewhere in the last 7 days; then every
+/// client asks the 20 queries with an end time 10 s later than the round before; then, with
+/// nothing in flight, one of the queries (in turn) is asked again and compared with raw
+/// SQL. Reports the cache hit rate from the service's own metric and the stale answers.
 async fn dashboard_mix(
     client: &AnalyticsServiceClient<Channel>,
     raw: &EventRepository,
+    database: &Database,
     arguments: &Arguments,
     end: i64,
     admin_address: std::net::SocketAddr,
@@ -379,18 +385,36 @@ async fn dashboard_mix(
     let all_shapes = shapes();
     let queries: Vec<Shape> = all_shapes.iter().cycle().take(20).cloned().collect();
     let clients = 8;
-    let rounds = (arguments.samples / 4).max(2);
+    let rounds = arguments.samples.max(2);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for client_number in 0..clients {
-        let client = client.clone();
-        let queries = queries.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut timings = Vec::new();
-            for round in 0..rounds {
-                for shape in &queries {
-                    // The end slides by 10 s per round, like a dashboard refreshing.
-                    let finish = end + (round as i64) * 10 + client_number as i64 % 2;
+    let mut timings = Vec::new();
+    let mut stale = 0;
+    let mut checked = 0;
+    let mut late_events = 0;
+    for round in 0..rounds {
+        let finish = end + (round as i64) * 10;
+        let late: i64 = if round % 5 == 4 { 1 } else { 0 };
+        late_events += late;
+        sqlx::query(
+            "INSERT INTO events (event_name, user_id, timestamp)
+             SELECT 'event_' || lpad((i % 20)::text, 2, '0'), 'user_' || (i * 7919 % 100000),
+                    to_timestamp(CASE WHEN i <= $3 THEN $1 - 7 * 86400 * random() ELSE $1 - 60 * random() END)
+               FROM generate_series(1, $2) i",
+        )
+        .bind(finish as f64)
+        .bind(200 + late)
+        .bind(late)
+        .execute(database.pool())
+        .await?;
+        let mut tasks = Vec::new();
+        for client_number in 0..clients {
+            let client = client.clone();
+            let queries = queries.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut timings = Vec::new();
+                // Clients start at different queries, as dashboards refresh at different moments.
+                for index in 0..queries.len() {
+                    let shape = &queries[(index + client_number * 3) % queries.len()];
                     let days = match shape {
                         Shape::Events { days, .. } | Shape::Users { days } => *days,
                     };
@@ -398,28 +422,27 @@ async fn dashboard_mix(
                     service_answer(&client, shape, finish - days * DAY + 3_600, finish).await?;
                     timings.push(call_started.elapsed());
                 }
+                anyhow::Ok(timings)
+            }));
+        }
+        for task in tasks {
+            timings.extend(task.await??);
+        }
+        for shape in all_shapes.iter().cycle().skip(round).take(1) {
+            let days = match shape {
+                Shape::Events { days, .. } | Shape::Users { days } => *days,
+            };
+            let (start, stop) = (finish - days * DAY + 3_600, finish);
+            checked += 1;
+            if service_answer(client, shape, start, stop).await?
+                != raw_answer(raw, shape, start, stop).await?
+            {
+                eprintln!("stale answer for {} [{start}, {stop})", shape.label());
+                stale += 1;
             }
-            anyhow::Ok(timings)
-        }));
-    }
-    let mut timings = Vec::new();
-    for task in tasks {
-        timings.extend(task.await??);
-    }
-    let elapsed = started.elapsed();
-    // Fresh answers are checked against raw SQL at the same instant (nothing is ingested meanwhile).
-    let mut stale = 0;
-    for shape in all_shapes.iter().take(9) {
-        let days = match shape {
-            Shape::Events { days, .. } | Shape::Users { days } => *days,
-        };
-        let (start, finish) = (end - days * DAY + 3_600, end);
-        if service_answer(client, shape, start, finish).await?
-            != raw_answer(raw, shape, start, finish).await?
-        {
-            stale += 1;
         }
     }
+    let elapsed = started.elapsed();
     let after = cache_counters(admin_address).await?;
     let [hits, misses, fresh] = [0, 1, 2].map(|index| after[index] - before[index]);
     let lookups = hits + misses + fresh;
@@ -429,9 +452,10 @@ async fn dashboard_mix(
     );
     let (p50, p95, p99) = Timings(timings.clone()).summary();
     println!(
-        "dashboard mix: {clients} clients x {rounds} rounds x 20 queries = {} calls in {:.1} s; p50 / p95 / p99 {} / {} / {} ms; {metrics}; stale answers {stale}/9 checked",
+        "dashboard mix: {clients} clients x {rounds} rounds x 20 queries = {} calls in {:.1} s, {} events stored meanwhile ({late_events} of them late, into cached hours); p50 / p95 / p99 {} / {} / {} ms; {metrics}; stale answers {stale}/{checked} checked against raw SQL",
         timings.len(),
         elapsed.as_secs_f64(),
+        rounds as i64 * 200 + late_events,
         millis(p50),
         millis(p95),
         millis(p99),

@@ -62,6 +62,10 @@ struct Args {
     /// Extra server environment, KEY=VALUE (repeatable), e.g. INGEST_LINGER_MS=0.
     #[arg(long = "server-env")]
     server_env: Vec<String>,
+    /// Disable the rollup trigger on `events` (the "before rollups" side of the issue-4
+    /// ingestion-cost comparison); the count rollups are then not maintained.
+    #[arg(long)]
+    without_rollups: bool,
     /// Phases to run: raw, noop, rate, unary, batch (all by default).
     #[arg(long, value_delimiter = ',', default_value = "raw,noop,rate,unary,batch")]
     phases: Vec<String>,
@@ -200,6 +204,13 @@ async fn run(
     let status = migrate.arg("migrate").stdout(Stdio::null()).status()?;
     if !status.success() {
         bail!("migrate failed: {status}");
+    }
+    if args.without_rollups {
+        let mut connection = database_options.connect().await?;
+        sqlx::query("ALTER TABLE events DISABLE TRIGGER events_rollup_after_insert")
+            .execute(&mut connection)
+            .await?;
+        connection.close().await.ok();
     }
 
     let mut rows = Vec::new();
@@ -515,7 +526,12 @@ enum RawMethod {
 
 async fn truncate(options: &PgConnectOptions) -> anyhow::Result<()> {
     let mut connection = options.connect().await?;
-    sqlx::query("TRUNCATE events, event_insert_ids").execute(&mut connection).await?;
+    sqlx::query(
+        "TRUNCATE events, event_insert_ids, event_counts_hourly, event_counts_daily, event_totals_hourly,
+                  user_activity_pending, user_activity_hourly, user_activity_daily, user_ordinals",
+    )
+    .execute(&mut connection)
+    .await?;
     sqlx::query("CHECKPOINT").execute(&mut connection).await.ok();
     connection.close().await.ok();
     Ok(())
