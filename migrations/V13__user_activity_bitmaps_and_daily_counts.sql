@@ -6,7 +6,7 @@
 -- user_ordinals: a dense integer per identified user, its bit in the bitmaps.
 -- user_activity_pending: (UTC hour, user) pairs that the insert trigger appends inside the
 --   inserting transaction. `serve` folds them into the bitmaps about once a second
---   (src/repository/postgres/user_activity.rs) and deletes them in the same transaction,
+--   (src/repository/postgres/fold.rs) and deletes them in the same transaction,
 --   so every pair is always in exactly one of the two places. A count reads the bitmaps
 --   and the pending pairs in one snapshot: exact, however far the fold lags.
 -- user_activity_hourly / user_activity_daily: per UTC hour / day, a roaring bitmap (the
@@ -87,8 +87,8 @@ FROM events WHERE user_id IS NOT NULL AND user_id <> '';
 DROP TABLE user_activity_monthly;
 DROP FUNCTION analytics_hour_of_month(timestamptz);
 
--- Takes the fold's lock first (the key is USER_ACTIVITY_FOLD_LOCK_KEY in
--- src/repository/postgres/user_activity.rs), so a fold running meanwhile cannot write
+-- Takes the fold's lock first (the key is ROLLUP_FOLD_LOCK_KEY in
+-- src/repository/postgres/fold.rs), so a fold running meanwhile cannot write
 -- bitmaps of a dropped month back after this deleted them.
 CREATE OR REPLACE FUNCTION analytics_forget_rollups_before(boundary timestamptz)
 RETURNS void

@@ -185,8 +185,9 @@ pub const INGEST_COMMIT_SECONDS: &str = "analytics_ingest_commit_seconds";
 pub const INGEST_QUEUE_DEPTH: &str = "analytics_ingest_queue_depth";
 pub const INGEST_QUEUE_CAPACITY: &str = "analytics_ingest_queue_capacity";
 pub const DEDUP_HITS: &str = "analytics_dedup_hits_total";
+pub const EVENT_COUNT_DELTAS_FOLDED: &str = "analytics_event_count_deltas_folded_total";
 pub const USER_ACTIVITY_FOLDED: &str = "analytics_user_activity_folded_pairs_total";
-pub const USER_ACTIVITY_FOLD_TIMESTAMP: &str = "analytics_user_activity_fold_timestamp_seconds";
+pub const ROLLUP_FOLD_TIMESTAMP: &str = "analytics_rollup_fold_timestamp_seconds";
 
 /// Events per group commit: from a lone call to a full TrackEvents batch and beyond.
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0];
@@ -201,9 +202,10 @@ fn describe_ingest() {
     describe_gauge!(INGEST_QUEUE_DEPTH, "Events queued for or inside a group commit.");
     describe_gauge!(INGEST_QUEUE_CAPACITY, "Most events the ingest queue holds (INGEST_QUEUE_CAPACITY).");
     describe_counter!(DEDUP_HITS, "Events not stored because their insert_id was already stored.");
+    describe_counter!(EVENT_COUNT_DELTAS_FOLDED, "Event-count deltas folded into the count rollups.");
     describe_counter!(USER_ACTIVITY_FOLDED, "Pending (hour, user) pairs folded into the user bitmaps.");
     describe_gauge!(
-        USER_ACTIVITY_FOLD_TIMESTAMP,
+        ROLLUP_FOLD_TIMESTAMP,
         Unit::Seconds,
         "Unix time of the last completed fold pass of this replica (the fold watermark)."
     );
@@ -232,9 +234,10 @@ pub fn record_events_rejected(reason: &'static str, count: u64) {
     counter!(EVENTS_REJECTED, "reason" => reason).increment(count);
 }
 
-/// One completed fold pass that folded `pairs` pending pairs.
-pub fn record_user_activity_fold(pairs: usize) {
+/// One completed fold pass that folded `deltas` event-count deltas and `pairs` pairs.
+pub fn record_rollup_fold(deltas: usize, pairs: usize) {
+    counter!(EVENT_COUNT_DELTAS_FOLDED).increment(deltas as u64);
     counter!(USER_ACTIVITY_FOLDED).increment(pairs as u64);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    gauge!(USER_ACTIVITY_FOLD_TIMESTAMP).set(now.as_secs_f64());
+    gauge!(ROLLUP_FOLD_TIMESTAMP).set(now.as_secs_f64());
 }

@@ -24,11 +24,11 @@ use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::{CountCache, SharedBudgets};
 use crate::security::pii::PiiCipher;
 use crate::security::tls::{tls_incoming, ReloadingTlsConfig};
+use crate::service::fold_task::run_rollup_fold;
 use crate::service::ingest::{self, IngestSettings, IngestWriter};
 use crate::service::partition_maintenance::run_partition_maintenance;
 use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
-use crate::service::user_activity_fold::run_user_activity_fold;
 use crate::service::{AnalyticsService, EVENT_STARTED, EVENT_STOPPING};
 
 /// A built, bound, not yet running server.
@@ -122,7 +122,7 @@ impl Application {
             config.event_retention(),
         ));
 
-        let fold_task = tokio::spawn(run_user_activity_fold(database.clone()));
+        let fold_task = tokio::spawn(run_rollup_fold(database.clone()));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(follow_readiness(health_reporter, readiness.subscribe()));

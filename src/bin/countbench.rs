@@ -14,7 +14,7 @@ use analytics_service::models::{EventFilter, GroupBy, TimeRange};
 use analytics_service::pb;
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use analytics_service::repository::postgres::{
-    connect_options, partitions, schema, user_activity, Database, EventRepository,
+    connect_options, fold, partitions, schema, Database, EventRepository,
 };
 use analytics_service::startup::Application;
 use anyhow::Context as _;
@@ -213,12 +213,14 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
             seeding_started.elapsed().as_secs_f64()
         );
     }
-    // Every (hour, user) pair is pending until folded; fold them all before timing, as a
+    // What the trigger appended is pending until folded; fold it all before timing, as a
     // running service would have done by then.
     let folding_started = Instant::now();
-    let folded = user_activity::fold_all_pending_pairs(&database).await?;
+    let folded = fold::fold_all_pending(&database).await?;
     println!(
-        "folded {folded} pending (hour, user) pairs into the user bitmaps in {:.1} s\n",
+        "folded {} event-count deltas and {} (hour, user) pairs into the rollups in {:.1} s\n",
+        folded.folded_deltas,
+        folded.folded_pairs,
         folding_started.elapsed().as_secs_f64()
     );
     sqlx::query("VACUUM ANALYZE").execute(&mut connection).await?;
@@ -487,15 +489,18 @@ async fn cache_counters(admin_address: std::net::SocketAddr) -> anyhow::Result<[
 /// skewed with powers of random(), times of day uniform.
 async fn seed(connection: &mut PgConnection, arguments: &Arguments, now: i64) -> anyhow::Result<()> {
     let per_day = arguments.events / arguments.days;
-    for day in 0..arguments.days {
+    // Oldest day first and each day in time order, as live traffic arrives: the table's
+    // physical order then follows time, as it does in production.
+    for day in (0..arguments.days).rev() {
         let day_end = now - day * DAY;
         sqlx::query(
             "INSERT INTO events (event_name, user_id, properties, timestamp)
              SELECT 'event_' || lpad(floor($1 * power(random(), 2))::int::text, 2, '0'),
                     'user_' || floor($2 * power(random(), 3))::int,
                     NULL,
-                    to_timestamp($3 - random() * 86400)
-               FROM generate_series(1, $4)",
+                    to_timestamp($3 - random() * 86400) AS timestamp
+               FROM generate_series(1, $4)
+              ORDER BY timestamp",
         )
         .bind(arguments.names as f64)
         .bind(arguments.users as f64)
@@ -563,8 +568,8 @@ async fn measure_ingestion_cost(connection: &mut PgConnection, total: i64) -> an
         .await?;
     // The trigger-off rows are missing from the rollups: remove every measurement row.
     sqlx::query(
-        "TRUNCATE events, event_counts_hourly, event_counts_daily, user_activity_pending,
-                  user_activity_hourly, user_activity_daily, user_ordinals",
+        "TRUNCATE events, event_counts_hourly, event_counts_daily, event_totals_hourly, event_count_deltas,
+                  user_activity_pending, user_activity_hourly, user_activity_daily, user_ordinals",
     )
     .execute(&mut *connection)
     .await?;

@@ -528,7 +528,8 @@ async fn truncate(options: &PgConnectOptions) -> anyhow::Result<()> {
     let mut connection = options.connect().await?;
     sqlx::query(
         "TRUNCATE events, event_insert_ids, event_counts_hourly, event_counts_daily, event_totals_hourly,
-                  user_activity_pending, user_activity_hourly, user_activity_daily, user_ordinals",
+                  event_count_deltas, user_activity_pending, user_activity_hourly, user_activity_daily,
+                  user_ordinals",
     )
     .execute(&mut connection)
     .await?;

@@ -1,15 +1,15 @@
 //! GetEventCount and GetUserCount: answers from the rollups, and the cache that keeps
 //! them never stale.
 //!
-//! An answer splits into its whole UTC hours (read from the rollups) and the partial
-//! hours at its edges (read from the raw events, the open hour among them). The rollup
-//! part is cached in Redis for REDIS_CACHE_TTL together with a stamp of the rows it was
-//! read from (src/repository/postgres/rollups.rs, `RollupStamp`), keyed by its whole
-//! hours, so a dashboard whose end time slides reuses it for up to an hour. Every call
-//! reads the current stamp first and uses the cached part only when the stamps are
-//! equal: a late event into any of those hours, or a fold of new users into their
-//! bitmaps, changes the stamp in the transaction that writes it, so the next answer
-//! includes it. The edges are always read fresh.
+//! An answer splits into a folded part (the rollups of its whole UTC hours) and a fresh
+//! part (what the fold has not moved into those rollups yet, and the raw events of the
+//! partial hours at its edges, the open hour among them). The folded part is cached in
+//! Redis for REDIS_CACHE_TTL together with a stamp of the rows it was read from
+//! (src/repository/postgres/rollups.rs, `RollupStamp`), keyed by its whole hours, so a
+//! dashboard whose end time slides reuses it for up to an hour. Every call reads the
+//! current stamp and the fresh part in one snapshot, and uses the cached part only when
+//! the stamps are equal: a late event is in the fresh part until the fold moves it into
+//! the rollups, and that fold changes the stamp, so every answer includes it.
 //!
 //! A range that ended more than EVENT_MAX_AGE_DAYS ago is closed for good: TrackEvent
 //! rejects older timestamps (EVENT_MAX_AGE_DAYS is the late-event window), so such an
@@ -23,10 +23,10 @@ use chrono::{DateTime, Utc};
 use super::{AnalyticsService, ServiceError};
 use crate::metrics;
 use crate::models::{EventCount, EventFilter, TimeRange};
+use crate::repository::postgres::fold::{decode_users, encode_users};
 use crate::repository::postgres::rollups::{
-    merge_event_counts, user_count_split, CountPart, EventCountPlan, RollupRepository, RollupStamp,
+    merge_event_counts, user_count_split, EventCountPlan, RollupRepository, RollupStamp,
 };
-use crate::repository::postgres::user_activity::{decode_users, encode_users};
 
 /// Margin kept before the retention cut-off: partitions are whole months, so data up
 /// to a month newer than `now - EVENT_RETENTION_DAYS` may be dropped next.
@@ -93,28 +93,36 @@ impl AnalyticsService {
             metrics::record_cache_fresh("event_count");
             return Ok(rollups.event_counts(&filter).await?);
         }
-        // The rollup part (whole hours) is cached with its stamp and reused while the
-        // stamp is unchanged; the partial hours at the edges are always read fresh.
+        // The folded part (whole hours) is cached with its stamp and reused while the
+        // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
+        // in the same snapshot as the stamp.
         let key =
             event_count_cache_key("event_count:v3", plan.split.rollup_start, plan.split.rollup_end, &filter);
-        let stamp = rollups.event_counts_stamp(&plan).await?;
-        let cached = self.cache.get::<StampedEventCounts>(&key).await.filter(|cached| cached.stamp == stamp);
-        metrics::record_cache_lookup("event_count", cached.is_some());
-        let mut rollup_counts = match cached {
-            Some(cached) => cached.counts,
+        let cached = self.cache.get::<StampedEventCounts>(&key).await;
+        let mut parts = rollups.event_counts_parts(&filter, &plan, cached.is_none()).await?;
+        let folded = match cached {
+            Some(cached) if cached.stamp == parts.stamp => Some(cached.counts),
+            Some(_) => {
+                parts = rollups.event_counts_parts(&filter, &plan, true).await?;
+                None
+            }
+            None => None,
+        };
+        metrics::record_cache_lookup("event_count", folded.is_some());
+        let mut folded = match folded {
+            Some(counts) => counts,
             None => {
-                let (counts, stamp) = rollups.rollup_event_counts_with_stamp(&filter, &plan).await?;
-                let stamped = StampedEventCounts { stamp, counts };
+                let stamped =
+                    StampedEventCounts { stamp: parts.stamp, counts: parts.folded.unwrap_or_default() };
                 self.cache.set(&key, &stamped, None).await;
                 stamped.counts
             }
         };
         if filter.group_by.is_none() {
             // Ungrouped rows carry the range start, which slides within the cached hours.
-            rollup_counts.iter_mut().for_each(|count| count.bucket_start = filter.range.start());
+            folded.iter_mut().for_each(|count| count.bucket_start = filter.range.start());
         }
-        let edges = rollups.event_counts_part(&filter, &plan, CountPart::RawEdges).await?;
-        Ok(merge_event_counts(rollup_counts, edges))
+        Ok(merge_event_counts(folded, parts.fresh))
     }
 
     /// Exact distinct identified users with events in the range.

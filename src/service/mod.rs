@@ -3,11 +3,11 @@
 //! `validation`); storage goes through `repository`.
 
 mod counts;
+pub mod fold_task;
 pub mod ingest;
 pub mod partition_maintenance;
 pub mod rate_limit;
 pub mod readiness;
-pub mod user_activity_fold;
 pub mod validation;
 
 use std::sync::Arc;

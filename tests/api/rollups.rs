@@ -2,10 +2,10 @@
 //! names, groupings and time zones, late events included), DST days in the caller's zone,
 //! monthly partitions ahead of time and retention, and the move from the unpartitioned table.
 
-use analytics_service::models::TimeRange;
+use analytics_service::models::{EventFilter, GroupBy, TimeRange};
 use analytics_service::pb;
 use analytics_service::repository::postgres::rollups::RollupRepository;
-use analytics_service::repository::postgres::{connect_options, partitions, schema, user_activity, Database};
+use analytics_service::repository::postgres::{connect_options, fold, partitions, schema, Database};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgPoolOptions;
@@ -136,24 +136,26 @@ async fn rollup_counts_equal_brute_force_sql_for_random_ranges_names_groupings_a
     }
     compare_random_queries(&app, &mut random, from, to, 30).await;
 
-    // Whole-range sums of the rollups equal the table.
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&app.pool).await.unwrap();
-    let rolled_up: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM event_counts_hourly")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(events, rolled_up);
-    let rolled_up_by_day: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM event_counts_daily")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(events, rolled_up_by_day);
+    // Whole-range sums of the rollups and the deltas not folded yet equal the table, read
+    // in one snapshot (the fold task runs meanwhile).
+    let (events, by_hour, by_day, by_hour_total): (i64, i64, i64, i64) = sqlx::query_as(
+        "WITH deltas AS (SELECT coalesce(sum(event_count), 0)::bigint AS n FROM event_count_deltas)
+         SELECT (SELECT count(*) FROM events),
+                (SELECT coalesce(sum(event_count), 0)::bigint FROM event_counts_hourly) + (SELECT n FROM deltas),
+                (SELECT coalesce(sum(event_count), 0)::bigint FROM event_counts_daily) + (SELECT n FROM deltas),
+                (SELECT coalesce(sum(event_count), 0)::bigint FROM event_totals_hourly) + (SELECT n FROM deltas)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((by_hour, by_day, by_hour_total), (events, events, events));
 }
 
-/// Unique users are exact whatever share of the (hour, user) pairs the fold has moved into
-/// the bitmaps: all pending, some folded, all folded, and new users after a fold.
+/// Counts are exact whatever share of the trigger's output the fold has moved into the
+/// rollups (event-count deltas, (hour, user) pairs): all pending, some folded, all folded,
+/// and late events and new users after a fold.
 #[tokio::test]
-async fn unique_users_are_exact_before_during_and_after_the_fold() {
+async fn counts_are_exact_before_during_and_after_the_fold() {
     let database_name = create_database().await;
     let config = test_config(&database_name, "unused", &TestOptions::default());
     schema::migrate(&connect_options(&config)).await.expect("migrations apply");
@@ -178,15 +180,38 @@ async fn unique_users_are_exact_before_during_and_after_the_fold() {
         let rollups = rollups.clone();
         let pool = pool.clone();
         async move {
-            for range in ranges {
-                let expected = brute_force_unique_users(&pool, range.start(), range.end()).await;
+            for (index, range) in ranges.into_iter().enumerate() {
+                let (start, end) = (range.start(), range.end());
+                let expected = brute_force_unique_users(&pool, start, end).await;
                 let answer = rollups.unique_users(range).await.unwrap();
-                assert_eq!(answer, expected, "{stage}: users in [{}, {})", range.start(), range.end());
+                assert_eq!(answer, expected, "{stage}: users in [{start}, {end})");
+                let group_by = ["", "hour", "day", "week"][index % 4];
+                let filter = EventFilter {
+                    event_name: None,
+                    range,
+                    group_by: GroupBy::parse(group_by).unwrap(),
+                    time_zone: chrono_tz::UTC,
+                };
+                let counts: Counts = rollups
+                    .event_counts(&filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|count| (count.event_name, count.bucket_start, count.count))
+                    .collect();
+                let expected = brute_force_counts(&pool, "", start, end, group_by, "").await;
+                assert_eq!(counts, expected, "{stage}: counts by {group_by:?} in [{start}, {end})");
             }
         }
     };
     let pending = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_activity_pending")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let pending_deltas = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_count_deltas")
             .fetch_one(&pool)
             .await
             .unwrap()
@@ -198,14 +223,15 @@ async fn unique_users_are_exact_before_during_and_after_the_fold() {
     check("all pending").await;
     let pending_before = pending().await;
     assert!(pending_before > 100);
+    assert!(pending_deltas().await > 3, "one delta per (hour, name) and statement");
 
-    let outcome = user_activity::fold_pending_pairs(&database, pending_before / 3).await.unwrap();
+    let outcome = fold::fold_pending(&database, pending_before / 3).await.unwrap();
     assert_eq!(outcome.folded_pairs as i64, pending_before / 3);
     assert_eq!(pending().await, pending_before - pending_before / 3);
     check("a third folded").await;
 
-    user_activity::fold_all_pending_pairs(&database).await.unwrap();
-    assert_eq!(pending().await, 0);
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!((pending().await, pending_deltas().await), (0, 0));
     check("all folded").await;
 
     // Late events of known and brand-new users into folded hours, then folded again.
@@ -219,7 +245,7 @@ async fn unique_users_are_exact_before_during_and_after_the_fold() {
     .await
     .unwrap();
     check("late events pending over folded bitmaps").await;
-    user_activity::fold_all_pending_pairs(&database).await.unwrap();
+    fold::fold_all_pending(&database).await.unwrap();
     check("late events folded").await;
     let (hours, days): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM user_activity_hourly), (SELECT count(*) FROM user_activity_daily)",

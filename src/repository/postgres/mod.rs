@@ -3,11 +3,11 @@
 //! `pii` re-encrypts stored sensitive values after a key rotation.
 
 pub mod events;
+pub mod fold;
 pub mod partitions;
 pub mod pii;
 pub mod rollups;
 pub mod schema;
-pub mod user_activity;
 pub mod users;
 
 use std::future::Future;

@@ -10,7 +10,7 @@ use chrono::{DateTime, Datelike, Offset, TimeZone, Utc};
 use roaring::RoaringBitmap;
 
 use super::events::event_counts_from_rows;
-use super::user_activity::decode_users;
+use super::fold::decode_users;
 use super::{Database, RepositoryError};
 use crate::models::{EventCount, EventFilter, GroupBy, TimeRange};
 
@@ -100,10 +100,11 @@ pub fn hourly_rollup_fits(zone: chrono_tz::Tz, range: TimeRange) -> bool {
 /// Which part of a [`RangeSplit`] a count query reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CountPart {
-    /// The day rows and hour rows: `[rollup_start, rollup_end)`.
-    Rollups,
-    /// The raw events of the partial hours at both edges.
-    RawEdges,
+    /// The folded day and hour rows of `[rollup_start, rollup_end)`: what the cache keeps.
+    Folded,
+    /// What is always read fresh: the deltas not folded yet over `[rollup_start,
+    /// rollup_end)` and the raw events of the partial hours at both edges.
+    Fresh,
     /// Both.
     Whole,
 }
@@ -118,7 +119,7 @@ fn slices_sql(part: CountPart, name_filtered: bool, raw_by_hour: bool) -> String
     } else {
         "timestamp"
     };
-    let rollups = format!(
+    let folded = format!(
         "SELECT bucket_start AS slice_start, event_name, event_count
            FROM event_counts_daily
           WHERE bucket_start >= $3 AND bucket_start < $4{name}
@@ -131,8 +132,12 @@ fn slices_sql(part: CountPart, name_filtered: bool, raw_by_hour: bool) -> String
            FROM event_counts_hourly
           WHERE bucket_start >= $4 AND bucket_start < $5{name}"
     );
-    let raw_edges = format!(
-        "SELECT {raw_slice} AS slice_start, event_name, 1 AS event_count
+    let fresh = format!(
+        "SELECT bucket_start AS slice_start, event_name, event_count
+           FROM event_count_deltas
+          WHERE bucket_start >= $2 AND bucket_start < $5{name}
+         UNION ALL
+         SELECT {raw_slice}, event_name, 1
            FROM events
           WHERE timestamp >= $1 AND timestamp < $2{name}
          UNION ALL
@@ -141,9 +146,9 @@ fn slices_sql(part: CountPart, name_filtered: bool, raw_by_hour: bool) -> String
           WHERE timestamp >= $5 AND timestamp < $6{name}"
     );
     match part {
-        CountPart::Rollups => rollups,
-        CountPart::RawEdges => raw_edges,
-        CountPart::Whole => format!("{rollups}\n UNION ALL\n {raw_edges}"),
+        CountPart::Folded => folded,
+        CountPart::Fresh => fresh,
+        CountPart::Whole => format!("{folded}\n UNION ALL\n {fresh}"),
     }
 }
 
@@ -193,6 +198,18 @@ impl EventCountPlan {
     pub fn has_rollup_part(&self) -> bool {
         self.split.rollup_start < self.split.rollup_end
     }
+}
+
+/// What a cached GetEventCount reads in one snapshot (see
+/// [`RollupRepository::event_counts_parts`]).
+#[derive(Clone, Debug, Default)]
+pub struct EventCountParts {
+    /// The folded part's counts, when asked for.
+    pub folded: Option<Vec<EventCount>>,
+    /// `(rows, events)` of `event_totals_hourly` over the folded part's hours.
+    pub stamp: RollupStamp,
+    /// The fresh part's counts.
+    pub fresh: Vec<EventCount>,
 }
 
 /// Adds `more` into `counts`; the result is ordered by bucket, then name.
@@ -364,34 +381,38 @@ impl RollupRepository {
             .await
     }
 
-    /// The rollup part of the plan and its stamp, read in one snapshot.
-    pub async fn rollup_event_counts_with_stamp(
+    /// Reads, in one snapshot, the stamp of the folded part of the plan (and, with
+    /// `with_folded`, its counts) and the fresh part's counts.
+    pub async fn event_counts_parts(
         &self,
         filter: &EventFilter,
         plan: &EventCountPlan,
-    ) -> Result<(Vec<EventCount>, RollupStamp), RepositoryError> {
-        let sql = event_counts_sql(filter, plan, CountPart::Rollups);
+        with_folded: bool,
+    ) -> Result<EventCountParts, RepositoryError> {
+        let folded_sql = event_counts_sql(filter, plan, CountPart::Folded);
+        let fresh_sql = event_counts_sql(filter, plan, CountPart::Fresh);
+        let grouped = filter.group_by.is_some();
         self.database
             .with_retry("count_events_rollup", || async {
                 let mut transaction = self.database.pool().begin().await?;
                 sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     .execute(&mut *transaction)
                     .await?;
-                let rows =
-                    bind_event_counts(sqlx::query(&sql), filter, plan).fetch_all(&mut *transaction).await?;
                 let stamp = event_totals_stamp(&mut *transaction, plan.split).await?;
+                let folded = if with_folded {
+                    let rows = bind_event_counts(sqlx::query(&folded_sql), filter, plan)
+                        .fetch_all(&mut *transaction)
+                        .await?;
+                    Some(event_counts_from_rows(&rows, grouped, filter.range.start())?)
+                } else {
+                    None
+                };
+                let rows = bind_event_counts(sqlx::query(&fresh_sql), filter, plan)
+                    .fetch_all(&mut *transaction)
+                    .await?;
                 transaction.commit().await?;
-                Ok((event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())?, stamp))
-            })
-            .await
-    }
-
-    /// The current stamp of the plan's rollup part.
-    pub async fn event_counts_stamp(&self, plan: &EventCountPlan) -> Result<RollupStamp, RepositoryError> {
-        self.database
-            .with_retry("stamp_event_counts", || async {
-                let mut connection = self.database.pool().acquire().await?;
-                event_totals_stamp(&mut *connection, plan.split).await
+                let fresh = event_counts_from_rows(&rows, grouped, filter.range.start())?;
+                Ok(EventCountParts { folded, stamp, fresh })
             })
             .await
     }

@@ -1,11 +1,13 @@
-//! The per-hour and per-day bitmaps of active users (migration V13): folding the pending
-//! (UTC hour, user) pairs that the `events` insert trigger appends into the bitmaps, and
-//! decoding bitmaps for the unique-user counts.
+//! The fold: what the `events` insert trigger appends (migrations V13 and V15) moved into
+//! the count rollups. Pending (UTC hour, user) pairs go into the per-hour and per-day
+//! bitmaps of active users; event-count deltas go into `event_counts_hourly`,
+//! `event_counts_daily` and `event_totals_hourly`. Also the bitmaps' stored form.
 //!
-//! A pair is always either pending or folded, never both and never neither: one
-//! transaction deletes the pairs, assigns user ordinals and rewrites the bitmaps. Folds
-//! are serialised across replicas by an advisory lock; a replica that finds it taken
-//! skips its turn.
+//! A pair or delta is always either pending or folded, never both and never neither: one
+//! transaction deletes what it folds, assigns user ordinals and rewrites the rollups.
+//! Folds are serialised across replicas by an advisory lock; a replica that finds it taken
+//! skips its turn. Keeping these upserts off the insert path is what keeps concurrent
+//! inserts from queueing on the same rollup rows.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,10 +17,10 @@ use roaring::RoaringBitmap;
 use super::{Database, RepositoryError};
 
 /// Advisory lock held by a fold (and by retention, which deletes bitmaps: see V13).
-pub const USER_ACTIVITY_FOLD_LOCK_KEY: i64 = 4_104_202_613;
+pub const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 
-/// Pending pairs folded per transaction.
-pub const FOLD_BATCH_PAIRS: i64 = 100_000;
+/// Pending pairs (and, separately, event-count deltas) folded per transaction.
+pub const FOLD_BATCH_ROWS: i64 = 100_000;
 
 const HOUR_SECONDS: i64 = 3_600;
 const DAY_SECONDS: i64 = 86_400;
@@ -40,22 +42,28 @@ pub fn decode_users(bytes: &[u8]) -> Result<RoaringBitmap, RepositoryError> {
 pub struct FoldOutcome {
     /// Pending pairs folded into the bitmaps.
     pub folded_pairs: usize,
+    /// Event-count deltas folded into the count rollups.
+    pub folded_deltas: usize,
     /// Another replica held the fold lock; nothing was done.
     pub lock_busy: bool,
 }
 
-/// Folds up to `limit` pending pairs into the hourly and daily bitmaps.
-pub async fn fold_pending_pairs(database: &Database, limit: i64) -> Result<FoldOutcome, RepositoryError> {
+/// Folds up to `limit` event-count deltas into the count rollups and up to `limit`
+/// pending pairs into the hourly and daily bitmaps, in one transaction.
+pub async fn fold_pending(database: &Database, limit: i64) -> Result<FoldOutcome, RepositoryError> {
     database
-        .with_retry("fold_user_activity", || async {
+        .with_retry("fold_rollups", || async {
             let mut transaction = database.pool().begin().await?;
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-                .bind(USER_ACTIVITY_FOLD_LOCK_KEY)
+                .bind(ROLLUP_FOLD_LOCK_KEY)
                 .fetch_one(&mut *transaction)
                 .await?;
             if !locked {
-                return Ok(FoldOutcome { folded_pairs: 0, lock_busy: true });
+                return Ok(FoldOutcome { lock_busy: true, ..FoldOutcome::default() });
             }
+            let folded_deltas: i64 =
+                sqlx::query_scalar(FOLD_EVENT_COUNT_DELTAS).bind(limit).fetch_one(&mut *transaction).await?;
+            let folded_deltas = folded_deltas as usize;
             let pairs: Vec<(DateTime<Utc>, String)> = sqlx::query_as(
                 "DELETE FROM user_activity_pending
                   WHERE ctid = ANY(ARRAY(SELECT ctid FROM user_activity_pending LIMIT $1))
@@ -65,7 +73,8 @@ pub async fn fold_pending_pairs(database: &Database, limit: i64) -> Result<FoldO
             .fetch_all(&mut *transaction)
             .await?;
             if pairs.is_empty() {
-                return Ok(FoldOutcome::default());
+                transaction.commit().await?;
+                return Ok(FoldOutcome { folded_deltas, ..FoldOutcome::default() });
             }
 
             let mut user_ids: Vec<&str> = pairs.iter().map(|(_, user_id)| user_id.as_str()).collect();
@@ -100,10 +109,39 @@ pub async fn fold_pending_pairs(database: &Database, limit: i64) -> Result<FoldO
             merge_bitmaps(&mut transaction, "user_activity_hourly", hours).await?;
             merge_bitmaps(&mut transaction, "user_activity_daily", days).await?;
             transaction.commit().await?;
-            Ok(FoldOutcome { folded_pairs: pairs.len(), lock_busy: false })
+            Ok(FoldOutcome { folded_pairs: pairs.len(), folded_deltas, lock_busy: false })
         })
         .await
 }
+
+/// Moves up to $1 event-count deltas into the hourly, daily and total rollups; returns
+/// how many it moved. Keys are sorted before upserting, as everywhere.
+const FOLD_EVENT_COUNT_DELTAS: &str = "
+    WITH moved AS (
+        DELETE FROM event_count_deltas
+         WHERE ctid = ANY(ARRAY(SELECT ctid FROM event_count_deltas LIMIT $1))
+     RETURNING bucket_start, event_name, event_count
+    ), hourly AS (
+        SELECT bucket_start, event_name, sum(event_count)::bigint AS event_count
+          FROM moved GROUP BY 1, 2
+    ), hours AS (
+        INSERT INTO event_counts_hourly AS rollup (bucket_start, event_name, event_count)
+        SELECT bucket_start, event_name, event_count FROM hourly ORDER BY 1, 2
+        ON CONFLICT (bucket_start, event_name)
+        DO UPDATE SET event_count = rollup.event_count + EXCLUDED.event_count
+    ), days AS (
+        INSERT INTO event_counts_daily AS rollup (bucket_start, event_name, event_count)
+        SELECT date_trunc('day', bucket_start, 'UTC'), event_name, sum(event_count)
+          FROM hourly GROUP BY 1, 2 ORDER BY 1, 2
+        ON CONFLICT (bucket_start, event_name)
+        DO UPDATE SET event_count = rollup.event_count + EXCLUDED.event_count
+    ), totals AS (
+        INSERT INTO event_totals_hourly AS totals (bucket_start, event_count)
+        SELECT bucket_start, sum(event_count) FROM hourly GROUP BY 1 ORDER BY 1
+        ON CONFLICT (bucket_start)
+        DO UPDATE SET event_count = totals.event_count + EXCLUDED.event_count
+    )
+    SELECT count(*) FROM moved";
 
 /// ORs `additions` (bucket start in Unix seconds -> users) into `table`'s bitmaps,
 /// bumping `version` of every row that changes.
@@ -150,15 +188,18 @@ async fn merge_bitmaps(
     Ok(())
 }
 
-/// Folds until nothing is pending (or another replica holds the lock); returns the
-/// pairs folded.
-pub async fn fold_all_pending_pairs(database: &Database) -> Result<usize, RepositoryError> {
-    let mut folded = 0;
+/// Folds until nothing is pending (or another replica holds the lock); returns the sums.
+pub async fn fold_all_pending(database: &Database) -> Result<FoldOutcome, RepositoryError> {
+    let mut total = FoldOutcome::default();
     loop {
-        let outcome = fold_pending_pairs(database, FOLD_BATCH_PAIRS).await?;
-        folded += outcome.folded_pairs;
-        if outcome.lock_busy || (outcome.folded_pairs as i64) < FOLD_BATCH_PAIRS {
-            return Ok(folded);
+        let outcome = fold_pending(database, FOLD_BATCH_ROWS).await?;
+        total.folded_pairs += outcome.folded_pairs;
+        total.folded_deltas += outcome.folded_deltas;
+        total.lock_busy = outcome.lock_busy;
+        let full =
+            outcome.folded_pairs as i64 == FOLD_BATCH_ROWS || outcome.folded_deltas as i64 == FOLD_BATCH_ROWS;
+        if outcome.lock_busy || !full {
+            return Ok(total);
         }
     }
 }
