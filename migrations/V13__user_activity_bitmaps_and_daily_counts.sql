@@ -4,8 +4,9 @@
 -- active user and month: 0.4 s for 30 days at 10M events).
 --
 -- user_ordinals: a dense integer per identified user, its bit in the bitmaps.
--- user_activity_pending: (UTC hour, user) pairs that the insert trigger appends inside the
---   inserting transaction. `serve` folds them into the bitmaps about once a second
+-- user_activity_pending: (UTC hour, users) rows that the insert trigger appends inside the
+--   inserting transaction: per inserting statement and hour, the distinct user ids as one
+--   array (one row per statement and hour, not per event, keeps the trigger cheap). `serve` folds them into the bitmaps about once a second
 --   (src/repository/postgres/fold.rs) and deletes them in the same transaction,
 --   so every pair is always in exactly one of the two places. A count reads the bitmaps
 --   and the pending pairs in one snapshot: exact, however far the fold lags.
@@ -21,7 +22,7 @@ CREATE TABLE user_ordinals (
 
 CREATE TABLE user_activity_pending (
     hour_start TIMESTAMPTZ NOT NULL,
-    user_id VARCHAR(255) NOT NULL
+    user_ids TEXT[] NOT NULL
 );
 CREATE INDEX idx_user_activity_pending_hour ON user_activity_pending (hour_start);
 
@@ -67,10 +68,11 @@ BEGIN
     ON CONFLICT (bucket_start, event_name)
     DO UPDATE SET event_count = rollup.event_count + EXCLUDED.event_count;
 
-    INSERT INTO user_activity_pending (hour_start, user_id)
-    SELECT DISTINCT date_trunc('hour', timestamp, 'UTC'), user_id
+    INSERT INTO user_activity_pending (hour_start, user_ids)
+    SELECT date_trunc('hour', timestamp, 'UTC'), array_agg(DISTINCT user_id)
     FROM inserted
-    WHERE user_id IS NOT NULL AND user_id <> '';
+    WHERE user_id IS NOT NULL AND user_id <> ''
+    GROUP BY 1;
 
     RETURN NULL;
 END $$;
@@ -80,9 +82,9 @@ END $$;
 INSERT INTO event_counts_daily (bucket_start, event_name, event_count)
 SELECT date_trunc('day', bucket_start, 'UTC'), event_name, sum(event_count)
 FROM event_counts_hourly GROUP BY 1, 2;
-INSERT INTO user_activity_pending (hour_start, user_id)
-SELECT DISTINCT date_trunc('hour', timestamp, 'UTC'), user_id
-FROM events WHERE user_id IS NOT NULL AND user_id <> '';
+INSERT INTO user_activity_pending (hour_start, user_ids)
+SELECT date_trunc('hour', timestamp, 'UTC'), array_agg(DISTINCT user_id)
+FROM events WHERE user_id IS NOT NULL AND user_id <> '' GROUP BY 1;
 
 DROP TABLE user_activity_monthly;
 DROP FUNCTION analytics_hour_of_month(timestamptz);

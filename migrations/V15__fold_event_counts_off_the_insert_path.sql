@@ -1,7 +1,7 @@
 -- Issue 4, ingestion cost: the insert trigger no longer upserts the count rollups. Upserts
 -- of the current hour's rows made every concurrent insert wait for the previous one's
 -- commit (they lock the same rows) and cost ingestion about a third of its throughput.
--- Now the trigger only appends, like the user pairs of V13:
+-- Now the trigger only appends, like the pending users of V13:
 --   event_count_deltas: events per (UTC hour, name) of each inserting statement.
 -- `serve` folds the deltas into event_counts_hourly, event_counts_daily and
 -- event_totals_hourly about once a second, in the transaction that folds the user pairs
@@ -24,10 +24,11 @@ BEGIN
     FROM inserted
     GROUP BY 1, 2;
 
-    INSERT INTO user_activity_pending (hour_start, user_id)
-    SELECT DISTINCT date_trunc('hour', timestamp, 'UTC'), user_id
+    INSERT INTO user_activity_pending (hour_start, user_ids)
+    SELECT date_trunc('hour', timestamp, 'UTC'), array_agg(DISTINCT user_id)
     FROM inserted
-    WHERE user_id IS NOT NULL AND user_id <> '';
+    WHERE user_id IS NOT NULL AND user_id <> ''
+    GROUP BY 1;
 
     RETURN NULL;
 END $$;

@@ -1,6 +1,6 @@
 //! The fold: what the `events` insert trigger appends (migrations V13 and V15) moved into
-//! the count rollups. Pending (UTC hour, user) pairs go into the per-hour and per-day
-//! bitmaps of active users; event-count deltas go into `event_counts_hourly`,
+//! the count rollups. Pending users per UTC hour go into the per-hour and per-day bitmaps
+//! of active users; event-count deltas go into `event_counts_hourly`,
 //! `event_counts_daily` and `event_totals_hourly`. Also the bitmaps' stored form.
 //!
 //! A pair or delta is always either pending or folded, never both and never neither: one
@@ -19,8 +19,12 @@ use super::{Database, RepositoryError};
 /// Advisory lock held by a fold (and by retention, which deletes bitmaps: see V13).
 pub const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 
-/// Pending pairs (and, separately, event-count deltas) folded per transaction.
-pub const FOLD_BATCH_ROWS: i64 = 100_000;
+/// Event-count deltas folded per transaction (each is one (hour, name) of one statement).
+pub const FOLD_BATCH_DELTAS: i64 = 100_000;
+
+/// Pending user rows folded per transaction (each is one hour of one inserting statement,
+/// with that statement's distinct users of the hour; V13's backfill writes one per hour).
+pub const FOLD_BATCH_USER_ROWS: i64 = 2_000;
 
 const HOUR_SECONDS: i64 = 3_600;
 const DAY_SECONDS: i64 = 86_400;
@@ -40,7 +44,9 @@ pub fn decode_users(bytes: &[u8]) -> Result<RoaringBitmap, RepositoryError> {
 /// What one fold did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FoldOutcome {
-    /// Pending pairs folded into the bitmaps.
+    /// Pending user rows folded.
+    pub folded_user_rows: usize,
+    /// (hour, user) pairs those rows held, folded into the bitmaps.
     pub folded_pairs: usize,
     /// Event-count deltas folded into the count rollups.
     pub folded_deltas: usize,
@@ -48,9 +54,13 @@ pub struct FoldOutcome {
     pub lock_busy: bool,
 }
 
-/// Folds up to `limit` event-count deltas into the count rollups and up to `limit`
-/// pending pairs into the hourly and daily bitmaps, in one transaction.
-pub async fn fold_pending(database: &Database, limit: i64) -> Result<FoldOutcome, RepositoryError> {
+/// Folds up to `delta_limit` event-count deltas into the count rollups and up to
+/// `user_row_limit` pending user rows into the hourly and daily bitmaps, in one transaction.
+pub async fn fold_pending(
+    database: &Database,
+    delta_limit: i64,
+    user_row_limit: i64,
+) -> Result<FoldOutcome, RepositoryError> {
     database
         .with_retry("fold_rollups", || async {
             let mut transaction = database.pool().begin().await?;
@@ -61,23 +71,31 @@ pub async fn fold_pending(database: &Database, limit: i64) -> Result<FoldOutcome
             if !locked {
                 return Ok(FoldOutcome { lock_busy: true, ..FoldOutcome::default() });
             }
-            let folded_deltas: i64 =
-                sqlx::query_scalar(FOLD_EVENT_COUNT_DELTAS).bind(limit).fetch_one(&mut *transaction).await?;
+            let folded_deltas: i64 = sqlx::query_scalar(FOLD_EVENT_COUNT_DELTAS)
+                .bind(delta_limit)
+                .fetch_one(&mut *transaction)
+                .await?;
             let folded_deltas = folded_deltas as usize;
-            let pairs: Vec<(DateTime<Utc>, String)> = sqlx::query_as(
+            let user_rows: Vec<(DateTime<Utc>, Vec<String>)> = sqlx::query_as(
                 "DELETE FROM user_activity_pending
                   WHERE ctid = ANY(ARRAY(SELECT ctid FROM user_activity_pending LIMIT $1))
-              RETURNING hour_start, user_id",
+              RETURNING hour_start, user_ids",
             )
-            .bind(limit)
+            .bind(user_row_limit)
             .fetch_all(&mut *transaction)
             .await?;
-            if pairs.is_empty() {
+            if user_rows.is_empty() {
                 transaction.commit().await?;
                 return Ok(FoldOutcome { folded_deltas, ..FoldOutcome::default() });
             }
+            let pairs: Vec<(DateTime<Utc>, &str)> = user_rows
+                .iter()
+                .flat_map(|(hour_start, user_ids)| {
+                    user_ids.iter().map(|user_id| (*hour_start, user_id.as_str()))
+                })
+                .collect();
 
-            let mut user_ids: Vec<&str> = pairs.iter().map(|(_, user_id)| user_id.as_str()).collect();
+            let mut user_ids: Vec<&str> = pairs.iter().map(|(_, user_id)| *user_id).collect();
             user_ids.sort_unstable();
             user_ids.dedup();
             sqlx::query(
@@ -100,7 +118,7 @@ pub async fn fold_pending(database: &Database, limit: i64) -> Result<FoldOutcome
             let mut days: BTreeMap<i64, RoaringBitmap> = BTreeMap::new();
             for (hour_start, user_id) in &pairs {
                 let ordinal =
-                    *ordinals.get(user_id).ok_or_else(|| RepositoryError::Query(sqlx::Error::RowNotFound))?
+                    *ordinals.get(*user_id).ok_or_else(|| RepositoryError::Query(sqlx::Error::RowNotFound))?
                         as u32;
                 let hour = hour_start.timestamp().div_euclid(HOUR_SECONDS) * HOUR_SECONDS;
                 hours.entry(hour).or_default().insert(ordinal);
@@ -109,7 +127,12 @@ pub async fn fold_pending(database: &Database, limit: i64) -> Result<FoldOutcome
             merge_bitmaps(&mut transaction, "user_activity_hourly", hours).await?;
             merge_bitmaps(&mut transaction, "user_activity_daily", days).await?;
             transaction.commit().await?;
-            Ok(FoldOutcome { folded_pairs: pairs.len(), folded_deltas, lock_busy: false })
+            Ok(FoldOutcome {
+                folded_user_rows: user_rows.len(),
+                folded_pairs: pairs.len(),
+                folded_deltas,
+                lock_busy: false,
+            })
         })
         .await
 }
@@ -192,12 +215,13 @@ async fn merge_bitmaps(
 pub async fn fold_all_pending(database: &Database) -> Result<FoldOutcome, RepositoryError> {
     let mut total = FoldOutcome::default();
     loop {
-        let outcome = fold_pending(database, FOLD_BATCH_ROWS).await?;
+        let outcome = fold_pending(database, FOLD_BATCH_DELTAS, FOLD_BATCH_USER_ROWS).await?;
+        total.folded_user_rows += outcome.folded_user_rows;
         total.folded_pairs += outcome.folded_pairs;
         total.folded_deltas += outcome.folded_deltas;
         total.lock_busy = outcome.lock_busy;
-        let full =
-            outcome.folded_pairs as i64 == FOLD_BATCH_ROWS || outcome.folded_deltas as i64 == FOLD_BATCH_ROWS;
+        let full = outcome.folded_deltas as i64 == FOLD_BATCH_DELTAS
+            || outcome.folded_user_rows as i64 == FOLD_BATCH_USER_ROWS;
         if outcome.lock_busy || !full {
             return Ok(total);
         }

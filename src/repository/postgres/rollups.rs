@@ -462,7 +462,7 @@ impl RollupRepository {
                 // An id without an ordinal has never been folded, so it is in no bitmap.
                 let unfolded: Vec<Option<i32>> = sqlx::query_scalar(
                     "SELECT ordinals.ordinal FROM (
-                        SELECT user_id FROM user_activity_pending
+                        SELECT unnest(user_ids) AS user_id FROM user_activity_pending
                          WHERE hour_start >= $2 AND hour_start < $3
                         UNION
                         SELECT user_id FROM events
