@@ -24,6 +24,8 @@ CREATE TABLE user_activity_pending (
     hour_start TIMESTAMPTZ NOT NULL,
     user_ids TEXT[] NOT NULL
 );
+-- Rows live about a second: compressing their arrays would cost every insert for nothing.
+ALTER TABLE user_activity_pending ALTER COLUMN user_ids SET STORAGE EXTERNAL;
 CREATE INDEX idx_user_activity_pending_hour ON user_activity_pending (hour_start);
 
 CREATE TABLE user_activity_hourly (

@@ -22,9 +22,11 @@ pub const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 /// Event-count deltas folded per transaction (each is one (hour, name) of one statement).
 pub const FOLD_BATCH_DELTAS: i64 = 100_000;
 
-/// Pending user rows folded per transaction (each is one hour of one inserting statement,
-/// with that statement's distinct users of the hour; V13's backfill writes one per hour).
-pub const FOLD_BATCH_USER_ROWS: i64 = 2_000;
+/// Pending user rows folded per transaction. Each is one hour of one inserting statement
+/// with that statement's distinct users of the hour (a few hundred at most in steady
+/// state); V13's backfill writes one per hour with every user of the hour, so a batch stays
+/// small enough to hold in memory even then.
+pub const FOLD_BATCH_USER_ROWS: i64 = 100;
 
 const HOUR_SECONDS: i64 = 3_600;
 const DAY_SECONDS: i64 = 86_400;
