@@ -4,7 +4,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::helpers::{closed_port, create_database, postgres_host, postgres_port, postgres_user, spawn_app};
+use crate::helpers::{
+    closed_port, create_database, drop_database, postgres_host, postgres_port, postgres_user, spawn_app,
+};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
 
@@ -33,6 +35,7 @@ async fn migrate_check_reports_behind_then_current() {
 
     let check = command(&database).args(["migrate", "--check", "--wait-seconds", "5"]).output().unwrap();
     assert_eq!(check.status.code(), Some(0));
+    drop_database(&database).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,4 +103,5 @@ async fn sigterm_drains_and_exits_zero() {
         panic!("the server did not exit after SIGTERM");
     });
     assert_eq!(exit.code(), Some(0));
+    drop_database(&database).await;
 }

@@ -8,6 +8,7 @@
 
 use chrono::{DateTime, Datelike, Offset, TimeZone, Utc};
 use roaring::RoaringBitmap;
+use sqlx::Row;
 
 use super::events::event_counts_from_rows;
 use super::fold::decode_users;
@@ -329,22 +330,6 @@ fn bind_event_counts<'q>(
     query
 }
 
-/// (rows, events) of `event_totals_hourly` over the whole hours of `split`.
-async fn event_totals_stamp(
-    executor: impl sqlx::PgExecutor<'_>,
-    split: RangeSplit,
-) -> Result<RollupStamp, RepositoryError> {
-    let (rows, sum): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), coalesce(sum(event_count), 0)::bigint
-           FROM event_totals_hourly WHERE bucket_start >= $1 AND bucket_start < $2",
-    )
-    .bind(time(split.rollup_start))
-    .bind(time(split.rollup_end))
-    .fetch_one(executor)
-    .await?;
-    Ok(RollupStamp { rows, sum })
-}
-
 /// Reads counts and unique users from the rollups.
 #[derive(Clone, Debug)]
 pub struct RollupRepository {
@@ -381,38 +366,65 @@ impl RollupRepository {
             .await
     }
 
-    /// Reads, in one snapshot, the stamp of the folded part of the plan (and, with
-    /// `with_folded`, its counts) and the fresh part's counts.
+    /// Reads, in one statement (so one snapshot), the stamp of the folded part of the plan
+    /// (and, with `with_folded`, its counts) and the fresh part's counts.
     pub async fn event_counts_parts(
         &self,
         filter: &EventFilter,
         plan: &EventCountPlan,
         with_folded: bool,
     ) -> Result<EventCountParts, RepositoryError> {
-        let folded_sql = event_counts_sql(filter, plan, CountPart::Folded);
-        let fresh_sql = event_counts_sql(filter, plan, CountPart::Fresh);
         let grouped = filter.group_by.is_some();
+        let bucket = if grouped { "counts.bucket" } else { "0::bigint" };
+        let part = |number: u8, part: CountPart| {
+            format!(
+                "SELECT {number} AS part, counts.event_name::text AS event_name, {bucket} AS bucket, counts.count
+                   FROM ({}) counts",
+                event_counts_sql(filter, plan, part)
+            )
+        };
+        let mut sql = format!(
+            "SELECT 0 AS part, NULL::text AS event_name, count(*)::bigint AS bucket,
+                    coalesce(sum(event_count), 0)::bigint AS count
+               FROM event_totals_hourly WHERE bucket_start >= $2 AND bucket_start < $5
+             UNION ALL {}",
+            part(2, CountPart::Fresh)
+        );
+        if with_folded {
+            sql.push_str(&format!(" UNION ALL {}", part(1, CountPart::Folded)));
+        }
+        let range_start = filter.range.start();
         self.database
             .with_retry("count_events_rollup", || async {
-                let mut transaction = self.database.pool().begin().await?;
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .execute(&mut *transaction)
-                    .await?;
-                let stamp = event_totals_stamp(&mut *transaction, plan.split).await?;
-                let folded = if with_folded {
-                    let rows = bind_event_counts(sqlx::query(&folded_sql), filter, plan)
-                        .fetch_all(&mut *transaction)
-                        .await?;
-                    Some(event_counts_from_rows(&rows, grouped, filter.range.start())?)
-                } else {
-                    None
-                };
-                let rows = bind_event_counts(sqlx::query(&fresh_sql), filter, plan)
-                    .fetch_all(&mut *transaction)
-                    .await?;
-                transaction.commit().await?;
-                let fresh = event_counts_from_rows(&rows, grouped, filter.range.start())?;
-                Ok(EventCountParts { folded, stamp, fresh })
+                let rows: Vec<(i32, Option<String>, i64, i64)> =
+                    bind_event_counts(sqlx::query(&sql), filter, plan)
+                        .fetch_all(self.database.pool())
+                        .await?
+                        .iter()
+                        .map(|row| {
+                            Ok((
+                                row.try_get("part")?,
+                                row.try_get("event_name")?,
+                                row.try_get("bucket")?,
+                                row.try_get("count")?,
+                            ))
+                        })
+                        .collect::<Result<_, sqlx::Error>>()?;
+                let mut parts =
+                    EventCountParts { folded: with_folded.then(Vec::new), ..EventCountParts::default() };
+                for (part, event_name, bucket, count) in rows {
+                    let count = || EventCount {
+                        event_name: event_name.clone().unwrap_or_default(),
+                        bucket_start: if grouped { bucket } else { range_start },
+                        count,
+                    };
+                    match part {
+                        0 => parts.stamp = RollupStamp { rows: bucket, sum: count().count },
+                        1 => parts.folded.get_or_insert_with(Vec::new).push(count()),
+                        _ => parts.fresh.push(count()),
+                    }
+                }
+                Ok(parts)
             })
             .await
     }
