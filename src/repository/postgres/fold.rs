@@ -1,4 +1,4 @@
-//! The fold: what the `events` insert trigger appends (migrations V13 and V15) moved into
+//! The fold: what the `events` insert trigger appends (migration V13) moved into
 //! the count rollups. Pending users per UTC hour go into the per-hour and per-day bitmaps
 //! of active users; event-count deltas go into `event_counts_hourly`,
 //! `event_counts_daily` and `event_totals_hourly`. Also the bitmaps' stored form.
@@ -16,7 +16,7 @@ use roaring::RoaringBitmap;
 
 use super::{Database, RepositoryError};
 
-/// Advisory lock held by a fold (and by retention, which deletes bitmaps: see V13).
+/// Advisory lock held by a fold (and by retention, which deletes rollups: see V13).
 pub const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 
 /// Event-count deltas folded per transaction (each is one (hour, name) of one statement).

@@ -1,10 +1,10 @@
-//! Count queries answered from the rollups that the `events` insert trigger keeps
-//! (migrations V11 and V13): `event_counts_daily` and `event_counts_hourly` for event
-//! counts, the user bitmaps of `user_activity_daily` / `user_activity_hourly` plus the
-//! not yet folded `user_activity_pending` pairs for unique users. Whole UTC days come from
-//! the day rows, whole hours at the edges from the hour rows, and only the partial hours
-//! at the very edges of a range (and grouped ranges in zones whose offsets are not whole
-//! hours) read the raw `events` rows.
+//! Count queries answered from the rollups (migrations V11 and V13): `event_counts_daily`
+//! and `event_counts_hourly` plus the not yet folded `event_count_deltas` for event counts,
+//! the user bitmaps of `user_activity_daily` / `user_activity_hourly` plus the not yet
+//! folded `user_activity_pending` users for unique users, each pair read in one snapshot.
+//! Whole UTC days come from the day rows, whole hours at the edges from the hour rows, and
+//! only the partial hours at the very edges of a range (and grouped ranges in zones whose
+//! offsets are not whole hours) read the raw `events` rows.
 
 use chrono::{DateTime, Datelike, Offset, TimeZone, Utc};
 use roaring::RoaringBitmap;
@@ -154,7 +154,7 @@ fn slices_sql(part: CountPart, name_filtered: bool, raw_by_hour: bool) -> String
 }
 
 /// A version of the rollup part of a range: (rows, sum) over the rows that a change to
-/// the part must touch. Equal stamps mean an unchanged part (see V14 and V13).
+/// the part must touch. Equal stamps mean an unchanged part (see V13).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RollupStamp {
     pub rows: i64,
