@@ -72,6 +72,12 @@ enum Shape {
 }
 
 impl Shape {
+    fn days(&self) -> i64 {
+        match self {
+            Shape::Events { days, .. } | Shape::Users { days } => *days,
+        }
+    }
+
     fn label(&self) -> String {
         match self {
             Shape::Events { group_by, days, with_name } => {
@@ -242,9 +248,7 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
     for shape in shapes() {
         let requests: Vec<(i64, i64)> = (0..arguments.samples as i64)
             .map(|sample| {
-                let days = match shape {
-                    Shape::Events { days, .. } | Shape::Users { days } => days,
-                };
+                let days = shape.days();
                 // Every sample asks a range whose whole hours differ from the others' (ends
                 // 1 h 1 min 40 s apart), so its first call finds nothing cached: cold.
                 let sample_end = end - sample * 3_700;
@@ -417,9 +421,7 @@ async fn dashboard_mix(
                 // Clients start at different queries, as dashboards refresh at different moments.
                 for index in 0..queries.len() {
                     let shape = &queries[(index + client_number * 3) % queries.len()];
-                    let days = match shape {
-                        Shape::Events { days, .. } | Shape::Users { days } => *days,
-                    };
+                    let days = shape.days();
                     let call_started = Instant::now();
                     service_answer(&client, shape, finish - days * DAY + 3_600, finish).await?;
                     timings.push(call_started.elapsed());
@@ -431,9 +433,7 @@ async fn dashboard_mix(
             timings.extend(task.await??);
         }
         for shape in all_shapes.iter().cycle().skip(round).take(1) {
-            let days = match shape {
-                Shape::Events { days, .. } | Shape::Users { days } => *days,
-            };
+            let days = shape.days();
             let (start, stop) = (finish - days * DAY + 3_600, finish);
             checked += 1;
             if service_answer(client, shape, start, stop).await?

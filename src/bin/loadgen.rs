@@ -279,15 +279,16 @@ async fn run(
             })
             .await;
             let after = commit_stats(admin_address).await;
-            rows.push(Row {
-                name: "service: unary TrackEvent".into(),
-                offered: format!("{rate}/s"),
-                achieved: count as f64 / duration.as_secs_f64(),
-                unit: "events/s",
-                latency: Some(latency),
+            rows.push(service_row(
+                "service: unary TrackEvent",
+                format!("{rate}/s"),
+                count,
+                duration,
+                latency,
                 errors,
-                note: mean_batch(before, after),
-            });
+                before,
+                after,
+            ));
         }
     }
     if phases.contains(&"unary") {
@@ -301,15 +302,16 @@ async fn run(
         })
         .await;
         let after = commit_stats(admin_address).await;
-        rows.push(Row {
-            name: "service: unary TrackEvent".into(),
-            offered: format!("saturation, {} in flight", args.concurrency),
-            achieved: count as f64 / duration.as_secs_f64(),
-            unit: "events/s",
-            latency: Some(latency),
+        rows.push(service_row(
+            "service: unary TrackEvent",
+            format!("saturation, {} in flight", args.concurrency),
+            count,
+            duration,
+            latency,
             errors,
-            note: mean_batch(before, after),
-        });
+            before,
+            after,
+        ));
     }
     if phases.contains(&"batch") {
         for size in [100_u64, 1_000] {
@@ -338,15 +340,16 @@ async fn run(
             })
             .await;
             let after = commit_stats(admin_address).await;
-            rows.push(Row {
-                name: format!("service: TrackEvents x{size}"),
-                offered: format!("saturation, {} in flight", args.batch_concurrency),
-                achieved: count as f64 / duration.as_secs_f64(),
-                unit: "events/s",
-                latency: Some(latency),
+            rows.push(service_row(
+                format!("service: TrackEvents x{size}"),
+                format!("saturation, {} in flight", args.batch_concurrency),
+                count,
+                duration,
+                latency,
                 errors,
-                note: mean_batch(before, after),
-            });
+                before,
+                after,
+            ));
         }
     }
 
@@ -680,6 +683,30 @@ async fn commit_stats(admin: SocketAddr) -> CommitStats {
         handling("_count"),
         handling("_sum"),
     )
+}
+
+/// The row of a service phase: events/s over `duration`, the group-commit note from the
+/// server's stats before and after.
+#[allow(clippy::too_many_arguments)]
+fn service_row(
+    name: impl Into<String>,
+    offered: String,
+    count: u64,
+    duration: Duration,
+    latency: Histogram<u64>,
+    errors: u64,
+    before: CommitStats,
+    after: CommitStats,
+) -> Row {
+    Row {
+        name: name.into(),
+        offered,
+        achieved: count as f64 / duration.as_secs_f64(),
+        unit: "events/s",
+        latency: Some(latency),
+        errors,
+        note: mean_batch(before, after),
+    }
 }
 
 fn mean_batch(before: CommitStats, after: CommitStats) -> String {

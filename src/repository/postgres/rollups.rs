@@ -345,20 +345,10 @@ impl RollupRepository {
     /// bucket then name: the same answer as grouping the raw events.
     pub async fn event_counts(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
         let plan = EventCountPlan::of(filter);
-        self.event_counts_part(filter, &plan, CountPart::Whole).await
-    }
-
-    /// The counts of one part of the plan, ordered by bucket then name.
-    pub async fn event_counts_part(
-        &self,
-        filter: &EventFilter,
-        plan: &EventCountPlan,
-        part: CountPart,
-    ) -> Result<Vec<EventCount>, RepositoryError> {
-        let sql = event_counts_sql(filter, plan, part);
+        let sql = event_counts_sql(filter, &plan, CountPart::Whole);
         self.database
             .with_retry("count_events_rollup", || async {
-                let rows = bind_event_counts(sqlx::query(&sql), filter, plan)
+                let rows = bind_event_counts(sqlx::query(&sql), filter, &plan)
                     .fetch_all(self.database.pool())
                     .await?;
                 event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())
@@ -420,7 +410,7 @@ impl RollupRepository {
                     };
                     match part {
                         0 => parts.stamp = RollupStamp { rows: bucket, sum: count().count },
-                        1 => parts.folded.get_or_insert_with(Vec::new).push(count()),
+                        1 => parts.folded.iter_mut().for_each(|folded| folded.push(count())),
                         _ => parts.fresh.push(count()),
                     }
                 }
