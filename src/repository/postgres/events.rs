@@ -75,13 +75,14 @@ const GROUPED_SELECT: &str = "
            count(*) AS count
     FROM events
     WHERE timestamp >= $1 AND timestamp < $2";
-const GROUPED_ORDER: &str = " GROUP BY event_name, bucket ORDER BY bucket, event_name";
+/// Names in bytewise order (`COLLATE "C"`), the order the rollup path gives.
+const GROUPED_ORDER: &str = " GROUP BY event_name, bucket ORDER BY bucket, event_name COLLATE \"C\"";
 
 const TOTAL_SELECT: &str = "
     SELECT event_name, count(*) AS count
     FROM events
     WHERE timestamp >= $1 AND timestamp < $2";
-const TOTAL_ORDER: &str = " GROUP BY event_name ORDER BY event_name";
+const TOTAL_ORDER: &str = " GROUP BY event_name ORDER BY event_name COLLATE \"C\"";
 
 const UNIQUE_USERS: &str = "
     SELECT count(DISTINCT user_id) AS unique_users
