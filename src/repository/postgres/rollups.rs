@@ -471,8 +471,12 @@ impl RollupRepository {
                     .fetch_all(&mut *transaction)
                     .await?;
                 // An id without an ordinal has never been folded, so it is in no bitmap.
+                // One probe of the hash index per id (V14), as a subquery so the planner
+                // cannot turn it into a scan of every ordinal.
                 let unfolded: Vec<Option<i32>> = sqlx::query_scalar(
-                    "SELECT ordinals.ordinal FROM (
+                    "SELECT (SELECT ordinals.ordinal FROM user_ordinals ordinals
+                              WHERE ordinals.user_id = unfolded.user_id)
+                       FROM (
                         SELECT unnest(user_ids) AS user_id FROM user_activity_pending
                          WHERE hour_start >= $2 AND hour_start < $3
                         UNION
@@ -481,8 +485,7 @@ impl RollupRepository {
                         UNION
                         SELECT user_id FROM events
                          WHERE timestamp >= $3 AND timestamp < $4 AND user_id IS NOT NULL AND user_id <> ''
-                     ) unfolded
-                     LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id",
+                     ) unfolded",
                 )
                 .bind(start)
                 .bind(rollup_start)
