@@ -471,12 +471,8 @@ impl RollupRepository {
                     .fetch_all(&mut *transaction)
                     .await?;
                 // An id without an ordinal has never been folded, so it is in no bitmap.
-                // One probe of the hash index per id (V14), as a subquery so the planner
-                // cannot turn it into a scan of every ordinal.
                 let unfolded: Vec<Option<i32>> = sqlx::query_scalar(
-                    "SELECT (SELECT ordinals.ordinal FROM user_ordinals ordinals
-                              WHERE ordinals.user_id = unfolded.user_id)
-                       FROM (
+                    "SELECT ordinals.ordinal FROM (
                         SELECT unnest(user_ids) AS user_id FROM user_activity_pending
                          WHERE hour_start >= $2 AND hour_start < $3
                         UNION
@@ -485,7 +481,8 @@ impl RollupRepository {
                         UNION
                         SELECT user_id FROM events
                          WHERE timestamp >= $3 AND timestamp < $4 AND user_id IS NOT NULL AND user_id <> ''
-                     ) unfolded",
+                     ) unfolded
+                     LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id",
                 )
                 .bind(start)
                 .bind(rollup_start)
