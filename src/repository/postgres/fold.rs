@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use roaring::RoaringBitmap;
 
+use super::rollups::{floor_to, DAY_SECONDS, HOUR_SECONDS};
 use super::{Database, RepositoryError};
 
 /// Advisory lock held by a fold (and by retention, which deletes rollups: see V13).
@@ -27,9 +28,6 @@ pub const FOLD_BATCH_DELTAS: i64 = 100_000;
 /// state); V13's backfill writes one per hour with every user of the hour, so a batch stays
 /// small enough to hold in memory even then.
 pub const FOLD_BATCH_USER_ROWS: i64 = 100;
-
-const HOUR_SECONDS: i64 = 3_600;
-const DAY_SECONDS: i64 = 86_400;
 
 /// The stored form of a bitmap: roaring's portable serialization.
 pub fn encode_users(users: &RoaringBitmap) -> Vec<u8> {
@@ -122,9 +120,9 @@ pub async fn fold_pending(
                 let ordinal =
                     *ordinals.get(*user_id).ok_or_else(|| RepositoryError::Query(sqlx::Error::RowNotFound))?
                         as u32;
-                let hour = hour_start.timestamp().div_euclid(HOUR_SECONDS) * HOUR_SECONDS;
+                let hour = floor_to(hour_start.timestamp(), HOUR_SECONDS);
                 hours.entry(hour).or_default().insert(ordinal);
-                days.entry(hour.div_euclid(DAY_SECONDS) * DAY_SECONDS).or_default().insert(ordinal);
+                days.entry(floor_to(hour, DAY_SECONDS)).or_default().insert(ordinal);
             }
             merge_bitmaps(&mut transaction, "user_activity_hourly", hours).await?;
             merge_bitmaps(&mut transaction, "user_activity_daily", days).await?;

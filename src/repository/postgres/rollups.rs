@@ -15,8 +15,8 @@ use super::fold::decode_users;
 use super::{Database, RepositoryError};
 use crate::models::{EventCount, EventFilter, GroupBy, TimeRange};
 
-const HOUR_SECONDS: i64 = 3_600;
-const DAY_SECONDS: i64 = 86_400;
+pub(super) const HOUR_SECONDS: i64 = 3_600;
+pub(super) const DAY_SECONDS: i64 = 86_400;
 
 /// How a range splits between the rollups and the raw events:
 /// raw rows `[start, rollup_start)`, hour rows `[rollup_start, day_start)`, day rows
@@ -68,7 +68,7 @@ impl RangeSplit {
     }
 }
 
-fn floor_to(seconds: i64, unit: i64) -> i64 {
+pub(super) fn floor_to(seconds: i64, unit: i64) -> i64 {
     seconds.div_euclid(unit) * unit
 }
 
@@ -447,13 +447,13 @@ impl RollupRepository {
         let users_column = if with_bitmaps { "users" } else { "NULL::bytea" };
         let bitmaps_sql = format!(
             "SELECT {users_column} AS users, version FROM user_activity_daily
-              WHERE bucket_start >= $3 AND bucket_start < $4
+              WHERE bucket_start >= $2 AND bucket_start < $3
              UNION ALL
              SELECT {users_column}, version FROM user_activity_hourly
               WHERE bucket_start >= $1 AND bucket_start < $2
              UNION ALL
              SELECT {users_column}, version FROM user_activity_hourly
-              WHERE bucket_start >= $5 AND bucket_start < $6"
+              WHERE bucket_start >= $3 AND bucket_start < $4"
         );
         self.database
             .with_retry("count_unique_users_rollup", || async {
@@ -464,8 +464,6 @@ impl RollupRepository {
                 let bitmaps: Vec<(Option<Vec<u8>>, i64)> = sqlx::query_as(&bitmaps_sql)
                     .bind(rollup_start)
                     .bind(day_start)
-                    .bind(day_start)
-                    .bind(day_end)
                     .bind(day_end)
                     .bind(rollup_end)
                     .fetch_all(&mut *transaction)
