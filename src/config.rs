@@ -269,6 +269,12 @@ pub struct Config {
     /// INGEST_WRITERS: group commits in flight at once (each holds one pooled connection).
     #[serde(default = "defaults::ingest_writers")]
     pub ingest_writers: usize,
+    /// INGEST_COMMIT_TIMEOUT_MS: longest a group-commit statement may run, in
+    /// milliseconds; PostgreSQL cancels it after this (statement_timeout of the ingest
+    /// connections), and a commit with no answer shortly after marks PostgreSQL
+    /// unreachable.
+    #[serde(default = "defaults::ingest_commit_timeout_ms")]
+    pub ingest_commit_timeout_ms: u64,
     /// IDEMPOTENCY_WINDOW_DAYS: how long an insert_id is remembered, in days.
     #[serde(default = "defaults::idempotency_window_days")]
     pub idempotency_window_days: u32,
@@ -384,6 +390,9 @@ mod defaults {
     pub(super) fn ingest_queue_capacity() -> usize {
         10_000
     }
+    pub(super) fn ingest_commit_timeout_ms() -> u64 {
+        1_000
+    }
     pub(super) fn ingest_writers() -> usize {
         2
     }
@@ -488,8 +497,14 @@ impl Config {
         if !(1..=1_000_000).contains(&self.ingest_queue_capacity) {
             return fail("INGEST_QUEUE_CAPACITY", "must be between 1 and 1000000");
         }
-        if self.ingest_writers == 0 || self.ingest_writers > self.postgres_max_connections as usize {
-            return fail("INGEST_WRITERS", "must be between 1 and POSTGRES_MAX_CONNECTIONS");
+        if self.ingest_writers == 0 || self.ingest_writers + 2 > self.postgres_max_connections as usize {
+            return fail(
+                "INGEST_WRITERS",
+                "must be between 1 and POSTGRES_MAX_CONNECTIONS - 2 (the writers' pool holds INGEST_WRITERS + 1 of the connections, at least one serves reads)",
+            );
+        }
+        if !(50..=60_000).contains(&self.ingest_commit_timeout_ms) {
+            return fail("INGEST_COMMIT_TIMEOUT_MS", "must be between 50 and 60000");
         }
         if !(1..=365).contains(&self.idempotency_window_days) {
             return fail("IDEMPOTENCY_WINDOW_DAYS", "must be between 1 and 365");
@@ -599,6 +614,16 @@ impl Config {
 
     pub fn ingest_linger(&self) -> Duration {
         Duration::from_millis(self.ingest_linger_ms)
+    }
+
+    pub fn ingest_commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest_commit_timeout_ms)
+    }
+
+    /// Connections of the group-commit writers' own pool (carved out of
+    /// POSTGRES_MAX_CONNECTIONS): one per writer plus one for insert_id lookups.
+    pub fn ingest_pool_connections(&self) -> u32 {
+        u32::try_from(self.ingest_writers + 1).unwrap_or(u32::MAX)
     }
 }
 

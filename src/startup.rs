@@ -69,15 +69,16 @@ impl Application {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
         let (rate_limiter, pii, tls) = security_from_config(&config)?;
-        let events = EventRepository::new(database.clone()).with_pii(pii.clone());
-        let (ingest_queue, ingest_writer) = ingest::start(events, IngestSettings::from_config(&config));
+        let readiness = ReadinessMonitor::new(database.clone());
+        let events = EventRepository::new(Database::connect_lazy_for_ingest(&config)).with_pii(pii.clone());
+        let (ingest_queue, ingest_writer) =
+            ingest::start(events, IngestSettings::from_config(&config), readiness.database_health());
         let service = Arc::new(
             AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age())
                 .with_pii(pii)
                 .with_event_retention(config.event_retention())
                 .with_ingest(ingest_queue),
         );
-        let readiness = ReadinessMonitor::new(database.clone());
         Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls, ingest_writer })
     }
 
@@ -168,11 +169,12 @@ impl Application {
             let _ = shutdown_started.send(());
         };
 
+        // No Server::timeout: the middleware owns the deadline, so a call cut short by it is
+        // answered DEADLINE_EXCEEDED (tonic's own timer answers CANCELLED) and counted.
         let mut builder = Server::builder()
-            .timeout(config.request_timeout())
             .max_concurrent_streams(config.grpc_max_concurrent_streams)
             .http2_max_header_list_size(config.grpc_max_header_list_bytes)
-            .layer(GrpcObservabilityLayer);
+            .layer(GrpcObservabilityLayer::new(config.request_timeout()));
         if let Some(age) = config.max_connection_age() {
             builder = builder.max_connection_age(age);
         }

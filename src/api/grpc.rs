@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::middleware::RequestDeadline;
 use crate::metrics;
 use crate::models::{IdentifyUser, TrackEvent};
 use crate::pb;
@@ -16,6 +17,9 @@ use crate::security::authorization::CallerPolicy;
 use crate::security::tls::caller_from_extensions;
 use crate::service::readiness::Readiness;
 use crate::service::{validation, AnalyticsService, ServiceError, ServingStatus};
+
+/// A call's deadline when no middleware set one (the server always does).
+const UNSET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Implements the generated server trait on top of [`AnalyticsService`].
 #[derive(Clone)]
@@ -57,11 +61,12 @@ impl AnalyticsApi for AnalyticsGrpc {
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
         let caller = self.authorize(&request, "TrackEvent")?;
+        let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let event = TrackEvent::try_from(request.into_inner()).map_err(|error| {
             metrics::record_event_rejected("invalid_argument");
             ServiceError::from(error)
         })?;
-        let stored = self.service.track_event(event, &caller).await?;
+        let stored = self.service.track_event(event, &caller, deadline).await?;
         Ok(Response::new(pb::TrackEventResponse { success: true, event_id: stored.event_id().to_string() }))
     }
 
@@ -71,13 +76,14 @@ impl AnalyticsApi for AnalyticsGrpc {
         request: Request<pb::TrackEventsRequest>,
     ) -> Result<Response<pb::TrackEventsResponse>, Status> {
         let caller = self.authorize(&request, "TrackEvents")?;
+        let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let request = request.into_inner();
         validation::check_batch(request.events.len(), request.encoded_len()).map_err(|error| {
             metrics::record_events_rejected("invalid_argument", request.events.len() as u64);
             ServiceError::from(error)
         })?;
         let events = request.events.into_iter().map(TrackEvent::try_from).collect();
-        let results = self.service.track_events(events, &caller).await?;
+        let results = self.service.track_events(events, &caller, deadline).await?;
         Ok(Response::new(convert::track_events_response(results)))
     }
 

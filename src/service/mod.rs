@@ -13,6 +13,7 @@ pub mod validation;
 use std::sync::Arc;
 
 use chrono::Utc;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::metrics;
@@ -37,9 +38,15 @@ pub enum ServiceError {
     /// The ingest queue is full: the call was refused at once, nothing was stored.
     #[error("ingest queue full, retry later")]
     Overloaded,
-    /// A dependency is down or not ready; the message is safe to show callers.
+    /// A dependency is down or not ready; nothing of the call was stored. The message is
+    /// safe to show callers.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The call's deadline passed. With `outcome_unknown` its events were inside a
+    /// commit whose outcome is not known (retry with the same insert_id); without, they
+    /// were withdrawn before any was written.
+    #[error("deadline exceeded")]
+    DeadlineExceeded { outcome_unknown: bool },
     /// A bug or unexpected failure; the details were logged, never shown.
     #[error("internal error")]
     Internal,
@@ -48,7 +55,9 @@ pub enum ServiceError {
 impl From<RepositoryError> for ServiceError {
     fn from(error: RepositoryError) -> Self {
         match error {
-            RepositoryError::Unavailable(_) => ServiceError::Unavailable("database unavailable"),
+            RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_) => {
+                ServiceError::Unavailable("database unavailable")
+            }
             RepositoryError::NotReady(_) => {
                 tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
                 ServiceError::Unavailable("database not ready")
@@ -60,6 +69,9 @@ impl From<RepositoryError> for ServiceError {
         }
     }
 }
+
+/// How long recording one of the service's own lifecycle events may take.
+const LIFECYCLE_EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Caller name of the service's own lifecycle events.
 pub const SELF_CALLER: &str = "self";
@@ -166,13 +178,20 @@ impl AnalyticsService {
     /// Stores one event through the group commit; answers once it is committed, with its
     /// id, or with the original id when its insert_id was stored before. `caller`
     /// identifies who sent it (budget of anonymous events).
+    /// `deadline` is when the caller stops waiting (see [`ingest`] for what each answer
+    /// then means).
     #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
-    pub async fn track_event(&self, event: TrackEvent, caller: &str) -> Result<Stored, ServiceError> {
+    pub async fn track_event(
+        &self,
+        event: TrackEvent,
+        caller: &str,
+        deadline: Instant,
+    ) -> Result<Stored, ServiceError> {
         let new_event = self
             .new_event(event, Utc::now())
             .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
         self.check_rate_limit(&new_event, caller).await?;
-        let mut results = self.ingest.submit(vec![new_event]).await?;
+        let mut results = self.ingest.submit(vec![new_event], deadline).await?;
         results.pop().unwrap_or(Err(ServiceError::Internal))
     }
 
@@ -185,6 +204,7 @@ impl AnalyticsService {
         &self,
         events: Vec<Result<TrackEvent, ValidationError>>,
         caller: &str,
+        deadline: Instant,
     ) -> Result<Vec<EventResult>, ServiceError> {
         let now = Utc::now();
         let mut results: Vec<Option<EventResult>> = vec![None; events.len()];
@@ -221,7 +241,7 @@ impl AnalyticsService {
         }
         let (valid, positions) = (admitted, admitted_positions);
         if !valid.is_empty() {
-            let stored = self.ingest.submit(valid).await?;
+            let stored = self.ingest.submit(valid, deadline).await?;
             if let Some(Err(error @ ServiceError::Unavailable(_))) = stored.first() {
                 if stored.iter().all(Result::is_err) {
                     return Err(error.clone());
@@ -275,7 +295,7 @@ impl AnalyticsService {
                 return;
             }
         };
-        match self.track_event(event, SELF_CALLER).await {
+        match self.track_event(event, SELF_CALLER, Instant::now() + LIFECYCLE_EVENT_TIMEOUT).await {
             Ok(stored) => {
                 tracing::info!(event = name, event_id = %stored.event_id(), "lifecycle event tracked")
             }

@@ -5,11 +5,15 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
-use sqlx::Row;
+use std::time::{Duration, Instant};
+
+use sqlx::{PgConnection, Row};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::pii::open_properties;
-use super::{Database, RepositoryError};
+use super::{discard, query_span, Database, RepositoryError, WriteError};
+use crate::metrics;
 use crate::models::{EventCount, EventFilter, NewEvent, TimeRange};
 use crate::security::pii::PiiCipher;
 
@@ -119,16 +123,50 @@ impl EventRepository {
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
-    /// Stores events in one statement (and so one transaction): all or none commit,
-    /// retried as a whole on retryable errors. Events whose insert_id was stored within
-    /// `window_days` are not stored again; a key repeated inside `events` is stored once,
-    /// for its first event, and the later ones answer as its duplicates. Returns one
-    /// outcome per event, in order.
+    /// One attempt to store events in one statement (and so one transaction): all or
+    /// none commit. Events whose insert_id was stored within `window_days` are not
+    /// stored again; a key repeated inside `events` is stored once, for its first event,
+    /// and the later ones answer as its duplicates. Returns one outcome per event, in
+    /// order. Not retried here: the error says whether anything may be stored (see
+    /// [`WriteError`]); repeating the attempt is safe (the event ids are ours, and a key
+    /// this statement claimed answers as ours). `answer_timeout` bounds the wait for
+    /// PostgreSQL's answer.
     pub async fn insert_batch(
         &self,
-        events: &[NewEvent],
+        events: &[&NewEvent],
         window_days: i32,
-    ) -> Result<Vec<InsertOutcome>, RepositoryError> {
+        answer_timeout: Duration,
+    ) -> Result<Vec<InsertOutcome>, WriteError> {
+        let started = Instant::now();
+        let result = async {
+            let mut connection = self.database.acquire_for_write().await?;
+            let written =
+                tokio::time::timeout(answer_timeout, self.insert_on(&mut connection, events, window_days))
+                    .await;
+            match written {
+                Ok(result) => result,
+                Err(_) => {
+                    discard(connection);
+                    Err(WriteError::OutcomeUnknown(RepositoryError::TimedOut(answer_timeout)))
+                }
+            }
+        }
+        .instrument(query_span("insert_events"))
+        .await;
+        metrics::record_db_call(
+            "insert_events",
+            started.elapsed(),
+            result.as_ref().err().map(|error| error.error().kind()),
+        );
+        result
+    }
+
+    async fn insert_on(
+        &self,
+        connection: &mut PgConnection,
+        events: &[&NewEvent],
+        window_days: i32,
+    ) -> Result<Vec<InsertOutcome>, WriteError> {
         // First event of each key; later events with the same key are its duplicates.
         let mut first_with_key: HashMap<&str, usize> = HashMap::new();
         let mut repeats: Vec<(usize, usize)> = Vec::new();
@@ -147,7 +185,7 @@ impl EventRepository {
             .iter()
             .enumerate()
             .filter(|(index, _)| !repeated.contains(index))
-            .map(|(_, event)| event)
+            .map(|(_, event)| *event)
             .collect();
         let ids: Vec<Uuid> = unique.iter().map(|event| event.id).collect();
         let names: Vec<&str> = unique.iter().map(|event| event.name.as_str()).collect();
@@ -161,61 +199,46 @@ impl EventRepository {
 
         let mut outcomes = vec![InsertOutcome::Inserted; events.len()];
         if first_with_key.is_empty() {
-            self.database
-                .with_retry("insert_events", || async {
-                    sqlx::query(INSERT_EVENTS)
-                        .bind(&ids)
-                        .bind(&names)
-                        .bind(&user_ids)
-                        .bind(&properties)
-                        .bind(&timestamps)
-                        .execute(self.database.pool())
-                        .await?;
-                    Ok(())
-                })
-                .await?;
+            sqlx::query(INSERT_EVENTS)
+                .bind(&ids)
+                .bind(&names)
+                .bind(&user_ids)
+                .bind(&properties)
+                .bind(&timestamps)
+                .execute(&mut *connection)
+                .await
+                .map_err(WriteError::from_statement)?;
             return Ok(outcomes);
         }
 
         let unique_keys: Vec<Option<&str>> =
             unique.iter().map(|event| event.insert_id.as_ref().map(|insert_id| insert_id.as_str())).collect();
-        let claimed: Vec<String> = self
-            .database
-            .with_retry("insert_events", || async {
-                let claimed: Vec<String> = sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
-                    .bind(&ids)
-                    .bind(&names)
-                    .bind(&user_ids)
-                    .bind(&properties)
-                    .bind(&timestamps)
-                    .bind(&unique_keys)
-                    .bind(window_days)
-                    .fetch_all(self.database.pool())
-                    .await?;
-                Ok(claimed)
-            })
-            .await?;
+        let claimed: Vec<String> = sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
+            .bind(&ids)
+            .bind(&names)
+            .bind(&user_ids)
+            .bind(&properties)
+            .bind(&timestamps)
+            .bind(&unique_keys)
+            .bind(window_days)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(WriteError::from_statement)?;
         if claimed.len() < first_with_key.len() {
             let claimed: HashSet<&str> = claimed.iter().map(String::as_str).collect();
             let seen: Vec<&str> =
                 first_with_key.keys().copied().filter(|key| !claimed.contains(key)).collect();
-            let originals: Vec<(String, Uuid)> = self
-                .database
-                .with_retry("select_insert_ids", || async {
-                    let rows: Vec<(String, Uuid)> = sqlx::query_as(SELECT_KEYED_EVENTS)
-                        .bind(&seen)
-                        .fetch_all(self.database.pool())
-                        .await?;
-                    Ok(rows)
-                })
-                .await?;
+            // The insert has committed: whatever fails from here leaves its outcome to be
+            // found out by repeating the attempt.
+            let originals: Vec<(String, Uuid)> = sqlx::query_as(SELECT_KEYED_EVENTS)
+                .bind(&seen)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(|error| WriteError::OutcomeUnknown(error.into()))?;
             if originals.len() < seen.len() {
-                // Expiry removed a key between the two statements: nothing of this batch
-                // is lost by failing it, and a retry (or the caller's bisection) claims
-                // the key afresh while the rows already stored answer as ours.
-                return Err(RepositoryError::Query(sqlx::Error::Protocol(
-                    "an insert_id expired between claim and lookup".into(),
-                )));
+                // Expiry removed a key between the two statements: repeating the attempt
+                // claims the key afresh while the rows already stored answer as ours.
+                return Err(WriteError::OutcomeUnknown(RepositoryError::Query(sqlx::Error::RowNotFound)));
             }
             for (key, original) in originals {
                 let Some(&index) = first_with_key.get(key.as_str()) else { continue };
