@@ -81,8 +81,12 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// How much sooner than the client's `grpc-timeout` the server answers
-/// DEADLINE_EXCEEDED, so the answer is on its way before the client gives up.
-const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+/// DEADLINE_EXCEEDED (at most a tenth of the timeout), so the answer is on its way
+/// before the client gives up: the client's clock started before the request arrived.
+const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+/// A call the client cancels this close to (or after) the end of its `grpc-timeout`
+/// was given up by the client's own deadline timer, and counts as DEADLINE_EXCEEDED.
+const CLIENT_DEADLINE_ALLOWANCE: Duration = Duration::from_millis(100);
 
 /// When the server stops working on a call and answers DEADLINE_EXCEEDED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,14 +121,32 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The sooner of the client's `grpc-timeout` (less the margin) and `request_timeout`.
-fn call_deadline(headers: &http::HeaderMap, started: Instant, request_timeout: Duration) -> Instant {
-    let client_timeout = headers
-        .get("grpc-timeout")
-        .and_then(|value| value.to_str().ok())
-        .and_then(parse_grpc_timeout)
-        .map(|timeout| timeout.saturating_sub(CLIENT_DEADLINE_MARGIN));
-    started + client_timeout.map_or(request_timeout, |timeout| timeout.min(request_timeout))
+/// When a call must end, seen from the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CallDeadline {
+    /// When the server answers DEADLINE_EXCEEDED: the sooner of the client's
+    /// `grpc-timeout` (less the margin) and `request_timeout`.
+    answer_by: Instant,
+    /// From when a cancellation by the client counts as its deadline passing.
+    client_gives_up: Instant,
+}
+
+fn call_deadline(headers: &http::HeaderMap, started: Instant, request_timeout: Duration) -> CallDeadline {
+    let client_timeout =
+        headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
+    match client_timeout {
+        Some(timeout) => {
+            let margin = CLIENT_DEADLINE_MARGIN.min(timeout / 10);
+            CallDeadline {
+                answer_by: started + (timeout - margin).min(request_timeout),
+                client_gives_up: started
+                    + timeout.saturating_sub(CLIENT_DEADLINE_ALLOWANCE).min(request_timeout),
+            }
+        }
+        None => {
+            CallDeadline { answer_by: started + request_timeout, client_gives_up: started + request_timeout }
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -155,12 +177,12 @@ pub struct GrpcObservability<S> {
 
 /// Counts and logs a call as handled exactly once: with the code its answer carries, or,
 /// when the call is dropped unanswered (the client cancelled, or tonic's own
-/// `grpc-timeout` timer won the race), as DEADLINE_EXCEEDED past the deadline and
-/// CANCELLED before it.
+/// `grpc-timeout` timer won the race), as DEADLINE_EXCEEDED when the client's deadline
+/// had (about) passed and CANCELLED before.
 struct Handled {
     labels: (&'static str, &'static str, &'static str),
     started: Instant,
-    deadline: Instant,
+    deadline: CallDeadline,
     recorded: bool,
 }
 
@@ -190,7 +212,11 @@ impl Handled {
 
 impl Drop for Handled {
     fn drop(&mut self) {
-        let code = if Instant::now() >= self.deadline { Code::DeadlineExceeded } else { Code::Cancelled };
+        let code = if Instant::now() >= self.deadline.client_gives_up {
+            Code::DeadlineExceeded
+        } else {
+            Code::Cancelled
+        };
         self.record(code);
     }
 }
@@ -221,14 +247,14 @@ where
         let (service, method, kind) = labels;
         let started = Instant::now();
         let deadline = call_deadline(request.headers(), started, self.request_timeout);
-        request.extensions_mut().insert(RequestDeadline(deadline));
+        request.extensions_mut().insert(RequestDeadline(deadline.answer_by));
         let span = server_span(service, method, request.headers());
         span.record("caller", caller_from_extensions(request.extensions()).as_str());
         let handled = async move {
             metrics::record_grpc_started(service, method, kind);
             let mut handled = Handled { labels, started, deadline, recorded: false };
             let call = AssertUnwindSafe(inner.call(request)).catch_unwind();
-            let response = match tokio::time::timeout_at(deadline, call).await {
+            let response = match tokio::time::timeout_at(deadline.answer_by, call).await {
                 Ok(Ok(Ok(response))) => response,
                 Ok(Ok(Err(error))) => {
                     tracing::warn!("rpc failed in the transport");
@@ -332,20 +358,20 @@ mod tests {
     #[test]
     fn the_deadline_is_the_sooner_of_the_client_timeout_and_the_request_timeout() {
         let started = Instant::now();
+        let seconds = Duration::from_secs;
         let mut headers = http::HeaderMap::new();
-        assert_eq!(
-            call_deadline(&headers, started, Duration::from_secs(10)),
-            started + Duration::from_secs(10)
-        );
+        let server_only = call_deadline(&headers, started, seconds(10));
+        assert_eq!(server_only.answer_by, started + seconds(10));
+        assert_eq!(server_only.client_gives_up, started + seconds(10));
         headers.insert("grpc-timeout", http::HeaderValue::from_static("2S"));
-        assert_eq!(
-            call_deadline(&headers, started, Duration::from_secs(10)),
-            started + Duration::from_secs(2) - CLIENT_DEADLINE_MARGIN
-        );
-        assert_eq!(
-            call_deadline(&headers, started, Duration::from_secs(1)),
-            started + Duration::from_secs(1)
-        );
+        let client = call_deadline(&headers, started, seconds(10));
+        assert_eq!(client.answer_by, started + seconds(2) - CLIENT_DEADLINE_MARGIN);
+        assert_eq!(client.client_gives_up, started + seconds(2) - CLIENT_DEADLINE_ALLOWANCE);
+        assert_eq!(call_deadline(&headers, started, seconds(1)).answer_by, started + seconds(1));
+        headers.insert("grpc-timeout", http::HeaderValue::from_static("50m"));
+        let short = call_deadline(&headers, started, seconds(10));
+        assert_eq!(short.answer_by, started + Duration::from_millis(45), "the margin is at most a tenth");
+        assert_eq!(short.client_gives_up, started);
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod ingest;
 mod lifecycle;
 mod migrations;
 mod observability;
+mod outage;
 mod pii;
 mod proxy;
 mod rate_limit;
