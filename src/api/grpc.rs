@@ -10,16 +10,21 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::middleware::RequestDeadline;
 use crate::metrics;
-use crate::models::{IdentifyUser, TrackEvent};
+use crate::models::{Caller, IdentifyUser, TrackEvent};
 use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;
 use crate::security::authorization::CallerPolicy;
-use crate::security::tls::caller_from_extensions;
+use crate::security::tls::{caller_from_extensions, verified_identity};
 use crate::service::readiness::Readiness;
 use crate::service::{validation, AnalyticsService, ServiceError, ServingStatus};
 
 /// A call's deadline when no middleware set one (the server always does).
 const UNSET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The idempotency scope of a call's insert_ids (see [`Caller::key_scope`]).
+fn key_scope<T>(request: &Request<T>) -> String {
+    verified_identity(request.extensions()).unwrap_or_default()
+}
 
 /// Implements the generated server trait on top of [`AnalyticsService`].
 #[derive(Clone)]
@@ -60,7 +65,7 @@ impl AnalyticsApi for AnalyticsGrpc {
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
-        let caller = self.authorize(&request, "TrackEvent")?;
+        let caller = Caller { name: self.authorize(&request, "TrackEvent")?, key_scope: key_scope(&request) };
         let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let event = TrackEvent::try_from(request.into_inner()).map_err(|error| {
             metrics::record_event_rejected("invalid_argument");
@@ -75,7 +80,8 @@ impl AnalyticsApi for AnalyticsGrpc {
         &self,
         request: Request<pb::TrackEventsRequest>,
     ) -> Result<Response<pb::TrackEventsResponse>, Status> {
-        let caller = self.authorize(&request, "TrackEvents")?;
+        let caller =
+            Caller { name: self.authorize(&request, "TrackEvents")?, key_scope: key_scope(&request) };
         let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let request = request.into_inner();
         validation::check_batch(request.events.len(), request.encoded_len()).map_err(|error| {

@@ -221,6 +221,12 @@ pub fn caller_identity(certificate: &CertificateDer<'_>) -> Option<String> {
 /// Identity of a TLS client whose certificate carries no SAN we understand.
 pub const UNIDENTIFIED_CALLER: &str = "unidentified";
 
+/// The identity of the verified client certificate; `None` in plaintext mode.
+pub fn verified_identity(extensions: &http::Extensions) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions.get::<TlsConnectInfo<TcpConnectInfo>>().map(|_| caller_from_extensions(extensions))
+}
+
 /// Who called, from a request's connection info: under mTLS the identity of the
 /// verified client certificate, in plaintext mode the peer IP address.
 pub fn caller_from_extensions(extensions: &http::Extensions) -> String {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::models::{IdentifyUser, NewEvent, TrackEvent, UserId};
+use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
@@ -152,7 +152,12 @@ impl AnalyticsService {
     }
 
     /// Fixes an event's id and time (checked against the accepted age window).
-    fn new_event(&self, event: TrackEvent, now: chrono::DateTime<Utc>) -> Result<NewEvent, ValidationError> {
+    fn new_event(
+        &self,
+        event: TrackEvent,
+        caller: &Caller,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<NewEvent, ValidationError> {
         let timestamp = validation::event_timestamp(event.unix_seconds, now, self.event_max_age)?;
         Ok(NewEvent {
             id: Uuid::now_v7(),
@@ -160,14 +165,15 @@ impl AnalyticsService {
             user_id: event.user_id,
             properties: event.properties,
             timestamp,
+            key_scope: if event.insert_id.is_some() { caller.key_scope.clone() } else { String::new() },
             insert_id: event.insert_id,
         })
     }
 
     /// Spends one event of the sender's budget (the user, or `caller` for anonymous
     /// events).
-    async fn check_rate_limit(&self, event: &NewEvent, caller: &str) -> Result<(), ServiceError> {
-        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), caller);
+    async fn check_rate_limit(&self, event: &NewEvent, caller: &Caller) -> Result<(), ServiceError> {
+        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), &caller.name);
         self.rate_limiter.check(&budget).await.map_err(|wait| {
             metrics::record_event_rejected("rate_limited");
             metrics::record_rate_limited();
@@ -184,11 +190,11 @@ impl AnalyticsService {
     pub async fn track_event(
         &self,
         event: TrackEvent,
-        caller: &str,
+        caller: &Caller,
         deadline: Instant,
     ) -> Result<Stored, ServiceError> {
         let new_event = self
-            .new_event(event, Utc::now())
+            .new_event(event, caller, Utc::now())
             .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
         self.check_rate_limit(&new_event, caller).await?;
         let mut results = self.ingest.submit(vec![new_event], deadline).await?;
@@ -203,7 +209,7 @@ impl AnalyticsService {
     pub async fn track_events(
         &self,
         events: Vec<Result<TrackEvent, ValidationError>>,
-        caller: &str,
+        caller: &Caller,
         deadline: Instant,
     ) -> Result<Vec<EventResult>, ServiceError> {
         let now = Utc::now();
@@ -211,7 +217,7 @@ impl AnalyticsService {
         let mut valid = Vec::with_capacity(events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (index, event) in events.into_iter().enumerate() {
-            match event.and_then(|event| self.new_event(event, now)) {
+            match event.and_then(|event| self.new_event(event, caller, now)) {
                 Ok(new_event) => {
                     valid.push(new_event);
                     positions.push(index);
@@ -295,7 +301,8 @@ impl AnalyticsService {
                 return;
             }
         };
-        match self.track_event(event, SELF_CALLER, Instant::now() + LIFECYCLE_EVENT_TIMEOUT).await {
+        let caller = Caller { name: SELF_CALLER.to_string(), key_scope: SELF_CALLER.to_string() };
+        match self.track_event(event, &caller, Instant::now() + LIFECYCLE_EVENT_TIMEOUT).await {
             Ok(stored) => {
                 tracing::info!(event = name, event_id = %stored.event_id(), "lifecycle event tracked")
             }

@@ -279,6 +279,36 @@ async fn callers_not_on_the_allow_list_get_permission_denied() {
 }
 
 #[tokio::test]
+async fn two_callers_sending_the_same_insert_id_for_the_same_user_both_get_stored() {
+    let setup = spawn_tls_app(&[]).await;
+    let address = setup.app.grpc_address;
+    let server_ca = setup.server_ca.pem();
+    let connect = |leaf: Leaf| {
+        let server_ca = server_ca.clone();
+        async move { AnalyticsServiceClient::new(tls_channel(address, &server_ca, Some(&leaf)).await.unwrap()) }
+    };
+    let mut web = connect(setup.client_ca.client(WEB, "web.analytics.test")).await;
+    let mut gateway = connect(setup.client_ca.client(GATEWAY, "gateway.analytics.test")).await;
+    let keyed = || pb::TrackEventRequest { insert_id: "order-42".into(), ..event("alice") };
+
+    let from_web = web.track_event(keyed()).await.unwrap().into_inner().event_id;
+    let from_gateway = gateway.track_event(keyed()).await.unwrap().into_inner().event_id;
+    assert_ne!(from_web, from_gateway, "one caller's key never suppresses another caller's event");
+    let retried = web.track_event(keyed()).await.unwrap().into_inner().event_id;
+    assert_eq!(retried, from_web, "a caller's own retry is still deduplicated");
+    assert_eq!(setup.app.event_rows().await, 2);
+    let scopes: Vec<String> = sqlx::query_scalar("SELECT scope FROM event_insert_ids ORDER BY scope")
+        .fetch_all(&setup.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        scopes,
+        vec![GATEWAY.to_string(), WEB.to_string()],
+        "keys are scoped by the verified identity"
+    );
+}
+
+#[tokio::test]
 async fn identify_user_writes_an_audit_record_with_the_caller_identity_and_no_values() {
     let options = TestOptions {
         env: vec![("LOG_FORMAT".into(), "json".into()), ("LOG_LEVEL".into(), "info".into())],
