@@ -114,7 +114,7 @@ async fn run(verb: impl std::future::Future<Output = anyhow::Result<ExitCode>>) 
 
 /// Reads the configuration and installs logging/tracing; keep the guard alive until exit.
 fn load_config() -> anyhow::Result<(Config, TelemetryGuard)> {
-    match Config::from_env() {
+    match Config::from_env().and_then(|config| config.check_ca_files().map(|()| config)) {
         Ok(config) => {
             let guard = telemetry::init(&config)?;
             Ok((config, guard))

@@ -46,6 +46,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.check_ca_files()?;
         let grpc_listener = TcpListener::bind(config.grpc_address())
             .await
             .with_context(|| format!("binding the grpc port {}", config.grpc_address()))?;
@@ -61,10 +62,10 @@ impl Application {
         }
 
         let database = Database::connect_lazy(&config);
-        let cache =
-            CountCache::from_config(&config).context("REDIS_HOST/REDIS_PORT: invalid redis address")?;
+        let cache = CountCache::from_config(&config)
+            .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?;
         if cache.is_enabled() {
-            tracing::info!(host = %config.redis_host, port = config.redis_port, ttl_seconds = config.redis_cache_ttl, "redis cache on");
+            tracing::info!(host = %config.redis_host, port = config.redis_port, tls = config.redis_tls, ttl_seconds = config.redis_cache_ttl, "redis cache on");
         } else {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
@@ -77,7 +78,7 @@ impl Application {
                 .with_event_retention(config.event_retention())
                 .with_ingest(ingest_queue),
         );
-        let readiness = ReadinessMonitor::new(database.clone());
+        let readiness = ReadinessMonitor::new(database.clone(), config.readiness_requires_database);
         Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls, ingest_writer })
     }
 
@@ -240,17 +241,18 @@ fn security_from_config(
     config: &Config,
 ) -> anyhow::Result<(RateLimiter, PiiCipher, Option<ReloadingTlsConfig>)> {
     let per_minute = config.rate_limit_events_per_user_per_minute;
-    let rate_limiter =
-        match SharedBudgets::from_config(config).context("REDIS_HOST/REDIS_PORT: invalid redis address")? {
-            Some(shared) => {
-                tracing::info!(per_minute, "rate limits shared through redis, local fallback");
-                RateLimiter::shared_per_minute(per_minute, shared)
-            }
-            None => {
-                tracing::info!(per_minute, "redis not configured: rate limits per replica");
-                RateLimiter::per_minute(per_minute)
-            }
-        };
+    let rate_limiter = match SharedBudgets::from_config(config)
+        .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?
+    {
+        Some(shared) => {
+            tracing::info!(per_minute, "rate limits shared through redis, local fallback");
+            RateLimiter::shared_per_minute(per_minute, shared)
+        }
+        None => {
+            tracing::info!(per_minute, "redis not configured: rate limits per replica");
+            RateLimiter::per_minute(per_minute)
+        }
+    };
     let pii = match config.pii_keys()? {
         Some(keys) => {
             tracing::info!(fields = %config.pii_fields.trim(), current_key_id = keys.current_key_id(), "pii encryption on");
