@@ -437,3 +437,19 @@ async fn redis_with_an_untrusted_certificate_degrades_and_the_service_serves() {
     assert_eq!(app.admin_get("/readyz").await.0, 200, "redis is never needed to be ready");
     assert!(redis.keys(&ca, &app.redis_prefix).await.is_empty(), "nothing reached the untrusted redis");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_without_the_acl_user_degrades_and_the_service_serves() {
+    let ca = TestCa::new("redis ca");
+    let redis = TlsRedis::start(&ca).await;
+    let ca_file = redis.directory.write("client-ca.crt", &ca.pem());
+    // The server's `default` user is off: the password alone authenticates nobody.
+    let mut env = redis.env(&ca_file);
+    env.retain(|(name, _)| name != "REDIS_USERNAME");
+    let app = spawn_app_with(TestOptions { env, ..TestOptions::default() }).await;
+
+    app.client.clone().track_event(track_request("view", "alice")).await.expect("served without redis");
+    let (_, metrics) = app.admin_get("/metrics").await;
+    assert_eq!(metric_value(&metrics, "analytics_rate_limit_fallbacks_total"), 1.0, "{metrics}");
+    assert!(redis.keys(&ca, &app.redis_prefix).await.is_empty(), "nothing was written without the acl user");
+}
