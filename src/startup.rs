@@ -46,6 +46,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.check_ca_files()?;
         let grpc_listener = TcpListener::bind(config.grpc_address())
             .await
             .with_context(|| format!("binding the grpc port {}", config.grpc_address()))?;
@@ -61,15 +62,15 @@ impl Application {
         }
 
         let database = Database::connect_lazy(&config);
-        let cache =
-            CountCache::from_config(&config).context("REDIS_HOST/REDIS_PORT: invalid redis address")?;
+        let cache = CountCache::from_config(&config)
+            .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?;
         if cache.is_enabled() {
-            tracing::info!(host = %config.redis_host, port = config.redis_port, ttl_seconds = config.redis_cache_ttl, "redis cache on");
+            tracing::info!(host = %config.redis_host, port = config.redis_port, tls = config.redis_tls, ttl_seconds = config.redis_cache_ttl, "redis cache on");
         } else {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
         let (rate_limiter, pii, tls) = security_from_config(&config)?;
-        let readiness = ReadinessMonitor::new(database.clone());
+        let readiness = ReadinessMonitor::new(database.clone(), config.readiness_requires_database);
         let events = EventRepository::new(Database::connect_lazy_for_ingest(&config)).with_pii(pii.clone());
         let (ingest_queue, ingest_writer) =
             ingest::start(events, IngestSettings::from_config(&config), readiness.database_health());
@@ -242,17 +243,18 @@ fn security_from_config(
     config: &Config,
 ) -> anyhow::Result<(RateLimiter, PiiCipher, Option<ReloadingTlsConfig>)> {
     let per_minute = config.rate_limit_events_per_user_per_minute;
-    let rate_limiter =
-        match SharedBudgets::from_config(config).context("REDIS_HOST/REDIS_PORT: invalid redis address")? {
-            Some(shared) => {
-                tracing::info!(per_minute, "rate limits shared through redis, local fallback");
-                RateLimiter::shared_per_minute(per_minute, shared)
-            }
-            None => {
-                tracing::info!(per_minute, "redis not configured: rate limits per replica");
-                RateLimiter::per_minute(per_minute)
-            }
-        };
+    let rate_limiter = match SharedBudgets::from_config(config)
+        .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?
+    {
+        Some(shared) => {
+            tracing::info!(per_minute, "rate limits shared through redis, local fallback");
+            RateLimiter::shared_per_minute(per_minute, shared)
+        }
+        None => {
+            tracing::info!(per_minute, "redis not configured: rate limits per replica");
+            RateLimiter::per_minute(per_minute)
+        }
+    };
     let pii = match config.pii_keys()? {
         Some(keys) => {
             tracing::info!(fields = %config.pii_fields.trim(), current_key_id = keys.current_key_id(), "pii encryption on");

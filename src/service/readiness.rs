@@ -5,7 +5,14 @@
 //! that did not answer in time marks PostgreSQL unreachable at once, any other failed
 //! commit asks for a probe now, and while PostgreSQL is unreachable it is probed often
 //! so calls are taken again soon after it is back.
+//!
+//! A replica is ready once it has seen a usable schema. A later PostgreSQL outage
+//! makes it not ready only under READINESS_REQUIRES_DATABASE: PostgreSQL is shared by
+//! every replica, so by default they all stay in the Service and answer UNAVAILABLE
+//! rather than all leaving it at once. A schema that is behind (or ahead of) this binary
+//! is specific to this version, so it makes the replica not ready either way.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +29,13 @@ pub struct Readiness {
     /// `None` until the first successful probe.
     pub schema: Option<SchemaStatus>,
     pub shutting_down: bool,
+    /// READINESS_REQUIRES_DATABASE: an unreachable PostgreSQL means not ready.
+    pub database_required: bool,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.database_reachable
+        (self.database_reachable || !self.database_required)
             && self.schema.as_ref().is_some_and(SchemaStatus::is_usable)
             && !self.shutting_down
     }
@@ -43,6 +52,8 @@ pub struct ReadinessMonitor {
     sender: watch::Sender<Readiness>,
     database: Database,
     probe_now: Arc<Notify>,
+    /// Whether the current outage has been logged (the first failed probe of each).
+    outage_logged: Arc<AtomicBool>,
 }
 
 /// What the ingest path knows of PostgreSQL's reachability, shared with the readiness
@@ -79,7 +90,6 @@ impl DatabaseHealth {
         if changed {
             tracing::warn!(reason, "postgresql unreachable, refusing writes until a probe reaches it");
             metrics::set_database_up(false);
-            metrics::set_ready(false);
         }
         self.probe_now.notify_one();
     }
@@ -92,11 +102,21 @@ impl DatabaseHealth {
 }
 
 impl ReadinessMonitor {
-    pub fn new(database: Database) -> Self {
-        let (sender, _) =
-            watch::channel(Readiness { database_reachable: false, schema: None, shutting_down: false });
+    /// `database_required`: READINESS_REQUIRES_DATABASE.
+    pub fn new(database: Database, database_required: bool) -> Self {
+        let (sender, _) = watch::channel(Readiness {
+            database_reachable: false,
+            schema: None,
+            shutting_down: false,
+            database_required,
+        });
         metrics::set_ready(false);
-        Self { sender, database, probe_now: Arc::new(Notify::new()) }
+        Self {
+            sender,
+            database,
+            probe_now: Arc::new(Notify::new()),
+            outage_logged: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// The ingest path's handle on the same state.
@@ -119,19 +139,28 @@ impl ReadinessMonitor {
     /// Probes once and publishes the result (logging transitions, not repeats).
     pub async fn probe(&self) {
         let probe = tokio::time::timeout(PROBE_TIMEOUT, schema::status(self.database.pool())).await;
-        let (database_reachable, schema_status) = match probe {
-            Ok(Ok(status)) => (true, Some(status)),
-            Ok(Err(error)) => {
-                if self.sender.borrow().database_reachable {
-                    tracing::warn!(error = %error, "postgresql unreachable, not ready");
+        let failure = match probe {
+            Ok(Ok(status)) => {
+                if self.outage_logged.swap(false, Ordering::Relaxed) {
+                    tracing::info!("postgresql reachable again");
                 }
-                (false, None)
+                Ok(status)
             }
+            Ok(Err(error)) => Err(error.to_string()),
             Err(_) => {
-                if self.sender.borrow().database_reachable {
+                Err(format!("no answer to the readiness probe within {} ms", PROBE_TIMEOUT.as_millis()))
+            }
+        };
+        let (database_reachable, schema_status) = match failure {
+            Ok(status) => (true, Some(status)),
+            Err(error) => {
+                if !self.outage_logged.swap(true, Ordering::Relaxed) {
+                    let current = self.sender.borrow().clone();
+                    let stays_ready = !current.database_required && current.schema.is_some();
                     tracing::warn!(
-                        timeout_ms = PROBE_TIMEOUT.as_millis() as u64,
-                        "postgresql did not answer the readiness probe, not ready"
+                        error,
+                        stays_ready,
+                        "postgresql unreachable; calls that need it answer UNAVAILABLE"
                     );
                 }
                 (false, None)
@@ -148,6 +177,7 @@ impl ReadinessMonitor {
                 database_reachable,
                 schema: schema_status.clone().or_else(|| state.schema.clone()),
                 shutting_down: false,
+                database_required: state.database_required,
             };
             if *state == next {
                 return false;

@@ -263,14 +263,17 @@ impl Database {
     }
 }
 
-/// Connection options from the configuration (shared by the pool and `migrate`).
+/// Connection options from the configuration (shared by the pool and `migrate`),
+/// TLS included: POSTGRES_SSLMODE and POSTGRES_SSL_ROOT_CERT.
 pub fn connect_options(config: &Config) -> PgConnectOptions {
     let ssl_mode = match config.postgres_sslmode {
         PostgresSslMode::Disable => PgSslMode::Disable,
         PostgresSslMode::Prefer => PgSslMode::Prefer,
         PostgresSslMode::Require => PgSslMode::Require,
+        PostgresSslMode::VerifyCa => PgSslMode::VerifyCa,
+        PostgresSslMode::VerifyFull => PgSslMode::VerifyFull,
     };
-    PgConnectOptions::new()
+    let mut options = PgConnectOptions::new()
         .host(&config.postgres_host)
         .port(config.postgres_port)
         .database(&config.postgres_db)
@@ -278,5 +281,10 @@ pub fn connect_options(config: &Config) -> PgConnectOptions {
         .password(config.postgres_password.expose())
         .ssl_mode(ssl_mode)
         .application_name(&config.service_name)
-        .disable_statement_logging()
+        .disable_statement_logging();
+    // Without a root certificate sqlx trusts the system roots.
+    if let Some(root_cert) = config.postgres_ssl_root_cert() {
+        options = options.ssl_root_cert(root_cert);
+    }
+    options
 }
