@@ -14,6 +14,7 @@ use tonic::transport::Server;
 use crate::api::admin;
 use crate::api::grpc::AnalyticsGrpc;
 use crate::api::health::follow_readiness;
+use crate::api::malformed::MalformedRequestLayer;
 use crate::api::middleware::GrpcObservabilityLayer;
 use crate::config::Config;
 use crate::metrics;
@@ -172,7 +173,8 @@ impl Application {
             .timeout(config.request_timeout())
             .max_concurrent_streams(config.grpc_max_concurrent_streams)
             .http2_max_header_list_size(config.grpc_max_header_list_bytes)
-            .layer(GrpcObservabilityLayer);
+            .layer(GrpcObservabilityLayer)
+            .layer(MalformedRequestLayer);
         if let Some(age) = config.max_connection_age() {
             builder = builder.max_connection_age(age);
         }

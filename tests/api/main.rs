@@ -16,6 +16,7 @@ mod hostile;
 mod identify_user;
 mod ingest;
 mod lifecycle;
+mod malformed;
 mod migrations;
 mod observability;
 mod pii;
