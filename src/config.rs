@@ -225,6 +225,22 @@ pub struct Config {
     /// GRPC_MAX_HEADER_LIST_BYTES: largest request header list (metadata), in bytes.
     #[serde(default = "defaults::grpc_max_header_list_bytes")]
     pub grpc_max_header_list_bytes: u32,
+    /// GRPC_HANDSHAKE_TIMEOUT_SECONDS: a new connection must finish its TLS handshake (under
+    /// mTLS) and then send the HTTP/2 preface within this many seconds each, or is closed.
+    #[serde(default = "defaults::grpc_handshake_timeout_seconds")]
+    pub grpc_handshake_timeout_seconds: u64,
+    /// GRPC_MAX_PENDING_TLS_HANDSHAKES: most connections in their TLS handshake at once;
+    /// more are closed on accept.
+    #[serde(default = "defaults::grpc_max_pending_tls_handshakes")]
+    pub grpc_max_pending_tls_handshakes: usize,
+    /// GRPC_KEEPALIVE_INTERVAL_SECONDS: a connection that sent nothing for this many seconds
+    /// gets an HTTP/2 PING.
+    #[serde(default = "defaults::grpc_keepalive_interval_seconds")]
+    pub grpc_keepalive_interval_seconds: u64,
+    /// GRPC_KEEPALIVE_TIMEOUT_SECONDS: a PING not acknowledged within this many seconds
+    /// closes the connection (dead peers, half-open connections).
+    #[serde(default = "defaults::grpc_keepalive_timeout_seconds")]
+    pub grpc_keepalive_timeout_seconds: u64,
     /// TLS_CERT_FILE: PEM server certificate chain; with TLS_KEY_FILE and
     /// TLS_CLIENT_CA_FILE turns on mTLS on the gRPC port. Empty = plaintext.
     #[serde(default)]
@@ -369,6 +385,18 @@ mod defaults {
     pub(super) fn grpc_max_header_list_bytes() -> u32 {
         16 * 1024
     }
+    pub(super) fn grpc_handshake_timeout_seconds() -> u64 {
+        5
+    }
+    pub(super) fn grpc_max_pending_tls_handshakes() -> usize {
+        256
+    }
+    pub(super) fn grpc_keepalive_interval_seconds() -> u64 {
+        60
+    }
+    pub(super) fn grpc_keepalive_timeout_seconds() -> u64 {
+        20
+    }
     pub(super) fn tls_reload_interval_seconds() -> u64 {
         10
     }
@@ -462,6 +490,18 @@ impl Config {
         if !(1024..=1024 * 1024).contains(&self.grpc_max_header_list_bytes) {
             return fail("GRPC_MAX_HEADER_LIST_BYTES", "must be between 1024 and 1048576");
         }
+        if !(1..=60).contains(&self.grpc_handshake_timeout_seconds) {
+            return fail("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "must be between 1 and 60");
+        }
+        if !(1..=100_000).contains(&self.grpc_max_pending_tls_handshakes) {
+            return fail("GRPC_MAX_PENDING_TLS_HANDSHAKES", "must be between 1 and 100000");
+        }
+        if !(1..=7_200).contains(&self.grpc_keepalive_interval_seconds) {
+            return fail("GRPC_KEEPALIVE_INTERVAL_SECONDS", "must be between 1 and 7200");
+        }
+        if !(1..=600).contains(&self.grpc_keepalive_timeout_seconds) {
+            return fail("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "must be between 1 and 600");
+        }
         let tls_files_set = [&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file]
             .iter()
             .filter(|path| !path.trim().is_empty())
@@ -541,6 +581,18 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn grpc_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.grpc_handshake_timeout_seconds)
+    }
+
+    pub fn grpc_keepalive_interval(&self) -> Duration {
+        Duration::from_secs(self.grpc_keepalive_interval_seconds)
+    }
+
+    pub fn grpc_keepalive_timeout(&self) -> Duration {
+        Duration::from_secs(self.grpc_keepalive_timeout_seconds)
     }
 
     pub fn health_poll_interval(&self) -> Duration {
@@ -658,6 +710,11 @@ mod tests {
             ("INGEST_QUEUE_CAPACITY", "0"),
             ("INGEST_WRITERS", "26"),
             ("IDEMPOTENCY_WINDOW_DAYS", "0"),
+            ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "0"),
+            ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "61"),
+            ("GRPC_MAX_PENDING_TLS_HANDSHAKES", "0"),
+            ("GRPC_KEEPALIVE_INTERVAL_SECONDS", "0"),
+            ("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "0"),
         ];
         for (variable, value) in cases {
             let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();

@@ -16,6 +16,7 @@ use crate::api::grpc::AnalyticsGrpc;
 use crate::api::health::follow_readiness;
 use crate::api::malformed::MalformedRequestLayer;
 use crate::api::middleware::GrpcObservabilityLayer;
+use crate::api::preface::with_preface_deadline;
 use crate::config::Config;
 use crate::metrics;
 use crate::pb;
@@ -24,7 +25,7 @@ use crate::repository::postgres::EventRepository;
 use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::{CountCache, SharedBudgets};
 use crate::security::pii::PiiCipher;
-use crate::security::tls::{tls_incoming, ReloadingTlsConfig};
+use crate::security::tls::{tls_incoming, HandshakeLimits, ReloadingTlsConfig};
 use crate::service::fold_task::run_rollup_fold;
 use crate::service::ingest::{self, IngestSettings, IngestWriter};
 use crate::service::partition_maintenance::run_partition_maintenance;
@@ -173,6 +174,8 @@ impl Application {
             .timeout(config.request_timeout())
             .max_concurrent_streams(config.grpc_max_concurrent_streams)
             .http2_max_header_list_size(config.grpc_max_header_list_bytes)
+            .http2_keepalive_interval(Some(config.grpc_keepalive_interval()))
+            .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout()))
             .layer(GrpcObservabilityLayer)
             .layer(MalformedRequestLayer);
         if let Some(age) = config.max_connection_age() {
@@ -186,16 +189,26 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(analytics);
         let tls_reload_task = tls.clone().map(|tls| tokio::spawn(tls.watch(config.tls_reload_interval())));
+        let preface_timeout = config.grpc_handshake_timeout();
+        let handshake_limits = HandshakeLimits {
+            timeout: config.grpc_handshake_timeout(),
+            max_pending: config.grpc_max_pending_tls_handshakes,
+        };
         let server = async move {
             match tls {
                 Some(tls) => {
-                    router.serve_with_incoming_shutdown(tls_incoming(grpc_listener, tls), signal).await
+                    let incoming = tls_incoming(grpc_listener, tls, handshake_limits);
+                    router
+                        .serve_with_incoming_shutdown(with_preface_deadline(incoming, preface_timeout), signal)
+                        .await
                 }
                 None => {
                     // tonic ignores Server::tcp_nodelay for a caller-supplied listener: without
                     // TCP_NODELAY, small responses wait for the peer's delayed ACK (about 40 ms).
                     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-                    router.serve_with_incoming_shutdown(incoming, signal).await
+                    router
+                        .serve_with_incoming_shutdown(with_preface_deadline(incoming, preface_timeout), signal)
+                        .await
                 }
             }
         };

@@ -8,4 +8,5 @@ pub mod grpc;
 pub mod health;
 pub mod malformed;
 pub mod middleware;
+pub mod preface;
 pub mod status;

@@ -8,6 +8,7 @@ mod helpers;
 mod cache;
 mod certs;
 mod cli;
+mod connections;
 mod counts;
 mod failures;
 mod faults;
