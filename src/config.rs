@@ -167,6 +167,11 @@ pub struct Config {
     /// RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE: token bucket size per user. 0 = unlimited.
     #[serde(default = "defaults::rate_limit_per_minute")]
     pub rate_limit_events_per_user_per_minute: u32,
+    /// RATE_LIMIT_EXPECTED_REPLICAS: replicas sharing the Redis budgets. While Redis is
+    /// unreachable each replica limits alone with budget / this (at least 1 event), so
+    /// together they stay near the shared budget instead of multiplying it.
+    #[serde(default = "defaults::rate_limit_expected_replicas")]
+    pub rate_limit_expected_replicas: u32,
 
     // ---- observability ----
     /// PROMETHEUS_PORT: plain HTTP admin port (/metrics, /livez, /readyz). 0 = any free port.
@@ -261,6 +266,11 @@ pub struct Config {
     /// TLS_ALLOWED_CALLERS_PER_RPC: `Rpc=id1|id2;Rpc2=id3`, narrowing single RPCs.
     #[serde(default)]
     pub tls_allowed_callers_per_rpc: String,
+    /// TLS_ALLOWED_CALLERS_COVER_REFLECTION: server reflection answers only callers on
+    /// TLS_ALLOWED_CALLERS (true) or every verified caller (false). grpc.health stays open
+    /// to every verified caller either way, for probes.
+    #[serde(default = "defaults::enabled")]
+    pub tls_allowed_callers_cover_reflection: bool,
     /// PII_FIELDS: comma list of property keys whose values are encrypted at rest.
     #[serde(default = "defaults::pii_fields")]
     pub pii_fields: String,
@@ -345,6 +355,9 @@ mod defaults {
     }
     pub(super) fn rate_limit_per_minute() -> u32 {
         1_000
+    }
+    pub(super) fn rate_limit_expected_replicas() -> u32 {
+        1
     }
     pub(super) fn prometheus_port() -> u16 {
         9090
@@ -501,6 +514,9 @@ impl Config {
         }
         if !(1..=600).contains(&self.grpc_keepalive_timeout_seconds) {
             return fail("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "must be between 1 and 600");
+        }
+        if !(1..=1_000).contains(&self.rate_limit_expected_replicas) {
+            return fail("RATE_LIMIT_EXPECTED_REPLICAS", "must be between 1 and 1000");
         }
         let tls_files_set = [&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file]
             .iter()
@@ -715,6 +731,8 @@ mod tests {
             ("GRPC_MAX_PENDING_TLS_HANDSHAKES", "0"),
             ("GRPC_KEEPALIVE_INTERVAL_SECONDS", "0"),
             ("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "0"),
+            ("RATE_LIMIT_EXPECTED_REPLICAS", "0"),
+            ("TLS_ALLOWED_CALLERS_COVER_REFLECTION", "maybe"),
         ];
         for (variable, value) in cases {
             let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();

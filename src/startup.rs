@@ -9,10 +9,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::api::admin;
-use crate::api::grpc::AnalyticsGrpc;
+use crate::api::grpc::{reflection_guard, AnalyticsGrpc};
 use crate::api::health::follow_readiness;
 use crate::api::malformed::MalformedRequestLayer;
 use crate::api::middleware::GrpcObservabilityLayer;
@@ -24,6 +25,7 @@ use crate::pb::analytics_service_server::AnalyticsServiceServer;
 use crate::repository::postgres::EventRepository;
 use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::{CountCache, SharedBudgets};
+use crate::security::authorization::CallerPolicy;
 use crate::security::pii::PiiCipher;
 use crate::security::tls::{tls_incoming, HandshakeLimits, ReloadingTlsConfig};
 use crate::service::fold_task::run_rollup_fold;
@@ -139,6 +141,14 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
+        // Reflection answers the callers TLS_ALLOWED_CALLERS names, unless configured open.
+        let reflection_callers = if config.tls_allowed_callers_cover_reflection {
+            config.caller_policy()?
+        } else {
+            CallerPolicy::default()
+        };
+        let reflection_v1 = InterceptedService::new(reflection_v1, reflection_guard(reflection_callers.clone()));
+        let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, reflection_guard(reflection_callers));
         let analytics = AnalyticsServiceServer::new(
             AnalyticsGrpc::new(service.clone(), readiness.subscribe())
                 .with_caller_policy(config.caller_policy()?),
@@ -255,11 +265,12 @@ fn security_from_config(
     config: &Config,
 ) -> anyhow::Result<(RateLimiter, PiiCipher, Option<ReloadingTlsConfig>)> {
     let per_minute = config.rate_limit_events_per_user_per_minute;
+    let expected_replicas = config.rate_limit_expected_replicas;
     let rate_limiter =
         match SharedBudgets::from_config(config).context("REDIS_HOST/REDIS_PORT: invalid redis address")? {
             Some(shared) => {
-                tracing::info!(per_minute, "rate limits shared through redis, local fallback");
-                RateLimiter::shared_per_minute(per_minute, shared)
+                tracing::info!(per_minute, expected_replicas, "rate limits shared through redis, local fallback");
+                RateLimiter::shared_per_minute(per_minute, expected_replicas, shared)
             }
             None => {
                 tracing::info!(per_minute, "redis not configured: rate limits per replica");
