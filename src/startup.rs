@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::admin;
@@ -147,8 +147,10 @@ impl Application {
         } else {
             CallerPolicy::default()
         };
-        let reflection_v1 = InterceptedService::new(reflection_v1, reflection_guard(reflection_callers.clone()));
-        let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, reflection_guard(reflection_callers));
+        let reflection_v1 =
+            InterceptedService::new(reflection_v1, reflection_guard(reflection_callers.clone()));
+        let reflection_v1alpha =
+            InterceptedService::new(reflection_v1alpha, reflection_guard(reflection_callers));
         let analytics = AnalyticsServiceServer::new(
             AnalyticsGrpc::new(service.clone(), readiness.subscribe())
                 .with_caller_policy(config.caller_policy()?),
@@ -209,7 +211,10 @@ impl Application {
                 Some(tls) => {
                     let incoming = tls_incoming(grpc_listener, tls, handshake_limits);
                     router
-                        .serve_with_incoming_shutdown(with_preface_deadline(incoming, preface_timeout), signal)
+                        .serve_with_incoming_shutdown(
+                            with_preface_deadline(incoming, preface_timeout),
+                            signal,
+                        )
                         .await
                 }
                 None => {
@@ -217,7 +222,10 @@ impl Application {
                     // TCP_NODELAY, small responses wait for the peer's delayed ACK (about 40 ms).
                     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
                     router
-                        .serve_with_incoming_shutdown(with_preface_deadline(incoming, preface_timeout), signal)
+                        .serve_with_incoming_shutdown(
+                            with_preface_deadline(incoming, preface_timeout),
+                            signal,
+                        )
                         .await
                 }
             }
@@ -265,12 +273,11 @@ fn security_from_config(
     config: &Config,
 ) -> anyhow::Result<(RateLimiter, PiiCipher, Option<ReloadingTlsConfig>)> {
     let per_minute = config.rate_limit_events_per_user_per_minute;
-    let expected_replicas = config.rate_limit_expected_replicas;
     let rate_limiter =
         match SharedBudgets::from_config(config).context("REDIS_HOST/REDIS_PORT: invalid redis address")? {
             Some(shared) => {
-                tracing::info!(per_minute, expected_replicas, "rate limits shared through redis, local fallback");
-                RateLimiter::shared_per_minute(per_minute, expected_replicas, shared)
+                tracing::info!(per_minute, "rate limits shared through redis, local fallback");
+                RateLimiter::shared_per_minute(per_minute, config.rate_limit_expected_replicas, shared)
             }
             None => {
                 tracing::info!(per_minute, "redis not configured: rate limits per replica");

@@ -100,11 +100,10 @@ where
             // A decode failure is answered before any message, as a trailers-only
             // response: the status is in the headers.
             match Status::from_header_map(response.headers()) {
-                Some(status) if is_decode_failure(&status) => Ok(Status::invalid_argument(format!(
-                    "malformed request: {}",
-                    status.message()
-                ))
-                .into_http()),
+                Some(status) if is_decode_failure(&status) => {
+                    Ok(Status::invalid_argument(format!("malformed request: {}", status.message()))
+                        .into_http())
+                }
                 _ => Ok(response),
             }
         }

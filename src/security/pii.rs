@@ -405,7 +405,8 @@ mod tests {
     #[test]
     fn field_names_match_trimmed_and_ignoring_ascii_case() {
         let cipher = PiiCipher::new([" Email ".to_string()], PiiKeys::parse(KEY_A, "PII_KEYS").unwrap());
-        let mut stored = json!({"Email": "a@x", "email ": "b@x", "EMAIL": "c@x", " email": "d@x", "e-mail": "e"});
+        let mut stored =
+            json!({"Email": "a@x", "email ": "b@x", "EMAIL": "c@x", " email": "d@x", "e-mail": "e"});
         cipher.seal(&mut stored);
         for key in ["Email", "email ", "EMAIL", " email"] {
             assert!(stored[key].as_str().unwrap().starts_with("enc:v1:a:"), "{key}: {stored}");

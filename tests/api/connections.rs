@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use prost::Message as _;
 
 use crate::certs::{CertDir, Leaf, TestCa};
-use crate::malformed::{frame, RawClient, TRACK_EVENT};
 use crate::helpers::{metric_value, spawn_app_with, track_request, TestApp, TestOptions};
+use crate::malformed::{frame, RawClient, TRACK_EVENT};
 
 /// Longest a test waits for the server to close a connection it should close.
 const HUNG: Duration = Duration::from_secs(60);
@@ -69,7 +69,11 @@ async fn silent_plaintext_connections_are_closed_and_others_keep_working() {
 
     futures::future::join_all(silent.into_iter().map(|connection| wait_closed(connection, "silent"))).await;
     assert_eq!(closed_early(&app, "no_preface").await, 21.0);
-    app.client.clone().track_event(track_request("after_silence", "u1")).await.expect("real clients are served");
+    app.client
+        .clone()
+        .track_event(track_request("after_silence", "u1"))
+        .await
+        .expect("real clients are served");
 }
 
 #[tokio::test]
@@ -85,7 +89,11 @@ async fn a_peer_that_answers_no_keepalive_ping_is_closed() {
     half_open.write_all(HTTP2_PREFACE).await.unwrap();
     half_open.write_all(EMPTY_SETTINGS).await.unwrap();
     wait_closed(half_open, "no ping ack").await;
-    assert_eq!(closed_early(&app, "no_preface").await, 0.0, "closed by the keepalive, not the preface deadline");
+    assert_eq!(
+        closed_early(&app, "no_preface").await,
+        0.0,
+        "closed by the keepalive, not the preface deadline"
+    );
 
     // A client that answers the pings keeps its connection through idle periods (the raw
     // HTTP/2 client never reconnects, so its call proves the same connection is open).
@@ -105,12 +113,13 @@ fn tls_client_config(server_ca_pem: &str, client: &Leaf) -> Arc<rustls::ClientCo
     let chain: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(client.certificate_pem.as_bytes()).map(Result::unwrap).collect();
     let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
 }
@@ -144,7 +153,8 @@ async fn tls_handshake(
 #[tokio::test]
 async fn silent_connections_are_closed_before_and_after_the_tls_handshake() {
     let server = spawn_tls(&[("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "1")]).await;
-    let config = tls_client_config(&server.server_ca.pem(), &server.client_ca.client("spiffe://t/a", "a.test"));
+    let config =
+        tls_client_config(&server.server_ca.pem(), &server.client_ca.client("spiffe://t/a", "a.test"));
 
     let mut no_hello = Vec::new();
     for _ in 0..5 {
@@ -152,10 +162,13 @@ async fn silent_connections_are_closed_before_and_after_the_tls_handshake() {
     }
     let mut after_handshake = Vec::new();
     for _ in 0..5 {
-        after_handshake.push(tls_handshake(server.app.grpc_address, config.clone()).await.expect("handshake"));
+        after_handshake
+            .push(tls_handshake(server.app.grpc_address, config.clone()).await.expect("handshake"));
     }
-    futures::future::join_all(no_hello.into_iter().map(|connection| wait_closed(connection, "no client hello")))
-        .await;
+    futures::future::join_all(
+        no_hello.into_iter().map(|connection| wait_closed(connection, "no client hello")),
+    )
+    .await;
     futures::future::join_all(
         after_handshake.into_iter().map(|connection| wait_closed(connection, "silent after tls")),
     )
@@ -165,8 +178,9 @@ async fn silent_connections_are_closed_before_and_after_the_tls_handshake() {
 
 #[tokio::test]
 async fn handshakes_beyond_the_bound_are_refused_at_once() {
-    let server = spawn_tls(&[("GRPC_MAX_PENDING_TLS_HANDSHAKES", "2"), ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "60")])
-        .await;
+    let server =
+        spawn_tls(&[("GRPC_MAX_PENDING_TLS_HANDSHAKES", "2"), ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "60")])
+            .await;
     let address = server.app.grpc_address;
     let pending_first = TcpStream::connect(address).await.unwrap();
     let pending_second = TcpStream::connect(address).await.unwrap();
@@ -186,7 +200,8 @@ async fn handshakes_beyond_the_bound_are_refused_at_once() {
     drop((pending_first, pending_second));
 
     // With the slots free again a real client gets in.
-    let config = tls_client_config(&server.server_ca.pem(), &server.client_ca.client("spiffe://t/a", "a.test"));
+    let config =
+        tls_client_config(&server.server_ca.pem(), &server.client_ca.client("spiffe://t/a", "a.test"));
     let mut connected = None;
     for _ in 0..100 {
         if let Ok(stream) = tls_handshake(address, config.clone()).await {

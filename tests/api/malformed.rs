@@ -46,8 +46,10 @@ impl RawClient {
     }
 
     pub async fn call(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> RawAnswer {
-        let mut request =
-            http::Request::builder().method("POST").uri(format!("http://{}{path}", self.address)).header("te", "trailers");
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", self.address))
+            .header("te", "trailers");
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -70,7 +72,10 @@ impl RawClient {
         let status = tonic::Status::from_header_map(&headers);
         RawAnswer {
             http_status,
-            code: status.as_ref().map(tonic::Status::code).or(headers.contains_key("grpc-status").then_some(Code::Ok)),
+            code: status
+                .as_ref()
+                .map(tonic::Status::code)
+                .or(headers.contains_key("grpc-status").then_some(Code::Ok)),
             message: status.map(|status| status.message().to_string()).unwrap_or_default(),
         }
     }
@@ -115,12 +120,19 @@ async fn malformed_bodies_are_invalid_argument_and_other_content_types_get_415()
     for (case, path, body, reason) in cases {
         let answer = client.call(path, Some("application/grpc"), body).await;
         assert_eq!(answer.code, Some(Code::InvalidArgument), "{case}: {answer:?}");
-        assert!(answer.message.contains("malformed request") && answer.message.contains(reason), "{case}: {answer:?}");
+        assert!(
+            answer.message.contains("malformed request") && answer.message.contains(reason),
+            "{case}: {answer:?}"
+        );
     }
 
     for content_type in [Some("application/json"), Some("text/plain"), None] {
         let answer = client.call(TRACK_EVENT, content_type, b"{\"event_name\":\"x\"}".to_vec()).await;
-        assert_eq!(answer.http_status, http::StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type:?}: {answer:?}");
+        assert_eq!(
+            answer.http_status,
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{content_type:?}: {answer:?}"
+        );
         assert_eq!(answer.code, Some(Code::InvalidArgument), "{content_type:?}: {answer:?}");
     }
     let answer = client.call(TRACK_EVENT, Some("application/grpc+proto"), frame(&valid)).await;
@@ -145,9 +157,12 @@ fn fuzzed_body() -> impl Strategy<Value = Vec<u8>> {
     let valid = analytics_service::pb::TrackEventRequest {
         event_name: "fuzz".into(),
         user_id: "fuzz-user".into(),
-        properties: [("email".to_string(), analytics_service::pb::PropertyValue {
-            value: Some(analytics_service::pb::property_value::Value::StringValue("a@b".into())),
-        })]
+        properties: [(
+            "email".to_string(),
+            analytics_service::pb::PropertyValue {
+                value: Some(analytics_service::pb::property_value::Value::StringValue("a@b".into())),
+            },
+        )]
         .into(),
         timestamp: 0,
         insert_id: "k".into(),
@@ -173,7 +188,8 @@ async fn fuzzed_bytes_through_the_server_get_ok_or_invalid_argument() {
     let app = spawn_app_with(TestOptions { env, ..TestOptions::default() }).await;
     let client = RawClient::connect(app.grpc_address).await;
     let runtime = tokio::runtime::Handle::current();
-    let mut runner = TestRunner::new(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() });
+    let mut runner =
+        TestRunner::new(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() });
     let paths = [TRACK_EVENT, TRACK_EVENTS, IDENTIFY_USER];
     runner
         .run(&(fuzzed_body(), 0..paths.len()), |(body, path)| {

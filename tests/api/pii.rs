@@ -273,7 +273,10 @@ async fn clear_text_cannot_pass_for_ciphertext_and_field_names_are_normalised() 
         let status = app
             .client
             .clone()
-            .identify_user(pb::IdentifyUserRequest { user_id: "carol".into(), properties: properties.clone() })
+            .identify_user(pb::IdentifyUserRequest {
+                user_id: "carol".into(),
+                properties: properties.clone(),
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{key}={value}: {status:?}");

@@ -288,8 +288,10 @@ async fn reflection_list(channel: Channel) -> Result<Vec<String>, tonic::Status>
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut responses =
-        ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::iter([request])).await?.into_inner();
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
     match responses.message().await?.and_then(|response| response.message_response) {
         Some(MessageResponse::ListServicesResponse(list)) => {
             Ok(list.service.into_iter().map(|service| service.name).collect())
@@ -303,7 +305,8 @@ async fn standard_health_serving(channel: Channel) -> bool {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let response = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    let response =
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
     response.into_inner().status == ServingStatus::Serving as i32
 }
 
@@ -320,9 +323,11 @@ async fn reflection_follows_the_allow_list_unless_opened_and_health_answers_ever
         let gateway = setup.client_ca.client(GATEWAY, "gateway.analytics.test");
         let intruder = setup.client_ca.client(INTRUDER, "intruder.analytics.test");
 
-        let listed = reflection_list(tls_channel(address, &server_ca, Some(&gateway)).await.unwrap()).await.unwrap();
+        let listed =
+            reflection_list(tls_channel(address, &server_ca, Some(&gateway)).await.unwrap()).await.unwrap();
         assert!(listed.iter().any(|name| name == "analytics.v1.AnalyticsService"), "{listed:?}");
-        let intruder_listed = reflection_list(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap()).await;
+        let intruder_listed =
+            reflection_list(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap()).await;
         if intruder_may_reflect {
             assert!(intruder_listed.is_ok(), "{cover_reflection:?}: {intruder_listed:?}");
         } else {
@@ -335,11 +340,14 @@ async fn reflection_follows_the_allow_list_unless_opened_and_health_answers_ever
             );
         }
         // Probes and `healthcheck` work with any certificate the client CA signed.
-        assert!(standard_health_serving(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap()).await);
-        let denied = AnalyticsServiceClient::new(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap())
-            .track_event(event("intruder-user"))
-            .await
-            .unwrap_err();
+        assert!(
+            standard_health_serving(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap()).await
+        );
+        let denied =
+            AnalyticsServiceClient::new(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap())
+                .track_event(event("intruder-user"))
+                .await
+                .unwrap_err();
         assert_eq!(denied.code(), Code::PermissionDenied);
     }
 }
