@@ -197,6 +197,11 @@ pub struct Config {
     /// RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE: token bucket size per user. 0 = unlimited.
     #[serde(default = "defaults::rate_limit_per_minute")]
     pub rate_limit_events_per_user_per_minute: u32,
+    /// RATE_LIMIT_EXPECTED_REPLICAS: replicas sharing the Redis budgets. While Redis is
+    /// unreachable each replica limits alone with budget / this (at least 1 event), so
+    /// together they stay near the shared budget instead of multiplying it.
+    #[serde(default = "defaults::rate_limit_expected_replicas")]
+    pub rate_limit_expected_replicas: u32,
 
     // ---- observability ----
     /// PROMETHEUS_PORT: plain HTTP admin port (/metrics, /livez, /readyz). 0 = any free port.
@@ -270,6 +275,22 @@ pub struct Config {
     /// GRPC_MAX_HEADER_LIST_BYTES: largest request header list (metadata), in bytes.
     #[serde(default = "defaults::grpc_max_header_list_bytes")]
     pub grpc_max_header_list_bytes: u32,
+    /// GRPC_HANDSHAKE_TIMEOUT_SECONDS: a new connection must finish its TLS handshake (under
+    /// mTLS) and then send the HTTP/2 preface within this many seconds each, or is closed.
+    #[serde(default = "defaults::grpc_handshake_timeout_seconds")]
+    pub grpc_handshake_timeout_seconds: u64,
+    /// GRPC_MAX_PENDING_TLS_HANDSHAKES: most connections in their TLS handshake at once;
+    /// more are closed on accept.
+    #[serde(default = "defaults::grpc_max_pending_tls_handshakes")]
+    pub grpc_max_pending_tls_handshakes: usize,
+    /// GRPC_KEEPALIVE_INTERVAL_SECONDS: a connection that sent nothing for this many seconds
+    /// gets an HTTP/2 PING.
+    #[serde(default = "defaults::grpc_keepalive_interval_seconds")]
+    pub grpc_keepalive_interval_seconds: u64,
+    /// GRPC_KEEPALIVE_TIMEOUT_SECONDS: a PING not acknowledged within this many seconds
+    /// closes the connection (dead peers, half-open connections).
+    #[serde(default = "defaults::grpc_keepalive_timeout_seconds")]
+    pub grpc_keepalive_timeout_seconds: u64,
     /// TLS_CERT_FILE: PEM server certificate chain; with TLS_KEY_FILE and
     /// TLS_CLIENT_CA_FILE turns on mTLS on the gRPC port. Empty = plaintext.
     #[serde(default)]
@@ -290,6 +311,11 @@ pub struct Config {
     /// TLS_ALLOWED_CALLERS_PER_RPC: `Rpc=id1|id2;Rpc2=id3`, narrowing single RPCs.
     #[serde(default)]
     pub tls_allowed_callers_per_rpc: String,
+    /// TLS_ALLOWED_CALLERS_COVER_REFLECTION: server reflection answers only callers on
+    /// TLS_ALLOWED_CALLERS (true) or every verified caller (false). grpc.health stays open
+    /// to every verified caller either way, for probes.
+    #[serde(default = "defaults::enabled")]
+    pub tls_allowed_callers_cover_reflection: bool,
     /// PII_FIELDS: comma list of property keys whose values are encrypted at rest.
     #[serde(default = "defaults::pii_fields")]
     pub pii_fields: String,
@@ -381,6 +407,9 @@ mod defaults {
     pub(super) fn rate_limit_per_minute() -> u32 {
         1_000
     }
+    pub(super) fn rate_limit_expected_replicas() -> u32 {
+        1
+    }
     pub(super) fn prometheus_port() -> u16 {
         9090
     }
@@ -419,6 +448,18 @@ mod defaults {
     }
     pub(super) fn grpc_max_header_list_bytes() -> u32 {
         16 * 1024
+    }
+    pub(super) fn grpc_handshake_timeout_seconds() -> u64 {
+        5
+    }
+    pub(super) fn grpc_max_pending_tls_handshakes() -> usize {
+        256
+    }
+    pub(super) fn grpc_keepalive_interval_seconds() -> u64 {
+        60
+    }
+    pub(super) fn grpc_keepalive_timeout_seconds() -> u64 {
+        20
     }
     pub(super) fn tls_reload_interval_seconds() -> u64 {
         10
@@ -527,6 +568,21 @@ impl Config {
         }
         if !(1024..=1024 * 1024).contains(&self.grpc_max_header_list_bytes) {
             return fail("GRPC_MAX_HEADER_LIST_BYTES", "must be between 1024 and 1048576");
+        }
+        if !(1..=60).contains(&self.grpc_handshake_timeout_seconds) {
+            return fail("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "must be between 1 and 60");
+        }
+        if !(1..=100_000).contains(&self.grpc_max_pending_tls_handshakes) {
+            return fail("GRPC_MAX_PENDING_TLS_HANDSHAKES", "must be between 1 and 100000");
+        }
+        if !(1..=7_200).contains(&self.grpc_keepalive_interval_seconds) {
+            return fail("GRPC_KEEPALIVE_INTERVAL_SECONDS", "must be between 1 and 7200");
+        }
+        if !(1..=600).contains(&self.grpc_keepalive_timeout_seconds) {
+            return fail("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "must be between 1 and 600");
+        }
+        if !(1..=1_000).contains(&self.rate_limit_expected_replicas) {
+            return fail("RATE_LIMIT_EXPECTED_REPLICAS", "must be between 1 and 1000");
         }
         let tls_files_set = [&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file]
             .iter()
@@ -647,6 +703,18 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn grpc_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.grpc_handshake_timeout_seconds)
+    }
+
+    pub fn grpc_keepalive_interval(&self) -> Duration {
+        Duration::from_secs(self.grpc_keepalive_interval_seconds)
+    }
+
+    pub fn grpc_keepalive_timeout(&self) -> Duration {
+        Duration::from_secs(self.grpc_keepalive_timeout_seconds)
     }
 
     pub fn health_poll_interval(&self) -> Duration {
@@ -831,6 +899,13 @@ mod tests {
             ("INGEST_QUEUE_CAPACITY", "0"),
             ("INGEST_WRITERS", "26"),
             ("IDEMPOTENCY_WINDOW_DAYS", "0"),
+            ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "0"),
+            ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "61"),
+            ("GRPC_MAX_PENDING_TLS_HANDSHAKES", "0"),
+            ("GRPC_KEEPALIVE_INTERVAL_SECONDS", "0"),
+            ("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "0"),
+            ("RATE_LIMIT_EXPECTED_REPLICAS", "0"),
+            ("TLS_ALLOWED_CALLERS_COVER_REFLECTION", "maybe"),
         ];
         for (variable, value) in cases {
             let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();

@@ -30,6 +30,7 @@ pub const TLS_RELOADS: &str = "analytics_tls_reloads_total";
 pub const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
 pub const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
 pub const TRACE_EXPORT_FAILURES: &str = "analytics_trace_export_failures_total";
+pub const CONNECTIONS_CLOSED_EARLY: &str = "analytics_grpc_connections_closed_early_total";
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -59,6 +60,10 @@ pub fn install() -> PrometheusHandle {
 fn describe_all() {
     describe_counter!(GRPC_STARTED, "RPCs started on the server.");
     describe_counter!(GRPC_HANDLED, "RPCs completed on the server, by status code.");
+    describe_counter!(
+        CONNECTIONS_CLOSED_EARLY,
+        "gRPC connections closed before carrying a call, by reason (no_preface, handshake_backlog)."
+    );
     describe_histogram!(
         GRPC_HANDLING_SECONDS,
         Unit::Seconds,
@@ -154,6 +159,13 @@ pub fn record_rate_limited() {
 
 pub fn record_tls_handshake(succeeded: bool) {
     counter!(TLS_HANDSHAKES, "result" => if succeeded { "ok" } else { "refused" }).increment(1);
+}
+
+/// A connection closed before it carried a call: `no_preface` (no HTTP/2 preface within
+/// GRPC_HANDSHAKE_TIMEOUT_SECONDS) or `handshake_backlog` (GRPC_MAX_PENDING_TLS_HANDSHAKES
+/// already waiting).
+pub fn record_connection_closed_early(reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED_EARLY, "reason" => reason).increment(1);
 }
 
 pub fn record_tls_reload(succeeded: bool) {

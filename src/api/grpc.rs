@@ -58,6 +58,23 @@ impl AnalyticsGrpc {
     }
 }
 
+/// Guards server reflection with TLS_ALLOWED_CALLERS (a tonic interceptor):
+/// PERMISSION_DENIED for a caller not on the list, counted like the RPCs' refusals.
+pub fn reflection_guard(
+    callers: CallerPolicy,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    let callers = Arc::new(callers);
+    move |request: Request<()>| {
+        let caller = caller_from_extensions(request.extensions());
+        if callers.allows_reflection(&caller) {
+            return Ok(request);
+        }
+        metrics::record_permission_denied("ServerReflectionInfo");
+        tracing::warn!(caller = %caller, "caller not on the allow-list, reflection denied");
+        Err(ServiceError::PermissionDenied.into())
+    }
+}
+
 #[tonic::async_trait]
 impl AnalyticsApi for AnalyticsGrpc {
     #[tracing::instrument(skip_all, fields(rpc.method = "TrackEvent", caller = tracing::field::Empty))]
