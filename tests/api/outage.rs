@@ -287,3 +287,95 @@ async fn a_blackholed_postgres_under_load_keeps_every_answer_true() {
 async fn a_blackholed_postgres_under_load_keeps_every_answer_true_with_client_deadlines() {
     outage_under_load(Outage::Blackhole, Some(Duration::from_millis(800))).await;
 }
+
+/// A commit whose answer is lost (PostgreSQL committed it, the network then ate the
+/// reply) is of unknown outcome: the call ends DEADLINE_EXCEEDED saying so, never
+/// UNAVAILABLE, even though PostgreSQL is meanwhile known to be unreachable; a retry
+/// with the same insert_id finds the stored event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_ends_deadline_exceeded_never_unavailable() {
+    let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
+    let proxy = TcpProxy::start(target).await;
+    let app = spawn_app_with(TestOptions {
+        env: vec![
+            ("POSTGRES_PORT".into(), proxy.address.port().to_string()),
+            ("POSTGRES_ACQUIRE_TIMEOUT_MS".into(), "300".into()),
+            // Longer than the call may take: the commit is still waiting when the deadline passes.
+            ("INGEST_COMMIT_TIMEOUT_MS".into(), "8000".into()),
+            ("REQUEST_TIMEOUT_SECONDS".into(), "3".into()),
+            ("INGEST_WRITERS".into(), "1".into()),
+        ],
+        ..TestOptions::default()
+    })
+    .await;
+    // The writer's connection has the insert prepared, so the next one is sent whole
+    // (parse, bind, execute) and waits inside PostgreSQL's execution.
+    for warm_up in 0..3 {
+        app.track_keyed("warm_up", "bob", &format!("warm-{warm_up}")).await;
+    }
+    // Hold the insert inside PostgreSQL: the statement is sent and waits for the lock.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let mut client = app.client.clone();
+    let call = tokio::spawn(async move {
+        client.track_event(crate::helpers::keyed_track_request("lost_answer", "alice", "order-7")).await
+    });
+    let waiting = wait_until(Duration::from_secs(10), Duration::from_millis(20), async || {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO events%'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    assert!(waiting, "the insert reached PostgreSQL and waits for the lock");
+    // The network drops the answer; PostgreSQL commits the insert once the lock goes.
+    proxy.blackhole();
+    lock.commit().await.unwrap();
+    let stored = wait_until(Duration::from_secs(5), Duration::from_millis(20), async || {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE event_name = 'lost_answer'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    if !stored {
+        let activity: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT state, wait_event_type, left(query, 80) FROM pg_stat_activity WHERE datname = current_database()",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+        let events: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT event_name, user_id FROM events").fetch_all(&app.pool).await.unwrap();
+        let keys: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT scope, user_id, insert_id FROM event_insert_ids")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        panic!("PostgreSQL did not commit the insert: {activity:?} {events:?} {keys:?}");
+    }
+
+    let status = call.await.unwrap().expect_err("the answer never came back");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("outcome unknown"), "{status:?}");
+
+    proxy.restore();
+    let retried = wait_until(Duration::from_secs(10), Duration::from_millis(100), async || {
+        app.client
+            .clone()
+            .track_event(crate::helpers::keyed_track_request("lost_answer", "alice", "order-7"))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(retried, "the retry with the same insert_id succeeds once PostgreSQL is back");
+    let copies: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_name = 'lost_answer'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(copies, 1, "the retry found the stored event instead of storing it again");
+}
