@@ -116,8 +116,9 @@ impl AnalyticsApi for AnalyticsGrpc {
         request: Request<pb::IdentifyUserRequest>,
     ) -> Result<Response<pb::IdentifyUserResponse>, Status> {
         let caller = self.authorize(&request, "IdentifyUser")?;
+        let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let identity = IdentifyUser::try_from(request.into_inner()).map_err(ServiceError::from)?;
-        self.service.identify_user(identity, &caller).await?;
+        self.service.identify_user(identity, &caller, deadline).await?;
         Ok(Response::new(pb::IdentifyUserResponse { success: true }))
     }
 

@@ -18,7 +18,9 @@ use uuid::Uuid;
 
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
-use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
+use crate::repository::postgres::{
+    schema, Database, EventRepository, RepositoryError, UserRepository, WriteError,
+};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
 pub use ingest::{EventResult, IngestQueue, Stored};
@@ -263,8 +265,13 @@ impl AnalyticsService {
     /// Creates or updates a user identity and writes the audit record (never the
     /// property values). The record's time is the log line's own `timestamp`.
     #[tracing::instrument(skip_all, fields(user_id = %identity.user_id.as_str()))]
-    pub async fn identify_user(&self, identity: IdentifyUser, caller: &str) -> Result<(), ServiceError> {
-        let result = self.users.upsert(&identity).await;
+    pub async fn identify_user(
+        &self,
+        identity: IdentifyUser,
+        caller: &str,
+        deadline: Instant,
+    ) -> Result<(), ServiceError> {
+        let result = self.users.upsert(&identity, deadline).await;
         let outcome = if result.is_ok() { "ok" } else { "failed" };
         tracing::info!(
             target: "audit",
@@ -275,7 +282,10 @@ impl AnalyticsService {
             outcome,
             "identify user"
         );
-        result.map_err(ServiceError::from)
+        result.map_err(|error| match error {
+            WriteError::NotStored(error) => ServiceError::from(error),
+            WriteError::OutcomeUnknown(_) => ServiceError::DeadlineExceeded { outcome_unknown: true },
+        })
     }
 
     /// Forgets idle rate-limit buckets (called periodically to bound memory).

@@ -203,6 +203,10 @@ impl Database {
         Self { pool, retry }
     }
 
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -1,7 +1,12 @@
 //! The `user_identities` table: one row per identified user.
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
 use super::pii::open_properties;
-use super::{Database, RepositoryError};
+use super::{discard, query_span, Database, RepositoryError, WriteError};
+use crate::metrics;
 use crate::models::{IdentifyUser, UserId};
 use crate::security::pii::PiiCipher;
 
@@ -45,17 +50,65 @@ impl UserRepository {
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
-    pub async fn upsert(&self, identity: &IdentifyUser) -> Result<(), RepositoryError> {
+    /// Creates the identity or merges into it. Failures that stored nothing are retried
+    /// as DB_RETRY_* says; a failure of unknown outcome (connection lost, or no answer
+    /// before `deadline`) is retried until `deadline`, since merging the same properties
+    /// again changes nothing. The error says whether anything may be stored.
+    pub async fn upsert(&self, identity: &IdentifyUser, deadline: Instant) -> Result<(), WriteError> {
         let properties = self.pii.sealed(identity.properties.json());
-        self.database
-            .with_retry("upsert_user", || async {
-                sqlx::query(UPSERT_USER)
+        let retry = self.database.retry_policy();
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(retry.base_delay)
+            .with_max_delay(retry.base_delay.saturating_mul(64))
+            .with_factor(2.0)
+            .without_max_times()
+            .build();
+        let mut attempt = 0u32;
+        let mut outcome_unknown = false;
+        loop {
+            attempt += 1;
+            let started = std::time::Instant::now();
+            let result = async {
+                let mut connection = self.database.acquire_for_write().await?;
+                let upsert = sqlx::query(UPSERT_USER)
                     .bind(identity.user_id.as_str())
                     .bind(properties.as_ref())
-                    .execute(self.database.pool())
-                    .await?;
-                Ok(())
-            })
-            .await
+                    .execute(&mut *connection);
+                match tokio::time::timeout_at(deadline, upsert).await {
+                    Ok(result) => result.map(|_| ()).map_err(WriteError::from_statement),
+                    Err(_) => {
+                        discard(connection);
+                        Err(WriteError::OutcomeUnknown(RepositoryError::TimedOut(started.elapsed())))
+                    }
+                }
+            }
+            .instrument(query_span("upsert_user"))
+            .await;
+            metrics::record_db_call(
+                "upsert_user",
+                started.elapsed(),
+                result.as_ref().err().map(|error| error.error().kind()),
+            );
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(WriteError::OutcomeUnknown(error)) => {
+                    outcome_unknown = true;
+                    error
+                }
+                Err(WriteError::NotStored(error)) => error,
+            };
+            let give_up = Instant::now() >= deadline
+                || (!outcome_unknown && (!error.is_retryable() || attempt >= retry.max_attempts));
+            if give_up {
+                return Err(if outcome_unknown {
+                    WriteError::OutcomeUnknown(error)
+                } else {
+                    WriteError::NotStored(error)
+                });
+            }
+            tracing::warn!(attempt, error = %error, outcome_unknown, "identity upsert failed, retrying");
+            let pause = delays.next().unwrap_or(retry.base_delay);
+            tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+        }
     }
 }
