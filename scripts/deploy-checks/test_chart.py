@@ -56,10 +56,36 @@ class RenderError(Exception):
     pass
 
 
-def helm_template(*sets: str, values: list[str] | None = None, set_json: list[str] | None = None) -> str:
-    command = ["helm", "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that rejects duplicate mapping keys, as the API server does."""
+
+
+def _construct_unique_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_all(text: str) -> list[dict]:
+    return [doc for doc in yaml.load_all(text, Loader=StrictLoader) if doc]
+
+
+def helm_template(*sets: str, values: list[str] | None = None, set_json: list[str] | None = None,
+                  chart: Path = CHART, kube_version: str | None = None) -> str:
+    command = ["helm", "template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    if kube_version:
+        command += ["--kube-version", kube_version]
     for value_file in values or []:
-        command += ["--values", str(CHART / value_file)]
+        command += ["--values", str(value_file if Path(value_file).is_absolute() else CHART / value_file)]
     for assignment in sets:
         command += ["--set", assignment]
     for assignment in set_json or []:
@@ -71,7 +97,7 @@ def helm_template(*sets: str, values: list[str] | None = None, set_json: list[st
 
 
 def render(*sets: str, **kwargs) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(helm_template(*sets, **kwargs)) if doc]
+    return load_all(helm_template(*sets, **kwargs))
 
 
 def render_error(*sets: str, **kwargs) -> str:
@@ -587,7 +613,7 @@ def test_dockerfile_runtime_contract():
 
 def kustomize(path: str) -> list[dict]:
     output = subprocess.run(["kubectl", "kustomize", str(REPO_ROOT / path)], capture_output=True, text=True, check=True)
-    return [doc for doc in yaml.safe_load_all(output.stdout) if doc]
+    return load_all(output.stdout)
 
 
 def test_kustomize_base_matches_the_chart_defaults():

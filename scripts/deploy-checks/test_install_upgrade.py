@@ -1,0 +1,228 @@
+"""What a real cluster and a real GitOps tool do with the rendered objects, asserted over
+`helm template` and `kubectl kustomize` output: Kubernetes version floor, immutable Job
+names, hook ordering under Helm and Argo CD, one configuration source for the server and
+the migration Job, sizing that cannot deadlock, labels without duplicate keys.
+
+Run: .tools/venv/bin/pytest -q scripts/deploy-checks   (after source scripts/tools-env.sh)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_chart import (
+    CHART, NAMESPACE, RELEASE, REPO_ROOT, RenderError, annotations, deployment, find, helm_template,
+    kustomize, load_all, migration_jobs, one, render, render_error, server_container,
+)
+
+CREDENTIAL_ENV = {"POSTGRES_USER", "POSTGRES_PASSWORD", "REDIS_PASSWORD"}
+OLDEST_KUBERNETES = "1.30.0"
+
+
+# --- Kubernetes version floor -------------------------------------------------------------------
+
+def chart_metadata() -> dict:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+
+def test_chart_requires_the_kubernetes_version_of_the_native_prestop_sleep():
+    assert chart_metadata()["kubeVersion"] == ">=1.30.0-0"
+    helm_template(kube_version=OLDEST_KUBERNETES)
+    error = render_error(kube_version="1.29.9")
+    assert "kubeVersion" in error or "incompatible" in error, error
+
+
+def test_docs_state_one_supported_range_and_no_older_one():
+    for path in ("docs/deploy.md", "README.md", "helm/analytics-service/values.yaml",
+                 "k8s/base/kustomization.yaml"):
+        text = (REPO_ROOT / path).read_text()
+        assert not re.search(r"1\.2[789]\b", text), f"{path} still mentions Kubernetes 1.27-1.29"
+    assert "Kubernetes >= 1.30" in (REPO_ROOT / "docs" / "deploy.md").read_text()
+    assert "Kubernetes >= 1.30" in (REPO_ROOT / "k8s" / "base" / "kustomization.yaml").read_text()
+
+
+def test_check_deploy_validates_at_both_ends_of_the_range():
+    script = (REPO_ROOT / "scripts" / "check-deploy.sh").read_text()
+    assert "--kube-version" in script
+    assert "kubeVersion" in script, "the oldest version must be read from Chart.yaml"
+    assert "latest_version" in script, "the newest version must be the newest kubernetes-validate knows"
+    assert "1.29" not in script
+
+
+# --- Immutable Job names -------------------------------------------------------------------------
+
+def copy_chart_with_version(tmp_path: Path, version: str) -> Path:
+    target = tmp_path / "analytics-service"
+    shutil.copytree(CHART, target)
+    chart_yaml = target / "Chart.yaml"
+    chart_yaml.write_text(re.sub(r"^version: .*$", f"version: {version}", chart_yaml.read_text(), flags=re.M))
+    return target
+
+
+def job_mode_job(*sets: str, **kwargs) -> dict:
+    jobs = migration_jobs(render("migrations.mode=job", *sets, **kwargs))
+    assert len(jobs) == 1
+    return jobs[0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("config.logLevel=debug",),
+        ("postgres.host=elsewhere.example.com",),
+        ("migrations.resources.limits.cpu=2",),
+        ("commonLabels.team=payments",),
+        ("config.selfTracking=false",),
+        ("config.eventMaxAgeDays=7",),
+    ],
+)
+def test_job_mode_name_changes_whenever_the_job_spec_changes(change):
+    before = job_mode_job()
+    after = job_mode_job(*change)
+    assert before["spec"] != after["spec"], f"{change} should change the Job spec"
+    assert before["metadata"]["name"] != after["metadata"]["name"], \
+        f"{change} changes the immutable Job spec but keeps the name: upgrades fail with 'field is immutable'"
+
+
+def test_job_mode_name_changes_with_the_chart_version(tmp_path):
+    before = job_mode_job()
+    after = job_mode_job(chart=copy_chart_with_version(tmp_path, "9.9.9"))
+    assert before["spec"] != after["spec"]
+    assert before["metadata"]["name"] != after["metadata"]["name"]
+
+
+def test_job_mode_name_is_stable_for_unchanged_values():
+    assert job_mode_job()["metadata"]["name"] == job_mode_job()["metadata"]["name"]
+    # Settings that do not reach the Job's spec keep the finished Job.
+    assert job_mode_job("replicaCount=5")["metadata"]["name"] == job_mode_job()["metadata"]["name"]
+
+
+# --- Image tag -----------------------------------------------------------------------------------
+
+def test_numeric_image_tag_is_refused(tmp_path):
+    values = tmp_path / "numeric-tag.yaml"
+    values.write_text("image:\n  tag: 1.10\n")
+    error = render_error(values=[str(values)])
+    assert "image" in error and "tag" in error, error
+    quoted = tmp_path / "quoted-tag.yaml"
+    quoted.write_text('image:\n  tag: "1.10"\n')
+    assert server_container(render(values=[str(quoted)]))["image"].endswith(":1.10")
+
+
+# --- One configuration source for the server and the migration Job ---------------------------
+
+def effective_env(docs: list[dict], container: dict) -> dict:
+    env = {}
+    for source in container.get("envFrom", []):
+        config_map = one(docs, "ConfigMap", source["configMapRef"]["name"])
+        env.update(config_map["data"])
+    for variable in container.get("env", []):
+        env[variable["name"]] = variable.get("value", variable.get("valueFrom"))
+    return env
+
+
+@pytest.mark.parametrize("mode", ["hook", "job"])
+@pytest.mark.parametrize(
+    "sets",
+    [
+        (),
+        ("config.selfTracking=false", "config.eventMaxAgeDays=7", "config.eventRetentionDays=90"),
+        ("postgres.sslMode=require", "config.logFormat=text", "config.otel.endpoint=http://collector:4317"),
+    ],
+)
+def test_migration_job_sees_every_setting_the_server_sees(mode, sets):
+    docs = render(f"migrations.mode={mode}", *sets)
+    server = effective_env(docs, server_container(docs))
+    job = effective_env(docs, migration_jobs(docs)[0]["spec"]["template"]["spec"]["containers"][0])
+    differing = {
+        name: (value, job.get(name)) for name, value in server.items()
+        if name not in CREDENTIAL_ENV and job.get(name) != value
+    }
+    assert not differing, f"the migration Job disagrees with the server: {differing}"
+
+
+# --- Sizing that deadlocks -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ("replicaCount=2", "podDisruptionBudget.minAvailable=2"),
+        ("replicaCount=3", "podDisruptionBudget.minAvailable=4"),
+        ("replicaCount=3", "podDisruptionBudget.minAvailable=100%"),
+        ("autoscaling.enabled=true", "autoscaling.minReplicas=3", "podDisruptionBudget.minAvailable=3"),
+    ],
+)
+def test_pdb_that_blocks_every_drain_is_refused(sets):
+    error = render_error(*sets)
+    assert "podDisruptionBudget.minAvailable" in error, error
+
+
+def test_pdb_that_leaves_room_renders():
+    for sets in (("replicaCount=3", "podDisruptionBudget.minAvailable=2"),
+                 ("replicaCount=3", "podDisruptionBudget.minAvailable=50%"),
+                 ("autoscaling.enabled=true", "autoscaling.minReplicas=3", "podDisruptionBudget.minAvailable=2")):
+        one(render(*sets), "PodDisruptionBudget")
+
+
+def test_hpa_without_a_cpu_request_is_refused():
+    error = render_error("autoscaling.enabled=true", set_json=['resources={}'])
+    assert "resources.requests.cpu" in error, error
+    # Without the CPU metric, no request is needed.
+    render("autoscaling.enabled=true", set_json=['resources={}', 'autoscaling.targetCPUUtilizationPercentage=null'])
+
+
+def test_default_resources_have_requests():
+    assert server_container(render())["resources"]["requests"]["cpu"]
+
+
+# --- Labels ----------------------------------------------------------------------------------------
+
+def test_labels_the_chart_sets_too_are_merged_not_duplicated():
+    docs = render("commonLabels.app\\.kubernetes\\.io/part-of=platform",
+                  "podLabels.app\\.kubernetes\\.io/version=pinned", "podLabels.team=payments",
+                  "service.labels.app\\.kubernetes\\.io/part-of=edge")
+    for doc in docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] in ("platform", "edge"), doc["kind"]
+    pod_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["app.kubernetes.io/version"] == "pinned" and pod_labels["team"] == "payments"
+    assert one(docs, "Service", RELEASE)["metadata"]["labels"]["app.kubernetes.io/part-of"] == "edge"
+
+
+@pytest.mark.parametrize("key", ["app.kubernetes.io/name", "app.kubernetes.io/instance",
+                                 "app.kubernetes.io/component", "app.kubernetes.io/managed-by"])
+def test_labels_that_selectors_or_helm_rely_on_cannot_be_overridden(key):
+    escaped = key.replace(".", "\\.")
+    for field in ("commonLabels", "podLabels"):
+        error = render_error(f"{field}.{escaped}=other")
+        assert field in error and key in error, error
+
+
+# --- Hooks: cleanup and timeout ----------------------------------------------------------------
+
+def test_hook_service_account_is_deleted_after_the_hooks_succeed():
+    docs = render()
+    account = one(docs, "ServiceAccount", f"{RELEASE}-migrate")
+    policy = annotations(account)["helm.sh/hook-delete-policy"].split(",")
+    assert "hook-succeeded" in policy and "before-hook-creation" in policy
+
+
+def test_hook_deadline_fits_helms_default_timeout():
+    job = migration_jobs(render())[0]
+    assert job["spec"]["activeDeadlineSeconds"] <= 300, "helm's default --timeout is 5m"
+    deploy_docs = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    assert "--timeout" in deploy_docs and "activeDeadlineSeconds" in deploy_docs
+
+
+def test_job_mode_job_is_never_garbage_collected_under_a_gitops_tool():
+    job = job_mode_job()
+    assert "ttlSecondsAfterFinished" not in job["spec"], \
+        "a TTL deletes a tracked resource: Argo CD shows it Missing and self-heal re-runs it"
+    assert "ttlSecondsAfterFinished" not in one(kustomize("k8s/overlays/prod"), "Job")["spec"]
