@@ -168,8 +168,8 @@ def test_job_mode_job_is_a_plain_resource_with_limits():
     assert not any(key.startswith("helm.sh/hook") for key in annotations(job))
     spec = job["spec"]
     assert spec["backoffLimit"] == 3
-    assert spec["activeDeadlineSeconds"] == 600
-    assert spec["ttlSecondsAfterFinished"] == 86400
+    assert spec["activeDeadlineSeconds"] == 300
+    assert "ttlSecondsAfterFinished" not in spec
     assert spec["template"]["spec"]["containers"][0]["args"] == ["migrate"]
 
 
@@ -181,14 +181,18 @@ def test_hook_mode_runs_pre_install_and_pre_upgrade_only():
     assert "post-" not in hook_annotations["helm.sh/hook"]
     assert hook_annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
     # Everything the hook Job needs is itself a hook with a lower weight (it must exist first).
-    for kind, name in (("ServiceAccount", f"{RELEASE}-migrate"), ("Secret", f"{RELEASE}-migrate-credentials")):
+    for kind, name in (("ServiceAccount", f"{RELEASE}-migrate"), ("Secret", f"{RELEASE}-migrate-credentials"),
+                       ("ConfigMap", f"{RELEASE}-migrate-config")):
         dependency = one(docs, kind, name)
         assert annotations(dependency)["helm.sh/hook"] == "pre-install,pre-upgrade"
         assert int(annotations(dependency)["helm.sh/hook-weight"]) < int(hook_annotations["helm.sh/hook-weight"])
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-migrate-credentials"
-    assert "envFrom" not in job["spec"]["template"]["spec"]["containers"][0], \
-        "a pre-install hook cannot read the release's ConfigMap (it does not exist yet)"
+    # A pre-install hook cannot read the release's ConfigMap (it does not exist yet): it reads
+    # the hook copy, whose data is the same.
+    env_from = job["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert env_from[0] == {"configMapRef": {"name": f"{RELEASE}-migrate-config"}}
+    assert one(docs, "ConfigMap", f"{RELEASE}-migrate-config")["data"] == one(docs, "ConfigMap", RELEASE)["data"]
 
 
 def test_no_template_uses_post_hooks():

@@ -173,10 +173,12 @@ def test_pdb_that_leaves_room_renders():
 
 
 def test_hpa_without_a_cpu_request_is_refused():
-    error = render_error("autoscaling.enabled=true", set_json=['resources={}'])
-    assert "resources.requests.cpu" in error, error
+    for unset in ('resources.requests=null', 'resources.requests.cpu=null'):
+        error = render_error("autoscaling.enabled=true", set_json=[unset])
+        assert "resources.requests.cpu" in error, error
     # Without the CPU metric, no request is needed.
-    render("autoscaling.enabled=true", set_json=['resources={}', 'autoscaling.targetCPUUtilizationPercentage=null'])
+    render("autoscaling.enabled=true",
+           set_json=['resources.requests=null', 'autoscaling.targetCPUUtilizationPercentage=null'])
 
 
 def test_default_resources_have_requests():

@@ -29,16 +29,35 @@ Full name of the release's resources. Truncated to 52 characters so that suffixe
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Labels on every resource. */}}
+{{/*
+Labels on every resource, as one map: commonLabels may override the informational labels
+(part-of, version, helm.sh/chart) but never the selector labels or managed-by (validate
+refuses those), so no key is ever written twice.
+*/}}
+{{- define "analytics-service.labelMap" -}}
+{{- $labels := dict
+  "helm.sh/chart" (include "analytics-service.chart" .)
+  "app.kubernetes.io/version" (include "analytics-service.imageTag" .)
+  "app.kubernetes.io/part-of" "analytics-service" -}}
+{{- $labels = mergeOverwrite $labels (deepCopy (.Values.commonLabels | default dict)) -}}
+{{- $labels = mergeOverwrite $labels (include "analytics-service.selectorLabels" . | fromYaml) (dict "app.kubernetes.io/managed-by" .Release.Service) -}}
+{{- toYaml $labels -}}
+{{- end -}}
+
 {{- define "analytics-service.labels" -}}
-helm.sh/chart: {{ include "analytics-service.chart" . }}
-{{ include "analytics-service.selectorLabels" . }}
-app.kubernetes.io/version: {{ include "analytics-service.imageTag" . | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: analytics-service
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{ include "analytics-service.labelMap" . }}
+{{- end -}}
+
+{{/*
+Labels of one component's object: the common labels, the component, then `extra` (podLabels,
+service.labels) overriding informational keys. Call with (dict "root" $ "component" NAME
+"extra" MAP).
+*/}}
+{{- define "analytics-service.componentLabels" -}}
+{{- $labels := include "analytics-service.labelMap" .root | fromYaml -}}
+{{- $_ := set $labels "app.kubernetes.io/component" .component -}}
+{{- $labels = mergeOverwrite $labels (deepCopy (.extra | default dict)) -}}
+{{- toYaml $labels -}}
 {{- end -}}
 
 {{- define "analytics-service.selectorLabels" -}}
@@ -98,35 +117,6 @@ app.kubernetes.io/component: test
 IfNotPresent
 {{- else -}}
 Always
-{{- end -}}
-{{- end -}}
-
-{{/*
-checkov skip annotations (checkov.io/skipN: CHECK=reason) for the workloads this chart
-renders. Each skip is rendered only while the condition that justifies it holds.
-Call with (dict "root" $ "kind" "server|migrations|test").
-*/}}
-{{- define "analytics-service.checkovSkips" -}}
-{{- $root := .root -}}
-{{- $skips := list -}}
-{{- if ne .kind "test" -}}
-{{- $skips = append $skips "CKV_K8S_35=the binary reads credentials from environment variables only (POSTGRES_PASSWORD, REDIS_PASSWORD); they come from secretKeyRef and are never logged" -}}
-{{- end -}}
-{{- if not $root.Values.image.digest -}}
-{{- $skips = append $skips "CKV_K8S_43=image.digest is empty in these values; production values pin the image by digest" -}}
-{{- if and $root.Values.image.pullPolicy (ne $root.Values.image.pullPolicy "Always") -}}
-{{- $skips = append $skips (printf "CKV_K8S_15=image.pullPolicy %s chosen in values for an image loaded into a local cluster (Tilt/kind)" $root.Values.image.pullPolicy) -}}
-{{- end -}}
-{{- end -}}
-{{- if not $root.Values.networkPolicy.enabled -}}
-{{- $skips = append $skips "CKV2_K8S_6=NetworkPolicy is opt-in (networkPolicy.enabled) because its peers depend on the cluster" -}}
-{{- end -}}
-{{- if eq .kind "test" -}}
-{{- $skips = append $skips "CKV_K8S_8=helm test pod runs one health check to completion; a liveness probe does not apply" -}}
-{{- $skips = append $skips "CKV_K8S_9=helm test pod runs one health check to completion; a readiness probe does not apply" -}}
-{{- end -}}
-{{- range $index, $skip := $skips }}
-checkov.io/skip{{ add1 $index }}: {{ $skip | quote }}
 {{- end -}}
 {{- end -}}
 
@@ -273,6 +263,14 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 
 {{/* Validation: fail the render on inconsistent settings. ------------------------------- */}}
 {{- define "analytics-service.validate" -}}
+{{- $reserved := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" "app.kubernetes.io/managed-by" -}}
+{{- range $field, $labels := dict "commonLabels" .Values.commonLabels "podLabels" .Values.podLabels "service.labels" .Values.service.labels -}}
+{{- range $key, $_ := $labels -}}
+{{- if has $key $reserved -}}
+{{- fail (printf "%s must not set %s: the chart sets it and Service, PDB and Deployment selectors (or Helm's ownership) depend on it" $field $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $needed := add .Values.preStopSleepSeconds .Values.shutdownDrainSeconds 5 -}}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds (%d) + shutdownDrainSeconds (%d) + 5 = %d, or SIGKILL cuts the drain short" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) (int .Values.shutdownDrainSeconds) (int $needed)) -}}
@@ -280,6 +278,25 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 {{- $pdb := .Values.podDisruptionBudget -}}
 {{- if and (not (kindIs "invalid" $pdb.minAvailable)) (ne (toString $pdb.minAvailable) "") (not (kindIs "invalid" $pdb.maxUnavailable)) (ne (toString $pdb.maxUnavailable) "") -}}
 {{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both" -}}
+{{- end -}}
+{{- $pods := ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled | int -}}
+{{- $podsSetting := ternary "autoscaling.minReplicas" "replicaCount" .Values.autoscaling.enabled -}}
+{{- if and $pdb.enabled (gt $pods 1) (not (kindIs "invalid" $pdb.minAvailable)) (ne (toString $pdb.minAvailable) "") -}}
+{{- $minAvailable := toString $pdb.minAvailable -}}
+{{- $blocking := false -}}
+{{- if hasSuffix "%" $minAvailable -}}
+{{- $blocking = ge (trimSuffix "%" $minAvailable | int) 100 -}}
+{{- else -}}
+{{- $blocking = ge ($minAvailable | int) $pods -}}
+{{- end -}}
+{{- if $blocking -}}
+{{- fail (printf "podDisruptionBudget.minAvailable (%s) must leave at least one of the %d pods (%s) evictable, or every node drain blocks: lower it, raise %s, or use podDisruptionBudget.maxUnavailable" $minAvailable $pods $podsSetting $podsSetting) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (not (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage)) -}}
+{{- if not (dig "requests" "cpu" "" (.Values.resources | default dict)) -}}
+{{- fail "autoscaling.targetCPUUtilizationPercentage scales on CPU utilisation of the request, but resources.requests.cpu is not set: set it, or set autoscaling.targetCPUUtilizationPercentage to null" -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
