@@ -228,3 +228,67 @@ def test_job_mode_job_is_never_garbage_collected_under_a_gitops_tool():
     assert "ttlSecondsAfterFinished" not in job["spec"], \
         "a TTL deletes a tracked resource: Argo CD shows it Missing and self-heal re-runs it"
     assert "ttlSecondsAfterFinished" not in one(kustomize("k8s/overlays/prod"), "Job")["spec"]
+
+
+# --- Scanner hygiene and skipped checks ----------------------------------------------------------
+
+@pytest.mark.parametrize("values", ["ci/defaults-values.yaml", "ci/dev-values.yaml", "ci/production-values.yaml",
+                                    "ci/migrations-job-values.yaml", "ci/cert-manager-values.yaml"])
+def test_rendered_manifests_carry_no_scanner_annotations(values):
+    for doc in render(values=[values]):
+        for owner in (doc, (doc.get("spec") or {}).get("template") or {}):
+            meta = (owner.get("metadata") or {}).get("annotations") or {}
+            assert not [key for key in meta if key.startswith("checkov.io/")], (doc["kind"], doc["metadata"]["name"])
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_kustomize_manifests_carry_no_scanner_annotations(overlay):
+    for doc in kustomize(f"k8s/overlays/{overlay}"):
+        assert not [key for key in annotations(doc) if key.startswith("checkov.io/")], doc["metadata"]["name"]
+
+
+def test_production_renders_pin_the_image_and_enable_network_policy():
+    # What the project's checkov skips (CKV_K8S_43, CKV2_K8S_6) would otherwise hide.
+    docs = render(values=["ci/production-values.yaml"])
+    assert "@sha256:" in server_container(docs)["image"]
+    assert find(docs, "NetworkPolicy")
+    prod = kustomize("k8s/overlays/prod")
+    assert "@sha256:" in one(prod, "Deployment", RELEASE)["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert [d for d in prod if d["kind"] == "NetworkPolicy"]
+
+
+def run_validate_crs(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(helm_template("serviceMonitor.enabled=true"))
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    env["DEPLOY_CRDS_DIR"] = str(tmp_path / "no-such-folder")
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run(
+        [os.environ.get("TOOLS_PYTHON", "python3"), str(REPO_ROOT / "scripts" / "deploy-checks" / "validate_crs.py"),
+         str(tmp_path / "core"), str(rendered)],
+        capture_output=True, text=True, env=env, check=False)
+
+
+def test_missing_crds_fail_in_ci_and_skip_locally_never_pass(tmp_path):
+    local = run_validate_crs(tmp_path, ci=None)
+    assert local.returncode == 3 and "SKIPPED" in local.stdout, local.stdout
+    assert (tmp_path / "core" / "rendered.yaml").exists(), "built-in kinds are still written out"
+    in_ci = run_validate_crs(tmp_path, ci="true")
+    assert in_ci.returncode == 1 and "FAIL" in in_ci.stdout, in_ci.stdout
+
+
+def test_check_deploy_reports_a_skipped_check_as_skip():
+    script = (REPO_ROOT / "scripts" / "check-deploy.sh").read_text()
+    run_check = re.search(r"^readonly SKIPPED=3\n\nrun_check\(\) \{.*?^\}\n", script, re.M | re.S).group(0)
+    result = subprocess.run(
+        ["bash", "-c", "declare -a summary=(); failed=0\n" + run_check
+         + "run_check skipped bash -c 'exit 3'\nrun_check passed true\nrun_check failed false\n"
+           "printf '%s\\n' \"${summary[@]}\"; echo \"failed=${failed}\""],
+        capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("SKIP  skipped") for line in lines), lines
+    assert not any(line.startswith("PASS  skipped") for line in lines), lines
+    assert any(line.startswith("PASS  passed") for line in lines)
+    assert any(line.startswith("FAIL  failed") for line in lines)
+    assert lines[-1] == "failed=1"

@@ -8,11 +8,12 @@ OUT_DIR/<file name> for kubernetes-validate.
 
 The CRD folder is ../shared/crds relative to the repository root, or $DEPLOY_CRDS_DIR. The
 CRDs are read from there at check time and never copied into the project. When the folder is
-missing, custom-resource validation is reported as skipped (exit 0) and the built-in kinds
-are still written out.
+missing the built-in kinds are still written out, and custom-resource validation fails when
+the CI environment variable is set (a missing prerequisite must not pass in CI) or is
+reported as skipped (exit status 3) on a workstation.
 
 Usage: python validate_crs.py OUT_DIR RENDERED.yaml...
-Exit status: 0 when every custom resource is valid (or skipped), 1 otherwise.
+Exit status: 0 when every custom resource is valid, 3 when skipped, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ import jsonschema
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Exit status for "could not check" (scripts/check-deploy.sh reports it as SKIP).
+EXIT_SKIPPED = 3
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def crds_dir() -> Path:
@@ -104,7 +111,8 @@ def main(argv: list[str]) -> int:
     directory = crds_dir()
     schemas = load_crd_schemas(directory) if directory.is_dir() else None
     if schemas is None:
-        print(f"validate-crs: SKIPPED custom resource validation: CRD folder {directory} not found "
+        verdict = "FAIL (CI is set)" if in_ci() else "SKIPPED"
+        print(f"validate-crs: {verdict}: custom resource validation: CRD folder {directory} not found "
               "(set DEPLOY_CRDS_DIR)")
     failures = 0
     checked = 0
@@ -136,9 +144,10 @@ def main(argv: list[str]) -> int:
                 failures += 1
         with open(out_dir / Path(rendered).name, "w", encoding="utf-8") as out:
             yaml.safe_dump_all(builtin_documents, out, sort_keys=False)
-    if schemas is not None:
-        print(f"validate-crs: {checked} custom resources checked against {len(schemas)} CRD versions "
-              f"from {directory}, {failures} errors")
+    if schemas is None:
+        return 1 if in_ci() else EXIT_SKIPPED
+    print(f"validate-crs: {checked} custom resources checked against {len(schemas)} CRD versions "
+          f"from {directory}, {failures} errors")
     return 1 if failures else 0
 
 
