@@ -563,10 +563,12 @@ def test_network_policy_limits_ingress_and_egress():
     assert rule_ports(egress[1]) == {("TCP", 5432)} and egress[1]["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
     assert rule_ports(egress[2]) == {("TCP", 6379)}
     assert rule_ports(egress[3]) == {("TCP", 4317)}
+    assert egress[3]["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
     assert len(egress) == 4
     migrate = one(docs, "NetworkPolicy", f"{RELEASE}-migrate")
     assert "ingress" not in migrate["spec"] and set(migrate["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    assert [rule_ports(rule) for rule in migrate["spec"]["egress"]] == [{("UDP", 53), ("TCP", 53)}, {("TCP", 5432)}]
+    assert [rule_ports(rule) for rule in migrate["spec"]["egress"]] == [
+        {("UDP", 53), ("TCP", 53)}, {("TCP", 5432)}, {("TCP", 4317)}]
     one(docs, "NetworkPolicy", f"{RELEASE}-test")
 
 

@@ -145,6 +145,8 @@ CHART_RENDERS = {
     "job": dict(sets=("migrations.mode=job",)),
     "production": dict(values=["ci/production-values.yaml"]),
     "migrations-job": dict(values=["ci/migrations-job-values.yaml"]),
+    "extensions": dict(values=["ci/extensions-values.yaml"]),
+    "cloudnativepg": dict(values=["ci/cloudnativepg-values.yaml"]),
 }
 
 
@@ -177,6 +179,12 @@ def test_the_ordering_check_catches_a_hook_that_reads_a_later_config_map():
              {"name": "m", "envFrom": [{"configMapRef": {"name": "settings"}}]}]}}}},
     ]
     assert ordering_violations(docs, argo_position, is_argo_hook)
+
+
+def test_the_ordering_check_catches_a_hook_reading_an_extra_object():
+    docs = render("migrations.mode=hook", values=["ci/extensions-values.yaml"])
+    violations = ordering_violations(docs, helm_position, is_helm_hook)
+    assert any("analytics-service-extra-env" in violation for violation in violations), violations
 
 
 def test_kustomize_migration_job_runs_under_argo_cd_and_flux():

@@ -292,3 +292,128 @@ def test_check_deploy_reports_a_skipped_check_as_skip():
     assert any(line.startswith("PASS  passed") for line in lines)
     assert any(line.startswith("FAIL  failed") for line in lines)
     assert lines[-1] == "failed=1"
+
+
+# --- NetworkPolicy: DNS and the OTLP collector ---------------------------------------------------
+
+def server_policy(*sets: str, **kwargs) -> dict:
+    return one(render("networkPolicy.enabled=true", *sets, **kwargs), "NetworkPolicy", RELEASE)
+
+
+def test_dns_egress_covers_kube_dns_and_node_local_dns_cache_by_default():
+    dns = server_policy()["spec"]["egress"][0]
+    assert {"ipBlock": {"cidr": "169.254.20.10/32"}} in dns["to"], "NodeLocal DNSCache"
+    assert any(peer.get("podSelector", {}).get("matchLabels") == {"k8s-app": "kube-dns"} for peer in dns["to"])
+
+
+def test_dns_egress_is_configurable_for_openshift():
+    openshift = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "openshift-dns"}},
+                  "podSelector": {"matchLabels": {"dns.operator.openshift.io/daemonset-dns": "default"}}}]
+    import json as _json
+    dns = server_policy(set_json=[f"networkPolicy.egress.dns.to={_json.dumps(openshift)}",
+                                  "networkPolicy.egress.dns.ports=[5353]"])["spec"]["egress"][0]
+    assert dns["to"] == openshift
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 5353), ("TCP", 5353)}
+
+
+@pytest.mark.parametrize("endpoint, port", [("http://otel-collector.observability:4317", 4317),
+                                            ("https://collector.example.com:4443", 4443),
+                                            ("http://otel-collector", 4317)])
+def test_otlp_egress_port_follows_the_endpoint(endpoint, port):
+    egress = server_policy(f"config.otel.endpoint={endpoint}")["spec"]["egress"]
+    assert {("TCP", port)} in [{(p["protocol"], p["port"]) for p in rule.get("ports", [])} for rule in egress]
+
+
+def test_no_otlp_egress_without_an_endpoint():
+    egress = server_policy()["spec"]["egress"]
+    assert len(egress) == 3, egress  # DNS, PostgreSQL, Redis
+
+
+# --- Escape hatches and exposure ---------------------------------------------------------------
+
+def test_escape_hatches_reach_the_pod():
+    docs = render(values=["ci/extensions-values.yaml"])
+    pod = deployment(docs)["spec"]["template"]
+    spec = pod["spec"]
+    assert pod["metadata"]["annotations"]["reloader.stakater.com/auto"] == "true"
+    assert pod["metadata"]["labels"]["team"] == "analytics"
+    assert [c["name"] for c in spec["initContainers"]] == ["wait-for-schema", "announce"]
+    assert [c["name"] for c in spec["containers"]] == ["analytics-service", "sidecar"]
+    sidecar = spec["containers"][1]
+    assert sidecar["image"] == "ghcr.io/haunted-saas/analytics-service:0.1.0", "templates in extraContainers"
+    assert sidecar["args"][-1] == "127.0.0.1:50051"
+    assert {v["name"] for v in spec["volumes"]} >= {"scratch", "extra-ca"}
+    mounts = {m["name"]: m["mountPath"] for m in server_container(docs)["volumeMounts"]}
+    assert mounts["scratch"] == "/tmp" and mounts["extra-ca"] == "/etc/analytics-service/extra-ca"
+    extra_env = {"configMapRef": {"name": "analytics-service-extra-env"}}
+    assert extra_env in server_container(docs)["envFrom"]
+    assert extra_env in spec["initContainers"][0]["envFrom"]
+    assert extra_env in migration_jobs(docs)[0]["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    objects = {d["metadata"]["name"]: d for d in find(docs, "ConfigMap")}
+    assert objects["analytics-service-extra-ca"]["metadata"]["namespace"] == NAMESPACE
+    assert objects["analytics-service-extra-env"]["data"] == {"EXTRA_FLAG": "1"}
+    assert one(docs, "Service", RELEASE)["metadata"]["annotations"]["service.example.com/owner"] == "analytics"
+
+
+def test_grpc_route_targets_the_grpc_port():
+    route = one(render(values=["ci/extensions-values.yaml"]), "GRPCRoute", RELEASE)
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"][0]["name"] == "edge"
+    assert route["spec"]["rules"][0]["backendRefs"] == [{"name": RELEASE, "port": 50051}]
+    assert "grpcRoute.parentRefs" in render_error("grpcRoute.enabled=true")
+
+
+def test_ingress_speaks_grpc_to_the_pods_through_ingress_nginx():
+    docs = render(values=["ci/extensions-values.yaml"])
+    ingress = one(docs, "Ingress", RELEASE)
+    assert annotations(ingress)["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": RELEASE, "port": {"name": "grpc"}}
+    assert ingress["spec"]["tls"][0]["secretName"] == "analytics-grpc-ingress-tls"
+    mtls = one(render("ingress.enabled=true", "ingress.hosts={a.example.com}", "tls.enabled=true",
+                      "tls.existingSecret=tls"), "Ingress", RELEASE)
+    assert annotations(mtls)["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    assert "ingress.hosts" in render_error("ingress.enabled=true")
+
+
+def test_validate_crs_checks_gateway_api_routes(tmp_path):
+    import sys
+    sys.path.insert(0, str(REPO_ROOT / "scripts" / "deploy-checks"))
+    import validate_crs
+    assert not validate_crs.is_builtin("gateway.networking.k8s.io/v1")
+    assert validate_crs.is_builtin("networking.k8s.io/v1") and validate_crs.is_builtin("apps/v1")
+    crds = Path(os.environ.get("DEPLOY_CRDS_DIR", REPO_ROOT.parent / "shared" / "crds"))
+    if not (crds / "gateway.networking.k8s.io_grpcroutes.yaml").exists():
+        crds = Path("/work/shared/crds")
+    schemas = validate_crs.load_crd_schemas(crds)
+    schema = schemas[("gateway.networking.k8s.io", "v1", "GRPCRoute")]
+    import jsonschema
+    route = one(render(values=["ci/extensions-values.yaml"]), "GRPCRoute", RELEASE)
+    assert not list(jsonschema.Draft7Validator(schema).iter_errors(route))
+    broken = copy.deepcopy(route)
+    broken["spec"]["rules"][0]["backendRefs"][0]["prot"] = 1
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(broken))
+
+
+# --- CloudNativePG ---------------------------------------------------------------------------------
+
+def test_cloudnativepg_cluster_is_consumed_directly():
+    docs = render("cloudnativePG.enabled=true", "cloudnativePG.clusterName=analytics-db", "networkPolicy.enabled=true")
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert data["POSTGRES_HOST"] == "analytics-db-rw" and data["POSTGRES_DB"] == "app"
+    env = {e["name"]: e for e in server_container(docs)["env"]}
+    assert env["POSTGRES_USER"]["valueFrom"]["secretKeyRef"] == {"name": "analytics-db-app", "key": "username"}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "analytics-db-app", "key": "password"}
+    job_env = {e["name"]: e for e in migration_jobs(docs)[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert job_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "analytics-db-app"
+    assert not find(docs, "Secret", f"{RELEASE}-migrate-credentials")
+    postgres_rule = one(docs, "NetworkPolicy", RELEASE)["spec"]["egress"][1]
+    assert postgres_rule["to"] == [{"podSelector": {"matchLabels": {"cnpg.io/cluster": "analytics-db"}}}]
+    assert "cloudnativePG.clusterName" in render_error("cloudnativePG.enabled=true")
+
+
+def test_cloudnativepg_pooler():
+    docs = render(values=["ci/cloudnativepg-values.yaml"])
+    assert one(docs, "ConfigMap", RELEASE)["data"]["POSTGRES_HOST"] == "analytics-db-pooler-rw"
+    postgres_rule = one(docs, "NetworkPolicy", RELEASE)["spec"]["egress"][1]
+    assert postgres_rule["to"] == [{"podSelector": {"matchLabels": {"cnpg.io/poolerName": "analytics-db-pooler-rw"}}}]

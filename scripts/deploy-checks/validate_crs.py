@@ -1,7 +1,7 @@
 """Validate custom resources in rendered manifests against upstream CRD schemas.
 
 kubernetes-validate knows only built-in kinds. This script splits each rendered file:
-custom resources (ServiceMonitor, PrometheusRule, Certificate, ...) are validated here
+custom resources (ServiceMonitor, PrometheusRule, Certificate, GRPCRoute, ...) are validated here
 against the openAPIV3Schema of the matching CRD in the CRD folder, strictly (unknown fields
 are errors, as with `kubectl apply --validate=strict`); every other document is written to
 OUT_DIR/<file name> for kubernetes-validate.
@@ -94,11 +94,18 @@ def load_crd_schemas(directory: Path) -> dict[tuple[str, str, str], dict]:
     return schemas
 
 
+# Groups under k8s.io that are served by CRDs, not by the API server itself.
+CRD_GROUPS_UNDER_K8S_IO = {"gateway.networking.k8s.io", "snapshot.storage.k8s.io", "policy.networking.k8s.io"}
+
+
 def is_builtin(api_version: str) -> bool:
-    """Built-in API groups have no dot (core "v1", "apps/v1") or end in .k8s.io."""
+    """Built-in API groups have no dot (core "v1", "apps/v1") or end in .k8s.io, except the
+    CRD-served groups above (Gateway API's GRPCRoute, say)."""
     if "/" not in api_version:
         return True
     group = api_version.split("/", 1)[0]
+    if group in CRD_GROUPS_UNDER_K8S_IO:
+        return False
     return "." not in group or group.endswith(".k8s.io")
 
 

@@ -32,9 +32,9 @@ INGEST_WRITERS: {{ .Values.config.ingest.writers | quote }}
 IDEMPOTENCY_WINDOW_DAYS: {{ .Values.config.ingest.idempotencyWindowDays | quote }}
 OTEL_EXPORTER_OTLP_ENDPOINT: {{ .Values.config.otel.endpoint | quote }}
 OTEL_TRACES_SAMPLER_RATIO: {{ .Values.config.otel.samplerRatio | toString | quote }}
-POSTGRES_HOST: {{ .Values.postgres.host | quote }}
+POSTGRES_HOST: {{ include "analytics-service.postgresHost" . | quote }}
 POSTGRES_PORT: {{ .Values.postgres.port | quote }}
-POSTGRES_DB: {{ .Values.postgres.database | quote }}
+POSTGRES_DB: {{ include "analytics-service.postgresDatabase" . | quote }}
 POSTGRES_SSLMODE: {{ .Values.postgres.sslMode | quote }}
 POSTGRES_MAX_CONNECTIONS: {{ .Values.postgres.maxConnections | quote }}
 POSTGRES_ACQUIRE_TIMEOUT_MS: {{ .Values.postgres.acquireTimeoutMs | quote }}

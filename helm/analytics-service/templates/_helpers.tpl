@@ -121,8 +121,38 @@ Always
 {{- end -}}
 
 {{/* Settings ---------------------------------------------------------------------------- */}}
+{{/*
+The runtime PostgreSQL connection: postgres.*, or a CloudNativePG Cluster's read-write
+Service (or Pooler), database and CLUSTER-app Secret when cloudnativePG.enabled.
+*/}}
+{{- define "analytics-service.postgresHost" -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- if not $cnpg.enabled -}}
+{{- .Values.postgres.host -}}
+{{- else if $cnpg.pooler.enabled -}}
+{{- default (printf "%s-pooler-rw" $cnpg.clusterName) $cnpg.pooler.name -}}
+{{- else -}}
+{{- printf "%s-rw" $cnpg.clusterName -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "analytics-service.postgresDatabase" -}}
+{{- ternary .Values.cloudnativePG.database .Values.postgres.database .Values.cloudnativePG.enabled -}}
+{{- end -}}
+
+{{/* Effective postgres.auth (username, password, existingSecret, usernameKey, passwordKey). */}}
+{{- define "analytics-service.postgresAuth" -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- if $cnpg.enabled -}}
+{{- toYaml (dict "username" "" "password" "" "existingSecret" (default (printf "%s-app" $cnpg.clusterName) $cnpg.secretName) "usernameKey" "username" "passwordKey" "password") -}}
+{{- else -}}
+{{- toYaml .Values.postgres.auth -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "analytics-service.postgresSecretName" -}}
-{{- default (printf "%s-credentials" (include "analytics-service.fullname" .)) .Values.postgres.auth.existingSecret -}}
+{{- $auth := include "analytics-service.postgresAuth" . | fromYaml -}}
+{{- default (printf "%s-credentials" (include "analytics-service.fullname" .)) $auth.existingSecret -}}
 {{- end -}}
 
 {{- define "analytics-service.redisSecretName" -}}
@@ -131,7 +161,8 @@ Always
 
 {{/* Does the chart create the runtime credentials Secret? */}}
 {{- define "analytics-service.createCredentialsSecret" -}}
-{{- if or (not .Values.postgres.auth.existingSecret) (and .Values.redis.host (not .Values.redis.auth.existingSecret)) -}}
+{{- $auth := include "analytics-service.postgresAuth" . | fromYaml -}}
+{{- if or (not $auth.existingSecret) (and .Values.redis.host (not .Values.redis.auth.existingSecret)) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -142,10 +173,11 @@ password, or in hook mode as a hook copy of the runtime password: a pre-install 
 runs before the release's ordinary Secret exists.
 */}}
 {{- define "analytics-service.migrationCreatesSecret" -}}
+{{- $runtimeAuth := include "analytics-service.postgresAuth" . | fromYaml -}}
 {{- if and (ne .Values.migrations.mode "external") (not .Values.migrations.auth.existingSecret) -}}
 {{- if or .Values.migrations.auth.password .Values.migrations.auth.username -}}
 true
-{{- else if and (eq .Values.migrations.mode "hook") (not .Values.postgres.auth.existingSecret) -}}
+{{- else if and (eq .Values.migrations.mode "hook") (not $runtimeAuth.existingSecret) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -164,13 +196,14 @@ true
 {{/* Credentials (username, usernameKey, passwordKey) the migration Job reads. */}}
 {{- define "analytics-service.migrationAuth" -}}
 {{- $own := .Values.migrations.auth -}}
-{{- $username := default .Values.postgres.auth.username $own.username -}}
+{{- $runtimeAuth := include "analytics-service.postgresAuth" . | fromYaml -}}
+{{- $username := default $runtimeAuth.username $own.username -}}
 {{- if $own.existingSecret -}}
 {{- toYaml (dict "username" $username "usernameKey" $own.usernameKey "passwordKey" $own.passwordKey) -}}
 {{- else if include "analytics-service.migrationCreatesSecret" . -}}
 {{- toYaml (dict "username" $username "usernameKey" "" "passwordKey" "postgres-password") -}}
 {{- else -}}
-{{- toYaml (dict "username" .Values.postgres.auth.username "usernameKey" .Values.postgres.auth.usernameKey "passwordKey" .Values.postgres.auth.passwordKey) -}}
+{{- toYaml (dict "username" $runtimeAuth.username "usernameKey" $runtimeAuth.usernameKey "passwordKey" $runtimeAuth.passwordKey) -}}
 {{- end -}}
 {{- end -}}
 
@@ -221,7 +254,7 @@ AUTH holding username, usernameKey (empty: username is a plain value) and passwo
 
 {{/* Runtime credentials of the server and its schema-wait init container. */}}
 {{- define "analytics-service.runtimeCredentialEnv" -}}
-{{ include "analytics-service.postgresCredentialEnv" (dict "secretName" (include "analytics-service.postgresSecretName" .) "auth" .Values.postgres.auth) }}
+{{ include "analytics-service.postgresCredentialEnv" (dict "secretName" (include "analytics-service.postgresSecretName" .) "auth" (include "analytics-service.postgresAuth" . | fromYaml)) }}
 {{- if .Values.redis.host }}
 - name: REDIS_PASSWORD
   valueFrom:
@@ -241,24 +274,53 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 {{/* NetworkPolicy egress rules shared by the server, migration and test policies. */}}
 {{- define "analytics-service.dnsEgressRule" -}}
 - to:
-    - namespaceSelector:
-        {{- toYaml .namespaceSelector | nindent 8 }}
-      podSelector:
-        {{- toYaml .podSelector | nindent 8 }}
+    {{- toYaml .to | nindent 4 }}
   ports:
+    {{- range .ports }}
     - protocol: UDP
-      port: {{ .port }}
+      port: {{ . }}
     - protocol: TCP
-      port: {{ .port }}
+      port: {{ . }}
+    {{- end }}
 {{- end -}}
 {{- define "analytics-service.postgresEgressRule" -}}
+{{- $peers := .Values.networkPolicy.egress.postgresTo -}}
+{{- if and (not $peers) .Values.cloudnativePG.enabled -}}
+{{- if .Values.cloudnativePG.pooler.enabled -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/poolerName" (include "analytics-service.postgresHost" .)))) -}}
+{{- else -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/cluster" .Values.cloudnativePG.clusterName))) -}}
+{{- end -}}
+{{- end -}}
 - ports:
     - protocol: TCP
       port: {{ .Values.postgres.port }}
-  {{- with .Values.networkPolicy.egress.postgresTo }}
+  {{- with $peers }}
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/*
+Egress to the OTLP collector, its port taken from config.otel.endpoint (scheme://host:port;
+4317, the OTLP gRPC port, when the endpoint names none). Empty when tracing is off.
+*/}}
+{{- define "analytics-service.otlpEgressRule" -}}
+{{- with .Values.config.otel.endpoint -}}
+{{- $url := urlParse . -}}
+{{- $hostPort := splitList ":" (get $url "host") -}}
+{{- $port := 4317 -}}
+{{- if gt (len $hostPort) 1 -}}
+{{- $port = last $hostPort | int -}}
+{{- end }}
+- ports:
+    - protocol: TCP
+      port: {{ $port }}
+  {{- with $.Values.networkPolicy.egress.otlpTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
 {{- end -}}
 
 {{/* Validation: fail the render on inconsistent settings. ------------------------------- */}}
@@ -315,5 +377,17 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 {{- end -}}
 {{- if and .Values.postgres.auth.existingSecret .Values.postgres.auth.password -}}
 {{- fail "postgres.auth: set existingSecret or password, not both" -}}
+{{- end -}}
+{{- if and .Values.cloudnativePG.enabled (not .Values.cloudnativePG.clusterName) -}}
+{{- fail "cloudnativePG.enabled needs cloudnativePG.clusterName (the Cluster's metadata.name)" -}}
+{{- end -}}
+{{- if and .Values.cloudnativePG.enabled .Values.postgres.auth.password -}}
+{{- fail "cloudnativePG.enabled reads the password from the Cluster's app Secret: leave postgres.auth.password empty" -}}
+{{- end -}}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
+{{- fail "ingress.enabled needs ingress.hosts" -}}
+{{- end -}}
+{{- if and .Values.grpcRoute.enabled (not .Values.grpcRoute.parentRefs) -}}
+{{- fail "grpcRoute.enabled needs grpcRoute.parentRefs (the Gateway to attach to)" -}}
 {{- end -}}
 {{- end -}}
