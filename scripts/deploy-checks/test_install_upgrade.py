@@ -417,3 +417,32 @@ def test_cloudnativepg_pooler():
     assert one(docs, "ConfigMap", RELEASE)["data"]["POSTGRES_HOST"] == "analytics-db-pooler-rw"
     postgres_rule = one(docs, "NetworkPolicy", RELEASE)["spec"]["egress"][1]
     assert postgres_rule["to"] == [{"podSelector": {"matchLabels": {"cnpg.io/poolerName": "analytics-db-pooler-rw"}}}]
+
+
+# --- Dockerfile ------------------------------------------------------------------------------------
+
+def test_dockerfile_pins_every_base_image_by_digest():
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    external = [line.split()[1] for line in dockerfile.splitlines()
+                if line.startswith("FROM ") and "/" in line.split()[1]]
+    assert len(external) >= 3, external
+    for image in external:
+        assert re.search(r":[\w.-]+@sha256:[0-9a-f]{64}$", image), f"{image} is not pinned by tag and digest"
+    assert "imagetools inspect" in dockerfile, "the bump procedure is documented next to the pins"
+
+
+def test_dockerfile_healthcheck_uses_the_binary_in_exec_form():
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    runtime = dockerfile[dockerfile.rindex("\nFROM "):]
+    match = re.search(r"^HEALTHCHECK [^\n]*(?:\\\n[^\n]*)*?CMD (\[[^\n]*\])$", runtime, re.M)
+    assert match, "the runtime stage has no HEALTHCHECK"
+    import json as _json
+    command = _json.loads(match.group(1))
+    assert command[:2] == ["/usr/local/bin/analytics-service", "healthcheck"], command
+
+
+def test_image_metadata_is_reproducible():
+    for path in ("Dockerfile", "docs/deploy.md", "README.md"):
+        text = (REPO_ROOT / path).read_text()
+        assert not re.search(r"CREATED=\"?\$\(date", text), f"{path} stamps the build time"
+    assert "git log -1" in (REPO_ROOT / "docs" / "deploy.md").read_text()
