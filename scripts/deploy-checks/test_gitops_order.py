@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_chart import RELEASE, REPO_ROOT, annotations, kustomize, render
+from test_chart import REPO_ROOT, annotations, kustomize, render
 
 HELM_TO_ARGO = {"pre-install": "PreSync", "pre-upgrade": "PreSync",
                 "post-install": "PostSync", "post-upgrade": "PostSync"}

@@ -9,18 +9,21 @@ Run: .tools/venv/bin/pytest -q scripts/deploy-checks   (after source scripts/too
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
 from test_chart import (
-    CHART, NAMESPACE, RELEASE, REPO_ROOT, RenderError, annotations, deployment, find, helm_template,
-    kustomize, load_all, migration_jobs, one, render, render_error, server_container,
+    CHART, NAMESPACE, RELEASE, REPO_ROOT, annotations, deployment, find, helm_template,
+    kustomize, migration_jobs, one, render, render_error, server_container,
 )
 
 CREDENTIAL_ENV = {"POSTGRES_USER", "POSTGRES_PASSWORD", "REDIS_PASSWORD"}
@@ -309,8 +312,7 @@ def test_dns_egress_covers_kube_dns_and_node_local_dns_cache_by_default():
 def test_dns_egress_is_configurable_for_openshift():
     openshift = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "openshift-dns"}},
                   "podSelector": {"matchLabels": {"dns.operator.openshift.io/daemonset-dns": "default"}}}]
-    import json as _json
-    dns = server_policy(set_json=[f"networkPolicy.egress.dns.to={_json.dumps(openshift)}",
+    dns = server_policy(set_json=[f"networkPolicy.egress.dns.to={json.dumps(openshift)}",
                                   "networkPolicy.egress.dns.ports=[5353]"])["spec"]["egress"][0]
     assert dns["to"] == openshift
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 5353), ("TCP", 5353)}
@@ -377,9 +379,8 @@ def test_ingress_speaks_grpc_to_the_pods_through_ingress_nginx():
 
 
 def test_validate_crs_checks_gateway_api_routes(tmp_path):
-    import sys
     sys.path.insert(0, str(REPO_ROOT / "scripts" / "deploy-checks"))
-    import validate_crs
+    import validate_crs  # noqa: E402 (a script beside the tests, not a package)
     assert not validate_crs.is_builtin("gateway.networking.k8s.io/v1")
     assert validate_crs.is_builtin("networking.k8s.io/v1") and validate_crs.is_builtin("apps/v1")
     crds = Path(os.environ.get("DEPLOY_CRDS_DIR", REPO_ROOT.parent / "shared" / "crds"))
@@ -387,7 +388,6 @@ def test_validate_crs_checks_gateway_api_routes(tmp_path):
         crds = Path("/work/shared/crds")
     schemas = validate_crs.load_crd_schemas(crds)
     schema = schemas[("gateway.networking.k8s.io", "v1", "GRPCRoute")]
-    import jsonschema
     route = one(render(values=["ci/extensions-values.yaml"]), "GRPCRoute", RELEASE)
     assert not list(jsonschema.Draft7Validator(schema).iter_errors(route))
     broken = copy.deepcopy(route)
@@ -436,8 +436,7 @@ def test_dockerfile_healthcheck_uses_the_binary_in_exec_form():
     runtime = dockerfile[dockerfile.rindex("\nFROM "):]
     match = re.search(r"^HEALTHCHECK [^\n]*(?:\\\n[^\n]*)*?CMD (\[[^\n]*\])$", runtime, re.M)
     assert match, "the runtime stage has no HEALTHCHECK"
-    import json as _json
-    command = _json.loads(match.group(1))
+    command = json.loads(match.group(1))
     assert command[:2] == ["/usr/local/bin/analytics-service", "healthcheck"], command
 
 
