@@ -55,7 +55,19 @@ pub enum PostgresSslMode {
     Disable,
     #[default]
     Prefer,
+    /// Encrypted, the server certificate not checked.
     Require,
+    /// Encrypted, the server certificate signed by a trusted CA (any host name).
+    VerifyCa,
+    /// Encrypted, signed by a trusted CA and issued for POSTGRES_HOST.
+    VerifyFull,
+}
+
+impl PostgresSslMode {
+    /// Whether the server certificate is checked against a CA.
+    pub fn verifies_certificate(self) -> bool {
+        matches!(self, PostgresSslMode::VerifyCa | PostgresSslMode::VerifyFull)
+    }
 }
 
 impl std::str::FromStr for LogFormat {
@@ -78,7 +90,9 @@ impl std::str::FromStr for PostgresSslMode {
             "disable" => Ok(PostgresSslMode::Disable),
             "prefer" => Ok(PostgresSslMode::Prefer),
             "require" => Ok(PostgresSslMode::Require),
-            _ => Err(format!("expected disable, prefer or require, got {raw:?}")),
+            "verify-ca" => Ok(PostgresSslMode::VerifyCa),
+            "verify-full" => Ok(PostgresSslMode::VerifyFull),
+            _ => Err(format!("expected disable, prefer, require, verify-ca or verify-full, got {raw:?}")),
         }
     }
 }
@@ -136,9 +150,14 @@ pub struct Config {
     /// POSTGRES_MAX_CONNECTIONS: size of the connection pool.
     #[serde(default = "defaults::postgres_max_connections")]
     pub postgres_max_connections: u32,
-    /// POSTGRES_SSLMODE: `disable`, `prefer` (default) or `require`.
+    /// POSTGRES_SSLMODE: `disable`, `prefer` (default), `require`, `verify-ca` or
+    /// `verify-full` (libpq's meanings).
     #[serde(default, deserialize_with = "postgres_sslmode")]
     pub postgres_sslmode: PostgresSslMode,
+    /// POSTGRES_SSL_ROOT_CERT: PEM bundle of the CAs trusted for the server certificate
+    /// under `verify-ca`/`verify-full` (a mounted Secret). Empty = the system roots.
+    #[serde(default)]
+    pub postgres_ssl_root_cert: String,
     /// POSTGRES_ACQUIRE_TIMEOUT_MS: longest wait for a pooled connection, in milliseconds.
     #[serde(default = "defaults::postgres_acquire_timeout_ms")]
     pub postgres_acquire_timeout_ms: u64,
@@ -149,8 +168,19 @@ pub struct Config {
     pub redis_host: String,
     #[serde(default = "defaults::redis_port")]
     pub redis_port: u16,
+    /// REDIS_USERNAME: Redis ACL user (Redis 6+). Empty = the `default` user.
+    #[serde(default)]
+    pub redis_username: String,
     #[serde(default)]
     pub redis_password: Secret,
+    /// REDIS_TLS: connect to Redis over TLS (`rediss`), the server certificate checked
+    /// against REDIS_TLS_CA_FILE or the system roots and the name REDIS_HOST.
+    #[serde(default)]
+    pub redis_tls: bool,
+    /// REDIS_TLS_CA_FILE: PEM bundle of the CAs trusted for Redis' certificate (a
+    /// mounted Secret). Empty = the system roots.
+    #[serde(default)]
+    pub redis_tls_ca_file: String,
     #[serde(default)]
     pub redis_db: i64,
     /// REDIS_CACHE_TTL: lifetime of cached count answers, in seconds. 0 = no caching.
@@ -167,14 +197,28 @@ pub struct Config {
     /// RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE: token bucket size per user. 0 = unlimited.
     #[serde(default = "defaults::rate_limit_per_minute")]
     pub rate_limit_events_per_user_per_minute: u32,
+    /// RATE_LIMIT_EXPECTED_REPLICAS: replicas sharing the Redis budgets. While Redis is
+    /// unreachable each replica limits alone with budget / this (at least 1 event), so
+    /// together they stay near the shared budget instead of multiplying it.
+    #[serde(default = "defaults::rate_limit_expected_replicas")]
+    pub rate_limit_expected_replicas: u32,
 
     // ---- observability ----
     /// PROMETHEUS_PORT: plain HTTP admin port (/metrics, /livez, /readyz). 0 = any free port.
     #[serde(default = "defaults::prometheus_port")]
     pub prometheus_port: u16,
-    /// OTEL_EXPORTER_OTLP_ENDPOINT: OTLP/gRPC collector; empty = trace export off.
+    /// OTEL_EXPORTER_OTLP_ENDPOINT: OTLP/gRPC collector, `http://` or `https://`;
+    /// empty = trace export off.
     #[serde(default)]
     pub otel_exporter_otlp_endpoint: String,
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE: PEM bundle of the CAs trusted for an `https://`
+    /// collector, in addition to the system roots. Empty = system roots only.
+    #[serde(default)]
+    pub otel_exporter_otlp_certificate: String,
+    /// OTEL_EXPORTER_OTLP_HEADERS: `key=value,key2=value2` sent with every export
+    /// (e.g. an auth token); values may be percent-encoded. Never logged.
+    #[serde(default)]
+    pub otel_exporter_otlp_headers: Secret,
     /// OTEL_TRACES_SAMPLER_RATIO: share of root traces sampled, 0.0 to 1.0 (parent-based).
     #[serde(default = "defaults::sampler_ratio")]
     pub otel_traces_sampler_ratio: f64,
@@ -217,6 +261,12 @@ pub struct Config {
     /// HEALTH_POLL_INTERVAL_MS: how often readiness re-checks PostgreSQL and the schema.
     #[serde(default = "defaults::health_poll_interval_ms")]
     pub health_poll_interval_ms: u64,
+    /// READINESS_REQUIRES_DATABASE: a PostgreSQL outage makes the replica not ready.
+    /// Off by default: PostgreSQL is shared by every replica, so an outage would take
+    /// all of them out of the Service at once; they stay ready and answer UNAVAILABLE.
+    /// Either way a replica is ready only once it has seen a usable schema.
+    #[serde(default)]
+    pub readiness_requires_database: bool,
 
     // ---- security (issue 5) ----
     /// GRPC_MAX_CONCURRENT_STREAMS: most concurrent calls on one HTTP/2 connection.
@@ -225,6 +275,22 @@ pub struct Config {
     /// GRPC_MAX_HEADER_LIST_BYTES: largest request header list (metadata), in bytes.
     #[serde(default = "defaults::grpc_max_header_list_bytes")]
     pub grpc_max_header_list_bytes: u32,
+    /// GRPC_HANDSHAKE_TIMEOUT_SECONDS: a new connection must finish its TLS handshake (under
+    /// mTLS) and then send the HTTP/2 preface within this many seconds each, or is closed.
+    #[serde(default = "defaults::grpc_handshake_timeout_seconds")]
+    pub grpc_handshake_timeout_seconds: u64,
+    /// GRPC_MAX_PENDING_TLS_HANDSHAKES: most connections in their TLS handshake at once;
+    /// more are closed on accept.
+    #[serde(default = "defaults::grpc_max_pending_tls_handshakes")]
+    pub grpc_max_pending_tls_handshakes: usize,
+    /// GRPC_KEEPALIVE_INTERVAL_SECONDS: a connection that sent nothing for this many seconds
+    /// gets an HTTP/2 PING.
+    #[serde(default = "defaults::grpc_keepalive_interval_seconds")]
+    pub grpc_keepalive_interval_seconds: u64,
+    /// GRPC_KEEPALIVE_TIMEOUT_SECONDS: a PING not acknowledged within this many seconds
+    /// closes the connection (dead peers, half-open connections).
+    #[serde(default = "defaults::grpc_keepalive_timeout_seconds")]
+    pub grpc_keepalive_timeout_seconds: u64,
     /// TLS_CERT_FILE: PEM server certificate chain; with TLS_KEY_FILE and
     /// TLS_CLIENT_CA_FILE turns on mTLS on the gRPC port. Empty = plaintext.
     #[serde(default)]
@@ -245,6 +311,11 @@ pub struct Config {
     /// TLS_ALLOWED_CALLERS_PER_RPC: `Rpc=id1|id2;Rpc2=id3`, narrowing single RPCs.
     #[serde(default)]
     pub tls_allowed_callers_per_rpc: String,
+    /// TLS_ALLOWED_CALLERS_COVER_REFLECTION: server reflection answers only callers on
+    /// TLS_ALLOWED_CALLERS (true) or every verified caller (false). grpc.health stays open
+    /// to every verified caller either way, for probes.
+    #[serde(default = "defaults::enabled")]
+    pub tls_allowed_callers_cover_reflection: bool,
     /// PII_FIELDS: comma list of property keys whose values are encrypted at rest.
     #[serde(default = "defaults::pii_fields")]
     pub pii_fields: String,
@@ -269,6 +340,12 @@ pub struct Config {
     /// INGEST_WRITERS: group commits in flight at once (each holds one pooled connection).
     #[serde(default = "defaults::ingest_writers")]
     pub ingest_writers: usize,
+    /// INGEST_COMMIT_TIMEOUT_MS: longest a group-commit statement may run, in
+    /// milliseconds; PostgreSQL cancels it after this (statement_timeout of the ingest
+    /// connections), and a commit with no answer shortly after marks PostgreSQL
+    /// unreachable.
+    #[serde(default = "defaults::ingest_commit_timeout_ms")]
+    pub ingest_commit_timeout_ms: u64,
     /// IDEMPOTENCY_WINDOW_DAYS: how long an insert_id is remembered, in days.
     #[serde(default = "defaults::idempotency_window_days")]
     pub idempotency_window_days: u32,
@@ -330,6 +407,9 @@ mod defaults {
     pub(super) fn rate_limit_per_minute() -> u32 {
         1_000
     }
+    pub(super) fn rate_limit_expected_replicas() -> u32 {
+        1
+    }
     pub(super) fn prometheus_port() -> u16 {
         9090
     }
@@ -369,6 +449,18 @@ mod defaults {
     pub(super) fn grpc_max_header_list_bytes() -> u32 {
         16 * 1024
     }
+    pub(super) fn grpc_handshake_timeout_seconds() -> u64 {
+        5
+    }
+    pub(super) fn grpc_max_pending_tls_handshakes() -> usize {
+        256
+    }
+    pub(super) fn grpc_keepalive_interval_seconds() -> u64 {
+        60
+    }
+    pub(super) fn grpc_keepalive_timeout_seconds() -> u64 {
+        20
+    }
     pub(super) fn tls_reload_interval_seconds() -> u64 {
         10
     }
@@ -383,6 +475,9 @@ mod defaults {
     }
     pub(super) fn ingest_queue_capacity() -> usize {
         10_000
+    }
+    pub(super) fn ingest_commit_timeout_ms() -> u64 {
+        1_000
     }
     pub(super) fn ingest_writers() -> usize {
         2
@@ -429,6 +524,18 @@ impl Config {
         if self.postgres_acquire_timeout_ms == 0 {
             return fail("POSTGRES_ACQUIRE_TIMEOUT_MS", "must be at least 1");
         }
+        if !self.postgres_ssl_root_cert.trim().is_empty() && !self.postgres_sslmode.verifies_certificate() {
+            return fail(
+                "POSTGRES_SSL_ROOT_CERT",
+                "is used only with POSTGRES_SSLMODE verify-ca or verify-full",
+            );
+        }
+        if !self.redis_tls_ca_file.trim().is_empty() && !self.redis_tls {
+            return fail("REDIS_TLS_CA_FILE", "is used only with REDIS_TLS=true");
+        }
+        if self.redis_username.contains(char::is_whitespace) {
+            return fail("REDIS_USERNAME", "must contain no white space");
+        }
         if !(0..=15).contains(&self.redis_db) {
             return fail("REDIS_DB", "must be between 0 and 15");
         }
@@ -462,6 +569,21 @@ impl Config {
         if !(1024..=1024 * 1024).contains(&self.grpc_max_header_list_bytes) {
             return fail("GRPC_MAX_HEADER_LIST_BYTES", "must be between 1024 and 1048576");
         }
+        if !(1..=60).contains(&self.grpc_handshake_timeout_seconds) {
+            return fail("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "must be between 1 and 60");
+        }
+        if !(1..=100_000).contains(&self.grpc_max_pending_tls_handshakes) {
+            return fail("GRPC_MAX_PENDING_TLS_HANDSHAKES", "must be between 1 and 100000");
+        }
+        if !(1..=7_200).contains(&self.grpc_keepalive_interval_seconds) {
+            return fail("GRPC_KEEPALIVE_INTERVAL_SECONDS", "must be between 1 and 7200");
+        }
+        if !(1..=600).contains(&self.grpc_keepalive_timeout_seconds) {
+            return fail("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "must be between 1 and 600");
+        }
+        if !(1..=1_000).contains(&self.rate_limit_expected_replicas) {
+            return fail("RATE_LIMIT_EXPECTED_REPLICAS", "must be between 1 and 1000");
+        }
         let tls_files_set = [&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file]
             .iter()
             .filter(|path| !path.trim().is_empty())
@@ -488,8 +610,14 @@ impl Config {
         if !(1..=1_000_000).contains(&self.ingest_queue_capacity) {
             return fail("INGEST_QUEUE_CAPACITY", "must be between 1 and 1000000");
         }
-        if self.ingest_writers == 0 || self.ingest_writers > self.postgres_max_connections as usize {
-            return fail("INGEST_WRITERS", "must be between 1 and POSTGRES_MAX_CONNECTIONS");
+        if self.ingest_writers == 0 || self.ingest_writers + 2 > self.postgres_max_connections as usize {
+            return fail(
+                "INGEST_WRITERS",
+                "must be between 1 and POSTGRES_MAX_CONNECTIONS - 2 (the writers' pool holds INGEST_WRITERS + 1 of the connections, at least one serves reads)",
+            );
+        }
+        if !(50..=60_000).contains(&self.ingest_commit_timeout_ms) {
+            return fail("INGEST_COMMIT_TIMEOUT_MS", "must be between 50 and 60000");
         }
         if !(1..=365).contains(&self.idempotency_window_days) {
             return fail("IDEMPOTENCY_WINDOW_DAYS", "must be between 1 and 365");
@@ -512,6 +640,40 @@ impl Config {
     pub fn otlp_endpoint(&self) -> Option<&str> {
         let endpoint = self.otel_exporter_otlp_endpoint.trim();
         (!endpoint.is_empty()).then_some(endpoint)
+    }
+
+    /// POSTGRES_SSL_ROOT_CERT, when set.
+    pub fn postgres_ssl_root_cert(&self) -> Option<PathBuf> {
+        non_empty_path(&self.postgres_ssl_root_cert)
+    }
+
+    /// REDIS_TLS_CA_FILE, when set.
+    pub fn redis_tls_ca_file(&self) -> Option<PathBuf> {
+        non_empty_path(&self.redis_tls_ca_file)
+    }
+
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE, when set.
+    pub fn otlp_certificate(&self) -> Option<PathBuf> {
+        non_empty_path(&self.otel_exporter_otlp_certificate)
+    }
+
+    /// OTEL_EXPORTER_OTLP_HEADERS as (name, value) pairs, names lower-cased and values
+    /// percent-decoded. The error names the variable, never a value.
+    pub fn otlp_headers(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        parse_otlp_headers(self.otel_exporter_otlp_headers.expose())
+    }
+
+    /// Reads every CA bundle the database and cache connections need, so a missing or
+    /// empty mounted Secret fails start-up with the variable's name (not a connection
+    /// error later). Reads files, so it is called at start-up, not in `validate`.
+    pub fn check_ca_files(&self) -> Result<(), ConfigError> {
+        if let Some(path) = self.postgres_ssl_root_cert() {
+            read_ca_bundle("POSTGRES_SSL_ROOT_CERT", &path)?;
+        }
+        if let Some(path) = self.redis_tls_ca_file() {
+            read_ca_bundle("REDIS_TLS_CA_FILE", &path)?;
+        }
+        Ok(())
     }
 
     pub fn cache_ttl(&self) -> Duration {
@@ -541,6 +703,18 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn grpc_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.grpc_handshake_timeout_seconds)
+    }
+
+    pub fn grpc_keepalive_interval(&self) -> Duration {
+        Duration::from_secs(self.grpc_keepalive_interval_seconds)
+    }
+
+    pub fn grpc_keepalive_timeout(&self) -> Duration {
+        Duration::from_secs(self.grpc_keepalive_timeout_seconds)
     }
 
     pub fn health_poll_interval(&self) -> Duration {
@@ -600,6 +774,73 @@ impl Config {
     pub fn ingest_linger(&self) -> Duration {
         Duration::from_millis(self.ingest_linger_ms)
     }
+
+    pub fn ingest_commit_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest_commit_timeout_ms)
+    }
+
+    /// Connections of the group-commit writers' own pool (carved out of
+    /// POSTGRES_MAX_CONNECTIONS): one per writer plus one for insert_id lookups.
+    pub fn ingest_pool_connections(&self) -> u32 {
+        u32::try_from(self.ingest_writers + 1).unwrap_or(u32::MAX)
+    }
+}
+
+fn non_empty_path(raw: &str) -> Option<PathBuf> {
+    let trimmed = raw.trim();
+    (!trimmed.is_empty()).then(|| PathBuf::from(trimmed))
+}
+
+/// Reads a PEM CA bundle; it must hold at least one certificate. The error names `variable`.
+pub fn read_ca_bundle(variable: &str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|error| ConfigError(format!("{variable}: cannot read {}: {error}", path.display())))?;
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError(format!("{variable}: {} holds no PEM certificate", path.display())));
+    }
+    Ok(bytes)
+}
+
+/// Parses the OpenTelemetry `key=value,key2=value2` header list (W3C baggage-like:
+/// surrounding white space trimmed, values percent-decoded).
+fn parse_otlp_headers(raw: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let fail = |reason: String| ConfigError(format!("OTEL_EXPORTER_OTLP_HEADERS: {reason}"));
+    let mut headers = Vec::new();
+    for (index, pair) in raw.split(',').enumerate() {
+        if pair.trim().is_empty() {
+            continue;
+        }
+        let position = index + 1;
+        let (name, value) =
+            pair.split_once('=').ok_or_else(|| fail(format!("entry {position} is not key=value")))?;
+        let name = name.trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() || name.is_empty() {
+            return Err(fail(format!("entry {position} has an invalid header name")));
+        }
+        let value = percent_decode(value.trim())
+            .filter(|value| http::HeaderValue::from_str(value).is_ok())
+            .ok_or_else(|| fail(format!("entry {position} ({name}) has an invalid value")))?;
+        headers.push((name, value));
+    }
+    Ok(headers)
+}
+
+/// `%XX` escapes to bytes; `None` for a broken escape or non-UTF-8 result.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%' {
+            let hex = text.get(index + 1..index + 3)?;
+            decoded.push(u8::from_str_radix(hex, 16).ok()?);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8(decoded).ok()
 }
 
 /// envy names the variable for values it parses itself ("... provided by POSTGRES_PORT")
@@ -658,6 +899,13 @@ mod tests {
             ("INGEST_QUEUE_CAPACITY", "0"),
             ("INGEST_WRITERS", "26"),
             ("IDEMPOTENCY_WINDOW_DAYS", "0"),
+            ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "0"),
+            ("GRPC_HANDSHAKE_TIMEOUT_SECONDS", "61"),
+            ("GRPC_MAX_PENDING_TLS_HANDSHAKES", "0"),
+            ("GRPC_KEEPALIVE_INTERVAL_SECONDS", "0"),
+            ("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "0"),
+            ("RATE_LIMIT_EXPECTED_REPLICAS", "0"),
+            ("TLS_ALLOWED_CALLERS_COVER_REFLECTION", "maybe"),
         ];
         for (variable, value) in cases {
             let error = Config::from_vars(vars(&[(variable, value)])).unwrap_err();
@@ -709,6 +957,76 @@ mod tests {
             .pii_keys()
             .unwrap_err();
         assert!(error.to_string().contains("PII_KEYS_FILE"), "{error}");
+    }
+
+    #[test]
+    fn postgres_verify_modes_and_their_ca_file() {
+        for (raw, mode) in
+            [("verify-ca", PostgresSslMode::VerifyCa), ("VERIFY-FULL", PostgresSslMode::VerifyFull)]
+        {
+            let config = Config::from_vars(vars(&[("POSTGRES_SSLMODE", raw)])).unwrap();
+            assert_eq!(config.postgres_sslmode, mode);
+            assert!(config.postgres_ssl_root_cert().is_none());
+        }
+        let error = Config::from_vars(vars(&[("POSTGRES_SSL_ROOT_CERT", "/ca/ca.crt")])).unwrap_err();
+        assert!(error.to_string().contains("POSTGRES_SSL_ROOT_CERT"), "{error}");
+        let config = Config::from_vars(vars(&[
+            ("POSTGRES_SSLMODE", "verify-full"),
+            ("POSTGRES_SSL_ROOT_CERT", "/nonexistent/ca.crt"),
+        ]))
+        .unwrap();
+        let error = config.check_ca_files().unwrap_err();
+        assert!(error.to_string().contains("POSTGRES_SSL_ROOT_CERT"), "{error}");
+    }
+
+    #[test]
+    fn redis_tls_settings() {
+        let config = Config::from_vars(vars(&[])).unwrap();
+        assert!(!config.redis_tls);
+        assert!(config.redis_username.is_empty());
+        let error = Config::from_vars(vars(&[("REDIS_TLS_CA_FILE", "/ca/ca.crt")])).unwrap_err();
+        assert!(error.to_string().contains("REDIS_TLS_CA_FILE"), "{error}");
+        let error = Config::from_vars(vars(&[("REDIS_TLS", "maybe")])).unwrap_err();
+        assert!(error.to_string().contains("REDIS_TLS"), "{error}");
+        let path = std::env::temp_dir().join(format!("not-a-ca-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, "garbage").unwrap();
+        let file = path.display().to_string();
+        let config =
+            Config::from_vars(vars(&[("REDIS_TLS", "true"), ("REDIS_TLS_CA_FILE", file.as_str())])).unwrap();
+        let error = config.check_ca_files().unwrap_err();
+        assert!(error.to_string().contains("REDIS_TLS_CA_FILE"), "{error}");
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn otlp_headers_follow_the_spec_format_and_never_print_values() {
+        let config = Config::from_vars(vars(&[(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            " Authorization=Bearer%20s3cret , x-scope-orgid=tenant-1,",
+        )]))
+        .unwrap();
+        assert_eq!(
+            config.otlp_headers().unwrap(),
+            [
+                ("authorization".to_string(), "Bearer s3cret".to_string()),
+                ("x-scope-orgid".to_string(), "tenant-1".to_string())
+            ]
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+        for broken in ["novalue", "bad name=x", "k=%zz", "k=line%0Abreak"] {
+            let config = Config::from_vars(vars(&[("OTEL_EXPORTER_OTLP_HEADERS", broken)])).unwrap();
+            let error = config.otlp_headers().unwrap_err().to_string();
+            assert!(error.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{broken}: {error}");
+            assert!(!error.contains("break") && !error.contains("zz"), "values are not echoed: {error}");
+        }
+        assert!(Config::from_vars(vars(&[])).unwrap().otlp_headers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn readiness_does_not_require_the_database_by_default() {
+        assert!(!Config::from_vars(vars(&[])).unwrap().readiness_requires_database);
+        let config = Config::from_vars(vars(&[("READINESS_REQUIRES_DATABASE", "true")])).unwrap();
+        assert!(config.readiness_requires_database);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use analytics_service::repository::redis::CountCache;
 use analytics_service::security::pii::PiiCipher;
 use analytics_service::service::ingest::{self, IngestSettings};
 use analytics_service::service::rate_limit::RateLimiter;
+use analytics_service::service::readiness::ReadinessMonitor;
 use analytics_service::service::{AnalyticsService, EVENT_MIGRATION_APPLIED};
 use analytics_service::startup::Application;
 use analytics_service::telemetry::{self, TelemetryGuard};
@@ -114,7 +115,7 @@ async fn run(verb: impl std::future::Future<Output = anyhow::Result<ExitCode>>) 
 
 /// Reads the configuration and installs logging/tracing; keep the guard alive until exit.
 fn load_config() -> anyhow::Result<(Config, TelemetryGuard)> {
-    match Config::from_env() {
+    match Config::from_env().and_then(|config| config.check_ca_files().map(|()| config)) {
         Ok(config) => {
             let guard = telemetry::init(&config)?;
             Ok((config, guard))
@@ -167,8 +168,13 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
         if config.self_tracking && !report.applied.is_empty() {
             // Self-tracking: the migration shows up in the service's own counts.
             let database = Database::connect_lazy(&config);
-            let (ingest_queue, ingest_writer) =
-                ingest::start(EventRepository::new(database.clone()), IngestSettings::from_config(&config));
+            let readiness = ReadinessMonitor::new(database.clone(), config.readiness_requires_database);
+            readiness.probe().await;
+            let (ingest_queue, ingest_writer) = ingest::start(
+                EventRepository::new(Database::connect_lazy_for_ingest(&config)),
+                IngestSettings::from_config(&config),
+                readiness.database_health(),
+            );
             let service = AnalyticsService::new(
                 database,
                 CountCache::disabled(),

@@ -29,6 +29,8 @@ pub const TLS_HANDSHAKES: &str = "analytics_tls_handshakes_total";
 pub const TLS_RELOADS: &str = "analytics_tls_reloads_total";
 pub const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
 pub const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
+pub const TRACE_EXPORT_FAILURES: &str = "analytics_trace_export_failures_total";
+pub const CONNECTIONS_CLOSED_EARLY: &str = "analytics_grpc_connections_closed_early_total";
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -58,6 +60,10 @@ pub fn install() -> PrometheusHandle {
 fn describe_all() {
     describe_counter!(GRPC_STARTED, "RPCs started on the server.");
     describe_counter!(GRPC_HANDLED, "RPCs completed on the server, by status code.");
+    describe_counter!(
+        CONNECTIONS_CLOSED_EARLY,
+        "gRPC connections closed before carrying a call, by reason (no_preface, handshake_backlog)."
+    );
     describe_histogram!(
         GRPC_HANDLING_SECONDS,
         Unit::Seconds,
@@ -86,6 +92,10 @@ fn describe_all() {
     describe_counter!(TLS_HANDSHAKES, "TLS handshakes on the gRPC port, by result (ok or refused).");
     describe_counter!(TLS_RELOADS, "Changes of the TLS files seen, by result (ok or invalid).");
     describe_counter!(RATE_LIMIT_FALLBACKS, "Switches from the Redis-shared rate limiter to the local one.");
+    describe_counter!(
+        TRACE_EXPORT_FAILURES,
+        "Trace export failures, by stage: setup (exporter not built, tracing off) or export (a batch not delivered)."
+    );
     describe_counter!(
         PERMISSION_DENIED,
         "Calls refused because the caller is not on the allow-list, by method."
@@ -151,12 +161,25 @@ pub fn record_tls_handshake(succeeded: bool) {
     counter!(TLS_HANDSHAKES, "result" => if succeeded { "ok" } else { "refused" }).increment(1);
 }
 
+/// A connection closed before it carried a call: `no_preface` (no HTTP/2 preface within
+/// GRPC_HANDSHAKE_TIMEOUT_SECONDS) or `handshake_backlog` (GRPC_MAX_PENDING_TLS_HANDSHAKES
+/// already waiting).
+pub fn record_connection_closed_early(reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED_EARLY, "reason" => reason).increment(1);
+}
+
 pub fn record_tls_reload(succeeded: bool) {
     counter!(TLS_RELOADS, "result" => if succeeded { "ok" } else { "invalid" }).increment(1);
 }
 
 pub fn record_rate_limit_fallback() {
     counter!(RATE_LIMIT_FALLBACKS).increment(1);
+}
+
+/// A trace exporter that could not be built (`setup`) or a span batch the collector did
+/// not take (`export`).
+pub fn record_trace_export_failure(stage: &'static str) {
+    counter!(TRACE_EXPORT_FAILURES, "stage" => stage).increment(1);
 }
 
 pub fn record_permission_denied(method: &'static str) {

@@ -8,13 +8,16 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::api::admin;
-use crate::api::grpc::AnalyticsGrpc;
+use crate::api::grpc::{reflection_guard, AnalyticsGrpc};
 use crate::api::health::follow_readiness;
+use crate::api::malformed::MalformedRequestLayer;
 use crate::api::middleware::GrpcObservabilityLayer;
+use crate::api::preface::with_preface_deadline;
 use crate::config::Config;
 use crate::metrics;
 use crate::pb;
@@ -22,8 +25,9 @@ use crate::pb::analytics_service_server::AnalyticsServiceServer;
 use crate::repository::postgres::EventRepository;
 use crate::repository::postgres::{connect_options, schema, Database};
 use crate::repository::redis::{CountCache, SharedBudgets};
+use crate::security::authorization::CallerPolicy;
 use crate::security::pii::PiiCipher;
-use crate::security::tls::{tls_incoming, ReloadingTlsConfig};
+use crate::security::tls::{tls_incoming, HandshakeLimits, ReloadingTlsConfig};
 use crate::service::fold_task::run_rollup_fold;
 use crate::service::ingest::{self, IngestSettings, IngestWriter};
 use crate::service::partition_maintenance::run_partition_maintenance;
@@ -46,6 +50,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.check_ca_files()?;
         let grpc_listener = TcpListener::bind(config.grpc_address())
             .await
             .with_context(|| format!("binding the grpc port {}", config.grpc_address()))?;
@@ -61,23 +66,24 @@ impl Application {
         }
 
         let database = Database::connect_lazy(&config);
-        let cache =
-            CountCache::from_config(&config).context("REDIS_HOST/REDIS_PORT: invalid redis address")?;
+        let cache = CountCache::from_config(&config)
+            .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?;
         if cache.is_enabled() {
-            tracing::info!(host = %config.redis_host, port = config.redis_port, ttl_seconds = config.redis_cache_ttl, "redis cache on");
+            tracing::info!(host = %config.redis_host, port = config.redis_port, tls = config.redis_tls, ttl_seconds = config.redis_cache_ttl, "redis cache on");
         } else {
             tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off");
         }
         let (rate_limiter, pii, tls) = security_from_config(&config)?;
-        let events = EventRepository::new(database.clone()).with_pii(pii.clone());
-        let (ingest_queue, ingest_writer) = ingest::start(events, IngestSettings::from_config(&config));
+        let readiness = ReadinessMonitor::new(database.clone(), config.readiness_requires_database);
+        let events = EventRepository::new(Database::connect_lazy_for_ingest(&config)).with_pii(pii.clone());
+        let (ingest_queue, ingest_writer) =
+            ingest::start(events, IngestSettings::from_config(&config), readiness.database_health());
         let service = Arc::new(
             AnalyticsService::new(database.clone(), cache, rate_limiter, config.event_max_age())
                 .with_pii(pii)
                 .with_event_retention(config.event_retention())
                 .with_ingest(ingest_queue),
         );
-        let readiness = ReadinessMonitor::new(database.clone());
         Ok(Self { config, grpc_listener, admin_listener, database, service, readiness, tls, ingest_writer })
     }
 
@@ -137,6 +143,16 @@ impl Application {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building reflection v1alpha")?;
+        // Reflection answers the callers TLS_ALLOWED_CALLERS names, unless configured open.
+        let reflection_callers = if config.tls_allowed_callers_cover_reflection {
+            config.caller_policy()?
+        } else {
+            CallerPolicy::default()
+        };
+        let reflection_v1 =
+            InterceptedService::new(reflection_v1, reflection_guard(reflection_callers.clone()));
+        let reflection_v1alpha =
+            InterceptedService::new(reflection_v1alpha, reflection_guard(reflection_callers));
         let analytics = AnalyticsServiceServer::new(
             AnalyticsGrpc::new(service.clone(), readiness.subscribe())
                 .with_caller_policy(config.caller_policy()?),
@@ -168,11 +184,15 @@ impl Application {
             let _ = shutdown_started.send(());
         };
 
+        // No Server::timeout: the middleware owns the deadline, so a call cut short by it is
+        // answered DEADLINE_EXCEEDED (tonic's own timer answers CANCELLED) and counted.
         let mut builder = Server::builder()
-            .timeout(config.request_timeout())
             .max_concurrent_streams(config.grpc_max_concurrent_streams)
             .http2_max_header_list_size(config.grpc_max_header_list_bytes)
-            .layer(GrpcObservabilityLayer);
+            .http2_keepalive_interval(Some(config.grpc_keepalive_interval()))
+            .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout()))
+            .layer(GrpcObservabilityLayer::new(config.request_timeout()))
+            .layer(MalformedRequestLayer);
         if let Some(age) = config.max_connection_age() {
             builder = builder.max_connection_age(age);
         }
@@ -184,16 +204,32 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(analytics);
         let tls_reload_task = tls.clone().map(|tls| tokio::spawn(tls.watch(config.tls_reload_interval())));
+        let preface_timeout = config.grpc_handshake_timeout();
+        let handshake_limits = HandshakeLimits {
+            timeout: config.grpc_handshake_timeout(),
+            max_pending: config.grpc_max_pending_tls_handshakes,
+        };
         let server = async move {
             match tls {
                 Some(tls) => {
-                    router.serve_with_incoming_shutdown(tls_incoming(grpc_listener, tls), signal).await
+                    let incoming = tls_incoming(grpc_listener, tls, handshake_limits);
+                    router
+                        .serve_with_incoming_shutdown(
+                            with_preface_deadline(incoming, preface_timeout),
+                            signal,
+                        )
+                        .await
                 }
                 None => {
                     // tonic ignores Server::tcp_nodelay for a caller-supplied listener: without
                     // TCP_NODELAY, small responses wait for the peer's delayed ACK (about 40 ms).
                     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-                    router.serve_with_incoming_shutdown(incoming, signal).await
+                    router
+                        .serve_with_incoming_shutdown(
+                            with_preface_deadline(incoming, preface_timeout),
+                            signal,
+                        )
+                        .await
                 }
             }
         };
@@ -240,17 +276,18 @@ fn security_from_config(
     config: &Config,
 ) -> anyhow::Result<(RateLimiter, PiiCipher, Option<ReloadingTlsConfig>)> {
     let per_minute = config.rate_limit_events_per_user_per_minute;
-    let rate_limiter =
-        match SharedBudgets::from_config(config).context("REDIS_HOST/REDIS_PORT: invalid redis address")? {
-            Some(shared) => {
-                tracing::info!(per_minute, "rate limits shared through redis, local fallback");
-                RateLimiter::shared_per_minute(per_minute, shared)
-            }
-            None => {
-                tracing::info!(per_minute, "redis not configured: rate limits per replica");
-                RateLimiter::per_minute(per_minute)
-            }
-        };
+    let rate_limiter = match SharedBudgets::from_config(config)
+        .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?
+    {
+        Some(shared) => {
+            tracing::info!(per_minute, "rate limits shared through redis, local fallback");
+            RateLimiter::shared_per_minute(per_minute, config.rate_limit_expected_replicas, shared)
+        }
+        None => {
+            tracing::info!(per_minute, "redis not configured: rate limits per replica");
+            RateLimiter::per_minute(per_minute)
+        }
+    };
     let pii = match config.pii_keys()? {
         Some(keys) => {
             tracing::info!(fields = %config.pii_fields.trim(), current_key_id = keys.current_key_id(), "pii encryption on");

@@ -2,14 +2,23 @@
 //! LOG_LEVEL; every line inside a request carries the request's `trace_id`. Traces: when
 //! OTEL_EXPORTER_OTLP_ENDPOINT is set, our spans are exported over OTLP/gRPC with a
 //! parent-based ratio sampler; when it is not, no exporter or OpenTelemetry layer exists.
+//! An `https://` collector is verified against the system roots plus
+//! OTEL_EXPORTER_OTLP_CERTIFICATE; OTEL_EXPORTER_OTLP_HEADERS go with every export.
+//! Tracing never stops the service or a verb: an exporter that cannot be built, or a
+//! collector that is down or untrusted, is logged and counted
+//! (`analytics_trace_export_failures_total`) and everything else carries on.
 //! W3C `traceparent` is the propagation format. Panics are logged with a backtrace.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
@@ -18,7 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{Config, LogFormat};
+use crate::config::{read_ca_bundle, Config, LogFormat};
 
 /// Keeps the trace pipeline alive; dropping it flushes and stops the exporter.
 pub struct TelemetryGuard {
@@ -74,34 +83,36 @@ where
         }
     };
 
+    // Export failures are counted from the start, before the server installs /metrics.
+    crate::metrics::install();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let mut setup_failure = None;
     let (trace_layer, tracer_provider) = match config.otlp_endpoint() {
-        Some(endpoint) => {
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .build()
-                .map_err(|error| {
-                    anyhow::anyhow!("invalid configuration: OTEL_EXPORTER_OTLP_ENDPOINT: {error}")
-                })?;
-            let provider = SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                    config.otel_traces_sampler_ratio,
-                ))))
-                .with_resource(
-                    Resource::builder()
-                        .with_service_name(config.service_name.clone())
-                        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-                        .build(),
-                )
-                .build();
-            let tracer = provider.tracer("analytics-service");
-            // Only our own spans: driver internals would flood the collector.
-            let spans = Targets::new().with_target("analytics_service", Level::INFO);
-            let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans);
-            (Some(layer), Some(provider))
-        }
+        Some(endpoint) => match build_exporter(config, endpoint) {
+            Ok(exporter) => {
+                let provider = SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                        config.otel_traces_sampler_ratio,
+                    ))))
+                    .with_resource(
+                        Resource::builder()
+                            .with_service_name(config.service_name.clone())
+                            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                            .build(),
+                    )
+                    .build();
+                let tracer = provider.tracer("analytics-service");
+                // Only our own spans: driver internals would flood the collector.
+                let spans = Targets::new().with_target("analytics_service", Level::INFO);
+                let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans);
+                (Some(layer), Some(provider))
+            }
+            Err(error) => {
+                setup_failure = Some(error);
+                (None, None)
+            }
+        },
         None => (None, None),
     };
 
@@ -110,10 +121,91 @@ where
         let backtrace = std::backtrace::Backtrace::force_capture();
         tracing::error!(panic = %info, backtrace = %backtrace, "panic");
     }));
-    if let Some(endpoint) = config.otlp_endpoint() {
-        tracing::info!(endpoint, ratio = config.otel_traces_sampler_ratio, "exporting traces over otlp");
+    match (config.otlp_endpoint(), setup_failure) {
+        (Some(endpoint), None) => {
+            tracing::info!(endpoint, ratio = config.otel_traces_sampler_ratio, "exporting traces over otlp");
+        }
+        (Some(endpoint), Some(error)) => {
+            crate::metrics::record_trace_export_failure("setup");
+            tracing::error!(
+                endpoint,
+                error = format!("{error:#}"),
+                "trace export off: the otlp exporter cannot be built"
+            );
+        }
+        (None, _) => {}
     }
     Ok(TelemetryGuard { tracer_provider })
+}
+
+/// The OTLP/gRPC span exporter: TLS for `https://` endpoints, the configured headers,
+/// failures counted. Errors name the variable to fix.
+fn build_exporter(config: &Config, endpoint: &str) -> anyhow::Result<CountingExporter> {
+    let mut metadata = http::HeaderMap::new();
+    for (name, value) in config.otlp_headers()? {
+        metadata.append(http::HeaderName::try_from(name)?, http::HeaderValue::try_from(value)?);
+    }
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_metadata(tonic::metadata::MetadataMap::from_headers(metadata));
+    if endpoint.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+        if let Some(path) = config.otlp_certificate() {
+            let bundle = read_ca_bundle("OTEL_EXPORTER_OTLP_CERTIFICATE", &path)?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(bundle));
+        }
+        builder = builder.with_tls_config(tls);
+    } else if !endpoint.starts_with("http://") {
+        anyhow::bail!("OTEL_EXPORTER_OTLP_ENDPOINT: expected an http:// or https:// url");
+    } else if config.otlp_certificate().is_some() {
+        tracing::warn!("OTEL_EXPORTER_OTLP_CERTIFICATE is ignored for an http:// collector");
+    }
+    let exporter =
+        builder.build().map_err(|error| anyhow::anyhow!("OTEL_EXPORTER_OTLP_ENDPOINT: {error}"))?;
+    Ok(CountingExporter { inner: exporter, failing: AtomicBool::new(false) })
+}
+
+/// The OTLP exporter, counting and logging batches the collector did not take (one
+/// warning per outage, not one per batch). Export runs off the request path, so a
+/// failure only loses spans.
+#[derive(Debug)]
+struct CountingExporter {
+    inner: opentelemetry_otlp::SpanExporter,
+    failing: AtomicBool,
+}
+
+impl SpanExporter for CountingExporter {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("trace export recovered");
+                }
+            }
+            Err(error) => {
+                crate::metrics::record_trace_export_failure("export");
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %error, spans, "trace export failed, spans dropped; the service carries on");
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 /// A minimal subscriber for the verbs that run before configuration is known.

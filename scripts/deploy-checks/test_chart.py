@@ -39,7 +39,7 @@ INGEST_BATCH_SIZE INGEST_LINGER_MS INGEST_QUEUE_CAPACITY
 CONTRACT_ENV = sorted(set(config_rs_variables()) | set(PLANNED_ENV))
 
 # Variables that come from Secrets rather than plain configuration.
-SECRET_ENV = {"POSTGRES_PASSWORD", "REDIS_PASSWORD"}
+SECRET_ENV = {"POSTGRES_PASSWORD", "REDIS_PASSWORD", "OTEL_EXPORTER_OTLP_HEADERS"}
 
 
 RESTRICTED_CONTAINER = {
@@ -386,6 +386,8 @@ def test_kustomize_base_sets_every_plain_variable():
 
 def test_every_contract_variable_can_be_set():
     everything = configured_env(render(values=["ci/production-values.yaml"]))
+    # CA files and the OTLP headers are rendered only when their Secrets are named.
+    everything |= configured_env(render(values=["ci/dependency-tls-values.yaml"]))
     missing = [name for name in CONTRACT_ENV if name not in everything]
     assert not missing, f"not exposed by the chart: {missing}"
 
@@ -437,11 +439,74 @@ def test_pii_keys_are_mounted_as_a_file():
     assert mount["readOnly"] is True and mount["mountPath"] == "/etc/analytics-service/pii"
 
 
+
+def mounted_file_is_readable(path: str, mounts: list[dict], volumes: list[dict]) -> bool:
+    """`path` lies in a mounted Secret volume that projects the file's name."""
+    for mount in mounts:
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            volume = next(v for v in volumes if v["name"] == mount["name"])
+            items = volume["secret"].get("items")
+            name = path[len(mount["mountPath"].rstrip("/")) + 1:]
+            return items is None or any(item["path"] == name for item in items)
+    return False
+
+
+def test_dependency_ca_bundles_are_mounted_wherever_a_verb_reads_them():
+    docs = render(values=["ci/dependency-tls-values.yaml"])
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert data["POSTGRES_SSLMODE"] == "verify-full"
+    assert data["REDIS_TLS"] == "true" and data["REDIS_USERNAME"] == "analytics"
+    assert data["READINESS_REQUIRES_DATABASE"] == "true"
+    ca_files = {name: data[name] for name in
+                ("POSTGRES_SSL_ROOT_CERT", "REDIS_TLS_CA_FILE", "OTEL_EXPORTER_OTLP_CERTIFICATE")}
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    # The server and its `migrate --check` init container read the same ConfigMap, and
+    # start-up fails when a named CA file is missing: both need every mount.
+    for container in [server_container(docs), pod["initContainers"][0]]:
+        for name, path in ca_files.items():
+            assert mounted_file_is_readable(path, container["volumeMounts"], pod["volumes"]), (container["name"], name)
+        headers = next(e for e in container["env"] if e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+        assert headers["valueFrom"]["secretKeyRef"] == {"name": "otel-collector-auth", "key": "headers"}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets["postgres-ca"] == "analytics-db-ca" and secrets["redis-ca"] == "analytics-redis-ca"
+    assert secrets["otlp-ca"] == "otel-collector-ca"
+    # The migration Job reads the same ConfigMap data (a hook copy in hook mode), so it names
+    # the same CA files and needs the same mounts, in both modes.
+    for mode in ("hook", "job"):
+        docs = render(f"migrations.mode={mode}", values=["ci/dependency-tls-values.yaml"])
+        (job,) = migration_jobs(docs)
+        job_pod = job["spec"]["template"]["spec"]
+        migrate = job_pod["containers"][0]
+        (config_map_name,) = [source["configMapRef"]["name"] for source in migrate["envFrom"]]
+        assert one(docs, "ConfigMap", config_map_name)["data"] == data, mode
+        for name, path in ca_files.items():
+            assert mounted_file_is_readable(path, migrate["volumeMounts"], job_pod["volumes"]), (mode, name)
+        headers = next(e for e in migrate["env"] if e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+        assert headers["valueFrom"]["secretKeyRef"] == {"name": "otel-collector-auth", "key": "headers"}
+
+
+def test_defaults_mount_no_ca_and_keep_readiness_off_the_shared_database():
+    docs = render()
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert data["READINESS_REQUIRES_DATABASE"] == "false"
+    assert data["REDIS_TLS"] == "false"
+    assert not {"POSTGRES_SSL_ROOT_CERT", "REDIS_TLS_CA_FILE", "OTEL_EXPORTER_OTLP_CERTIFICATE"} & set(data)
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    assert "volumeMounts" not in pod["initContainers"][0]
+    assert "OTEL_EXPORTER_OTLP_HEADERS" not in {e["name"] for e in server_container(docs)["env"]}
+
+
+def test_a_ca_without_a_verifying_mode_fails_the_render():
+    assert "verify-full" in render_error("postgres.sslRootCert.existingSecret=db-ca")
+    assert "redis.tls.enabled" in render_error("redis.tls.ca.existingSecret=redis-ca")
+    assert "otel/endpoint" in render_error("config.otel.endpoint=otel-collector:4317")
+
+
 def test_values_schema_rejects_unknown_keys_and_bad_values():
     assert "additional properties" in render_error("unknownTopLevel=1")
     assert "additional properties" in render_error("config.logLevl=debug")
     assert "migrations/mode" in render_error("migrations.mode=sometimes")
-    assert "postgres/sslMode" in render_error("postgres.sslMode=verify-full")
+    assert "postgres/sslMode" in render_error("postgres.sslMode=verify-everything")
 
 
 def test_schema_is_self_contained():

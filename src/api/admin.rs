@@ -39,6 +39,9 @@ async fn live() -> &'static str {
 
 async fn ready(State(state): State<AdminState>) -> (StatusCode, String) {
     let readiness = state.readiness.borrow().clone();
+    if readiness.is_ready() && !readiness.database_reachable {
+        return (StatusCode::OK, "ready (postgresql unreachable, not required for readiness)\n".to_string());
+    }
     if readiness.is_ready() {
         return (StatusCode::OK, "ready\n".to_string());
     }

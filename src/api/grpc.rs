@@ -8,14 +8,23 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::middleware::RequestDeadline;
 use crate::metrics;
-use crate::models::{IdentifyUser, TrackEvent};
+use crate::models::{Caller, IdentifyUser, TrackEvent};
 use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;
 use crate::security::authorization::CallerPolicy;
-use crate::security::tls::caller_from_extensions;
+use crate::security::tls::{caller_from_extensions, verified_identity};
 use crate::service::readiness::Readiness;
 use crate::service::{validation, AnalyticsService, ServiceError, ServingStatus};
+
+/// A call's deadline when no middleware set one (the server always does).
+const UNSET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The idempotency scope of a call's insert_ids (see [`Caller::key_scope`]).
+fn key_scope<T>(request: &Request<T>) -> String {
+    verified_identity(request.extensions()).unwrap_or_default()
+}
 
 /// Implements the generated server trait on top of [`AnalyticsService`].
 #[derive(Clone)]
@@ -49,6 +58,23 @@ impl AnalyticsGrpc {
     }
 }
 
+/// Guards server reflection with TLS_ALLOWED_CALLERS (a tonic interceptor):
+/// PERMISSION_DENIED for a caller not on the list, counted like the RPCs' refusals.
+pub fn reflection_guard(
+    callers: CallerPolicy,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    let callers = Arc::new(callers);
+    move |request: Request<()>| {
+        let caller = caller_from_extensions(request.extensions());
+        if callers.allows_reflection(&caller) {
+            return Ok(request);
+        }
+        metrics::record_permission_denied("ServerReflectionInfo");
+        tracing::warn!(caller = %caller, "caller not on the allow-list, reflection denied");
+        Err(ServiceError::PermissionDenied.into())
+    }
+}
+
 #[tonic::async_trait]
 impl AnalyticsApi for AnalyticsGrpc {
     #[tracing::instrument(skip_all, fields(rpc.method = "TrackEvent", caller = tracing::field::Empty))]
@@ -56,12 +82,13 @@ impl AnalyticsApi for AnalyticsGrpc {
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
-        let caller = self.authorize(&request, "TrackEvent")?;
+        let caller = Caller { name: self.authorize(&request, "TrackEvent")?, key_scope: key_scope(&request) };
+        let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let event = TrackEvent::try_from(request.into_inner()).map_err(|error| {
             metrics::record_event_rejected("invalid_argument");
             ServiceError::from(error)
         })?;
-        let stored = self.service.track_event(event, &caller).await?;
+        let stored = self.service.track_event(event, &caller, deadline).await?;
         Ok(Response::new(pb::TrackEventResponse { success: true, event_id: stored.event_id().to_string() }))
     }
 
@@ -70,14 +97,16 @@ impl AnalyticsApi for AnalyticsGrpc {
         &self,
         request: Request<pb::TrackEventsRequest>,
     ) -> Result<Response<pb::TrackEventsResponse>, Status> {
-        let caller = self.authorize(&request, "TrackEvents")?;
+        let caller =
+            Caller { name: self.authorize(&request, "TrackEvents")?, key_scope: key_scope(&request) };
+        let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let request = request.into_inner();
         validation::check_batch(request.events.len(), request.encoded_len()).map_err(|error| {
             metrics::record_events_rejected("invalid_argument", request.events.len() as u64);
             ServiceError::from(error)
         })?;
         let events = request.events.into_iter().map(TrackEvent::try_from).collect();
-        let results = self.service.track_events(events, &caller).await?;
+        let results = self.service.track_events(events, &caller, deadline).await?;
         Ok(Response::new(convert::track_events_response(results)))
     }
 

@@ -1,7 +1,13 @@
 //! gRPC server middleware (a tower layer around every service on the port):
 //! - one server span per RPC with the standard `rpc.*` attributes, joined to the caller's
 //!   trace through W3C `traceparent`, and a `trace_id` field every log line inherits;
-//! - go-grpc-prometheus metrics with bounded labels;
+//! - go-grpc-prometheus metrics with bounded labels: every call is counted once as
+//!   handled, with the code its client received (a call cut short by its deadline or
+//!   cancelled by the client included);
+//! - the call's deadline: the client's `grpc-timeout` (less a small margin, so the answer
+//!   reaches the client before it gives up) or REQUEST_TIMEOUT_SECONDS, whichever is
+//!   sooner. Handlers find it as a [`RequestDeadline`] extension; a call still running
+//!   then is answered DEADLINE_EXCEEDED;
 //! - panic recovery: a panicking handler becomes INTERNAL, its message goes to the log,
 //!   the server keeps serving.
 
@@ -9,10 +15,11 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::Duration;
 
 use futures::FutureExt;
 use opentelemetry::trace::{TraceContextExt, TraceId};
+use tokio::time::Instant;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -73,20 +80,145 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GrpcObservabilityLayer;
+/// How much sooner than the client's `grpc-timeout` the server answers
+/// DEADLINE_EXCEEDED (at most a tenth of the timeout), so the answer is on its way
+/// before the client gives up: the client's clock started before the request arrived.
+const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+/// A call the client cancels this close to (or after) the end of its `grpc-timeout`
+/// was given up by the client's own deadline timer, and counts as DEADLINE_EXCEEDED.
+const CLIENT_DEADLINE_ALLOWANCE: Duration = Duration::from_millis(100);
+
+/// When the server stops working on a call and answers DEADLINE_EXCEEDED.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestDeadline(pub Instant);
+
+impl RequestDeadline {
+    /// The deadline of `request`, or `fallback` from now when the middleware set none
+    /// (a handler called directly).
+    pub fn of<T>(request: &tonic::Request<T>, fallback: Duration) -> Instant {
+        request
+            .extensions()
+            .get::<RequestDeadline>()
+            .map_or_else(|| Instant::now() + fallback, |deadline| deadline.0)
+    }
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3_600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// When a call must end, seen from the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CallDeadline {
+    /// When the server answers DEADLINE_EXCEEDED: the sooner of the client's
+    /// `grpc-timeout` (less the margin) and `request_timeout`.
+    answer_by: Instant,
+    /// From when a cancellation by the client counts as its deadline passing.
+    client_gives_up: Instant,
+}
+
+fn call_deadline(headers: &http::HeaderMap, started: Instant, request_timeout: Duration) -> CallDeadline {
+    let client_timeout =
+        headers.get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
+    match client_timeout {
+        Some(timeout) => {
+            let margin = CLIENT_DEADLINE_MARGIN.min(timeout / 10);
+            CallDeadline {
+                answer_by: started + (timeout - margin).min(request_timeout),
+                client_gives_up: started
+                    + timeout.saturating_sub(CLIENT_DEADLINE_ALLOWANCE).min(request_timeout),
+            }
+        }
+        None => {
+            CallDeadline { answer_by: started + request_timeout, client_gives_up: started + request_timeout }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcObservabilityLayer {
+    request_timeout: Duration,
+}
+
+impl GrpcObservabilityLayer {
+    /// `request_timeout` is REQUEST_TIMEOUT_SECONDS, the longest any call may take.
+    pub fn new(request_timeout: Duration) -> Self {
+        Self { request_timeout }
+    }
+}
 
 impl<S> Layer<S> for GrpcObservabilityLayer {
     type Service = GrpcObservability<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcObservability { inner }
+        GrpcObservability { inner, request_timeout: self.request_timeout }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct GrpcObservability<S> {
     inner: S,
+    request_timeout: Duration,
+}
+
+/// Counts and logs a call as handled exactly once: with the code its answer carries, or,
+/// when the call is dropped unanswered (the client cancelled, or tonic's own
+/// `grpc-timeout` timer won the race), as DEADLINE_EXCEEDED when the client's deadline
+/// had (about) passed and CANCELLED before.
+struct Handled {
+    labels: (&'static str, &'static str, &'static str),
+    started: Instant,
+    deadline: CallDeadline,
+    recorded: bool,
+}
+
+impl Handled {
+    fn record(&mut self, code: Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let (service, method, kind) = self.labels;
+        let elapsed = self.started.elapsed();
+        metrics::record_grpc_handled(service, method, kind, code_name(code), elapsed);
+        let current = tracing::Span::current();
+        current.record("rpc.grpc.status_code", code as i32);
+        let elapsed_ms = elapsed.as_millis() as u64;
+        if is_server_error(code) {
+            current.record("otel.status_code", "ERROR");
+        }
+        if code == Code::Ok {
+            tracing::debug!(grpc_code = code_name(code), elapsed_ms, "rpc finished");
+        } else if is_client_error(code) {
+            tracing::info!(grpc_code = code_name(code), elapsed_ms, "rpc refused");
+        } else {
+            tracing::warn!(grpc_code = code_name(code), elapsed_ms, "rpc failed");
+        }
+    }
+}
+
+impl Drop for Handled {
+    fn drop(&mut self) {
+        let code = if Instant::now() >= self.deadline.client_gives_up {
+            Code::DeadlineExceeded
+        } else {
+            Code::Cancelled
+        };
+        self.record(code);
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -107,31 +239,29 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
         // The clone that was polled ready serves this call (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (service, method, kind) = classify(request.uri().path());
+        let labels = classify(request.uri().path());
+        let (service, method, kind) = labels;
+        let started = Instant::now();
+        let deadline = call_deadline(request.headers(), started, self.request_timeout);
+        request.extensions_mut().insert(RequestDeadline(deadline.answer_by));
         let span = server_span(service, method, request.headers());
         span.record("caller", caller_from_extensions(request.extensions()).as_str());
         let handled = async move {
             metrics::record_grpc_started(service, method, kind);
-            let started = Instant::now();
-            let outcome = AssertUnwindSafe(inner.call(request)).catch_unwind().await;
-            let response = match outcome {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    metrics::record_grpc_handled(
-                        service,
-                        method,
-                        kind,
-                        code_name(Code::Unknown),
-                        started.elapsed(),
-                    );
+            let mut handled = Handled { labels, started, deadline, recorded: false };
+            let call = AssertUnwindSafe(inner.call(request)).catch_unwind();
+            let response = match tokio::time::timeout_at(deadline.answer_by, call).await {
+                Ok(Ok(Ok(response))) => response,
+                Ok(Ok(Err(error))) => {
                     tracing::warn!("rpc failed in the transport");
+                    handled.record(Code::Unknown);
                     return Err(error);
                 }
-                Err(panic) => {
+                Ok(Err(panic)) => {
                     let message = panic
                         .downcast_ref::<&str>()
                         .map(|text| text.to_string())
@@ -140,28 +270,12 @@ where
                     tracing::error!(panic = %message, "handler panicked");
                     Status::internal("internal error").into_http()
                 }
+                Err(_) => Status::deadline_exceeded("deadline exceeded").into_http(),
             };
             // Unary errors travel as trailers-only responses, so the code is in the
             // headers; without a grpc-status header the call succeeded.
             let code = Status::from_header_map(response.headers()).map_or(Code::Ok, |status| status.code());
-            let elapsed = started.elapsed();
-            metrics::record_grpc_handled(service, method, kind, code_name(code), elapsed);
-            let current = tracing::Span::current();
-            current.record("rpc.grpc.status_code", code as i32);
-            if is_server_error(code) {
-                current.record("otel.status_code", "ERROR");
-                tracing::warn!(
-                    grpc_code = code_name(code),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "rpc failed"
-                );
-            } else {
-                tracing::debug!(
-                    grpc_code = code_name(code),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "rpc finished"
-                );
-            }
+            handled.record(code);
             Ok(response)
         };
         Box::pin(handled.instrument(span))
@@ -173,6 +287,21 @@ fn is_server_error(code: Code) -> bool {
     matches!(
         code,
         Code::Unknown | Code::Internal | Code::Unavailable | Code::DataLoss | Code::DeadlineExceeded
+    )
+}
+
+/// Codes that refuse what the caller sent; logged at info (the caller's business).
+fn is_client_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::Unauthenticated
     )
 }
 
@@ -212,6 +341,38 @@ fn server_span(service: &'static str, method: &'static str, headers: &http::Head
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeout_values_parse_as_the_spec_says() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7_200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        for invalid in ["", "S", "5", "5s", "123456789S", "-5S", "5 S"] {
+            assert_eq!(parse_grpc_timeout(invalid), None, "{invalid:?}");
+        }
+    }
+
+    #[test]
+    fn the_deadline_is_the_sooner_of_the_client_timeout_and_the_request_timeout() {
+        let started = Instant::now();
+        let seconds = Duration::from_secs;
+        let mut headers = http::HeaderMap::new();
+        let server_only = call_deadline(&headers, started, seconds(10));
+        assert_eq!(server_only.answer_by, started + seconds(10));
+        assert_eq!(server_only.client_gives_up, started + seconds(10));
+        headers.insert("grpc-timeout", http::HeaderValue::from_static("2S"));
+        let client = call_deadline(&headers, started, seconds(10));
+        assert_eq!(client.answer_by, started + seconds(2) - CLIENT_DEADLINE_MARGIN);
+        assert_eq!(client.client_gives_up, started + seconds(2) - CLIENT_DEADLINE_ALLOWANCE);
+        assert_eq!(call_deadline(&headers, started, seconds(1)).answer_by, started + seconds(1));
+        headers.insert("grpc-timeout", http::HeaderValue::from_static("50m"));
+        let short = call_deadline(&headers, started, seconds(10));
+        assert_eq!(short.answer_by, started + Duration::from_millis(45), "the margin is at most a tenth");
+        assert_eq!(short.client_gives_up, started);
+    }
 
     #[test]
     fn unknown_paths_share_one_label_set() {

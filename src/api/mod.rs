@@ -6,5 +6,7 @@ pub mod admin;
 pub mod convert;
 pub mod grpc;
 pub mod health;
+pub mod malformed;
 pub mod middleware;
+pub mod preface;
 pub mod status;

@@ -18,6 +18,12 @@ impl From<ServiceError> for Status {
             ServiceError::PermissionDenied => Status::permission_denied("caller not allowed"),
             ServiceError::Overloaded => Status::resource_exhausted("ingest queue full, retry later"),
             ServiceError::Unavailable(reason) => Status::unavailable(reason),
+            ServiceError::DeadlineExceeded { outcome_unknown: false } => {
+                Status::deadline_exceeded("deadline exceeded before the call was written; nothing was stored")
+            }
+            ServiceError::DeadlineExceeded { outcome_unknown: true } => Status::deadline_exceeded(
+                "deadline exceeded while the call was being committed; outcome unknown, retry with the same insert_id",
+            ),
             ServiceError::Internal => Status::internal("internal error"),
         }
     }
@@ -48,6 +54,12 @@ mod tests {
 
         let unavailable: Status = ServiceError::Unavailable("database unavailable").into();
         assert_eq!(unavailable.code(), Code::Unavailable);
+
+        let withdrawn: Status = ServiceError::DeadlineExceeded { outcome_unknown: false }.into();
+        assert_eq!(withdrawn.code(), Code::DeadlineExceeded);
+        let unknown: Status = ServiceError::DeadlineExceeded { outcome_unknown: true }.into();
+        assert_eq!(unknown.code(), Code::DeadlineExceeded);
+        assert!(unknown.message().contains("insert_id"));
 
         let internal: Status = ServiceError::Internal.into();
         assert_eq!(internal.code(), Code::Internal);

@@ -49,6 +49,20 @@ pub struct NewEvent {
     pub properties: Properties,
     pub timestamp: DateTime<Utc>,
     pub insert_id: Option<InsertId>,
+    /// Whose insert_id it is (see [`Caller::key_scope`]): a key is unique per scope and
+    /// user, never across senders.
+    pub key_scope: String,
+}
+
+/// Who sent a call, as the api layer established it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The verified mTLS identity, or the peer IP without mTLS: the budget of anonymous
+    /// events, and the caller in logs and audit records.
+    pub name: String,
+    /// The namespace of the caller's idempotency keys: its verified mTLS identity, or ""
+    /// (one scope shared by every caller) without mTLS, where peer IPs change with pods.
+    pub key_scope: String,
 }
 
 /// A half-open time range [start, end) in Unix seconds, with end > start.

@@ -4,7 +4,9 @@
 mod event;
 mod user;
 
-pub use event::{EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent};
+pub use event::{
+    Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
+};
 pub use user::{IdentifyUser, UserId};
 
 use std::collections::BTreeMap;

@@ -3,6 +3,12 @@
 //! RPC; TLS_ALLOWED_CALLERS_PER_RPC narrows single RPCs with the syntax
 //! `Rpc=id1|id2;Rpc2=id3` (RPC names as in the proto, e.g. `GetEventCount`). A call must
 //! pass both lists that apply to it; an empty or absent list allows every verified caller.
+//!
+//! The standard services: server reflection follows TLS_ALLOWED_CALLERS unless
+//! TLS_ALLOWED_CALLERS_COVER_REFLECTION is false (it describes the whole API, so it is no
+//! more public than the API). grpc.health answers every verified caller: it discloses
+//! only serving status, and probes and `analytics-service healthcheck` must work with any
+//! certificate the client CA signed.
 
 use std::collections::{HashMap, HashSet};
 
@@ -47,6 +53,11 @@ impl CallerPolicy {
         self.global.is_empty() && self.per_rpc.is_empty()
     }
 
+    /// Whether `caller` may use server reflection when it follows the global list.
+    pub fn allows_reflection(&self, caller: &str) -> bool {
+        self.global.is_empty() || self.global.contains(caller)
+    }
+
     /// Whether `caller` may call `rpc`.
     pub fn allows(&self, rpc: &str, caller: &str) -> bool {
         let globally = self.global.is_empty() || self.global.contains(caller);
@@ -70,6 +81,9 @@ mod tests {
         assert!(!policy.allows("GetEventCount", "spiffe://prod/web"));
         assert!(policy.allows("TrackEvent", "spiffe://prod/web"));
         assert!(!policy.allows("TrackEvent", "spiffe://prod/intruder"));
+        assert!(policy.allows_reflection("spiffe://prod/web"));
+        assert!(!policy.allows_reflection("spiffe://prod/intruder"));
+        assert!(CallerPolicy::parse("", "GetEventCount=a").unwrap().allows_reflection("b"));
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! Keys come from PII_KEYS_FILE (a mounted Secret): one `KEY_ID:BASE64_32_BYTE_KEY` per line,
 //! the first line encrypting new writes, every line decrypting. Rotation: put the new
 //! key first, keep the old ones, then run `analytics-service reencrypt`.
+//!
+//! A property is sensitive when its key, trimmed of surrounding white space and compared
+//! ignoring ASCII case, is one of PII_FIELDS (`Email`, ` email ` and `EMAIL` all match
+//! `email`). Every sensitive value written is encrypted, whatever it looks like: a value
+//! that merely starts with the reserved prefix is never taken for ciphertext (the API
+//! refuses such values; [`is_reserved`]). Only a well-formed ciphertext (prefix, key id,
+//! base64 of a nonce and at least a tag) is decrypted on read; a prefixed value that is not
+//! one is clear text, which `reencrypt` then encrypts.
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -26,8 +34,54 @@ pub const CIPHERTEXT_PREFIX: &str = "enc:v1:";
 const KEY_BYTES: usize = 32;
 /// Bytes of an AES-GCM nonce.
 const NONCE_BYTES: usize = 12;
+/// Bytes of an AES-GCM authentication tag.
+const TAG_BYTES: usize = 16;
 /// Longest key id (letters, digits, `-`, `_`).
 const MAX_KEY_ID_BYTES: usize = 64;
+
+/// Whether a client-supplied string would read as ciphertext (it starts with the
+/// reserved prefix). The API refuses such values.
+pub fn is_reserved(text: &str) -> bool {
+    text.starts_with(CIPHERTEXT_PREFIX)
+}
+
+/// The form in which PII_FIELDS names and property keys are compared: trimmed, ASCII
+/// lower case.
+pub fn normalize_field_name(name: &str) -> String {
+    name.trim().to_ascii_lowercase()
+}
+
+fn is_valid_key_id(key_id: &str) -> bool {
+    !key_id.is_empty()
+        && key_id.len() <= MAX_KEY_ID_BYTES
+        && key_id.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+}
+
+/// A stored string that has the shape of a ciphertext this module wrote: the prefix, a
+/// valid key id, and base64 of a nonce plus at least a tag. `None` for anything else,
+/// including clear text that happens to start with the prefix.
+struct Ciphertext<'a> {
+    key_id: &'a str,
+    sealed: Vec<u8>,
+}
+
+impl<'a> Ciphertext<'a> {
+    fn parse(text: &'a str) -> Option<Self> {
+        let (key_id, encoded) = text.strip_prefix(CIPHERTEXT_PREFIX)?.split_once(':')?;
+        if !is_valid_key_id(key_id) {
+            return None;
+        }
+        let sealed = BASE64.decode(encoded).ok()?;
+        (sealed.len() >= NONCE_BYTES + TAG_BYTES).then_some(Self { key_id, sealed })
+    }
+}
+
+fn as_ciphertext(value: &Value) -> Option<Ciphertext<'_>> {
+    match value {
+        Value::String(text) => Ciphertext::parse(text),
+        _ => None,
+    }
+}
 
 /// The configured keys, current first.
 #[derive(Clone)]
@@ -62,10 +116,7 @@ impl PiiKeys {
                 return Err(format!("{source}: line {index}: expected KEY_ID:BASE64_32_BYTE_KEY"));
             };
             let key_id = key_id.trim();
-            let valid_id = !key_id.is_empty()
-                && key_id.len() <= MAX_KEY_ID_BYTES
-                && key_id.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_');
-            if !valid_id {
+            if !is_valid_key_id(key_id) {
                 return Err(format!("{source}: line {index}: key id must be 1-64 of A-Z a-z 0-9 - _"));
             }
             let key = BASE64
@@ -108,13 +159,15 @@ pub struct PiiCipher {
 
 #[derive(Debug)]
 struct CipherInner {
+    /// PII_FIELDS, normalised ([`normalize_field_name`]).
     fields: BTreeSet<String>,
     keys: PiiKeys,
 }
 
 impl PiiCipher {
     pub fn new(fields: impl IntoIterator<Item = String>, keys: PiiKeys) -> Self {
-        Self { inner: Some(Arc::new(CipherInner { fields: fields.into_iter().collect(), keys })) }
+        let fields = fields.into_iter().map(|field| normalize_field_name(&field)).collect();
+        Self { inner: Some(Arc::new(CipherInner { fields, keys })) }
     }
 
     pub fn disabled() -> Self {
@@ -129,24 +182,25 @@ impl PiiCipher {
         self.inner.as_ref().map(|inner| inner.keys.current_key_id())
     }
 
-    /// Encrypts, in place, the values of sensitive keys of a properties object. Values
-    /// already encrypted are left alone.
+    /// Encrypts, in place, every value of a sensitive key of a properties object. A value
+    /// that looks like ciphertext is encrypted too: callers never vouch for their values.
     pub fn seal(&self, properties: &mut Value) {
         let (Some(inner), Value::Object(object)) = (&self.inner, properties) else { return };
         for (key, value) in object.iter_mut() {
-            if inner.fields.contains(key) && !is_ciphertext(value) {
+            if inner.is_sensitive(key) {
                 *value = Value::String(inner.encrypt(key, value));
             }
         }
     }
 
     /// `properties` as they are to be stored: a copy with the sensitive values encrypted
-    /// as [`PiiCipher::seal`] does, or, when none needs it, the object itself (no copy).
+    /// as [`PiiCipher::seal`] does, or, when it has no sensitive key, the object itself
+    /// (no copy).
     pub fn sealed<'a>(&self, properties: &'a Value) -> Cow<'a, Value> {
         let (Some(inner), Value::Object(object)) = (&self.inner, properties) else {
             return Cow::Borrowed(properties);
         };
-        if !object.iter().any(|(key, value)| inner.fields.contains(key) && !is_ciphertext(value)) {
+        if !object.keys().any(|key| inner.is_sensitive(key)) {
             return Cow::Borrowed(properties);
         }
         let mut sealed = properties.clone();
@@ -154,32 +208,29 @@ impl PiiCipher {
         Cow::Owned(sealed)
     }
 
-    /// Decrypts, in place, every encrypted value of a properties object (whatever its
-    /// key, so values written under an older PII_FIELDS still read back).
+    /// Decrypts, in place, every well-formed ciphertext of a properties object (whatever
+    /// its key, so values written under an older PII_FIELDS still read back). Other values,
+    /// prefixed or not, are clear text and stay as they are.
     pub fn open(&self, properties: &mut Value) -> Result<(), DecryptError> {
         let Value::Object(object) = properties else { return Ok(()) };
         for (key, value) in object.iter_mut() {
-            if let Value::String(text) = value {
-                if let Some(payload) = text.strip_prefix(CIPHERTEXT_PREFIX) {
-                    let Some(inner) = &self.inner else {
-                        return Err(DecryptError::UnknownKey(payload.split(':').next().unwrap_or("").into()));
-                    };
-                    *value = inner.decrypt(key, payload)?;
-                }
-            }
+            let Some(ciphertext) = as_ciphertext(value) else { continue };
+            let Some(inner) = &self.inner else {
+                return Err(DecryptError::UnknownKey(ciphertext.key_id.to_string()));
+            };
+            *value = inner.decrypt(key, &ciphertext)?;
         }
         Ok(())
     }
 
-    /// Whether a stored object needs `reencrypt`: a sensitive value in clear text, or a
-    /// value encrypted under a key other than the current one.
+    /// Whether a stored object needs `reencrypt`: a sensitive value in clear text
+    /// (including clear text that starts with the prefix), or a value encrypted under a key
+    /// other than the current one.
     pub fn needs_reencryption(&self, properties: &Value) -> bool {
         let (Some(inner), Value::Object(object)) = (&self.inner, properties) else { return false };
-        object.iter().any(|(key, value)| match value {
-            Value::String(text) if text.starts_with(CIPHERTEXT_PREFIX) => {
-                !text[CIPHERTEXT_PREFIX.len()..].starts_with(&format!("{}:", inner.keys.current_key_id))
-            }
-            _ => inner.fields.contains(key) && !value.is_null(),
+        object.iter().any(|(key, value)| match as_ciphertext(value) {
+            Some(ciphertext) => ciphertext.key_id != inner.keys.current_key_id,
+            None => inner.is_sensitive(key) && !value.is_null(),
         })
     }
 
@@ -191,11 +242,11 @@ impl PiiCipher {
     }
 }
 
-fn is_ciphertext(value: &Value) -> bool {
-    matches!(value, Value::String(text) if text.starts_with(CIPHERTEXT_PREFIX))
-}
-
 impl CipherInner {
+    fn is_sensitive(&self, property_key: &str) -> bool {
+        self.fields.contains(&normalize_field_name(property_key))
+    }
+
     fn encrypt(&self, property_key: &str, value: &Value) -> String {
         let key_id = &self.keys.current_key_id;
         let cipher = &self.keys.ciphers[key_id];
@@ -210,17 +261,15 @@ impl CipherInner {
         format!("{CIPHERTEXT_PREFIX}{key_id}:{}", BASE64.encode(sealed))
     }
 
-    fn decrypt(&self, property_key: &str, payload: &str) -> Result<Value, DecryptError> {
-        let (key_id, encoded) = payload.split_once(':').ok_or(DecryptError::Corrupt)?;
-        let cipher =
-            self.keys.ciphers.get(key_id).ok_or_else(|| DecryptError::UnknownKey(key_id.to_string()))?;
-        let sealed = BASE64.decode(encoded).map_err(|_| DecryptError::Corrupt)?;
-        if sealed.len() < NONCE_BYTES {
-            return Err(DecryptError::Corrupt);
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_BYTES);
+    fn decrypt(&self, property_key: &str, ciphertext: &Ciphertext<'_>) -> Result<Value, DecryptError> {
+        let cipher = self
+            .keys
+            .ciphers
+            .get(ciphertext.key_id)
+            .ok_or_else(|| DecryptError::UnknownKey(ciphertext.key_id.to_string()))?;
+        let (nonce, sealed) = ciphertext.sealed.split_at(NONCE_BYTES);
         let plaintext = cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: property_key.as_bytes() })
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: property_key.as_bytes() })
             .map_err(|_| DecryptError::Corrupt)?;
         serde_json::from_slice(&plaintext).map_err(|_| DecryptError::Corrupt)
     }
@@ -264,7 +313,6 @@ mod tests {
         assert!(sealed["email"].as_str().unwrap().starts_with("enc:v1:a:"));
         assert!(sealed["age"].as_str().unwrap().starts_with("enc:v1:a:"));
         assert_eq!(sealed["plan"], "pro");
-        assert!(matches!(cipher.sealed(&sealed), Cow::Borrowed(_)), "sealed values are left alone");
         let mut read = sealed.into_owned();
         cipher.open(&mut read).unwrap();
         assert_eq!(read, original);
@@ -303,8 +351,68 @@ mod tests {
         cipher.seal(&mut stored);
         let mut moved = json!({"age": stored["email"].clone()});
         assert_eq!(cipher.open(&mut moved), Err(DecryptError::Corrupt));
-        let mut tampered = json!({"email": format!("{}x", stored["email"].as_str().unwrap())});
-        assert!(cipher.open(&mut tampered).is_err());
+        let text = stored["email"].as_str().unwrap();
+        let flip_at = text.len() - 8;
+        let flipped = if &text[flip_at..=flip_at] == "A" { "B" } else { "A" };
+        let mut tampered = json!({"email": format!("{}{flipped}{}", &text[..flip_at], &text[flip_at + 1..])});
+        assert_eq!(cipher.open(&mut tampered), Err(DecryptError::Corrupt));
+    }
+
+    #[test]
+    fn values_shaped_like_ciphertext_are_encrypted_and_read_back_as_sent() {
+        let cipher = cipher(KEY_A);
+        let mut genuine = json!({"email": "x"});
+        cipher.seal(&mut genuine);
+        let smuggled = [
+            "enc:v1:a:carol@example.org",
+            "enc:v1:carol@example.org",
+            "enc:v1:zz:carol@example.org",
+            genuine["email"].as_str().unwrap(),
+        ];
+        for value in smuggled {
+            let original = json!({"email": value});
+            let sealed = cipher.sealed(&original).into_owned();
+            let stored = sealed["email"].as_str().unwrap();
+            assert!(stored.starts_with("enc:v1:a:") && stored != value, "{value}: stored {stored}");
+            let mut read = sealed.clone();
+            cipher.open(&mut read).unwrap();
+            assert_eq!(read, original, "{value}");
+        }
+        assert!(is_reserved("enc:v1:anything") && !is_reserved("ENC:v1:") && !is_reserved("x enc:v1:"));
+    }
+
+    #[test]
+    fn smuggled_clear_text_already_stored_is_reencrypted_not_failed() {
+        let cipher = cipher(KEY_A);
+        for value in ["enc:v1:a:carol@example.org", "enc:v1:carol@example.org", "enc:v1:zz:AAAA"] {
+            let mut stored = json!({"email": value, "plan": "pro"});
+            let mut read = stored.clone();
+            cipher.open(&mut read).unwrap();
+            assert_eq!(read["email"], value, "clear text with the prefix reads back as it is");
+            assert!(cipher.needs_reencryption(&stored), "{value}");
+            cipher.reseal(&mut stored).unwrap();
+            assert!(!stored.to_string().contains("carol"), "{stored}");
+            assert!(!cipher.needs_reencryption(&stored));
+            cipher.open(&mut stored).unwrap();
+            assert_eq!(stored["email"], value);
+        }
+        let mut not_sensitive = json!({"plan": "enc:v1:carol@example.org"});
+        assert!(!cipher.needs_reencryption(&not_sensitive));
+        cipher.open(&mut not_sensitive).unwrap();
+        assert_eq!(not_sensitive["plan"], "enc:v1:carol@example.org");
+    }
+
+    #[test]
+    fn field_names_match_trimmed_and_ignoring_ascii_case() {
+        let cipher = PiiCipher::new([" Email ".to_string()], PiiKeys::parse(KEY_A, "PII_KEYS").unwrap());
+        let mut stored =
+            json!({"Email": "a@x", "email ": "b@x", "EMAIL": "c@x", " email": "d@x", "e-mail": "e"});
+        cipher.seal(&mut stored);
+        for key in ["Email", "email ", "EMAIL", " email"] {
+            assert!(stored[key].as_str().unwrap().starts_with("enc:v1:a:"), "{key}: {stored}");
+        }
+        assert_eq!(stored["e-mail"], "e");
+        assert_eq!(normalize_field_name("  PhOnE\t"), "phone");
     }
 
     #[test]

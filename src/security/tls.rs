@@ -23,8 +23,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::metrics;
 
-/// Longest time a client may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for tonic to pick them up.
 const ACCEPTED_QUEUE_LENGTH: usize = 128;
 
@@ -149,14 +147,28 @@ impl ReloadingTlsConfig {
     }
 }
 
+/// Bounds on connections still in their TLS handshake.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeLimits {
+    /// GRPC_HANDSHAKE_TIMEOUT_SECONDS: longest time a client may take to complete it.
+    pub timeout: Duration,
+    /// GRPC_MAX_PENDING_TLS_HANDSHAKES: connections beyond this many in their handshake
+    /// are closed at once.
+    pub max_pending: usize,
+}
+
 /// Accepts TCP connections and completes each TLS handshake on its own task (a slow
 /// client never blocks the others); yields only connections whose handshake succeeded.
 /// Failed handshakes (no client certificate, unknown CA, expired) are logged and counted.
+/// At most `limits.max_pending` handshakes wait at once: a connection beyond that is
+/// closed on accept (counted as `handshake_backlog`), so silent clients cannot pile up.
 pub fn tls_incoming(
     listener: TcpListener,
     tls: ReloadingTlsConfig,
+    limits: HandshakeLimits,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE_LENGTH);
+    let pending_handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_pending));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -171,6 +183,12 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            let Ok(handshake_slot) = pending_handshakes.clone().try_acquire_owned() else {
+                metrics::record_connection_closed_early("handshake_backlog");
+                tracing::debug!(peer = %peer, max_pending = limits.max_pending, "too many pending tls handshakes, closing");
+                drop(stream);
+                continue;
+            };
             // As on the plaintext port: without TCP_NODELAY small responses wait for the
             // peer's delayed ACK (about 40 ms).
             if let Err(error) = stream.set_nodelay(true) {
@@ -179,7 +197,9 @@ pub fn tls_incoming(
             let acceptor = tls.acceptor();
             let sender = sender.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                let handshake = tokio::time::timeout(limits.timeout, acceptor.accept(stream)).await;
+                drop(handshake_slot);
+                match handshake {
                     Ok(Ok(tls_stream)) => {
                         metrics::record_tls_handshake(true);
                         sender.send(Ok(tls_stream)).await.ok();
@@ -220,6 +240,12 @@ pub fn caller_identity(certificate: &CertificateDer<'_>) -> Option<String> {
 
 /// Identity of a TLS client whose certificate carries no SAN we understand.
 pub const UNIDENTIFIED_CALLER: &str = "unidentified";
+
+/// The identity of the verified client certificate; `None` in plaintext mode.
+pub fn verified_identity(extensions: &http::Extensions) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions.get::<TlsConnectInfo<TcpConnectInfo>>().map(|_| caller_from_extensions(extensions))
+}
 
 /// Who called, from a request's connection info: under mTLS the identity of the
 /// verified client certificate, in plaintext mode the peer IP address.

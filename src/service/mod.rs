@@ -13,10 +13,11 @@ pub mod validation;
 use std::sync::Arc;
 
 use chrono::Utc;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::metrics;
-use crate::models::{IdentifyUser, NewEvent, TrackEvent, UserId};
+use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{schema, Database, EventRepository, RepositoryError, UserRepository};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
@@ -37,9 +38,15 @@ pub enum ServiceError {
     /// The ingest queue is full: the call was refused at once, nothing was stored.
     #[error("ingest queue full, retry later")]
     Overloaded,
-    /// A dependency is down or not ready; the message is safe to show callers.
+    /// A dependency is down or not ready; nothing of the call was stored. The message is
+    /// safe to show callers.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// The call's deadline passed. With `outcome_unknown` its events were inside a
+    /// commit whose outcome is not known (retry with the same insert_id); without, they
+    /// were withdrawn before any was written.
+    #[error("deadline exceeded")]
+    DeadlineExceeded { outcome_unknown: bool },
     /// A bug or unexpected failure; the details were logged, never shown.
     #[error("internal error")]
     Internal,
@@ -48,7 +55,9 @@ pub enum ServiceError {
 impl From<RepositoryError> for ServiceError {
     fn from(error: RepositoryError) -> Self {
         match error {
-            RepositoryError::Unavailable(_) => ServiceError::Unavailable("database unavailable"),
+            RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_) => {
+                ServiceError::Unavailable("database unavailable")
+            }
             RepositoryError::NotReady(_) => {
                 tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
                 ServiceError::Unavailable("database not ready")
@@ -60,6 +69,9 @@ impl From<RepositoryError> for ServiceError {
         }
     }
 }
+
+/// How long recording one of the service's own lifecycle events may take.
+const LIFECYCLE_EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Caller name of the service's own lifecycle events.
 pub const SELF_CALLER: &str = "self";
@@ -140,7 +152,12 @@ impl AnalyticsService {
     }
 
     /// Fixes an event's id and time (checked against the accepted age window).
-    fn new_event(&self, event: TrackEvent, now: chrono::DateTime<Utc>) -> Result<NewEvent, ValidationError> {
+    fn new_event(
+        &self,
+        event: TrackEvent,
+        caller: &Caller,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<NewEvent, ValidationError> {
         let timestamp = validation::event_timestamp(event.unix_seconds, now, self.event_max_age)?;
         Ok(NewEvent {
             id: Uuid::now_v7(),
@@ -148,14 +165,15 @@ impl AnalyticsService {
             user_id: event.user_id,
             properties: event.properties,
             timestamp,
+            key_scope: if event.insert_id.is_some() { caller.key_scope.clone() } else { String::new() },
             insert_id: event.insert_id,
         })
     }
 
     /// Spends one event of the sender's budget (the user, or `caller` for anonymous
     /// events).
-    async fn check_rate_limit(&self, event: &NewEvent, caller: &str) -> Result<(), ServiceError> {
-        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), caller);
+    async fn check_rate_limit(&self, event: &NewEvent, caller: &Caller) -> Result<(), ServiceError> {
+        let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), &caller.name);
         self.rate_limiter.check(&budget).await.map_err(|wait| {
             metrics::record_event_rejected("rate_limited");
             metrics::record_rate_limited();
@@ -166,13 +184,20 @@ impl AnalyticsService {
     /// Stores one event through the group commit; answers once it is committed, with its
     /// id, or with the original id when its insert_id was stored before. `caller`
     /// identifies who sent it (budget of anonymous events).
+    /// `deadline` is when the caller stops waiting (see [`ingest`] for what each answer
+    /// then means).
     #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
-    pub async fn track_event(&self, event: TrackEvent, caller: &str) -> Result<Stored, ServiceError> {
+    pub async fn track_event(
+        &self,
+        event: TrackEvent,
+        caller: &Caller,
+        deadline: Instant,
+    ) -> Result<Stored, ServiceError> {
         let new_event = self
-            .new_event(event, Utc::now())
+            .new_event(event, caller, Utc::now())
             .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
         self.check_rate_limit(&new_event, caller).await?;
-        let mut results = self.ingest.submit(vec![new_event]).await?;
+        let mut results = self.ingest.submit(vec![new_event], deadline).await?;
         results.pop().unwrap_or(Err(ServiceError::Internal))
     }
 
@@ -184,14 +209,15 @@ impl AnalyticsService {
     pub async fn track_events(
         &self,
         events: Vec<Result<TrackEvent, ValidationError>>,
-        caller: &str,
+        caller: &Caller,
+        deadline: Instant,
     ) -> Result<Vec<EventResult>, ServiceError> {
         let now = Utc::now();
         let mut results: Vec<Option<EventResult>> = vec![None; events.len()];
         let mut valid = Vec::with_capacity(events.len());
         let mut positions = Vec::with_capacity(events.len());
         for (index, event) in events.into_iter().enumerate() {
-            match event.and_then(|event| self.new_event(event, now)) {
+            match event.and_then(|event| self.new_event(event, caller, now)) {
                 Ok(new_event) => {
                     valid.push(new_event);
                     positions.push(index);
@@ -221,7 +247,7 @@ impl AnalyticsService {
         }
         let (valid, positions) = (admitted, admitted_positions);
         if !valid.is_empty() {
-            let stored = self.ingest.submit(valid).await?;
+            let stored = self.ingest.submit(valid, deadline).await?;
             if let Some(Err(error @ ServiceError::Unavailable(_))) = stored.first() {
                 if stored.iter().all(Result::is_err) {
                     return Err(error.clone());
@@ -275,7 +301,8 @@ impl AnalyticsService {
                 return;
             }
         };
-        match self.track_event(event, SELF_CALLER).await {
+        let caller = Caller { name: SELF_CALLER.to_string(), key_scope: SELF_CALLER.to_string() };
+        match self.track_event(event, &caller, Instant::now() + LIFECYCLE_EVENT_TIMEOUT).await {
             Ok(stored) => {
                 tracing::info!(event = name, event_id = %stored.event_id(), "lifecycle event tracked")
             }

@@ -4,6 +4,11 @@
 //! fails, each replica falls back to its own local limiter (the governor crate) and
 //! says so once, then once more when Redis is back. After a failure Redis is skipped
 //! for a short cool-down, so callers do not each pay a timeout during an outage.
+//!
+//! The fallback cannot see what was spent in Redis or on other replicas, so each replica
+//! gets the budget divided by RATE_LIMIT_EXPECTED_REPLICAS (at least 1 event): with that
+//! many replicas a user gets about one budget per minute in total during an outage, not
+//! one per replica. Batches larger than a replica's share are refused until Redis is back.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,9 +52,17 @@ impl RateLimiter {
         }
     }
 
-    /// A limiter whose budgets are shared through Redis, the local one as fallback.
-    pub fn shared_per_minute(events_per_minute: u32, shared: SharedBudgets) -> Self {
-        Self { shared: Some(shared), ..Self::per_minute(events_per_minute) }
+    /// A limiter whose budgets are shared through Redis; the local fallback gives each of
+    /// `expected_replicas` replicas its share of the budget (at least 1 event).
+    pub fn shared_per_minute(events_per_minute: u32, expected_replicas: u32, shared: SharedBudgets) -> Self {
+        let fallback_share = NonZeroU32::new(events_per_minute)
+            .map(|budget| (budget.get() / expected_replicas.max(1)).max(1))
+            .and_then(NonZeroU32::new);
+        Self {
+            shared: Some(shared),
+            local: fallback_share.map(|share| DefaultKeyedRateLimiter::keyed(Quota::per_minute(share))),
+            ..Self::per_minute(events_per_minute)
+        }
     }
 
     pub fn is_shared(&self) -> bool {

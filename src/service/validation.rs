@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::models::{EventName, GroupBy, InsertId, Properties, PropertyValue, TimeRange, UserId};
+use crate::security::pii::{is_reserved, CIPHERTEXT_PREFIX};
 
 /// Longest event name, user id and property key, in bytes (the VARCHAR(255) columns).
 pub const MAX_NAME_BYTES: usize = 255;
@@ -136,6 +137,14 @@ impl Properties {
                 None => return Err(ValidationError::new(field, "value must be set")),
                 Some(PropertyValue::String(text)) if text.contains('\0') => {
                     return Err(ValidationError::new(field, "string value must not contain NUL"))
+                }
+                // Stored values with this prefix read as ciphertext: a client must not be
+                // able to pass clear text off as encrypted (or break the reads of a row).
+                Some(PropertyValue::String(text)) if is_reserved(&text) => {
+                    return Err(ValidationError::new(
+                        field,
+                        format!("string value must not start with the reserved prefix {CIPHERTEXT_PREFIX}"),
+                    ))
                 }
                 Some(PropertyValue::Number(number)) if !number.is_finite() => {
                     return Err(ValidationError::new(field, "number value must be finite"))
@@ -341,6 +350,12 @@ mod tests {
                 Some(("properties[\"n\"]", "finite")),
             ),
             ("unset value", vec![("v".into(), None)], Some(("properties[\"v\"]", "must be set"))),
+            (
+                "reserved prefix",
+                vec![("email".into(), string("enc:v1:k1:carol@example.org"))],
+                Some(("properties[\"email\"]", "reserved prefix enc:v1:")),
+            ),
+            ("prefix inside a value", vec![("note".into(), string("see enc:v1:"))], None),
         ];
         for (name, raw, expected) in cases {
             let result = Properties::parse(raw);

@@ -44,6 +44,15 @@ impl TestCa {
         self.sign(params)
     }
 
+    /// A server certificate for exactly `names` (DNS names or IP addresses).
+    pub fn server_for(&self, names: &[&str]) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|name| name.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
     /// A client certificate with a SPIFFE URI SAN (the caller identity) and a DNS SAN.
     pub fn client(&self, spiffe_id: &str, dns_name: &str) -> Leaf {
         self.client_valid_between(

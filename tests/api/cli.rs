@@ -105,3 +105,40 @@ async fn sigterm_drains_and_exits_zero() {
     assert_eq!(exit.code(), Some(0));
     drop_database(&database).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_and_its_check_run_with_an_https_collector_that_is_down() {
+    let database = create_database().await;
+    let endpoint = format!("https://127.0.0.1:{}", closed_port());
+    let migrate =
+        command(&database).env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint).arg("migrate").output().unwrap();
+    assert!(
+        migrate.status.success(),
+        "migrate: {}{}",
+        String::from_utf8_lossy(&migrate.stdout),
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    let check = command(&database)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20t0ken")
+        .args(["migrate", "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "the init container's check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // An exporter that cannot be built (a broken header list) is logged, never fatal.
+    let broken = command(&database)
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign")
+        .args(["migrate", "--check"])
+        .output()
+        .unwrap();
+    assert_eq!(broken.status.code(), Some(0), "{}", String::from_utf8_lossy(&broken.stderr));
+    let log = String::from_utf8_lossy(&broken.stdout);
+    assert!(log.contains("trace export off") && log.contains("OTEL_EXPORTER_OTLP_HEADERS"), "{log}");
+    drop_database(&database).await;
+}

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use analytics_service::api::middleware::GrpcObservabilityLayer;
 use analytics_service::pb;
@@ -27,7 +27,7 @@ fn event(name: &str) -> pb::TrackEventRequest {
 }
 
 #[tokio::test]
-async fn database_down_answers_unavailable_after_retries_and_reports_not_serving() {
+async fn database_down_answers_unavailable_at_once_and_reports_not_serving() {
     let app = spawn_app_with(TestOptions {
         database_unreachable: true,
         env: vec![("POSTGRES_ACQUIRE_TIMEOUT_MS".into(), "200".into())],
@@ -36,17 +36,12 @@ async fn database_down_answers_unavailable_after_retries_and_reports_not_serving
     .await;
     let mut client = app.client.clone();
 
-    let started = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(20), client.track_event(event("view")))
         .await
         .expect("no hang")
         .expect_err("database is down");
-    let elapsed = started.elapsed();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(status.message(), "database unavailable");
-    // 5 attempts, each waiting up to the 200 ms acquire timeout, with 5 + 10 + 20 + 40 ms
-    // of backoff between them: one attempt alone could not take this long.
-    assert!(elapsed >= Duration::from_millis(475), "retried with backoff, took {elapsed:?}");
 
     let status = client
         .get_user_count(pb::GetUserCountRequest { start_time: 0, end_time: 10 })
@@ -67,6 +62,9 @@ async fn database_down_answers_unavailable_after_retries_and_reports_not_serving
 
     let (_, metrics) = app.admin_get("/metrics").await;
     assert!(metrics.contains("analytics_database_up 0"), "{metrics}");
+    // Known to be unreachable: the call was refused without trying a commit.
+    assert!(metrics.contains(r#"analytics_events_rejected_total{reason="database"} 1"#), "{metrics}");
+    assert!(!metrics.contains(r#"operation="insert_events""#), "no commit was attempted: {metrics}");
 }
 
 #[tokio::test]
@@ -142,7 +140,7 @@ async fn a_panicking_handler_answers_internal_and_the_server_keeps_serving() {
     let address: SocketAddr = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .layer(GrpcObservabilityLayer)
+            .layer(GrpcObservabilityLayer::new(std::time::Duration::from_secs(10)))
             .add_service(AnalyticsServiceServer::new(PanickingService))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );

@@ -151,11 +151,37 @@ async fn the_same_insert_id_sent_twice_in_sequence_is_stored_once() {
     assert!(first.success && second.success);
     assert_eq!(first.event_id, second.event_id, "the retry answers with the original event_id");
     assert_eq!(app.event_rows().await, 1);
-    let key: (String, String) = sqlx::query_as("SELECT insert_id, event_id::text FROM event_insert_ids")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(key, ("order-42".to_string(), first.event_id));
+    let key: (String, String, String, String) =
+        sqlx::query_as("SELECT scope, user_id, insert_id, event_id::text FROM event_insert_ids")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(key, (String::new(), "u1".to_string(), "order-42".to_string(), first.event_id));
+}
+
+#[tokio::test]
+async fn an_insert_id_belongs_to_its_user() {
+    let app = spawn_app().await;
+    let alice = app.track_keyed("purchase", "alice", "order-42").await;
+    let bob = app.track_keyed("purchase", "bob", "order-42").await;
+    let anonymous = app.track_keyed("purchase", "", "order-42").await;
+    assert_ne!(alice.event_id, bob.event_id, "another user's key never suppresses an event");
+    assert_ne!(anonymous.event_id, alice.event_id);
+    assert_eq!(app.event_rows().await, 3);
+    // In one batch too, and each user's retry still answers with its own original.
+    let results = app
+        .track_batch(vec![
+            keyed_track_request("purchase", "alice", "order-42"),
+            keyed_track_request("purchase", "carol", "order-42"),
+            keyed_track_request("purchase", "carol", "order-42"),
+        ])
+        .await;
+    assert_eq!(status_of(&results[0]), TrackEventStatus::Duplicate);
+    assert_eq!(results[0].event_id, alice.event_id);
+    assert_eq!(status_of(&results[1]), TrackEventStatus::Accepted);
+    assert_eq!(status_of(&results[2]), TrackEventStatus::Duplicate);
+    assert_eq!(results[2].event_id, results[1].event_id);
+    assert_eq!(app.event_rows().await, 4);
 }
 
 #[tokio::test]

@@ -321,6 +321,7 @@ async fn readyz_follows_postgresql_and_livez_stays_up() {
         env: env(&[
             ("POSTGRES_PORT", &proxy.address.port().to_string()),
             ("POSTGRES_ACQUIRE_TIMEOUT_MS", "300"),
+            ("READINESS_REQUIRES_DATABASE", "true"),
         ]),
         ..TestOptions::default()
     };

@@ -237,6 +237,129 @@ async fn sensitive_values_are_encrypted_at_rest_and_survive_a_key_rotation() {
     assert!(dump.contains("\"plan\": \"team\""), "non-sensitive values stay readable");
 }
 
+fn reencrypt_command(app: &TestApp, keys_file: &std::path::Path) -> std::process::Output {
+    Command::new(BINARY)
+        .arg("reencrypt")
+        .env("POSTGRES_HOST", postgres_host())
+        .env("POSTGRES_PORT", postgres_port().to_string())
+        .env("POSTGRES_USER", postgres_user())
+        .env("POSTGRES_PASSWORD", "")
+        .env("POSTGRES_DB", &app.database_name)
+        .env("POSTGRES_SSLMODE", "disable")
+        .env("PII_KEYS_FILE", keys_file)
+        .env("PII_FIELDS", "email")
+        .env("LOG_FORMAT", "text")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clear_text_cannot_pass_for_ciphertext_and_field_names_are_normalised() {
+    let keys = CertDir::new();
+    let keys_file = keys.write("pii.keys", &format!("{}\n", key_line("k1")));
+    let env = vec![
+        ("PII_KEYS_FILE".to_string(), keys_file.display().to_string()),
+        ("PII_FIELDS".to_string(), "email".to_string()),
+    ];
+    let app = spawn_app_with(TestOptions { env, ..TestOptions::default() }).await;
+
+    // The reserved prefix is refused in any property, PII or not, naming the property.
+    for (key, value) in [
+        ("email", "enc:v1:k1:carol@example.org"),
+        ("email", "enc:v1:carol@example.org"),
+        ("plan", "enc:v1:k1:carol@example.org"),
+    ] {
+        let properties = HashMap::from([(key.to_string(), string_value(value))]);
+        let status = app
+            .client
+            .clone()
+            .identify_user(pb::IdentifyUserRequest {
+                user_id: "carol".into(),
+                properties: properties.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{key}={value}: {status:?}");
+        assert!(status.message().contains(&format!("properties[\"{key}\"]")), "{status:?}");
+        let status = app
+            .client
+            .clone()
+            .track_event(pb::TrackEventRequest {
+                event_name: "signup".into(),
+                user_id: "carol".into(),
+                properties,
+                timestamp: 0,
+                insert_id: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{key}={value}: {status:?}");
+    }
+    assert_eq!(app.event_rows().await, 0);
+
+    // PII_FIELDS=email covers `Email`, `email ` and `EMAIL`.
+    app.client
+        .clone()
+        .identify_user(pb::IdentifyUserRequest {
+            user_id: "dora".into(),
+            properties: HashMap::from([
+                ("Email".to_string(), string_value("dora@example.org")),
+                ("email ".to_string(), string_value("dora.work@example.org")),
+                ("EMAIL".to_string(), string_value("dora.home@example.org")),
+                ("plan".to_string(), string_value("pro")),
+            ]),
+        })
+        .await
+        .unwrap();
+    let event_id = app
+        .client
+        .clone()
+        .track_event(pb::TrackEventRequest {
+            event_name: "signup".into(),
+            user_id: "dora".into(),
+            properties: HashMap::from([(" eMail".to_string(), string_value("dora.event@example.org"))]),
+            timestamp: 0,
+            insert_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event_id;
+    let stored_user = raw_user_properties(&app, "dora").await;
+    for key in ["Email", "email ", "EMAIL"] {
+        assert_eq!(key_id_of(&stored_user[key]), "k1", "{key}: {stored_user}");
+    }
+    assert_eq!(stored_user["plan"], "pro");
+    let stored_event = raw_event_properties(&app, Uuid::parse_str(&event_id).unwrap()).await;
+    assert_eq!(key_id_of(&stored_event[" eMail"]), "k1", "{stored_event}");
+    let read = service(&app.config).user_properties(&user("dora")).await.unwrap().unwrap();
+    assert_eq!(read["EMAIL"], "dora.home@example.org");
+
+    // A row written before the prefix was refused holds clear text behind the prefix: it
+    // reads back as it was sent, and `reencrypt` encrypts it instead of failing on it.
+    sqlx::query("INSERT INTO user_identities (user_id, properties) VALUES ('carol', $1)")
+        .bind(serde_json::json!({"email": "enc:v1:k1:carol@example.org", "plan": "free"}))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let legacy = service(&app.config).user_properties(&user("carol")).await.unwrap().unwrap();
+    assert_eq!(legacy["email"], "enc:v1:k1:carol@example.org");
+    let reencrypt = reencrypt_command(&app, &keys_file);
+    let printed = String::from_utf8_lossy(&reencrypt.stdout);
+    assert!(reencrypt.status.success(), "{printed}{}", String::from_utf8_lossy(&reencrypt.stderr));
+    assert!(printed.contains("user_identities 1 rewritten, 0 failed"), "{printed}");
+    assert_eq!(key_id_of(&raw_user_properties(&app, "carol").await["email"]), "k1");
+    let again = reencrypt_command(&app, &keys_file);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("user_identities 0 rewritten, 0 failed"));
+    let read = service(&app.config).user_properties(&user("carol")).await.unwrap().unwrap();
+    assert_eq!(read["email"], "enc:v1:k1:carol@example.org");
+
+    let dump = pg_dump(&app.database_name);
+    for secret in ["carol@example.org", "dora@example.org", "dora.work@", "dora.home@", "dora.event@"] {
+        assert!(!dump.contains(secret), "{secret} is in the dump in clear text");
+    }
+}
+
 #[tokio::test]
 async fn without_keys_values_are_stored_as_sent() {
     let app = spawn_app_with(TestOptions::default()).await;

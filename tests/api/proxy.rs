@@ -1,19 +1,56 @@
-//! A TCP proxy a test can cut and restore, to simulate a dependency outage without
-//! stopping the shared PostgreSQL that parallel tests use.
+//! A TCP proxy a test can cut, blackhole and restore, to simulate a dependency outage
+//! without stopping the shared PostgreSQL or Redis that parallel tests use.
+//!
+//! - [`TcpProxy::cut`] resets: every open connection is dropped, new ones are refused.
+//! - [`TcpProxy::blackhole`] makes packets vanish: open connections stay open but carry
+//!   nothing, new ones are accepted and hang. What was in flight is held, and delivered
+//!   once [`TcpProxy::restore`] heals the network (as TCP retransmission would).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub struct TcpProxy {
     pub address: SocketAddr,
     open: Arc<AtomicBool>,
+    /// True while packets vanish.
+    blackholed: watch::Sender<bool>,
     accepted: Arc<AtomicUsize>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept_task: JoinHandle<()>,
+}
+
+/// Waits while the network is blackholed.
+async fn wait_healed(blackholed: &mut watch::Receiver<bool>) {
+    blackholed.wait_for(|blackholed| !blackholed).await.ok();
+}
+
+/// Copies one direction, holding whatever arrives while the network is blackholed.
+async fn forward(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut blackholed: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        wait_healed(&mut blackholed).await;
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => {
+                to.shutdown().await.ok();
+                return;
+            }
+            Ok(read) => read,
+        };
+        wait_healed(&mut blackholed).await;
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl TcpProxy {
@@ -22,29 +59,40 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let open = Arc::new(AtomicBool::new(true));
+        let (blackholed, _) = watch::channel(false);
         let accepted = Arc::new(AtomicUsize::new(0));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept_task = tokio::spawn({
             let open = open.clone();
+            let blackholed = blackholed.clone();
             let accepted = accepted.clone();
             let connections = connections.clone();
             async move {
-                while let Ok((mut client, _)) = listener.accept().await {
+                while let Ok((client, _)) = listener.accept().await {
                     if !open.load(Ordering::SeqCst) {
                         drop(client); // refused: closed at once
                         continue;
                     }
+                    client.set_nodelay(true).ok();
                     accepted.fetch_add(1, Ordering::SeqCst);
-                    let forward = tokio::spawn(async move {
-                        if let Ok(mut upstream) = TcpStream::connect(target).await {
-                            tokio::io::copy_bidirectional(&mut client, &mut upstream).await.ok();
-                        }
+                    let mut healed = blackholed.subscribe();
+                    let forward_task = tokio::spawn(async move {
+                        // A connection opened into a blackhole hangs until it heals.
+                        wait_healed(&mut healed).await;
+                        let Ok(upstream) = TcpStream::connect(target).await else { return };
+                        upstream.set_nodelay(true).ok();
+                        let (client_read, client_write) = client.into_split();
+                        let (upstream_read, upstream_write) = upstream.into_split();
+                        tokio::join!(
+                            forward(client_read, upstream_write, healed.clone()),
+                            forward(upstream_read, client_write, healed),
+                        );
                     });
-                    connections.lock().unwrap().push(forward);
+                    connections.lock().unwrap().push(forward_task);
                 }
             }
         });
-        Self { address, open, accepted, connections, accept_task }
+        Self { address, open, blackholed, accepted, connections, accept_task }
     }
 
     /// Connections forwarded so far.
@@ -60,9 +108,15 @@ impl TcpProxy {
         }
     }
 
-    /// Accepts connections again.
+    /// Packets vanish: connections stay open and carry nothing until [`Self::restore`].
+    pub fn blackhole(&self) {
+        self.blackholed.send_replace(true);
+    }
+
+    /// Accepts connections again and delivers what a blackhole held.
     pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
+        self.blackholed.send_replace(false);
     }
 }
 

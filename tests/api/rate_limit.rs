@@ -143,3 +143,33 @@ async fn without_redis_each_replica_limits_locally_and_keeps_serving() {
     }
     assert!(back, "budgets move back to redis once it is reachable");
 }
+
+#[tokio::test]
+async fn during_an_outage_replicas_together_allow_about_one_budget_not_one_each() {
+    let redis_address: SocketAddr = format!("{}:{}", redis_host(), redis_port()).parse().unwrap();
+    let proxy = TcpProxy::start(redis_address).await;
+    let mut env = budget_env(proxy.address.port());
+    env.push(("RATE_LIMIT_EXPECTED_REPLICAS".into(), "2".into()));
+    let first = spawn_app_with(TestOptions { env, ..TestOptions::default() }).await;
+    let second =
+        start_server(first.config.clone(), first.database_name.clone(), first.redis_prefix.clone()).await;
+
+    // The user spends the whole shared budget while Redis is up.
+    let (spent, _) = send(&first, || event("outage-user"), BUDGET as usize).await;
+    assert_eq!(spent, BUDGET);
+
+    proxy.cut();
+    let started = Instant::now();
+    let mut accepted = 0;
+    for round in 0..(4 * BUDGET) {
+        let replica = if round % 2 == 0 { &first } else { &second };
+        accepted += send(replica, || event("outage-user"), 1).await.0;
+    }
+    // Each replica's fallback holds BUDGET / 2: together one budget (plus refills), where
+    // a full budget per replica would have let 2 x BUDGET through.
+    let fallback_refill_seconds = 2.0 * REFILL_SECONDS;
+    let refilled = 2 * (started.elapsed().as_secs_f64() / fallback_refill_seconds).floor() as u32;
+    assert!(accepted >= BUDGET && accepted <= BUDGET + refilled, "accepted {accepted} during the outage");
+    let (other_user, _) = send(&second, || event("another-user"), 1).await;
+    assert_eq!(other_user, 1, "other users keep being served");
+}

@@ -278,6 +278,110 @@ async fn callers_not_on_the_allow_list_get_permission_denied() {
     assert_eq!(metric_value(&metrics, "analytics_permission_denied_total{method=\"TrackEvent\"}"), 1.0);
 }
 
+/// The services listed by server reflection v1 over `channel`, or the refusal.
+async fn reflection_list(channel: Channel) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    match responses.message().await?.and_then(|response| response.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|service| service.name).collect())
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// Whether grpc.health.v1 answers SERVING over `channel`.
+async fn standard_health_serving(channel: Channel) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let response =
+        HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    response.into_inner().status == ServingStatus::Serving as i32
+}
+
+#[tokio::test]
+async fn reflection_follows_the_allow_list_unless_opened_and_health_answers_every_verified_caller() {
+    for (cover_reflection, intruder_may_reflect) in [(None, false), (Some("false"), true)] {
+        let mut env = vec![("TLS_ALLOWED_CALLERS", GATEWAY)];
+        if let Some(value) = cover_reflection {
+            env.push(("TLS_ALLOWED_CALLERS_COVER_REFLECTION", value));
+        }
+        let setup = spawn_tls_app(&env).await;
+        let address = setup.app.grpc_address;
+        let server_ca = setup.server_ca.pem();
+        let gateway = setup.client_ca.client(GATEWAY, "gateway.analytics.test");
+        let intruder = setup.client_ca.client(INTRUDER, "intruder.analytics.test");
+
+        let listed =
+            reflection_list(tls_channel(address, &server_ca, Some(&gateway)).await.unwrap()).await.unwrap();
+        assert!(listed.iter().any(|name| name == "analytics.v1.AnalyticsService"), "{listed:?}");
+        let intruder_listed =
+            reflection_list(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap()).await;
+        if intruder_may_reflect {
+            assert!(intruder_listed.is_ok(), "{cover_reflection:?}: {intruder_listed:?}");
+        } else {
+            let status = intruder_listed.unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+            let (_, metrics) = setup.app.admin_get("/metrics").await;
+            assert_eq!(
+                metric_value(&metrics, "analytics_permission_denied_total{method=\"ServerReflectionInfo\"}"),
+                1.0
+            );
+        }
+        // Probes and `healthcheck` work with any certificate the client CA signed.
+        assert!(
+            standard_health_serving(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap()).await
+        );
+        let denied =
+            AnalyticsServiceClient::new(tls_channel(address, &server_ca, Some(&intruder)).await.unwrap())
+                .track_event(event("intruder-user"))
+                .await
+                .unwrap_err();
+        assert_eq!(denied.code(), Code::PermissionDenied);
+    }
+}
+
+#[tokio::test]
+async fn two_callers_sending_the_same_insert_id_for_the_same_user_both_get_stored() {
+    let setup = spawn_tls_app(&[]).await;
+    let address = setup.app.grpc_address;
+    let server_ca = setup.server_ca.pem();
+    let connect = |leaf: Leaf| {
+        let server_ca = server_ca.clone();
+        async move { AnalyticsServiceClient::new(tls_channel(address, &server_ca, Some(&leaf)).await.unwrap()) }
+    };
+    let mut web = connect(setup.client_ca.client(WEB, "web.analytics.test")).await;
+    let mut gateway = connect(setup.client_ca.client(GATEWAY, "gateway.analytics.test")).await;
+    let keyed = || pb::TrackEventRequest { insert_id: "order-42".into(), ..event("alice") };
+
+    let from_web = web.track_event(keyed()).await.unwrap().into_inner().event_id;
+    let from_gateway = gateway.track_event(keyed()).await.unwrap().into_inner().event_id;
+    assert_ne!(from_web, from_gateway, "one caller's key never suppresses another caller's event");
+    let retried = web.track_event(keyed()).await.unwrap().into_inner().event_id;
+    assert_eq!(retried, from_web, "a caller's own retry is still deduplicated");
+    assert_eq!(setup.app.event_rows().await, 2);
+    let scopes: Vec<String> = sqlx::query_scalar("SELECT scope FROM event_insert_ids ORDER BY scope")
+        .fetch_all(&setup.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        scopes,
+        vec![GATEWAY.to_string(), WEB.to_string()],
+        "keys are scoped by the verified identity"
+    );
+}
+
 #[tokio::test]
 async fn identify_user_writes_an_audit_record_with_the_caller_identity_and_no_values() {
     let options = TestOptions {

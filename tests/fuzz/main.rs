@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use analytics_service::api::convert;
 use analytics_service::models::{IdentifyUser, Properties, TrackEvent};
 use analytics_service::pb;
-use analytics_service::security::pii::{PiiCipher, PiiKeys};
+use analytics_service::security::pii::{is_reserved, PiiCipher, PiiKeys};
 use analytics_service::service::validation::{MAX_NAME_BYTES, MAX_PROPERTY_KEYS};
 use proptest::prelude::*;
 use prost::Message;
@@ -49,7 +49,10 @@ fn assert_valid_properties(properties: &Properties) {
     for (key, value) in properties.iter() {
         assert_valid_name(key);
         match value {
-            serde_json::Value::String(text) => assert!(!text.contains('\0')),
+            serde_json::Value::String(text) => {
+                assert!(!text.contains('\0'));
+                assert!(!is_reserved(text), "a value that reads as ciphertext: {text:?}");
+            }
             serde_json::Value::Number(number) => assert!(number.as_f64().is_some_and(f64::is_finite)),
             serde_json::Value::Bool(_) => {}
             other => panic!("{key:?}: only text, finite numbers and booleans are valid, got {other}"),
@@ -106,6 +109,22 @@ fn seeds_never_panic() {
     }
 }
 
+#[test]
+fn values_that_read_as_ciphertext_are_never_accepted() {
+    use pb::property_value::Value;
+    let request = pb::TrackEventRequest {
+        event_name: "signup".into(),
+        properties: [(
+            "email".to_string(),
+            pb::PropertyValue { value: Some(Value::StringValue("enc:v1:k1:carol@example.org".into())) },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    drive(&request.encode_to_vec());
+    assert!(TrackEvent::try_from(request).is_err());
+}
+
 fn property_value() -> impl Strategy<Value = pb::PropertyValue> {
     use pb::property_value::Value;
     prop_oneof![
@@ -125,6 +144,7 @@ fn edgy_string() -> impl Strategy<Value = String> {
         Just("'; DROP TABLE events; --".to_string()),
         "[a-z]{250,260}",
         "\\PC{0,40}",
+        "enc:v1:[a-z0-9:@.]{0,12}",
     ]
 }
 

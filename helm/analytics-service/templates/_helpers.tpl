@@ -262,6 +262,78 @@ AUTH holding username, usernameKey (empty: username is a plain value) and passwo
       name: {{ include "analytics-service.redisSecretName" . }}
       key: {{ .Values.redis.auth.passwordKey }}
 {{- end }}
+{{ include "analytics-service.otlpHeadersEnv" . }}
+{{- end -}}
+
+{{/*
+OTEL_EXPORTER_OTLP_HEADERS from its Secret, for every container that reads the ConfigMap
+(they all export traces to the collector it names). Empty when no Secret is set.
+*/}}
+{{- define "analytics-service.otlpHeadersEnv" -}}
+{{- with .Values.config.otel.headers.existingSecret }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.config.otel.headers.secretKey }}
+{{- end }}
+{{- end -}}
+
+{{/*
+CA bundles of the dependencies (PostgreSQL, Redis, the OTLP collector), each mounted
+read-only from its Secret when one is set: the volume mounts, then the volumes. Both
+render nothing when no CA Secret is set.
+*/}}
+{{- define "analytics-service.dependencyCaVolumeMounts" -}}
+{{- with .Values.postgres.sslRootCert.existingSecret }}
+- name: postgres-ca
+  mountPath: {{ $.Values.postgres.sslRootCert.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.ca.existingSecret }}
+- name: redis-ca
+  mountPath: {{ .Values.redis.tls.ca.mountPath }}
+  readOnly: true
+{{- end }}
+{{- with .Values.config.otel.certificate.existingSecret }}
+- name: otlp-ca
+  mountPath: {{ $.Values.config.otel.certificate.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "analytics-service.dependencyCaVolumes" -}}
+{{- with .Values.postgres.sslRootCert }}
+{{- if .existingSecret }}
+- name: postgres-ca
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ .secretKey }}
+        path: {{ .secretKey }}
+{{- end }}
+{{- end }}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.ca.existingSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.tls.ca.existingSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.redis.tls.ca.secretKey }}
+        path: {{ .Values.redis.tls.ca.secretKey }}
+{{- end }}
+{{- with .Values.config.otel.certificate }}
+{{- if .existingSecret }}
+- name: otlp-ca
+  secret:
+    secretName: {{ .existingSecret }}
+    defaultMode: 0444
+    items:
+      - key: {{ .secretKey }}
+        path: {{ .secretKey }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Migration hooks: before the release's other resources on install, before new pods on upgrade. */}}
@@ -389,5 +461,11 @@ Egress to the OTLP collector, its port taken from config.otel.endpoint (scheme:/
 {{- end -}}
 {{- if and .Values.grpcRoute.enabled (not .Values.grpcRoute.parentRefs) -}}
 {{- fail "grpcRoute.enabled needs grpcRoute.parentRefs (the Gateway to attach to)" -}}
+{{- end -}}
+{{- if and .Values.postgres.sslRootCert.existingSecret (not (has .Values.postgres.sslMode (list "verify-ca" "verify-full"))) -}}
+{{- fail "postgres.sslRootCert needs postgres.sslMode verify-ca or verify-full (the CA is only used to verify)" -}}
+{{- end -}}
+{{- if and .Values.redis.tls.ca.existingSecret (not .Values.redis.tls.enabled) -}}
+{{- fail "redis.tls.ca needs redis.tls.enabled" -}}
 {{- end -}}
 {{- end -}}

@@ -54,13 +54,25 @@ template:
           {{- end }}
         env:
           {{- include "analytics-service.postgresCredentialEnv" (dict "secretName" (include "analytics-service.migrationSecretName" .) "auth" $.auth) | trim | nindent 10 }}
+          {{- with include "analytics-service.otlpHeadersEnv" . | trim }}
+          {{- . | nindent 10 }}
+          {{- end }}
           {{- with .Values.config.extraEnv }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
+        {{- /* Start-up reads every CA file the configuration names. */}}
+        {{- with include "analytics-service.dependencyCaVolumeMounts" . | trim }}
+        volumeMounts:
+          {{- . | nindent 10 }}
+        {{- end }}
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         resources:
           {{- toYaml .Values.migrations.resources | nindent 10 }}
+    {{- with include "analytics-service.dependencyCaVolumes" . | trim }}
+    volumes:
+      {{- . | nindent 6 }}
+    {{- end }}
     {{- with .Values.nodeSelector }}
     nodeSelector:
       {{- toYaml . | nindent 6 }}

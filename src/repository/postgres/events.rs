@@ -5,11 +5,15 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
-use sqlx::Row;
+use std::time::{Duration, Instant};
+
+use sqlx::{PgConnection, Row};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::pii::open_properties;
-use super::{Database, RepositoryError};
+use super::{discard, query_span, Database, RepositoryError, WriteError};
+use crate::metrics;
 use crate::models::{EventCount, EventFilter, NewEvent, TimeRange};
 use crate::security::pii::PiiCipher;
 
@@ -22,41 +26,67 @@ const INSERT_EVENTS: &str = "
     ON CONFLICT DO NOTHING";
 
 /// The same insert for a batch in which some events carry an insert_id, as one atomic
-/// statement: claim each key (a new key, or one older than the window $7 days), then
-/// store the events without a key plus those whose key was claimed. Keys that were not
-/// claimed (seen within the window, possibly committed by another replica a moment ago:
-/// ON CONFLICT waits for it) are returned by `claimed`'s absence. $6 must hold each key
-/// at most once (ON CONFLICT DO UPDATE cannot touch one row twice in a statement).
+/// statement. A key is (sender scope $8, user id or '', insert_id): two senders, or two
+/// users, never share one. The statement claims each key (a new key, or one older than
+/// the window $7 days), then stores the events without a key plus those whose key it
+/// claimed. Keys that were not claimed (seen within the window, possibly committed by
+/// another replica a moment ago: ON CONFLICT waits for it) are the ones whose event id
+/// is missing from the answer. The batch must hold each key at most once (ON CONFLICT
+/// DO UPDATE cannot touch one row twice in a statement).
 const INSERT_EVENTS_WITH_KEYS: &str = "
     WITH input AS (
-        SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[])
-            AS input(id, event_name, user_id, properties, timestamp, insert_id)
+        SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $8::text[])
+            AS input(id, event_name, user_id, properties, timestamp, insert_id, key_scope)
     ), claimed AS (
-        INSERT INTO event_insert_ids (insert_id, event_id)
-        SELECT insert_id, id FROM input WHERE insert_id IS NOT NULL ORDER BY insert_id
-        ON CONFLICT (insert_id) DO UPDATE SET event_id = EXCLUDED.event_id, created_at = now()
+        INSERT INTO event_insert_ids (scope, user_id, insert_id, event_id)
+        SELECT key_scope, coalesce(user_id, ''), insert_id, id FROM input WHERE insert_id IS NOT NULL
+        ORDER BY 1, 2, 3
+        ON CONFLICT (scope, user_id, insert_id) DO UPDATE SET event_id = EXCLUDED.event_id, created_at = now()
             WHERE event_insert_ids.created_at < now() - make_interval(days => $7)
-        RETURNING insert_id
+        RETURNING event_id
     ), stored AS (
         INSERT INTO events (id, event_name, user_id, properties, timestamp)
         SELECT id, event_name, user_id, properties, timestamp FROM input
-        WHERE insert_id IS NULL OR insert_id IN (SELECT insert_id FROM claimed)
+        WHERE insert_id IS NULL OR id IN (SELECT event_id FROM claimed)
         ON CONFLICT DO NOTHING
     )
-    SELECT insert_id FROM claimed";
+    SELECT event_id FROM claimed";
 
 /// The events that keys seen within the window point at (read after the insert
 /// committed, so a key claimed concurrently by another replica is visible).
-const SELECT_KEYED_EVENTS: &str =
-    "SELECT insert_id, event_id FROM event_insert_ids WHERE insert_id = ANY($1::text[])";
+const SELECT_KEYED_EVENTS: &str = "
+    SELECT keys.scope, keys.user_id, keys.insert_id, keys.event_id
+    FROM event_insert_ids AS keys
+    JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS wanted(scope, user_id, insert_id)
+        USING (scope, user_id, insert_id)";
 
 /// Deletes at most $2 keys older than the window ($1 days) per statement, so expiry
 /// never holds long locks.
 const EXPIRE_INSERT_IDS: &str = "
-    DELETE FROM event_insert_ids WHERE insert_id IN (
-        SELECT insert_id FROM event_insert_ids
+    DELETE FROM event_insert_ids WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM event_insert_ids
         WHERE created_at < now() - make_interval(days => $1)
-        LIMIT $2)";
+        LIMIT $2))";
+
+/// An idempotency key as stored: an insert_id is unique per sender scope and user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct IdempotencyKey<'a> {
+    scope: &'a str,
+    /// "" for anonymous events.
+    user_id: &'a str,
+    insert_id: &'a str,
+}
+
+impl<'a> IdempotencyKey<'a> {
+    fn of(event: &'a NewEvent) -> Option<Self> {
+        let insert_id = event.insert_id.as_ref()?;
+        Some(Self {
+            scope: &event.key_scope,
+            user_id: event.user_id.as_ref().map_or("", |user| user.as_str()),
+            insert_id: insert_id.as_str(),
+        })
+    }
+}
 
 /// What became of one event of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,25 +149,59 @@ impl EventRepository {
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
-    /// Stores events in one statement (and so one transaction): all or none commit,
-    /// retried as a whole on retryable errors. Events whose insert_id was stored within
-    /// `window_days` are not stored again; a key repeated inside `events` is stored once,
-    /// for its first event, and the later ones answer as its duplicates. Returns one
-    /// outcome per event, in order.
+    /// One attempt to store events in one statement (and so one transaction): all or
+    /// none commit. Events whose insert_id was stored within `window_days` are not
+    /// stored again; a key repeated inside `events` is stored once, for its first event,
+    /// and the later ones answer as its duplicates. Returns one outcome per event, in
+    /// order. Not retried here: the error says whether anything may be stored (see
+    /// [`WriteError`]); repeating the attempt is safe (the event ids are ours, and a key
+    /// this statement claimed answers as ours). `answer_timeout` bounds the wait for
+    /// PostgreSQL's answer.
     pub async fn insert_batch(
         &self,
-        events: &[NewEvent],
+        events: &[&NewEvent],
         window_days: i32,
-    ) -> Result<Vec<InsertOutcome>, RepositoryError> {
+        answer_timeout: Duration,
+    ) -> Result<Vec<InsertOutcome>, WriteError> {
+        let started = Instant::now();
+        let result = async {
+            let mut connection = self.database.acquire_for_write().await?;
+            let written =
+                tokio::time::timeout(answer_timeout, self.insert_on(&mut connection, events, window_days))
+                    .await;
+            match written {
+                Ok(result) => result,
+                Err(_) => {
+                    discard(connection);
+                    Err(WriteError::OutcomeUnknown(RepositoryError::TimedOut(answer_timeout)))
+                }
+            }
+        }
+        .instrument(query_span("insert_events"))
+        .await;
+        metrics::record_db_call(
+            "insert_events",
+            started.elapsed(),
+            result.as_ref().err().map(|error| error.error().kind()),
+        );
+        result
+    }
+
+    async fn insert_on(
+        &self,
+        connection: &mut PgConnection,
+        events: &[&NewEvent],
+        window_days: i32,
+    ) -> Result<Vec<InsertOutcome>, WriteError> {
         // First event of each key; later events with the same key are its duplicates.
-        let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+        let mut first_with_key: HashMap<IdempotencyKey<'_>, usize> = HashMap::new();
         let mut repeats: Vec<(usize, usize)> = Vec::new();
         for (index, event) in events.iter().enumerate() {
-            if let Some(insert_id) = &event.insert_id {
-                match first_with_key.get(insert_id.as_str()) {
+            if let Some(key) = IdempotencyKey::of(event) {
+                match first_with_key.get(&key) {
                     Some(&first) => repeats.push((index, first)),
                     None => {
-                        first_with_key.insert(insert_id.as_str(), index);
+                        first_with_key.insert(key, index);
                     }
                 }
             }
@@ -147,7 +211,7 @@ impl EventRepository {
             .iter()
             .enumerate()
             .filter(|(index, _)| !repeated.contains(index))
-            .map(|(_, event)| event)
+            .map(|(_, event)| *event)
             .collect();
         let ids: Vec<Uuid> = unique.iter().map(|event| event.id).collect();
         let names: Vec<&str> = unique.iter().map(|event| event.name.as_str()).collect();
@@ -161,68 +225,64 @@ impl EventRepository {
 
         let mut outcomes = vec![InsertOutcome::Inserted; events.len()];
         if first_with_key.is_empty() {
-            self.database
-                .with_retry("insert_events", || async {
-                    sqlx::query(INSERT_EVENTS)
-                        .bind(&ids)
-                        .bind(&names)
-                        .bind(&user_ids)
-                        .bind(&properties)
-                        .bind(&timestamps)
-                        .execute(self.database.pool())
-                        .await?;
-                    Ok(())
-                })
-                .await?;
+            sqlx::query(INSERT_EVENTS)
+                .bind(&ids)
+                .bind(&names)
+                .bind(&user_ids)
+                .bind(&properties)
+                .bind(&timestamps)
+                .execute(&mut *connection)
+                .await
+                .map_err(WriteError::from_statement)?;
             return Ok(outcomes);
         }
 
         let unique_keys: Vec<Option<&str>> =
             unique.iter().map(|event| event.insert_id.as_ref().map(|insert_id| insert_id.as_str())).collect();
-        let claimed: Vec<String> = self
-            .database
-            .with_retry("insert_events", || async {
-                let claimed: Vec<String> = sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
-                    .bind(&ids)
-                    .bind(&names)
-                    .bind(&user_ids)
-                    .bind(&properties)
-                    .bind(&timestamps)
-                    .bind(&unique_keys)
-                    .bind(window_days)
-                    .fetch_all(self.database.pool())
-                    .await?;
-                Ok(claimed)
-            })
-            .await?;
+        let key_scopes: Vec<&str> = unique.iter().map(|event| event.key_scope.as_str()).collect();
+        let claimed: Vec<Uuid> = sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
+            .bind(&ids)
+            .bind(&names)
+            .bind(&user_ids)
+            .bind(&properties)
+            .bind(&timestamps)
+            .bind(&unique_keys)
+            .bind(window_days)
+            .bind(&key_scopes)
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(WriteError::from_statement)?;
         if claimed.len() < first_with_key.len() {
-            let claimed: HashSet<&str> = claimed.iter().map(String::as_str).collect();
-            let seen: Vec<&str> =
-                first_with_key.keys().copied().filter(|key| !claimed.contains(key)).collect();
-            let originals: Vec<(String, Uuid)> = self
-                .database
-                .with_retry("select_insert_ids", || async {
-                    let rows: Vec<(String, Uuid)> = sqlx::query_as(SELECT_KEYED_EVENTS)
-                        .bind(&seen)
-                        .fetch_all(self.database.pool())
-                        .await?;
-                    Ok(rows)
-                })
-                .await?;
+            let claimed: HashSet<Uuid> = claimed.into_iter().collect();
+            let seen: Vec<&IdempotencyKey<'_>> = first_with_key
+                .iter()
+                .filter(|(_, index)| !claimed.contains(&events[**index].id))
+                .map(|(key, _)| key)
+                .collect();
+            let scopes: Vec<&str> = seen.iter().map(|key| key.scope).collect();
+            let users: Vec<&str> = seen.iter().map(|key| key.user_id).collect();
+            let insert_ids: Vec<&str> = seen.iter().map(|key| key.insert_id).collect();
+            // The insert has committed: whatever fails from here leaves its outcome to be
+            // found out by repeating the attempt.
+            let originals: Vec<(String, String, String, Uuid)> = sqlx::query_as(SELECT_KEYED_EVENTS)
+                .bind(&scopes)
+                .bind(&users)
+                .bind(&insert_ids)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(|error| WriteError::OutcomeUnknown(error.into()))?;
             if originals.len() < seen.len() {
-                // Expiry removed a key between the two statements: nothing of this batch
-                // is lost by failing it, and a retry (or the caller's bisection) claims
-                // the key afresh while the rows already stored answer as ours.
-                return Err(RepositoryError::Query(sqlx::Error::Protocol(
-                    "an insert_id expired between claim and lookup".into(),
-                )));
+                // Expiry removed a key between the two statements: repeating the attempt
+                // claims the key afresh while the rows already stored answer as ours.
+                return Err(WriteError::OutcomeUnknown(RepositoryError::Query(sqlx::Error::RowNotFound)));
             }
-            for (key, original) in originals {
-                let Some(&index) = first_with_key.get(key.as_str()) else { continue };
+            for (scope, user_id, insert_id, original) in &originals {
+                let key = IdempotencyKey { scope, user_id, insert_id };
+                let Some(&index) = first_with_key.get(&key) else { continue };
                 // Our own id means an earlier attempt of this very statement committed
                 // (a retry after an ambiguous commit): the event was stored, by us.
-                if original != events[index].id {
-                    outcomes[index] = InsertOutcome::Duplicate { original };
+                if *original != events[index].id {
+                    outcomes[index] = InsertOutcome::Duplicate { original: *original };
                 }
             }
         }

@@ -14,8 +14,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::ConnectOptions;
+use sqlx::Postgres;
 use tracing::Instrument;
 
 use crate::config::{Config, PostgresSslMode};
@@ -37,11 +39,15 @@ pub enum RepositoryError {
     /// Anything else: a bug or a constraint we did not expect.
     #[error("database query failed: {0}")]
     Query(#[source] sqlx::Error),
+    /// No answer within the time allowed (a stuck or blackholed connection): worth
+    /// retrying on another connection.
+    #[error("database did not answer within {} ms", .0.as_millis())]
+    TimedOut(Duration),
 }
 
 impl RepositoryError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RepositoryError::Unavailable(_))
+        matches!(self, RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_))
     }
 
     /// Short label for metrics (`analytics_db_errors_total{kind}`).
@@ -50,6 +56,7 @@ impl RepositoryError {
             RepositoryError::Unavailable(_) => "unavailable",
             RepositoryError::NotReady(_) => "not_ready",
             RepositoryError::Query(_) => "query",
+            RepositoryError::TimedOut(_) => "timeout",
         }
     }
 }
@@ -66,8 +73,9 @@ impl From<sqlx::Error> for RepositoryError {
                 let code = database_error.code().unwrap_or_default();
                 match code.as_ref() {
                     // serialization_failure, deadlock_detected, too_many_connections,
-                    // admin/crash shutdown, cannot_connect_now, connection exceptions (08xxx).
-                    "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03" => {
+                    // query_canceled (statement_timeout), admin/crash shutdown,
+                    // cannot_connect_now, connection exceptions (08xxx).
+                    "40001" | "40P01" | "53300" | "57014" | "57P01" | "57P02" | "57P03" => {
                         RepositoryError::Unavailable(error)
                     }
                     code if code.starts_with("08") => RepositoryError::Unavailable(error),
@@ -82,6 +90,62 @@ impl From<sqlx::Error> for RepositoryError {
             _ => RepositoryError::Query(error),
         }
     }
+}
+
+/// Why one attempt of a write failed, and whether anything of it may be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Nothing of the write is stored: no connection was had, or PostgreSQL answered
+    /// the statement with an error (its transaction rolled back).
+    #[error("write not stored: {0}")]
+    NotStored(#[source] RepositoryError),
+    /// The statement was sent and no answer came back (connection lost, or no answer
+    /// within the time allowed): it may have committed.
+    #[error("write outcome unknown: {0}")]
+    OutcomeUnknown(#[source] RepositoryError),
+}
+
+impl WriteError {
+    /// Classifies an error raised while a statement was on its way or in flight.
+    pub fn from_statement(error: sqlx::Error) -> Self {
+        match error {
+            // PostgreSQL answered with an error: the statement's implicit transaction
+            // rolled back. Encoding fails before anything is sent.
+            sqlx::Error::Database(_) | sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => {
+                WriteError::NotStored(error.into())
+            }
+            other => WriteError::OutcomeUnknown(other.into()),
+        }
+    }
+
+    pub fn error(&self) -> &RepositoryError {
+        match self {
+            WriteError::NotStored(error) | WriteError::OutcomeUnknown(error) => error,
+        }
+    }
+
+    pub fn into_error(self) -> RepositoryError {
+        match self {
+            WriteError::NotStored(error) | WriteError::OutcomeUnknown(error) => error,
+        }
+    }
+}
+
+/// The client span of one database operation (a child of the caller's span).
+pub fn query_span(operation_name: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "db.query",
+        otel.name = operation_name,
+        otel.kind = "client",
+        db.system = "postgresql",
+        db.operation = operation_name,
+    )
+}
+
+/// Drops a connection whose statement did not answer in time, without returning it to
+/// the pool (it may still carry the statement, or sit on a dead socket).
+pub fn discard(connection: PoolConnection<Postgres>) {
+    drop(connection.detach());
 }
 
 /// How often and how patiently retryable failures are retried.
@@ -105,11 +169,33 @@ impl Database {
     /// PostgreSQL is down and connects as soon as it is back.
     pub fn connect_lazy(config: &Config) -> Self {
         let pool = PgPoolOptions::new()
-            .max_connections(config.postgres_max_connections)
+            .max_connections(
+                config.postgres_max_connections.saturating_sub(config.ingest_pool_connections()).max(1),
+            )
             .min_connections(0)
             .acquire_timeout(config.postgres_acquire_timeout())
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_lazy_with(connect_options(config));
+        let retry = RetryPolicy {
+            max_attempts: config.db_retry_max_attempts,
+            base_delay: config.db_retry_base_delay(),
+        };
+        Self { pool, retry }
+    }
+
+    /// The group-commit writers' pool: INGEST_WRITERS + 1 connections on which
+    /// PostgreSQL cancels any statement after INGEST_COMMIT_TIMEOUT_MS, so a commit
+    /// delayed by a lock or a stalled disk can never land later than that.
+    pub fn connect_lazy_for_ingest(config: &Config) -> Self {
+        let statement_timeout = config.ingest_commit_timeout_ms.to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(config.ingest_pool_connections())
+            .min_connections(0)
+            .acquire_timeout(config.postgres_acquire_timeout())
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .connect_lazy_with(
+                connect_options(config).options([("statement_timeout", statement_timeout.as_str())]),
+            );
         let retry = RetryPolicy {
             max_attempts: config.db_retry_max_attempts,
             base_delay: config.db_retry_base_delay(),
@@ -156,13 +242,7 @@ impl Database {
                     "database call failed, retrying"
                 );
             })
-            .instrument(tracing::info_span!(
-                "db.query",
-                otel.name = operation_name,
-                otel.kind = "client",
-                db.system = "postgresql",
-                db.operation = operation_name,
-            ))
+            .instrument(query_span(operation_name))
             .await;
         metrics::record_db_call(
             operation_name,
@@ -172,20 +252,28 @@ impl Database {
         result
     }
 
+    /// A connection for one attempt of a write: failing to get one stores nothing.
+    pub async fn acquire_for_write(&self) -> Result<PoolConnection<Postgres>, WriteError> {
+        self.pool.acquire().await.map_err(|error| WriteError::NotStored(error.into()))
+    }
+
     /// Closes every connection; calls after this fail as unavailable.
     pub async fn close(&self) {
         self.pool.close().await;
     }
 }
 
-/// Connection options from the configuration (shared by the pool and `migrate`).
+/// Connection options from the configuration (shared by the pool and `migrate`),
+/// TLS included: POSTGRES_SSLMODE and POSTGRES_SSL_ROOT_CERT.
 pub fn connect_options(config: &Config) -> PgConnectOptions {
     let ssl_mode = match config.postgres_sslmode {
         PostgresSslMode::Disable => PgSslMode::Disable,
         PostgresSslMode::Prefer => PgSslMode::Prefer,
         PostgresSslMode::Require => PgSslMode::Require,
+        PostgresSslMode::VerifyCa => PgSslMode::VerifyCa,
+        PostgresSslMode::VerifyFull => PgSslMode::VerifyFull,
     };
-    PgConnectOptions::new()
+    let mut options = PgConnectOptions::new()
         .host(&config.postgres_host)
         .port(config.postgres_port)
         .database(&config.postgres_db)
@@ -193,5 +281,10 @@ pub fn connect_options(config: &Config) -> PgConnectOptions {
         .password(config.postgres_password.expose())
         .ssl_mode(ssl_mode)
         .application_name(&config.service_name)
-        .disable_statement_logging()
+        .disable_statement_logging();
+    // Without a root certificate sqlx trusts the system roots.
+    if let Some(root_cert) = config.postgres_ssl_root_cert() {
+        options = options.ssl_root_cert(root_cert);
+    }
+    options
 }

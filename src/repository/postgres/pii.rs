@@ -7,7 +7,7 @@ use sqlx::Postgres;
 use uuid::Uuid;
 
 use super::{Database, RepositoryError};
-use crate::security::pii::{PiiCipher, CIPHERTEXT_PREFIX};
+use crate::security::pii::{normalize_field_name, PiiCipher, CIPHERTEXT_PREFIX};
 
 /// Rows read per `reencrypt` batch.
 pub const REENCRYPT_BATCH_ROWS: i64 = 500;
@@ -34,7 +34,9 @@ pub struct ReencryptReport {
 /// One table `reencrypt` walks: its candidate query and its conditional update, and
 /// the operation names their database calls are recorded under.
 struct ReencryptTable {
-    /// Candidates: rows with a sensitive key or any encrypted value. Keyset pagination
+    /// Candidates: rows with a key containing a normalised sensitive name (a superset of
+    /// the keys [`PiiCipher`] matches; it decides) or a value with the ciphertext prefix.
+    /// Keyset pagination
     /// on the primary key (`$1`), so each row is visited once even if it cannot be
     /// rewritten.
     candidates: &'static str,
@@ -49,7 +51,9 @@ const EVENTS: ReencryptTable = ReencryptTable {
     candidates: "
     SELECT id, properties FROM events
     WHERE id > $1 AND properties IS NOT NULL
-      AND (properties ?| $2 OR properties::text LIKE '%' || $3 || '%')
+      AND (properties::text LIKE '%' || $3 || '%'
+           OR EXISTS (SELECT 1 FROM jsonb_object_keys(properties) AS key, unnest($2::text[]) AS field
+                      WHERE strpos(lower(key), field) > 0))
     ORDER BY id LIMIT $4",
     update: "UPDATE events SET properties = $2 WHERE id = $1 AND properties = $3",
     select_operation: "reencrypt_select_events",
@@ -60,7 +64,9 @@ const USER_IDENTITIES: ReencryptTable = ReencryptTable {
     candidates: "
     SELECT user_id, properties FROM user_identities
     WHERE user_id > $1 AND properties IS NOT NULL
-      AND (properties ?| $2 OR properties::text LIKE '%' || $3 || '%')
+      AND (properties::text LIKE '%' || $3 || '%'
+           OR EXISTS (SELECT 1 FROM jsonb_object_keys(properties) AS key, unnest($2::text[]) AS field
+                      WHERE strpos(lower(key), field) > 0))
     ORDER BY user_id LIMIT $4",
     update: "UPDATE user_identities SET properties = $2 WHERE user_id = $1 AND properties = $3",
     select_operation: "reencrypt_select_users",
@@ -73,8 +79,9 @@ pub async fn reencrypt_all(
     pii: &PiiCipher,
     fields: &[String],
 ) -> Result<(ReencryptReport, ReencryptReport), RepositoryError> {
-    let events = reencrypt_table::<Uuid>(database, pii, fields, &EVENTS).await?;
-    let users = reencrypt_table::<String>(database, pii, fields, &USER_IDENTITIES).await?;
+    let fields: Vec<String> = fields.iter().map(|field| normalize_field_name(field)).collect();
+    let events = reencrypt_table::<Uuid>(database, pii, &fields, &EVENTS).await?;
+    let users = reencrypt_table::<String>(database, pii, &fields, &USER_IDENTITIES).await?;
     Ok((events, users))
 }
 

@@ -8,15 +8,37 @@ mod cache;
 pub use budget::{BudgetDecision, SharedBudgets};
 pub use cache::CountCache;
 
-use crate::config::Config;
+use crate::config::{read_ca_bundle, Config};
 
-/// A client for the configured Redis (host, port, database, password); it connects lazily.
+/// A client for the configured Redis (host, port, database, ACL user and password, TLS);
+/// it connects lazily. Under REDIS_TLS the server certificate is checked against
+/// REDIS_TLS_CA_FILE (or the system roots) and must be issued for REDIS_HOST.
 fn client(config: &Config) -> Result<::redis::Client, ::redis::RedisError> {
     let mut settings = ::redis::RedisConnectionInfo::default().set_db(config.redis_db);
+    if !config.redis_username.is_empty() {
+        settings = settings.set_username(&config.redis_username);
+    }
     if !config.redis_password.is_empty() {
         settings = settings.set_password(config.redis_password.expose());
     }
-    let address = ::redis::ConnectionAddr::Tcp(config.redis_host.clone(), config.redis_port);
+    let host = config.redis_host.clone();
+    let port = config.redis_port;
+    if !config.redis_tls {
+        let address = ::redis::ConnectionAddr::Tcp(host, port);
+        let info = ::redis::IntoConnectionInfo::into_connection_info(address)?.set_redis_settings(settings);
+        return ::redis::Client::open(info);
+    }
+    let address = ::redis::ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None };
     let info = ::redis::IntoConnectionInfo::into_connection_info(address)?.set_redis_settings(settings);
-    ::redis::Client::open(info)
+    let root_cert = match config.redis_tls_ca_file() {
+        Some(path) => Some(read_ca_bundle("REDIS_TLS_CA_FILE", &path).map_err(|error| {
+            ::redis::RedisError::from((
+                ::redis::ErrorKind::InvalidClientConfig,
+                "unusable CA bundle",
+                error.to_string(),
+            ))
+        })?),
+        None => None,
+    };
+    ::redis::Client::build_with_tls(info, ::redis::TlsCertificates { client_tls: None, root_cert })
 }
