@@ -56,10 +56,36 @@ class RenderError(Exception):
     pass
 
 
-def helm_template(*sets: str, values: list[str] | None = None, set_json: list[str] | None = None) -> str:
-    command = ["helm", "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that rejects duplicate mapping keys, as the API server does."""
+
+
+def _construct_unique_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_all(text: str) -> list[dict]:
+    return [doc for doc in yaml.load_all(text, Loader=StrictLoader) if doc]
+
+
+def helm_template(*sets: str, values: list[str] | None = None, set_json: list[str] | None = None,
+                  chart: Path = CHART, kube_version: str | None = None) -> str:
+    command = ["helm", "template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    if kube_version:
+        command += ["--kube-version", kube_version]
     for value_file in values or []:
-        command += ["--values", str(CHART / value_file)]
+        command += ["--values", str(value_file if Path(value_file).is_absolute() else CHART / value_file)]
     for assignment in sets:
         command += ["--set", assignment]
     for assignment in set_json or []:
@@ -71,7 +97,7 @@ def helm_template(*sets: str, values: list[str] | None = None, set_json: list[st
 
 
 def render(*sets: str, **kwargs) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(helm_template(*sets, **kwargs)) if doc]
+    return load_all(helm_template(*sets, **kwargs))
 
 
 def render_error(*sets: str, **kwargs) -> str:
@@ -142,8 +168,8 @@ def test_job_mode_job_is_a_plain_resource_with_limits():
     assert not any(key.startswith("helm.sh/hook") for key in annotations(job))
     spec = job["spec"]
     assert spec["backoffLimit"] == 3
-    assert spec["activeDeadlineSeconds"] == 600
-    assert spec["ttlSecondsAfterFinished"] == 86400
+    assert spec["activeDeadlineSeconds"] == 300
+    assert "ttlSecondsAfterFinished" not in spec
     assert spec["template"]["spec"]["containers"][0]["args"] == ["migrate"]
 
 
@@ -155,14 +181,18 @@ def test_hook_mode_runs_pre_install_and_pre_upgrade_only():
     assert "post-" not in hook_annotations["helm.sh/hook"]
     assert hook_annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
     # Everything the hook Job needs is itself a hook with a lower weight (it must exist first).
-    for kind, name in (("ServiceAccount", f"{RELEASE}-migrate"), ("Secret", f"{RELEASE}-migrate-credentials")):
+    for kind, name in (("ServiceAccount", f"{RELEASE}-migrate"), ("Secret", f"{RELEASE}-migrate-credentials"),
+                       ("ConfigMap", f"{RELEASE}-migrate-config")):
         dependency = one(docs, kind, name)
         assert annotations(dependency)["helm.sh/hook"] == "pre-install,pre-upgrade"
         assert int(annotations(dependency)["helm.sh/hook-weight"]) < int(hook_annotations["helm.sh/hook-weight"])
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"{RELEASE}-migrate-credentials"
-    assert "envFrom" not in job["spec"]["template"]["spec"]["containers"][0], \
-        "a pre-install hook cannot read the release's ConfigMap (it does not exist yet)"
+    # A pre-install hook cannot read the release's ConfigMap (it does not exist yet): it reads
+    # the hook copy, whose data is the same.
+    env_from = job["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert env_from[0] == {"configMapRef": {"name": f"{RELEASE}-migrate-config"}}
+    assert one(docs, "ConfigMap", f"{RELEASE}-migrate-config")["data"] == one(docs, "ConfigMap", RELEASE)["data"]
 
 
 def test_no_template_uses_post_hooks():
@@ -440,12 +470,19 @@ def test_dependency_ca_bundles_are_mounted_wherever_a_verb_reads_them():
     secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     assert secrets["postgres-ca"] == "analytics-db-ca" and secrets["redis-ca"] == "analytics-redis-ca"
     assert secrets["otlp-ca"] == "otel-collector-ca"
-    for job in migration_jobs(docs):
+    # The migration Job reads the same ConfigMap data (a hook copy in hook mode), so it names
+    # the same CA files and needs the same mounts, in both modes.
+    for mode in ("hook", "job"):
+        docs = render(f"migrations.mode={mode}", values=["ci/dependency-tls-values.yaml"])
+        (job,) = migration_jobs(docs)
         job_pod = job["spec"]["template"]["spec"]
         migrate = job_pod["containers"][0]
-        env = {e["name"]: e.get("value") for e in migrate["env"]}
-        assert env["POSTGRES_SSLMODE"] == "verify-full"
-        assert mounted_file_is_readable(env["POSTGRES_SSL_ROOT_CERT"], migrate["volumeMounts"], job_pod["volumes"])
+        (config_map_name,) = [source["configMapRef"]["name"] for source in migrate["envFrom"]]
+        assert one(docs, "ConfigMap", config_map_name)["data"] == data, mode
+        for name, path in ca_files.items():
+            assert mounted_file_is_readable(path, migrate["volumeMounts"], job_pod["volumes"]), (mode, name)
+        headers = next(e for e in migrate["env"] if e["name"] == "OTEL_EXPORTER_OTLP_HEADERS")
+        assert headers["valueFrom"]["secretKeyRef"] == {"name": "otel-collector-auth", "key": "headers"}
 
 
 def test_defaults_mount_no_ca_and_keep_readiness_off_the_shared_database():
@@ -591,10 +628,12 @@ def test_network_policy_limits_ingress_and_egress():
     assert rule_ports(egress[1]) == {("TCP", 5432)} and egress[1]["to"] == [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
     assert rule_ports(egress[2]) == {("TCP", 6379)}
     assert rule_ports(egress[3]) == {("TCP", 4317)}
+    assert egress[3]["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}}]
     assert len(egress) == 4
     migrate = one(docs, "NetworkPolicy", f"{RELEASE}-migrate")
     assert "ingress" not in migrate["spec"] and set(migrate["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    assert [rule_ports(rule) for rule in migrate["spec"]["egress"]] == [{("UDP", 53), ("TCP", 53)}, {("TCP", 5432)}]
+    assert [rule_ports(rule) for rule in migrate["spec"]["egress"]] == [
+        {("UDP", 53), ("TCP", 53)}, {("TCP", 5432)}, {("TCP", 4317)}]
     one(docs, "NetworkPolicy", f"{RELEASE}-test")
 
 
@@ -645,7 +684,7 @@ def test_dockerfile_runtime_contract():
 
 def kustomize(path: str) -> list[dict]:
     output = subprocess.run(["kubectl", "kustomize", str(REPO_ROOT / path)], capture_output=True, text=True, check=True)
-    return [doc for doc in yaml.safe_load_all(output.stdout) if doc]
+    return load_all(output.stdout)
 
 
 def test_kustomize_base_matches_the_chart_defaults():

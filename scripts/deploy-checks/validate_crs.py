@@ -1,18 +1,19 @@
 """Validate custom resources in rendered manifests against upstream CRD schemas.
 
 kubernetes-validate knows only built-in kinds. This script splits each rendered file:
-custom resources (ServiceMonitor, PrometheusRule, Certificate, ...) are validated here
+custom resources (ServiceMonitor, PrometheusRule, Certificate, GRPCRoute, ...) are validated here
 against the openAPIV3Schema of the matching CRD in the CRD folder, strictly (unknown fields
 are errors, as with `kubectl apply --validate=strict`); every other document is written to
 OUT_DIR/<file name> for kubernetes-validate.
 
 The CRD folder is ../shared/crds relative to the repository root, or $DEPLOY_CRDS_DIR. The
 CRDs are read from there at check time and never copied into the project. When the folder is
-missing, custom-resource validation is reported as skipped (exit 0) and the built-in kinds
-are still written out.
+missing the built-in kinds are still written out, and custom-resource validation fails when
+the CI environment variable is set (a missing prerequisite must not pass in CI) or is
+reported as skipped (exit status 3) on a workstation.
 
 Usage: python validate_crs.py OUT_DIR RENDERED.yaml...
-Exit status: 0 when every custom resource is valid (or skipped), 1 otherwise.
+Exit status: 0 when every custom resource is valid, 3 when skipped, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ import jsonschema
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Exit status for "could not check" (scripts/check-deploy.sh reports it as SKIP).
+EXIT_SKIPPED = 3
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def crds_dir() -> Path:
@@ -87,11 +94,18 @@ def load_crd_schemas(directory: Path) -> dict[tuple[str, str, str], dict]:
     return schemas
 
 
+# Groups under k8s.io that are served by CRDs, not by the API server itself.
+CRD_GROUPS_UNDER_K8S_IO = {"gateway.networking.k8s.io", "snapshot.storage.k8s.io", "policy.networking.k8s.io"}
+
+
 def is_builtin(api_version: str) -> bool:
-    """Built-in API groups have no dot (core "v1", "apps/v1") or end in .k8s.io."""
+    """Built-in API groups have no dot (core "v1", "apps/v1") or end in .k8s.io, except the
+    CRD-served groups above (Gateway API's GRPCRoute, say)."""
     if "/" not in api_version:
         return True
     group = api_version.split("/", 1)[0]
+    if group in CRD_GROUPS_UNDER_K8S_IO:
+        return False
     return "." not in group or group.endswith(".k8s.io")
 
 
@@ -104,7 +118,8 @@ def main(argv: list[str]) -> int:
     directory = crds_dir()
     schemas = load_crd_schemas(directory) if directory.is_dir() else None
     if schemas is None:
-        print(f"validate-crs: SKIPPED custom resource validation: CRD folder {directory} not found "
+        verdict = "FAIL (CI is set)" if in_ci() else "SKIPPED"
+        print(f"validate-crs: {verdict}: custom resource validation: CRD folder {directory} not found "
               "(set DEPLOY_CRDS_DIR)")
     failures = 0
     checked = 0
@@ -136,9 +151,10 @@ def main(argv: list[str]) -> int:
                 failures += 1
         with open(out_dir / Path(rendered).name, "w", encoding="utf-8") as out:
             yaml.safe_dump_all(builtin_documents, out, sort_keys=False)
-    if schemas is not None:
-        print(f"validate-crs: {checked} custom resources checked against {len(schemas)} CRD versions "
-              f"from {directory}, {failures} errors")
+    if schemas is None:
+        return 1 if in_ci() else EXIT_SKIPPED
+    print(f"validate-crs: {checked} custom resources checked against {len(schemas)} CRD versions "
+          f"from {directory}, {failures} errors")
     return 1 if failures else 0
 
 

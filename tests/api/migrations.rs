@@ -48,6 +48,40 @@ async fn concurrent_migrations_apply_once_and_create_the_seed_schema() {
     drop_database(&database).await;
 }
 
+#[tokio::test]
+async fn migrate_succeeds_without_changes_when_the_database_is_ahead_of_the_binary() {
+    // A rollback (or a GitOps tool re-running an older release's Job) runs an older binary's
+    // `migrate` against a schema that already has newer migrations: nothing is left to
+    // apply, and the run must not fail the rollback.
+    let database = create_database().await;
+    let config = test_config(&database, "unused", &TestOptions::default());
+    let options = connect_options(&config);
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
+    schema::migrate(&options).await.expect("migrations apply");
+    let latest = *schema::expected_versions().last().unwrap();
+    let newer = latest + 1000;
+    sqlx::query(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES ($1, 'from_a_newer_release', '2026-01-01T00:00:00Z', '0')",
+    )
+    .bind(newer)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        schema::status(&pool).await.unwrap(),
+        SchemaStatus::Ahead { applied: newer, expected: latest }
+    );
+
+    let report =
+        schema::migrate(&options).await.expect("an older binary's migrate succeeds on a newer schema");
+    assert!(report.applied.is_empty(), "{:?}", report.applied);
+    let history: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM refinery_schema_history").fetch_one(&pool).await.unwrap();
+    assert_eq!(history, schema::expected_versions().len() as i64 + 1);
+    pool.close().await;
+    drop_database(&database).await;
+}
+
 async fn drop_database(name: &str) {
     let config = test_config("postgres", "unused", &TestOptions::default());
     let pool = PgPoolOptions::new().max_connections(1).connect_with(connect_options(&config)).await.unwrap();

@@ -29,16 +29,35 @@ Full name of the release's resources. Truncated to 52 characters so that suffixe
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Labels on every resource. */}}
+{{/*
+Labels on every resource, as one map: commonLabels may override the informational labels
+(part-of, version, helm.sh/chart) but never the selector labels or managed-by (validate
+refuses those), so no key is ever written twice.
+*/}}
+{{- define "analytics-service.labelMap" -}}
+{{- $labels := dict
+  "helm.sh/chart" (include "analytics-service.chart" .)
+  "app.kubernetes.io/version" (include "analytics-service.imageTag" .)
+  "app.kubernetes.io/part-of" "analytics-service" -}}
+{{- $labels = mergeOverwrite $labels (deepCopy (.Values.commonLabels | default dict)) -}}
+{{- $labels = mergeOverwrite $labels (include "analytics-service.selectorLabels" . | fromYaml) (dict "app.kubernetes.io/managed-by" .Release.Service) -}}
+{{- toYaml $labels -}}
+{{- end -}}
+
 {{- define "analytics-service.labels" -}}
-helm.sh/chart: {{ include "analytics-service.chart" . }}
-{{ include "analytics-service.selectorLabels" . }}
-app.kubernetes.io/version: {{ include "analytics-service.imageTag" . | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: analytics-service
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{ include "analytics-service.labelMap" . }}
+{{- end -}}
+
+{{/*
+Labels of one component's object: the common labels, the component, then `extra` (podLabels,
+service.labels) overriding informational keys. Call with (dict "root" $ "component" NAME
+"extra" MAP).
+*/}}
+{{- define "analytics-service.componentLabels" -}}
+{{- $labels := include "analytics-service.labelMap" .root | fromYaml -}}
+{{- $_ := set $labels "app.kubernetes.io/component" .component -}}
+{{- $labels = mergeOverwrite $labels (deepCopy (.extra | default dict)) -}}
+{{- toYaml $labels -}}
 {{- end -}}
 
 {{- define "analytics-service.selectorLabels" -}}
@@ -101,38 +120,39 @@ Always
 {{- end -}}
 {{- end -}}
 
+{{/* Settings ---------------------------------------------------------------------------- */}}
 {{/*
-checkov skip annotations (checkov.io/skipN: CHECK=reason) for the workloads this chart
-renders. Each skip is rendered only while the condition that justifies it holds.
-Call with (dict "root" $ "kind" "server|migrations|test").
+The runtime PostgreSQL connection: postgres.*, or a CloudNativePG Cluster's read-write
+Service (or Pooler), database and CLUSTER-app Secret when cloudnativePG.enabled.
 */}}
-{{- define "analytics-service.checkovSkips" -}}
-{{- $root := .root -}}
-{{- $skips := list -}}
-{{- if ne .kind "test" -}}
-{{- $skips = append $skips "CKV_K8S_35=the binary reads credentials from environment variables only (POSTGRES_PASSWORD, REDIS_PASSWORD); they come from secretKeyRef and are never logged" -}}
-{{- end -}}
-{{- if not $root.Values.image.digest -}}
-{{- $skips = append $skips "CKV_K8S_43=image.digest is empty in these values; production values pin the image by digest" -}}
-{{- if and $root.Values.image.pullPolicy (ne $root.Values.image.pullPolicy "Always") -}}
-{{- $skips = append $skips (printf "CKV_K8S_15=image.pullPolicy %s chosen in values for an image loaded into a local cluster (Tilt/kind)" $root.Values.image.pullPolicy) -}}
-{{- end -}}
-{{- end -}}
-{{- if not $root.Values.networkPolicy.enabled -}}
-{{- $skips = append $skips "CKV2_K8S_6=NetworkPolicy is opt-in (networkPolicy.enabled) because its peers depend on the cluster" -}}
-{{- end -}}
-{{- if eq .kind "test" -}}
-{{- $skips = append $skips "CKV_K8S_8=helm test pod runs one health check to completion; a liveness probe does not apply" -}}
-{{- $skips = append $skips "CKV_K8S_9=helm test pod runs one health check to completion; a readiness probe does not apply" -}}
-{{- end -}}
-{{- range $index, $skip := $skips }}
-checkov.io/skip{{ add1 $index }}: {{ $skip | quote }}
+{{- define "analytics-service.postgresHost" -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- if not $cnpg.enabled -}}
+{{- .Values.postgres.host -}}
+{{- else if $cnpg.pooler.enabled -}}
+{{- default (printf "%s-pooler-rw" $cnpg.clusterName) $cnpg.pooler.name -}}
+{{- else -}}
+{{- printf "%s-rw" $cnpg.clusterName -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Settings ---------------------------------------------------------------------------- */}}
+{{- define "analytics-service.postgresDatabase" -}}
+{{- ternary .Values.cloudnativePG.database .Values.postgres.database .Values.cloudnativePG.enabled -}}
+{{- end -}}
+
+{{/* Effective postgres.auth (username, password, existingSecret, usernameKey, passwordKey). */}}
+{{- define "analytics-service.postgresAuth" -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- if $cnpg.enabled -}}
+{{- toYaml (dict "username" "" "password" "" "existingSecret" (default (printf "%s-app" $cnpg.clusterName) $cnpg.secretName) "usernameKey" "username" "passwordKey" "password") -}}
+{{- else -}}
+{{- toYaml .Values.postgres.auth -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "analytics-service.postgresSecretName" -}}
-{{- default (printf "%s-credentials" (include "analytics-service.fullname" .)) .Values.postgres.auth.existingSecret -}}
+{{- $auth := include "analytics-service.postgresAuth" . | fromYaml -}}
+{{- default (printf "%s-credentials" (include "analytics-service.fullname" .)) $auth.existingSecret -}}
 {{- end -}}
 
 {{- define "analytics-service.redisSecretName" -}}
@@ -141,7 +161,8 @@ checkov.io/skip{{ add1 $index }}: {{ $skip | quote }}
 
 {{/* Does the chart create the runtime credentials Secret? */}}
 {{- define "analytics-service.createCredentialsSecret" -}}
-{{- if or (not .Values.postgres.auth.existingSecret) (and .Values.redis.host (not .Values.redis.auth.existingSecret)) -}}
+{{- $auth := include "analytics-service.postgresAuth" . | fromYaml -}}
+{{- if or (not $auth.existingSecret) (and .Values.redis.host (not .Values.redis.auth.existingSecret)) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -152,10 +173,11 @@ password, or in hook mode as a hook copy of the runtime password: a pre-install 
 runs before the release's ordinary Secret exists.
 */}}
 {{- define "analytics-service.migrationCreatesSecret" -}}
+{{- $runtimeAuth := include "analytics-service.postgresAuth" . | fromYaml -}}
 {{- if and (ne .Values.migrations.mode "external") (not .Values.migrations.auth.existingSecret) -}}
 {{- if or .Values.migrations.auth.password .Values.migrations.auth.username -}}
 true
-{{- else if and (eq .Values.migrations.mode "hook") (not .Values.postgres.auth.existingSecret) -}}
+{{- else if and (eq .Values.migrations.mode "hook") (not $runtimeAuth.existingSecret) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -174,13 +196,14 @@ true
 {{/* Credentials (username, usernameKey, passwordKey) the migration Job reads. */}}
 {{- define "analytics-service.migrationAuth" -}}
 {{- $own := .Values.migrations.auth -}}
-{{- $username := default .Values.postgres.auth.username $own.username -}}
+{{- $runtimeAuth := include "analytics-service.postgresAuth" . | fromYaml -}}
+{{- $username := default $runtimeAuth.username $own.username -}}
 {{- if $own.existingSecret -}}
 {{- toYaml (dict "username" $username "usernameKey" $own.usernameKey "passwordKey" $own.passwordKey) -}}
 {{- else if include "analytics-service.migrationCreatesSecret" . -}}
 {{- toYaml (dict "username" $username "usernameKey" "" "passwordKey" "postgres-password") -}}
 {{- else -}}
-{{- toYaml (dict "username" .Values.postgres.auth.username "usernameKey" .Values.postgres.auth.usernameKey "passwordKey" .Values.postgres.auth.passwordKey) -}}
+{{- toYaml (dict "username" $runtimeAuth.username "usernameKey" $runtimeAuth.usernameKey "passwordKey" $runtimeAuth.passwordKey) -}}
 {{- end -}}
 {{- end -}}
 
@@ -231,7 +254,7 @@ AUTH holding username, usernameKey (empty: username is a plain value) and passwo
 
 {{/* Runtime credentials of the server and its schema-wait init container. */}}
 {{- define "analytics-service.runtimeCredentialEnv" -}}
-{{ include "analytics-service.postgresCredentialEnv" (dict "secretName" (include "analytics-service.postgresSecretName" .) "auth" .Values.postgres.auth) }}
+{{ include "analytics-service.postgresCredentialEnv" (dict "secretName" (include "analytics-service.postgresSecretName" .) "auth" (include "analytics-service.postgresAuth" . | fromYaml)) }}
 {{- if .Values.redis.host }}
 - name: REDIS_PASSWORD
   valueFrom:
@@ -239,6 +262,14 @@ AUTH holding username, usernameKey (empty: username is a plain value) and passwo
       name: {{ include "analytics-service.redisSecretName" . }}
       key: {{ .Values.redis.auth.passwordKey }}
 {{- end }}
+{{ include "analytics-service.otlpHeadersEnv" . }}
+{{- end -}}
+
+{{/*
+OTEL_EXPORTER_OTLP_HEADERS from its Secret, for every container that reads the ConfigMap
+(they all export traces to the collector it names). Empty when no Secret is set.
+*/}}
+{{- define "analytics-service.otlpHeadersEnv" -}}
 {{- with .Values.config.otel.headers.existingSecret }}
 - name: OTEL_EXPORTER_OTLP_HEADERS
   valueFrom:
@@ -315,28 +346,65 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 {{/* NetworkPolicy egress rules shared by the server, migration and test policies. */}}
 {{- define "analytics-service.dnsEgressRule" -}}
 - to:
-    - namespaceSelector:
-        {{- toYaml .namespaceSelector | nindent 8 }}
-      podSelector:
-        {{- toYaml .podSelector | nindent 8 }}
+    {{- toYaml .to | nindent 4 }}
   ports:
+    {{- range .ports }}
     - protocol: UDP
-      port: {{ .port }}
+      port: {{ . }}
     - protocol: TCP
-      port: {{ .port }}
+      port: {{ . }}
+    {{- end }}
 {{- end -}}
 {{- define "analytics-service.postgresEgressRule" -}}
+{{- $peers := .Values.networkPolicy.egress.postgresTo -}}
+{{- if and (not $peers) .Values.cloudnativePG.enabled -}}
+{{- if .Values.cloudnativePG.pooler.enabled -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/poolerName" (include "analytics-service.postgresHost" .)))) -}}
+{{- else -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/cluster" .Values.cloudnativePG.clusterName))) -}}
+{{- end -}}
+{{- end -}}
 - ports:
     - protocol: TCP
       port: {{ .Values.postgres.port }}
-  {{- with .Values.networkPolicy.egress.postgresTo }}
+  {{- with $peers }}
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end -}}
 
+{{/*
+Egress to the OTLP collector, its port taken from config.otel.endpoint (scheme://host:port;
+4317, the OTLP gRPC port, when the endpoint names none). Empty when tracing is off.
+*/}}
+{{- define "analytics-service.otlpEgressRule" -}}
+{{- with .Values.config.otel.endpoint -}}
+{{- $url := urlParse . -}}
+{{- $hostPort := splitList ":" (get $url "host") -}}
+{{- $port := 4317 -}}
+{{- if gt (len $hostPort) 1 -}}
+{{- $port = last $hostPort | int -}}
+{{- end }}
+- ports:
+    - protocol: TCP
+      port: {{ $port }}
+  {{- with $.Values.networkPolicy.egress.otlpTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+{{- end -}}
+
 {{/* Validation: fail the render on inconsistent settings. ------------------------------- */}}
 {{- define "analytics-service.validate" -}}
+{{- $reserved := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" "app.kubernetes.io/managed-by" -}}
+{{- range $field, $labels := dict "commonLabels" .Values.commonLabels "podLabels" .Values.podLabels "service.labels" .Values.service.labels -}}
+{{- range $key, $_ := $labels -}}
+{{- if has $key $reserved -}}
+{{- fail (printf "%s must not set %s: the chart sets it and Service, PDB and Deployment selectors (or Helm's ownership) depend on it" $field $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $needed := add .Values.preStopSleepSeconds .Values.shutdownDrainSeconds 5 -}}
 {{- if lt (int .Values.terminationGracePeriodSeconds) (int $needed) -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be at least preStopSleepSeconds (%d) + shutdownDrainSeconds (%d) + 5 = %d, or SIGKILL cuts the drain short" (int .Values.terminationGracePeriodSeconds) (int .Values.preStopSleepSeconds) (int .Values.shutdownDrainSeconds) (int $needed)) -}}
@@ -344,6 +412,25 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 {{- $pdb := .Values.podDisruptionBudget -}}
 {{- if and (not (kindIs "invalid" $pdb.minAvailable)) (ne (toString $pdb.minAvailable) "") (not (kindIs "invalid" $pdb.maxUnavailable)) (ne (toString $pdb.maxUnavailable) "") -}}
 {{- fail "podDisruptionBudget: set minAvailable or maxUnavailable, not both" -}}
+{{- end -}}
+{{- $pods := ternary .Values.autoscaling.minReplicas .Values.replicaCount .Values.autoscaling.enabled | int -}}
+{{- $podsSetting := ternary "autoscaling.minReplicas" "replicaCount" .Values.autoscaling.enabled -}}
+{{- if and $pdb.enabled (gt $pods 1) (not (kindIs "invalid" $pdb.minAvailable)) (ne (toString $pdb.minAvailable) "") -}}
+{{- $minAvailable := toString $pdb.minAvailable -}}
+{{- $blocking := false -}}
+{{- if hasSuffix "%" $minAvailable -}}
+{{- $blocking = ge (trimSuffix "%" $minAvailable | int) 100 -}}
+{{- else -}}
+{{- $blocking = ge ($minAvailable | int) $pods -}}
+{{- end -}}
+{{- if $blocking -}}
+{{- fail (printf "podDisruptionBudget.minAvailable (%s) must leave at least one of the %d pods (%s) evictable, or every node drain blocks: lower it, raise %s, or use podDisruptionBudget.maxUnavailable" $minAvailable $pods $podsSetting $podsSetting) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (not (kindIs "invalid" .Values.autoscaling.targetCPUUtilizationPercentage)) -}}
+{{- if not (dig "requests" "cpu" "" (.Values.resources | default dict)) -}}
+{{- fail "autoscaling.targetCPUUtilizationPercentage scales on CPU utilisation of the request, but resources.requests.cpu is not set: set it, or set autoscaling.targetCPUUtilizationPercentage to null" -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
@@ -362,6 +449,18 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 {{- end -}}
 {{- if and .Values.postgres.auth.existingSecret .Values.postgres.auth.password -}}
 {{- fail "postgres.auth: set existingSecret or password, not both" -}}
+{{- end -}}
+{{- if and .Values.cloudnativePG.enabled (not .Values.cloudnativePG.clusterName) -}}
+{{- fail "cloudnativePG.enabled needs cloudnativePG.clusterName (the Cluster's metadata.name)" -}}
+{{- end -}}
+{{- if and .Values.cloudnativePG.enabled .Values.postgres.auth.password -}}
+{{- fail "cloudnativePG.enabled reads the password from the Cluster's app Secret: leave postgres.auth.password empty" -}}
+{{- end -}}
+{{- if and .Values.ingress.enabled (not .Values.ingress.hosts) -}}
+{{- fail "ingress.enabled needs ingress.hosts" -}}
+{{- end -}}
+{{- if and .Values.grpcRoute.enabled (not .Values.grpcRoute.parentRefs) -}}
+{{- fail "grpcRoute.enabled needs grpcRoute.parentRefs (the Gateway to attach to)" -}}
 {{- end -}}
 {{- if and .Values.postgres.sslRootCert.existingSecret (not (has .Values.postgres.sslMode (list "verify-ca" "verify-full"))) -}}
 {{- fail "postgres.sslRootCert needs postgres.sslMode verify-ca or verify-full (the CA is only used to verify)" -}}

@@ -60,17 +60,57 @@ pub async fn migrate(options: &PgConnectOptions) -> Result<MigrationReport, Migr
         .execute(&mut connection)
         .await
         .map_err(RepositoryError::from)?;
-    let result = embedded::migrations::runner()
-        .set_abort_divergent(true)
-        .run_async(&mut RefineryConnection(&mut connection))
-        .await;
+    let result = run_unless_ahead(&mut connection).await;
     // Closing the session would release the lock too; unlocking keeps it explicit.
     let unlock =
         sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK_KEY).execute(&mut connection).await;
-    let report = result.map_err(|error| MigrationError::Refinery(Box::new(error)))?;
+    let report = result?;
     unlock.map_err(RepositoryError::from)?;
     connection.close().await.ok();
+    Ok(report)
+}
+
+/// Runs refinery, unless the database is ahead of this binary: every migration it carries
+/// is applied and newer ones are too (a rollback, or a GitOps tool re-running an older
+/// release's Job). Then there is nothing to apply, and refinery would refuse the newer
+/// migrations it does not know; migrations are expand-then-contract, so this binary can
+/// serve the newer schema.
+async fn run_unless_ahead(connection: &mut PgConnection) -> Result<MigrationReport, MigrationError> {
+    let applied = applied_versions(connection).await.map_err(RepositoryError::from)?;
+    let expected = expected_versions();
+    let expected_latest = expected.last().copied().unwrap_or(0);
+    let every_known_applied = expected.iter().all(|version| applied.contains(version));
+    if let Some(&applied_latest) = applied.last() {
+        if every_known_applied && applied_latest > expected_latest {
+            tracing::info!(
+                applied = applied_latest,
+                expected = expected_latest,
+                "database schema is ahead of this binary, nothing to migrate"
+            );
+            return Ok(MigrationReport { applied: Vec::new() });
+        }
+    }
+    let report = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(&mut RefineryConnection(connection))
+        .await
+        .map_err(|error| MigrationError::Refinery(Box::new(error)))?;
     Ok(MigrationReport { applied: report.applied_migrations().iter().map(ToString::to_string).collect() })
+}
+
+/// Versions recorded in refinery's history table (empty before the first migration).
+async fn applied_versions(connection: &mut PgConnection) -> Result<BTreeSet<i32>, sqlx::Error> {
+    let history_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(HISTORY_TABLE)
+        .fetch_one(&mut *connection)
+        .await?;
+    if !history_exists {
+        return Ok(BTreeSet::new());
+    }
+    let versions: Vec<i32> = sqlx::query_scalar(&format!("SELECT version FROM {HISTORY_TABLE}"))
+        .fetch_all(&mut *connection)
+        .await?;
+    Ok(versions.into_iter().collect())
 }
 
 /// Compares the applied versions with the embedded ones.
