@@ -27,7 +27,7 @@ use crate::metrics;
 use crate::models::{EventCount, EventFilter, TimeRange};
 use crate::repository::postgres::fold::{decode_users, encode_users};
 use crate::repository::postgres::rollups::{
-    merge_event_counts, user_count_split, EventCountPlan, RollupRepository, RollupStamp,
+    merge_event_counts, user_count_split, RollupRepository, RollupStamp,
 };
 
 /// Margin kept before the retention cut-off: partitions are whole months, so data up
@@ -101,7 +101,7 @@ impl AnalyticsService {
             self.cache.set(&key, &counts, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(counts);
         }
-        let plan = EventCountPlan::of(&filter);
+        let plan = rollups.event_count_plan(&filter).await?;
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
             return Ok(rollups.event_counts(&filter).await?);

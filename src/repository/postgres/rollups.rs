@@ -240,21 +240,33 @@ pub struct EventCountPlan {
 
 impl EventCountPlan {
     pub fn of(filter: &EventFilter) -> Self {
-        let range = filter.range;
+        Self::within(filter, Some((filter.range.start(), filter.range.end())))
+    }
+
+    /// The plan for `filter` when every event lies in `extent` (`[first, last)` in Unix
+    /// seconds, `None` when there is none): only the whole UTC hours around the extent
+    /// are walked, so a range far wider than the data costs what the data's buckets cost.
+    /// The split (the cache key and the stamp's hours) stays that of the whole range.
+    pub fn within(filter: &EventFilter, extent: Option<(i64, i64)>) -> Self {
         let mut plan = Self {
-            split: RangeSplit::hours(range),
+            split: RangeSplit::hours(filter.range),
             days: Segments::default(),
             hours: Segments::default(),
             folded: Segments::default(),
             raw: Segments::default(),
         };
-        let Some(group_by) = filter.group_by else {
-            plan.add_piece(range.start(), range.end());
+        let Some((first, last)) = extent else {
             return plan;
         };
-        let mut piece_start = range.start();
-        while piece_start < range.end() {
-            let piece_end = next_bucket_boundary(group_by, filter.time_zone, piece_start).min(range.end());
+        let start = filter.range.start().max(floor_to(first, HOUR_SECONDS));
+        let end = filter.range.end().min(ceil_to(last, HOUR_SECONDS));
+        let Some(group_by) = filter.group_by else {
+            plan.add_piece(start, end);
+            return plan;
+        };
+        let mut piece_start = start;
+        while piece_start < end {
+            let piece_end = next_bucket_boundary(group_by, filter.time_zone, piece_start).min(end);
             plan.add_piece(piece_start, piece_end);
             piece_start = piece_end;
         }
@@ -405,7 +417,7 @@ impl RollupRepository {
     /// Counts per event name (per bucket of the filter's zone when grouped), ordered by
     /// bucket then name: the same answer as grouping the raw events.
     pub async fn event_counts(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
-        let plan = EventCountPlan::of(filter);
+        let plan = self.event_count_plan(filter).await?;
         let sql = event_counts_sql(filter, CountPart::Whole);
         self.database
             .with_retry("count_events_rollup", || async {
@@ -422,6 +434,22 @@ impl RollupRepository {
                 Ok(counts)
             })
             .await
+    }
+
+    /// The plan for `filter`, walked only over the hours that hold events: the first and
+    /// last event timestamps come from one index probe per partition. An event committed
+    /// after this read is concurrent with the call; later calls plan around it.
+    pub async fn event_count_plan(&self, filter: &EventFilter) -> Result<EventCountPlan, RepositoryError> {
+        let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = self
+            .database
+            .with_retry("event_extent", || async {
+                Ok(sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
+                    .fetch_one(self.database.pool())
+                    .await?)
+            })
+            .await?;
+        let extent = first.zip(last).map(|(first, last)| (first.timestamp(), last.timestamp() + 1));
+        Ok(EventCountPlan::within(filter, extent))
     }
 
     /// Reads, in one statement (so one snapshot), the stamp of the folded part of the plan
@@ -789,6 +817,13 @@ mod tests {
                 }
             }
         }
+        // Events only in the last 90 days of 190 years of Berlin weeks: the walk covers
+        // their 14 weeks, not the 10,000 of the range; no events, no segments at all.
+        let weeks = filter(end - 9_999 * WEEK_SECONDS, end, Some(GroupBy::Week), chrono_tz::Europe::Berlin);
+        let recent = EventCountPlan::within(&weeks, Some((end - 90 * DAY_SECONDS, end)));
+        assert!(recent.segment_count() <= 4 * 15, "{recent:?}");
+        assert_eq!(recent.split, EventCountPlan::of(&weeks).split, "the cache key covers the whole range");
+        assert_eq!(EventCountPlan::within(&weeks, None).segment_count(), 0);
         // Ungrouped over 190 years: one run of days, whole hours and raw only at the edges.
         let later = end + 3 * HOUR_SECONDS;
         let plan =
