@@ -11,10 +11,12 @@
 //! the stamps are equal: a late event is in the fresh part until the fold moves it into
 //! the rollups, and that fold changes the stamp, so every answer includes it.
 //!
-//! A range that ended more than EVENT_MAX_AGE_DAYS ago is closed for good: TrackEvent
-//! rejects older timestamps (EVENT_MAX_AGE_DAYS is the late-event window), so such an
-//! answer is immutable and cached whole, without expiry and without a stamp. Ranges a
-//! retention drop may still shorten are not treated as closed.
+//! A range that ended more than EVENT_MAX_AGE_DAYS plus [`COMMIT_MARGIN`] ago is closed
+//! for good: TrackEvent rejects timestamps older than EVENT_MAX_AGE_DAYS (the late-event
+//! window), and an event accepted at the window's edge commits within the margin (a call
+//! ends within REQUEST_TIMEOUT_SECONDS and its commit within the commit bound), so such an
+//! answer is immutable and cached whole, without a stamp, for [`IMMUTABLE_CACHE_TTL`].
+//! Ranges a retention drop may still shorten are not treated as closed.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -25,17 +27,28 @@ use crate::metrics;
 use crate::models::{EventCount, EventFilter, TimeRange};
 use crate::repository::postgres::fold::{decode_users, encode_users};
 use crate::repository::postgres::rollups::{
-    merge_event_counts, user_count_split, EventCountPlan, RollupRepository, RollupStamp,
+    merge_event_counts, user_count_split, RollupRepository, RollupStamp,
 };
 
 /// Margin kept before the retention cut-off: partitions are whole months, so data up
 /// to a month newer than `now - EVENT_RETENTION_DAYS` may be dropped next.
 const RETENTION_MARGIN: chrono::Duration = chrono::Duration::days(32);
 
+/// How long after the late-event window a range stays open: longer than any event
+/// accepted inside the window can take to commit (the call's REQUEST_TIMEOUT_SECONDS and
+/// the commit's own bound, plus clock skew between replicas), so no write can land in a
+/// range after it was judged closed.
+pub(crate) const COMMIT_MARGIN: chrono::Duration = chrono::Duration::hours(1);
+
+/// Lifetime of an immutable answer in Redis: every key the service writes expires, so
+/// distinct old ranges cannot grow Redis without bound. Shorter than [`RETENTION_MARGIN`],
+/// so an entry expires before retention can drop the rows it counted.
+pub(crate) const IMMUTABLE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
 /// Whether an answer may be cached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum CachePolicy {
-    /// Every bucket is closed: cache without expiry.
+    /// Every bucket is closed: cache whole for [`IMMUTABLE_CACHE_TTL`].
     Immutable,
     /// Some bucket is open (or may be dropped by retention): compute fresh.
     Fresh,
@@ -48,7 +61,7 @@ pub(crate) fn cache_policy(
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
 ) -> CachePolicy {
-    let closed_before = (now - event_max_age).timestamp();
+    let closed_before = (now - event_max_age - COMMIT_MARGIN).timestamp();
     if range.end() > closed_before {
         return CachePolicy::Fresh;
     }
@@ -85,10 +98,10 @@ impl AnalyticsService {
             }
             metrics::record_cache_lookup("event_count", false);
             let counts = rollups.event_counts(&filter).await?;
-            self.cache.set_without_expiry(&key, &counts).await;
+            self.cache.set(&key, &counts, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(counts);
         }
-        let plan = EventCountPlan::of(&filter);
+        let plan = rollups.event_count_plan(&filter).await?;
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
             return Ok(rollups.event_counts(&filter).await?);
@@ -140,7 +153,7 @@ impl AnalyticsService {
             }
             metrics::record_cache_lookup("user_count", false);
             let count = rollups.unique_users(range).await?;
-            self.cache.set_without_expiry(&key, &count).await;
+            self.cache.set(&key, &count, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(count);
         }
         let split = user_count_split(range);
@@ -207,19 +220,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_ranges_older_than_the_late_event_window_are_immutable() {
+    fn only_ranges_older_than_the_late_event_window_and_the_commit_margin_are_immutable() {
         let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
         let max_age = chrono::Duration::days(30);
         let window_start = (now - max_age).timestamp();
-        let closed = TimeRange { start: window_start - 86_400, end: window_start };
-        let open = TimeRange { start: window_start - 86_400, end: window_start + 1 };
+        let closed_before = window_start - COMMIT_MARGIN.num_seconds();
+        let closed = TimeRange { start: closed_before - 86_400, end: closed_before };
+        let open = TimeRange { start: closed_before - 86_400, end: closed_before + 1 };
+        // An event accepted at the window's edge may still be committing.
+        let edge = TimeRange { start: window_start - 86_400, end: window_start };
         assert_eq!(cache_policy(closed, now, max_age, None), CachePolicy::Immutable);
         assert_eq!(cache_policy(open, now, max_age, None), CachePolicy::Fresh);
+        assert_eq!(cache_policy(edge, now, max_age, None), CachePolicy::Fresh);
         let retention = Some(chrono::Duration::days(60));
         let near_retention =
-            TimeRange { start: (now - chrono::Duration::days(40)).timestamp(), end: window_start };
+            TimeRange { start: (now - chrono::Duration::days(40)).timestamp(), end: closed_before };
         assert_eq!(cache_policy(near_retention, now, max_age, retention), CachePolicy::Fresh);
         let retention = Some(chrono::Duration::days(400));
         assert_eq!(cache_policy(near_retention, now, max_age, retention), CachePolicy::Immutable);
+        assert!(IMMUTABLE_CACHE_TTL.as_secs() < RETENTION_MARGIN.num_seconds() as u64);
     }
 }

@@ -191,6 +191,7 @@ pub fn event_timestamp(
     let Some(seconds) = unix_seconds else {
         return Ok(now);
     };
+    check_unix_seconds("timestamp", seconds)?;
     let timestamp = DateTime::from_timestamp(seconds, 0)
         .ok_or_else(|| ValidationError::new("timestamp", "is out of range"))?;
     if timestamp > now + MAX_FUTURE_SKEW {
@@ -208,15 +209,34 @@ pub fn event_timestamp(
     Ok(timestamp)
 }
 
+/// Earliest instant a time field may name: 0001-01-01T00:00:00Z. PostgreSQL's
+/// `timestamptz` reaches back to 4713 BC and chrono further, but bucket arithmetic
+/// (a week's Monday, a zone's local midnight) must stay representable in both.
+pub const MIN_UNIX_SECONDS: i64 = -62_135_596_800;
+/// Latest instant a time field may name: 9999-12-31T23:59:59Z (see [`MIN_UNIX_SECONDS`]).
+pub const MAX_UNIX_SECONDS: i64 = 253_402_300_799;
+
+/// Rejects an instant outside [`MIN_UNIX_SECONDS`, `MAX_UNIX_SECONDS`].
+fn check_unix_seconds(field: &str, seconds: i64) -> Result<(), ValidationError> {
+    if !(MIN_UNIX_SECONDS..=MAX_UNIX_SECONDS).contains(&seconds) {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "is out of range: Unix seconds from {MIN_UNIX_SECONDS} (year 1) to {MAX_UNIX_SECONDS} (year 9999), got {seconds}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl TimeRange {
-    /// A query range [start, end). `end` of 0 means now.
+    /// A query range [start, end). `end` of 0 means now: the next whole second after
+    /// `now`, so every event stored up to `now` (timestamps carry microseconds) is inside,
+    /// and a count asked after an acknowledged write includes it.
     pub fn parse(start: i64, end: i64, now: DateTime<Utc>) -> Result<Self, ValidationError> {
-        let end = if end == 0 { now.timestamp() } else { end };
-        for (field, value) in [("start_time", start), ("end_time", end)] {
-            if DateTime::from_timestamp(value, 0).is_none() {
-                return Err(ValidationError::new(field, "is out of range"));
-            }
-        }
+        check_unix_seconds("start_time", start)?;
+        let end = if end == 0 { now.timestamp() + 1 } else { end };
+        check_unix_seconds("end_time", end)?;
         if end <= start {
             return Err(ValidationError::new("end_time", "must be after start_time"));
         }
@@ -421,6 +441,8 @@ mod tests {
             ("oldest allowed", Some(1_700_000_000 - 30 * 86_400), Ok(1_700_000_000 - 30 * 86_400)),
             ("too old", Some(1_700_000_000 - 30 * 86_400 - 1), Err("in the past")),
             ("out of range", Some(i64::MAX), Err("out of range")),
+            ("before year 1", Some(-300_000_000_000), Err("out of range")),
+            ("i64::MIN", Some(i64::MIN), Err("out of range")),
         ];
         for (name, input, expected) in cases {
             let result = event_timestamp(*input, now, max_age);
@@ -438,10 +460,28 @@ mod tests {
     #[test]
     fn time_range_and_grouping_rules() {
         let now = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
-        assert_eq!(TimeRange::parse(10, 0, now).unwrap().end(), 1_700_000_000);
+        assert_eq!(
+            TimeRange::parse(10, 0, now).unwrap().end(),
+            1_700_000_001,
+            "now is the next whole second"
+        );
+        let later_in_the_second = DateTime::from_timestamp(1_700_000_000, 999_999_000).unwrap();
+        assert_eq!(TimeRange::parse(10, 0, later_in_the_second).unwrap().end(), 1_700_000_001);
         assert_eq!(TimeRange::parse(10, 10, now).unwrap_err().field, "end_time");
         assert_eq!(TimeRange::parse(10, 5, now).unwrap_err().field, "end_time");
-        assert_eq!(TimeRange::parse(i64::MIN, 5, now).unwrap_err().field, "start_time");
+        for (start, end, field) in [
+            (i64::MIN, 5, "start_time"),
+            (-300_000_000_000, 5, "start_time"),
+            (MIN_UNIX_SECONDS - 1, 5, "start_time"),
+            (10, MAX_UNIX_SECONDS + 1, "end_time"),
+            (10, i64::MAX, "end_time"),
+            (i64::MIN, i64::MAX, "start_time"),
+        ] {
+            let error = TimeRange::parse(start, end, now).unwrap_err();
+            assert_eq!(error.field, field, "[{start}, {end})");
+            assert!(error.reason.contains("out of range"), "{error}");
+        }
+        assert!(TimeRange::parse(MIN_UNIX_SECONDS, MAX_UNIX_SECONDS, now).is_ok());
 
         assert_eq!(GroupBy::parse("").unwrap(), None);
         assert_eq!(GroupBy::parse("week").unwrap(), Some(GroupBy::Week));

@@ -3,7 +3,9 @@
 use analytics_service::pb;
 use tonic::Code;
 
-use crate::helpers::{monday_two_weeks_ago, spawn_app};
+use analytics_service::service::validation::{MAX_UNIX_SECONDS, MIN_UNIX_SECONDS};
+
+use crate::helpers::{monday_two_weeks_ago, now, spawn_app, track_request};
 
 const HOUR: i64 = 3_600;
 const DAY: i64 = 86_400;
@@ -125,4 +127,84 @@ async fn unique_users_are_distinct_identified_users_in_range() {
     assert_eq!(app.unique_users(base, base + DAY + 1).await, 3);
     assert_eq!(app.unique_users(base + HOUR, base + 2 * HOUR).await, 1);
     assert_eq!(app.unique_users(base - DAY, base).await, 0);
+}
+
+#[tokio::test]
+async fn time_fields_beyond_what_postgres_and_chrono_represent_are_invalid_arguments() {
+    let app = spawn_app().await;
+    let ranges = [
+        (-300_000_000_000, 0, "start_time"),
+        (i64::MIN, 5, "start_time"),
+        (MIN_UNIX_SECONDS - 1, 0, "start_time"),
+        (0, i64::MAX, "end_time"),
+        (0, MAX_UNIX_SECONDS + 1, "end_time"),
+        (i64::MIN, i64::MAX, "start_time"),
+    ];
+    for (start, end, field) in ranges {
+        for group_by in ["", "week"] {
+            let status = app
+                .client
+                .clone()
+                .get_event_count(pb::GetEventCountRequest {
+                    start_time: start,
+                    end_time: end,
+                    group_by: group_by.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("out of range");
+            assert_eq!(status.code(), Code::InvalidArgument, "[{start}, {end}) {group_by:?}: {status:?}");
+            assert!(status.message().starts_with(field), "[{start}, {end}): {}", status.message());
+        }
+        let status = app
+            .client
+            .clone()
+            .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: end })
+            .await
+            .expect_err("out of range");
+        assert_eq!(status.code(), Code::InvalidArgument, "[{start}, {end}): {status:?}");
+        assert!(status.message().starts_with(field), "[{start}, {end}): {}", status.message());
+    }
+    for timestamp in [-300_000_000_000, i64::MIN, i64::MAX, MIN_UNIX_SECONDS - 1, MAX_UNIX_SECONDS + 1] {
+        let status = app
+            .client
+            .clone()
+            .track_event(pb::TrackEventRequest { timestamp, ..track_request("view", "a") })
+            .await
+            .expect_err("out of range");
+        assert_eq!(status.code(), Code::InvalidArgument, "{timestamp}: {status:?}");
+        assert!(status.message().starts_with("timestamp"), "{timestamp}: {}", status.message());
+    }
+
+    // The extremes themselves are answered, in every grouping and in zones whose local
+    // time lies beyond them.
+    assert_eq!(app.unique_users(MIN_UNIX_SECONDS, MAX_UNIX_SECONDS).await, 0);
+    assert!(app.counts("", MIN_UNIX_SECONDS, MAX_UNIX_SECONDS, "", "").await.is_empty());
+    for zone in ["", "Pacific/Chatham", "America/Los_Angeles", "Australia/Lord_Howe"] {
+        for (group_by, width) in [("hour", HOUR), ("day", DAY), ("week", 7 * DAY)] {
+            let first = MIN_UNIX_SECONDS + 9_000 * width;
+            assert!(app.counts("", MIN_UNIX_SECONDS, first, group_by, zone).await.is_empty());
+            let last = MAX_UNIX_SECONDS - 9_000 * width;
+            assert!(app.counts("", last, MAX_UNIX_SECONDS, group_by, zone).await.is_empty());
+        }
+    }
+}
+
+/// An event acknowledged before a count with end_time 0 ("now") is in that count, however
+/// early in its second it was stored and however soon the count is asked.
+#[tokio::test]
+async fn a_count_up_to_now_includes_every_event_acknowledged_before_it() {
+    let app = spawn_app().await;
+    let start = now() - 120;
+    for round in 1..=30 {
+        let user = format!("reader-{round}");
+        app.client.clone().track_event(track_request("written", &user)).await.unwrap();
+        let counted: i64 =
+            app.counts("written", start, 0, "", "").await.iter().map(|(_, _, count)| count).sum();
+        assert_eq!(counted, round, "round {round}: GetEventCount up to now");
+        let grouped: i64 =
+            app.counts("written", start, 0, "hour", "").await.iter().map(|(_, _, count)| count).sum();
+        assert_eq!(grouped, round, "round {round}: GetEventCount by hour up to now");
+        assert_eq!(app.unique_users(start, 0).await, round, "round {round}: GetUserCount up to now");
+    }
 }

@@ -16,7 +16,20 @@ use crate::helpers::{create_database, now, spawn_app, start_server, test_config,
 
 const HOUR: i64 = 3_600;
 const DAY: i64 = 86_400;
-const ZONES: [&str; 6] = ["", "UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Asia/Kathmandu"];
+const ZONES: [&str; 9] = [
+    "",
+    "UTC",
+    "Europe/Berlin",
+    "America/New_York",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "Australia/Lord_Howe",
+    "Pacific/Chatham",
+    "America/St_Johns",
+];
+/// Offsets of 30 and 45 minutes, and Lord Howe's 30-minute DST shift.
+const ODD_OFFSET_ZONES: [&str; 5] =
+    ["Australia/Lord_Howe", "Asia/Kathmandu", "Pacific/Chatham", "Asia/Kolkata", "America/St_Johns"];
 const NAMES: [&str; 5] = ["view", "click", "signup", "purchase", "logout"];
 
 type Counts = Vec<(String, i64, i64)>;
@@ -103,12 +116,24 @@ async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usize, 
 }
 
 async fn compare_random_queries(app: &TestApp, random: &mut StdRng, from: i64, to: i64, queries: usize) {
+    compare_random_queries_in(app, random, from, to, queries, &ZONES, 45 * DAY).await;
+}
+
+async fn compare_random_queries_in(
+    app: &TestApp,
+    random: &mut StdRng,
+    from: i64,
+    to: i64,
+    queries: usize,
+    zones: &[&str],
+    longest: i64,
+) {
     for _ in 0..queries {
         let start = random.random_range(from - DAY..to);
-        let end = start + random.random_range(1..45 * DAY);
+        let end = start + random.random_range(1..longest);
         let name = if random.random_bool(0.5) { "" } else { NAMES[random.random_range(0..NAMES.len())] };
         let group_by = ["", "hour", "day", "week"][random.random_range(0..4)];
-        let zone = ZONES[random.random_range(0..ZONES.len())];
+        let zone = zones[random.random_range(0..zones.len())];
         let answer = app.counts(name, start, end, group_by, zone).await;
         let expected = brute_force_counts(&app.pool, name, start, end, group_by, zone).await;
         assert_eq!(answer, expected, "name {name:?} [{start}, {end}) group_by {group_by:?} zone {zone:?}");
@@ -257,6 +282,87 @@ async fn counts_are_exact_before_during_and_after_the_fold() {
     assert!(hours > 20 * 20 && days >= 20, "bitmaps per hour ({hours}) and per day ({days})");
     pool.close().await;
     crate::helpers::drop_database(&database_name).await;
+}
+
+/// Zones offset by 30 and 45 minutes, around their DST shifts (Lord Howe moves by 30
+/// minutes, Chatham by an hour at :45), grouped by hour, day and week: equal to raw SQL.
+#[tokio::test]
+async fn zones_with_half_and_quarter_hour_offsets_match_raw_sql_across_their_dst_shifts() {
+    let app = spawn_app().await;
+    let database = Database::connect_lazy(&app.config);
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    // 2026-04-05: Lord Howe +11 -> +10:30 and Chatham +13:45 -> +12:45; 2026-09-27: Chatham
+    // back to +13:45; 2026-10-04: Lord Howe back to +11.
+    let windows = [(1_774_828_800, 1_776_038_400), (1_789_776_000, 1_791_763_200)];
+    for (from, to) in windows {
+        partitions::ensure_partitions(
+            &database,
+            chrono::DateTime::from_timestamp(from - 2 * DAY, 0).unwrap(),
+            chrono::DateTime::from_timestamp(to + 30 * DAY, 0).unwrap(),
+        )
+        .await
+        .unwrap();
+        for _ in 0..2 {
+            insert_random_events(&app.pool, &mut random, 1_500, from - DAY, to + 20 * DAY).await;
+        }
+    }
+    for (from, to) in windows {
+        compare_random_queries_in(&app, &mut random, from, to, 40, &ODD_OFFSET_ZONES, 20 * DAY).await;
+    }
+    // The case that labelled the first Lord Howe day 00:30 local instead of midnight.
+    let lord_howe =
+        app.counts("", 1_791_107_779, 1_791_107_779 + 3 * DAY, "day", "Australia/Lord_Howe").await;
+    let expected = brute_force_counts(
+        &app.pool,
+        "",
+        1_791_107_779,
+        1_791_107_779 + 3 * DAY,
+        "day",
+        "Australia/Lord_Howe",
+    )
+    .await;
+    assert_eq!(lord_howe, expected);
+    assert_eq!(lord_howe.first().map(|(_, bucket, _)| *bucket), Some(1_791_034_200), "local midnight");
+}
+
+/// The largest grouped answers (10,000 buckets of each grouping, up to 190 years of
+/// weeks) in several zones are equal to raw SQL, with events near both ends of the
+/// range and in between.
+#[tokio::test]
+async fn counts_at_the_bucket_cap_equal_raw_sql_for_every_grouping_and_zone() {
+    let app = spawn_app().await;
+    let database = Database::connect_lazy(&app.config);
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    let end = now() - 2 * HOUR - 17 * 60;
+    // Months far back (the start of a 190-year range, 20 and 1 year ago) and recent days.
+    for years_back in [189, 20, 1] {
+        let from = end - years_back * 365 * DAY;
+        partitions::ensure_partitions(
+            &database,
+            chrono::DateTime::from_timestamp(from, 0).unwrap(),
+            chrono::DateTime::from_timestamp(from + 20 * DAY, 0).unwrap(),
+        )
+        .await
+        .unwrap();
+        insert_random_events(&app.pool, &mut random, 300, from, from + 20 * DAY).await;
+    }
+    insert_random_events(&app.pool, &mut random, 1_500, end - 20 * DAY, end).await;
+    for zone in ["", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu"] {
+        for (group_by, width) in [("hour", HOUR), ("day", DAY), ("week", 7 * DAY)] {
+            // 9,999 bucket widths plus a partial first bucket: 10,000 buckets.
+            let start = end - 9_999 * width + 1_234;
+            for name in ["", "click"] {
+                let answer = app.counts(name, start, end, group_by, zone).await;
+                let expected = brute_force_counts(&app.pool, name, start, end, group_by, zone).await;
+                assert!(!answer.is_empty(), "{group_by} {zone:?}");
+                assert_eq!(answer, expected, "[{start}, {end}) by {group_by} in {zone:?}, name {name:?}");
+            }
+        }
+    }
 }
 
 /// Inserts one event at the start of every UTC hour in `[from, to)`.

@@ -2,11 +2,11 @@
 //! and `event_counts_hourly` plus the not yet folded `event_count_deltas` for event counts,
 //! the user bitmaps of `user_activity_daily` / `user_activity_hourly` plus the not yet
 //! folded `user_activity_pending` users for unique users, each pair read in one snapshot.
-//! Whole UTC days come from the day rows, whole hours at the edges from the hour rows, and
-//! only the partial hours at the very edges of a range (and grouped ranges in zones whose
-//! offsets are not whole hours) read the raw `events` rows.
+//! Whole UTC days come from the day rows, other whole hours from the hour rows, and only
+//! the partial hours at the edges of a range and of its buckets (zones offset by 30 or 45
+//! minutes) read the raw `events` rows; [`EventCountPlan`] says which, bucket by bucket.
 
-use chrono::{DateTime, Datelike, Offset, TimeZone, Utc};
+use chrono::{DateTime, Offset, TimeZone, Utc};
 use roaring::RoaringBitmap;
 use sqlx::Row;
 
@@ -17,6 +17,7 @@ use crate::models::{EventCount, EventFilter, GroupBy, TimeRange};
 
 pub(super) const HOUR_SECONDS: i64 = 3_600;
 pub(super) const DAY_SECONDS: i64 = 86_400;
+const WEEK_SECONDS: i64 = 7 * DAY_SECONDS;
 
 /// How a range splits between the rollups and the raw events:
 /// raw rows `[start, rollup_start)`, hour rows `[rollup_start, day_start)`, day rows
@@ -57,12 +58,6 @@ impl RangeSplit {
         Self { day_start, day_end, ..self }
     }
 
-    /// Everything from the raw events (zones whose offsets are not whole hours).
-    pub fn raw_only(range: TimeRange) -> Self {
-        let end = range.end();
-        Self { start: range.start(), rollup_start: end, day_start: end, day_end: end, rollup_end: end, end }
-    }
-
     fn instants(&self) -> [DateTime<Utc>; 6] {
         [self.start, self.rollup_start, self.day_start, self.day_end, self.rollup_end, self.end].map(time)
     }
@@ -80,22 +75,74 @@ fn time(seconds: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(seconds, 0).unwrap_or_default()
 }
 
-/// True when every UTC hour in `range` lies inside one local hour of `zone` (the zone's
-/// offset is a whole number of hours throughout), so local buckets are sums of UTC hours.
-pub fn hourly_rollup_fits(zone: chrono_tz::Tz, range: TimeRange) -> bool {
-    let whole_hours = |seconds: i64| {
-        zone.offset_from_utc_datetime(&time(seconds).naive_utc()).fix().local_minus_utc() % 3_600 == 0
-    };
-    // Offsets change only at transitions; sampling every hour finds any non-whole offset
-    // that lasts an hour or more (none of the IANA zones has a shorter one).
-    let mut instant = range.start();
-    while instant < range.end() {
-        if !whole_hours(instant) {
-            return false;
+/// The offset of `zone` from UTC at `seconds`, in seconds.
+fn utc_offset(zone: chrono_tz::Tz, seconds: i64) -> i64 {
+    i64::from(zone.offset_from_utc_datetime(&time(seconds).naive_utc()).fix().local_minus_utc())
+}
+
+/// The first instant after `instant` at which the bucket of `group_by` in `zone` may
+/// change: the next local hour, midnight or Monday midnight, and for hours also the next
+/// change of the zone's offset (a 30-minute DST shift moves the hour label). An extra
+/// boundary only splits a segment of the plan; a missed one would let a rollup row
+/// straddle two buckets, so boundaries err on the side of too many.
+fn next_bucket_boundary(group_by: GroupBy, zone: chrono_tz::Tz, instant: i64) -> i64 {
+    let local = instant + utc_offset(zone, instant);
+    let (target_local, stop_at_offset_change) = match group_by {
+        GroupBy::Hour => (floor_to(local, HOUR_SECONDS) + HOUR_SECONDS, true),
+        GroupBy::Day => (floor_to(local, DAY_SECONDS) + DAY_SECONDS, false),
+        GroupBy::Week => {
+            // 1970-01-05 was a Monday: local weeks start 4 days after a multiple of 7 days.
+            let monday = floor_to(local - 4 * DAY_SECONDS, WEEK_SECONDS) + 4 * DAY_SECONDS;
+            (monday + WEEK_SECONDS, false)
         }
-        instant += HOUR_SECONDS;
+    };
+    first_instant_reaching(zone, instant, target_local, stop_at_offset_change)
+}
+
+/// The first instant after `from` whose local time in `zone` (seconds since the local
+/// epoch) is at least `target_local`, which lies after `from`'s local time; or, with
+/// `stop_at_offset_change`, the first change of the zone's offset if that comes earlier.
+/// A handful of offset lookups per call; a transition in between is found by bisection.
+fn first_instant_reaching(
+    zone: chrono_tz::Tz,
+    from: i64,
+    target_local: i64,
+    stop_at_offset_change: bool,
+) -> i64 {
+    let mut instant = from;
+    loop {
+        let offset = utc_offset(zone, instant);
+        if instant > from && instant + offset >= target_local {
+            return instant;
+        }
+        // Reached at `candidate` if the offset stays as it is until then.
+        let candidate = target_local - offset;
+        let change = if utc_offset(zone, candidate - 1) != offset {
+            first_offset_change(zone, instant, candidate - 1, offset)
+        } else if utc_offset(zone, candidate) != offset {
+            candidate
+        } else {
+            return candidate;
+        };
+        if stop_at_offset_change {
+            return change;
+        }
+        instant = change;
     }
-    whole_hours(range.end() - 1)
+}
+
+/// The first instant in `(low, high]` whose offset differs from `offset`, the offset at
+/// `low`; the offset at `high` differs.
+fn first_offset_change(zone: chrono_tz::Tz, mut low: i64, mut high: i64, offset: i64) -> i64 {
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        if utc_offset(zone, middle) == offset {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    high
 }
 
 /// Which part of a [`RangeSplit`] a count query reads.
@@ -110,49 +157,15 @@ pub enum CountPart {
     Whole,
 }
 
-/// The slices of `part` of a [`RangeSplit`] (bound as $1..$6), as `(slice_start,
-/// event_name, event_count)`; with `name_filtered`, only the name bound as $7. With
-/// `raw_by_hour`, raw rows are cut to their UTC hour (so they join the bucket map).
-fn slices_sql(part: CountPart, name_filtered: bool, raw_by_hour: bool) -> String {
-    let name = if name_filtered { " AND event_name = $7" } else { "" };
-    // Cut to the hour, raw rows are counted per (hour, name) right away: a hash
-    // aggregate over a few thousand narrow rows instead of a sort of them.
-    let (raw_slice, raw_count, raw_group) = if raw_by_hour {
-        ("date_bin('1 hour', timestamp, TIMESTAMPTZ '1970-01-01 00:00:00+00')", "count(*)", " GROUP BY 1, 2")
-    } else {
-        ("timestamp", "1", "")
-    };
-    let folded = format!(
-        "SELECT bucket_start AS slice_start, event_name, event_count
-           FROM event_counts_daily
-          WHERE bucket_start >= $3 AND bucket_start < $4{name}
-         UNION ALL
-         SELECT bucket_start, event_name, event_count
-           FROM event_counts_hourly
-          WHERE bucket_start >= $2 AND bucket_start < $3{name}
-         UNION ALL
-         SELECT bucket_start, event_name, event_count
-           FROM event_counts_hourly
-          WHERE bucket_start >= $4 AND bucket_start < $5{name}"
-    );
-    let fresh = format!(
-        "SELECT bucket_start AS slice_start, event_name, event_count
-           FROM event_count_deltas
-          WHERE bucket_start >= $2 AND bucket_start < $5{name}
-         UNION ALL
-         SELECT {raw_slice}, event_name, {raw_count}
-           FROM events
-          WHERE timestamp >= $1 AND timestamp < $2{name}{raw_group}
-         UNION ALL
-         SELECT {raw_slice}, event_name, {raw_count}
-           FROM events
-          WHERE timestamp >= $5 AND timestamp < $6{name}{raw_group}"
-    );
-    match part {
-        CountPart::Folded => folded,
-        CountPart::Fresh => fresh,
-        CountPart::Whole => format!("{folded}\n UNION ALL\n {fresh}"),
-    }
+/// Rows of `table` (`bucket_start`, `event_name`, `event_count`) whose `bucket_start` lies
+/// in one of the segments bound as `$starts`, `$ends`: one index range scan per segment.
+fn segment_rows_sql(table: &str, starts: u8, ends: u8, name_filtered: bool) -> String {
+    let name = if name_filtered { " AND rollup.event_name = $7" } else { "" };
+    format!(
+        "SELECT rollup.bucket_start AS slice_start, rollup.event_name, rollup.event_count
+           FROM unnest(${starts}::timestamptz[], ${ends}::timestamptz[]) AS segment(low, high)
+           JOIN {table} rollup ON rollup.bucket_start >= segment.low AND rollup.bucket_start < segment.high{name}"
+    )
 }
 
 /// A version of the rollup part of a range: (rows, sum) over the rows that a change to
@@ -163,43 +176,134 @@ pub struct RollupStamp {
     pub sum: i64,
 }
 
-/// How one GetEventCount is read: the split of its range and, when grouped, the map from
-/// every UTC hour touching the range to its bucket in the caller's zone.
+/// Sorted, disjoint UTC intervals `[start, end)` in Unix seconds; touching ones merge.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segments {
+    starts: Vec<i64>,
+    ends: Vec<i64>,
+}
+
+impl Segments {
+    fn push(&mut self, start: i64, end: i64) {
+        if start >= end {
+            return;
+        }
+        match self.ends.last_mut() {
+            Some(last_end) if *last_end == start => *last_end = end,
+            _ => {
+                self.starts.push(start);
+                self.ends.push(end);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    /// The intervals as `(start, end)` pairs.
+    pub fn intervals(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
+        self.starts.iter().copied().zip(self.ends.iter().copied())
+    }
+
+    fn bounds(&self) -> (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) {
+        (
+            self.starts.iter().map(|start| time(*start)).collect(),
+            self.ends.iter().map(|end| time(*end)).collect(),
+        )
+    }
+}
+
+/// How one GetEventCount is read. The range is cut at every bucket boundary of the
+/// caller's zone, walking bucket by bucket (the work grows with the buckets, never with
+/// the hours of the range). Inside each piece the whole UTC days come from the day rows,
+/// the other whole UTC hours from the hour rows (plus their deltas not folded yet), and
+/// the rest from the raw events: the partial hours at the range's edges and at bucket
+/// boundaries that are not whole UTC hours (zones offset by 30 or 45 minutes). Every row
+/// read then lies inside one bucket, so SQL labels it by its own start. Touching pieces of
+/// one source merge, so UTC days and weeks read one run of day rows.
 #[derive(Clone, Debug)]
 pub struct EventCountPlan {
+    /// The whole UTC hours of the range: the cached folded part is keyed by them, and
+    /// its stamp covers them.
     pub split: RangeSplit,
-    bucket_map: Option<(Vec<DateTime<Utc>>, Vec<i64>)>,
+    pub days: Segments,
+    pub hours: Segments,
+    /// The day and hour segments together: where the deltas not folded yet are read.
+    pub folded: Segments,
+    pub raw: Segments,
 }
 
 impl EventCountPlan {
     pub fn of(filter: &EventFilter) -> Self {
-        let range = filter.range;
-        let rollup_fits = filter.group_by.is_none() || hourly_rollup_fits(filter.time_zone, range);
-        // Grouped: a UTC day comes from its day row only when all its hours fall in one
-        // bucket (UTC days and weeks); ungrouped, every whole day does.
-        let bucket_map = match filter.group_by {
-            Some(group_by) if rollup_fits => Some(hour_bucket_map(group_by, filter.time_zone, range)),
-            _ => None,
+        Self::within(filter, Some((filter.range.start(), filter.range.end())))
+    }
+
+    /// The plan for `filter` when every event lies in `extent` (`[first, last)` in Unix
+    /// seconds, `None` when there is none): only the whole UTC hours around the extent
+    /// are walked, so a range far wider than the data costs what the data's buckets cost.
+    /// The split (the cache key and the stamp's hours) stays that of the whole range.
+    pub fn within(filter: &EventFilter, extent: Option<(i64, i64)>) -> Self {
+        let mut plan = Self {
+            split: RangeSplit::hours(filter.range),
+            days: Segments::default(),
+            hours: Segments::default(),
+            folded: Segments::default(),
+            raw: Segments::default(),
         };
-        let split = match (&bucket_map, rollup_fits) {
-            (_, false) => RangeSplit::raw_only(range),
-            (None, true) => RangeSplit::hours(range).with_whole_days(|_| true),
-            (Some((hours, buckets)), true) => {
-                let first_hour = hours.first().map_or(0, DateTime::timestamp);
-                RangeSplit::hours(range).with_whole_days(|day_start| {
-                    let first = ((day_start - first_hour) / HOUR_SECONDS) as usize;
-                    buckets
-                        .get(first..first + 24)
-                        .is_some_and(|day| day.iter().all(|bucket| *bucket == day[0]))
-                })
-            }
+        let Some((first, last)) = extent else {
+            return plan;
         };
-        Self { split, bucket_map }
+        let start = filter.range.start().max(floor_to(first, HOUR_SECONDS));
+        let end = filter.range.end().min(ceil_to(last, HOUR_SECONDS));
+        let Some(group_by) = filter.group_by else {
+            plan.add_piece(start, end);
+            return plan;
+        };
+        let mut piece_start = start;
+        while piece_start < end {
+            let piece_end = next_bucket_boundary(group_by, filter.time_zone, piece_start).min(end);
+            plan.add_piece(piece_start, piece_end);
+            piece_start = piece_end;
+        }
+        plan
+    }
+
+    /// Adds `[start, end)`, which lies inside one bucket.
+    fn add_piece(&mut self, start: i64, end: i64) {
+        let hours_start = ceil_to(start, HOUR_SECONDS);
+        let hours_end = floor_to(end, HOUR_SECONDS);
+        if hours_start >= hours_end {
+            self.raw.push(start, end);
+            return;
+        }
+        self.raw.push(start, hours_start);
+        let days_start = ceil_to(hours_start, DAY_SECONDS);
+        let days_end = floor_to(hours_end, DAY_SECONDS);
+        if days_start < days_end {
+            self.hours.push(hours_start, days_start);
+            self.days.push(days_start, days_end);
+            self.hours.push(days_end, hours_end);
+        } else {
+            self.hours.push(hours_start, hours_end);
+        }
+        self.folded.push(hours_start, hours_end);
+        self.raw.push(hours_end, end);
     }
 
     /// Whether any whole hour comes from the rollups.
     pub fn has_rollup_part(&self) -> bool {
-        self.split.rollup_start < self.split.rollup_end
+        !self.folded.is_empty()
+    }
+
+    /// Index range scans the plan costs: one per segment of each source (the deltas
+    /// read over the folded segments).
+    pub fn segment_count(&self) -> usize {
+        self.days.len() + self.hours.len() + self.folded.len() + self.raw.len()
     }
 }
 
@@ -227,109 +331,76 @@ pub fn merge_event_counts(counts: Vec<EventCount>, more: Vec<EventCount>) -> Vec
         .collect()
 }
 
-/// For every UTC hour touching `range`, the start (Unix seconds) of its bucket in `zone`.
-/// Only valid when [`hourly_rollup_fits`]: each UTC hour then lies in one local bucket.
-/// A local day (week) starts at the first UTC hour whose local date (Monday) is that day's.
-pub fn hour_bucket_map(
-    group_by: GroupBy,
-    zone: chrono_tz::Tz,
-    range: TimeRange,
-) -> (Vec<DateTime<Utc>>, Vec<i64>) {
-    let bucket_key = |hour: i64| -> i64 {
-        let local_date = zone.from_utc_datetime(&time(hour).naive_utc()).date_naive();
-        match group_by {
-            GroupBy::Hour => hour,
-            GroupBy::Day => i64::from(local_date.num_days_from_ce()),
-            GroupBy::Week => {
-                i64::from(local_date.num_days_from_ce())
-                    - i64::from(local_date.weekday().num_days_from_monday())
-            }
-        }
-    };
-    let first_hour = floor_to(range.start(), HOUR_SECONDS);
-    let mut hours = Vec::new();
-    let mut buckets = Vec::new();
-    let mut current: Option<(i64, i64)> = None;
-    let mut hour = first_hour;
-    while hour < range.end() {
-        let key = bucket_key(hour);
-        let bucket_start = match current {
-            Some((current_key, current_start)) if current_key == key => current_start,
-            Some(_) => hour,
-            None => {
-                // The first bucket may start before the range: walk back to its first hour.
-                let mut start = hour;
-                while bucket_key(start - HOUR_SECONDS) == key {
-                    start -= HOUR_SECONDS;
-                }
-                start
-            }
-        };
-        current = Some((key, bucket_start));
-        hours.push(time(hour));
-        buckets.push(bucket_start);
-        hour += HOUR_SECONDS;
-    }
-    (hours, buckets)
-}
-
-/// The bucket start (Unix seconds) of `slice_start` in zone `$8`. Hours are cut at the
-/// local hour so a repeated local hour (DST end) stays two buckets; days and weeks use
-/// PostgreSQL's zone-aware `date_trunc` (weeks start on Monday).
-fn bucket_sql(group_by: GroupBy) -> &'static str {
+/// The bucket start (Unix seconds) of the instant `column` in zone `$8`. Hours are cut at
+/// the local hour so a repeated local hour (DST end) stays two buckets; days and weeks use
+/// PostgreSQL's zone-aware `date_trunc` (weeks start on Monday), so a day starts at local
+/// midnight whatever the zone's offset.
+fn bucket_sql(group_by: GroupBy, column: &str) -> String {
     match group_by {
-        GroupBy::Hour => {
-            "EXTRACT(EPOCH FROM slice_start - ((slice_start AT TIME ZONE $8) - date_trunc('hour', slice_start AT TIME ZONE $8)))::bigint"
+        GroupBy::Hour => format!(
+            "EXTRACT(EPOCH FROM {column} - (({column} AT TIME ZONE $8) - date_trunc('hour', {column} AT TIME ZONE $8)))::bigint"
+        ),
+        GroupBy::Day => format!("EXTRACT(EPOCH FROM date_trunc('day', {column}, $8))::bigint"),
+        GroupBy::Week => format!("EXTRACT(EPOCH FROM date_trunc('week', {column}, $8))::bigint"),
+    }
+}
+
+/// `(event_name, bucket, count)` of `part` of the plan (bucket 0 when ungrouped). Every
+/// row read lies inside one bucket (see [`EventCountPlan`]), so it is labelled by its own
+/// start; raw events are counted per label right away.
+fn event_counts_sql(filter: &EventFilter, part: CountPart) -> String {
+    let name_filtered = filter.event_name.is_some();
+    let (rollup_bucket, raw_bucket) = match filter.group_by {
+        Some(group_by) => {
+            (bucket_sql(group_by, "slices.slice_start"), bucket_sql(group_by, "event.timestamp"))
         }
-        GroupBy::Day => "EXTRACT(EPOCH FROM date_trunc('day', slice_start, $8))::bigint",
-        GroupBy::Week => "EXTRACT(EPOCH FROM date_trunc('week', slice_start, $8))::bigint",
+        None => ("0::bigint".to_string(), "0::bigint".to_string()),
+    };
+    let mut rollup_slices = Vec::new();
+    if part != CountPart::Fresh {
+        rollup_slices.push(segment_rows_sql("event_counts_daily", 1, 2, name_filtered));
+        rollup_slices.push(segment_rows_sql("event_counts_hourly", 3, 4, name_filtered));
     }
+    if part != CountPart::Folded {
+        rollup_slices.push(segment_rows_sql("event_count_deltas", 9, 10, name_filtered));
+    }
+    let mut arms = vec![format!(
+        "SELECT slices.event_name, {rollup_bucket} AS bucket, slices.event_count
+           FROM ({}) slices",
+        rollup_slices.join("\n UNION ALL\n ")
+    )];
+    if part != CountPart::Folded {
+        let name = if name_filtered { " AND event.event_name = $7" } else { "" };
+        arms.push(format!(
+            "SELECT event.event_name, {raw_bucket} AS bucket, count(*) AS event_count
+               FROM unnest($5::timestamptz[], $6::timestamptz[]) AS segment(low, high)
+               JOIN events event ON event.timestamp >= segment.low AND event.timestamp < segment.high{name}
+              GROUP BY 1, 2"
+        ));
+    }
+    format!(
+        "SELECT counted.event_name::text AS event_name, counted.bucket, sum(counted.event_count)::bigint AS count
+           FROM ({}) counted
+          GROUP BY 1, 2",
+        arms.join("\n UNION ALL\n ")
+    )
 }
 
-fn event_counts_sql(filter: &EventFilter, plan: &EventCountPlan, part: CountPart) -> String {
-    let slices = |raw_by_hour| slices_sql(part, filter.event_name.is_some(), raw_by_hour);
-    match (filter.group_by, &plan.bucket_map) {
-        (Some(_), Some(_)) => format!(
-            "SELECT slices.event_name, map.bucket, sum(slices.event_count)::bigint AS count
-               FROM ({}) slices
-               JOIN unnest($8::timestamptz[], $9::int8[]) AS map(hour_start, bucket)
-                 ON map.hour_start = slices.slice_start
-              GROUP BY 1, 2",
-            slices(true)
-        ),
-        (Some(group_by), None) => format!(
-            "SELECT event_name, {} AS bucket, sum(event_count)::bigint AS count
-               FROM ({}) slices
-              GROUP BY 1, 2",
-            bucket_sql(group_by),
-            slices(false)
-        ),
-        (None, _) => format!(
-            "SELECT event_name, sum(event_count)::bigint AS count
-               FROM ({}) slices
-              GROUP BY 1",
-            slices(false)
-        ),
-    }
-}
-
-/// Binds the split's instants ($1..$6), the name ($7, NULL when unfiltered), then the
-/// bucket map ($8, $9) or the zone ($8) when grouped.
+/// Binds the plan: day ($1, $2), hour ($3, $4) and raw ($5, $6) segments as start and
+/// end arrays, the name ($7, NULL when unfiltered), the zone ($8), the folded segments
+/// ($9, $10) and the whole hours the stamp covers ($11, $12).
 fn bind_event_counts<'q>(
     mut query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     filter: &'q EventFilter,
     plan: &'q EventCountPlan,
 ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    for instant in plan.split.instants() {
-        query = query.bind(instant);
+    for segments in [&plan.days, &plan.hours, &plan.raw] {
+        let (starts, ends) = segments.bounds();
+        query = query.bind(starts).bind(ends);
     }
-    query = query.bind(filter.event_name.as_ref().map(|name| name.as_str()));
-    if let Some((hours, buckets)) = &plan.bucket_map {
-        query = query.bind(hours).bind(buckets);
-    } else if filter.group_by.is_some() {
-        query = query.bind(filter.time_zone.name());
-    }
-    query
+    query = query.bind(filter.event_name.as_ref().map(|name| name.as_str())).bind(filter.time_zone.name());
+    let (starts, ends) = plan.folded.bounds();
+    query.bind(starts).bind(ends).bind(time(plan.split.rollup_start)).bind(time(plan.split.rollup_end))
 }
 
 /// Reads counts and unique users from the rollups.
@@ -346,8 +417,8 @@ impl RollupRepository {
     /// Counts per event name (per bucket of the filter's zone when grouped), ordered by
     /// bucket then name: the same answer as grouping the raw events.
     pub async fn event_counts(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
-        let plan = EventCountPlan::of(filter);
-        let sql = event_counts_sql(filter, &plan, CountPart::Whole);
+        let plan = self.event_count_plan(filter).await?;
+        let sql = event_counts_sql(filter, CountPart::Whole);
         self.database
             .with_retry("count_events_rollup", || async {
                 let rows = bind_event_counts(sqlx::query(&sql), filter, &plan)
@@ -365,6 +436,22 @@ impl RollupRepository {
             .await
     }
 
+    /// The plan for `filter`, walked only over the hours that hold events: the first and
+    /// last event timestamps come from one index probe per partition. An event committed
+    /// after this read is concurrent with the call; later calls plan around it.
+    pub async fn event_count_plan(&self, filter: &EventFilter) -> Result<EventCountPlan, RepositoryError> {
+        let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = self
+            .database
+            .with_retry("event_extent", || async {
+                Ok(sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
+                    .fetch_one(self.database.pool())
+                    .await?)
+            })
+            .await?;
+        let extent = first.zip(last).map(|(first, last)| (first.timestamp(), last.timestamp() + 1));
+        Ok(EventCountPlan::within(filter, extent))
+    }
+
     /// Reads, in one statement (so one snapshot), the stamp of the folded part of the plan
     /// (and, with `with_folded`, its counts) and the fresh part's counts.
     pub async fn event_counts_parts(
@@ -379,13 +466,13 @@ impl RollupRepository {
             format!(
                 "SELECT {number} AS part, counts.event_name::text AS event_name, {bucket} AS bucket, counts.count
                    FROM ({}) counts",
-                event_counts_sql(filter, plan, part)
+                event_counts_sql(filter, part)
             )
         };
         let mut sql = format!(
             "SELECT 0 AS part, NULL::text AS event_name, count(*)::bigint AS bucket,
                     coalesce(sum(event_count), 0)::bigint AS count
-               FROM event_totals_hourly WHERE bucket_start >= $2 AND bucket_start < $5
+               FROM event_totals_hourly WHERE bucket_start >= $11 AND bucket_start < $12
              UNION ALL {}",
             part(2, CountPart::Fresh)
         );
@@ -541,6 +628,8 @@ impl UserCountParts {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{Datelike, Timelike};
+
     use super::*;
 
     fn range(start: i64, end: i64) -> TimeRange {
@@ -579,28 +668,200 @@ mod tests {
         assert_eq!(RangeSplit::hours(short).with_whole_days(|_| true), RangeSplit::hours(short));
     }
 
+    fn filter(start: i64, end: i64, group_by: Option<GroupBy>, zone: chrono_tz::Tz) -> EventFilter {
+        EventFilter { event_name: None, range: range(start, end), group_by, time_zone: zone }
+    }
+
+    /// The bucket label the SQL gives an instant (see `bucket_sql`), computed with chrono:
+    /// the local hour's start, or the local date of the day or of the week's Monday.
+    fn label(group_by: GroupBy, zone: chrono_tz::Tz, seconds: i64) -> i64 {
+        let local = zone.from_utc_datetime(&time(seconds).naive_utc());
+        let date = local.date_naive();
+        match group_by {
+            GroupBy::Hour => seconds - i64::from(local.minute()) * 60 - i64::from(local.second()),
+            GroupBy::Day => i64::from(date.num_days_from_ce()),
+            GroupBy::Week => {
+                i64::from(date.num_days_from_ce()) - i64::from(date.weekday().num_days_from_monday())
+            }
+        }
+    }
+
+    const ZONES: [chrono_tz::Tz; 8] = [
+        chrono_tz::UTC,
+        chrono_tz::Europe::Berlin,
+        chrono_tz::America::New_York,
+        chrono_tz::Asia::Kolkata,
+        chrono_tz::Asia::Kathmandu,
+        chrono_tz::Australia::Lord_Howe,
+        chrono_tz::Pacific::Chatham,
+        chrono_tz::America::St_Johns,
+    ];
+
     #[test]
-    fn berlin_days_map_to_local_midnights_across_dst() {
-        // 2026-03-28 00:00+01:00 .. 2026-03-31 00:00+02:00; March 29 has 23 hours.
-        let march_28 = 1_774_652_400;
-        let (hours, buckets) = hour_bucket_map(
-            GroupBy::Day,
-            chrono_tz::Europe::Berlin,
-            range(march_28 + 5 * HOUR_SECONDS, march_28 + 3 * DAY_SECONDS - HOUR_SECONDS),
-        );
-        assert_eq!(hours.len(), 3 * 24 - 1 - 5);
-        let mut starts = buckets.clone();
-        starts.dedup();
-        assert_eq!(starts, vec![march_28, march_28 + DAY_SECONDS, march_28 + 2 * DAY_SECONDS - HOUR_SECONDS]);
-        assert_eq!(buckets.iter().filter(|start| **start == march_28 + DAY_SECONDS).count(), 23);
+    fn bucket_boundaries_are_where_the_label_changes() {
+        // Two years with every DST transition of these zones, stepped by 15 minutes: the
+        // label is constant between two boundaries and changes at each one.
+        let from = 1_767_225_600; // 2026-01-01
+        for zone in ZONES {
+            for group_by in [GroupBy::Hour, GroupBy::Day, GroupBy::Week] {
+                let mut boundary = from;
+                while boundary < from + 2 * 365 * DAY_SECONDS {
+                    let next = next_bucket_boundary(group_by, zone, boundary);
+                    assert!(next > boundary);
+                    let inside = label(group_by, zone, boundary);
+                    let mut instant = boundary;
+                    while instant < next {
+                        assert_eq!(
+                            label(group_by, zone, instant),
+                            inside,
+                            "{zone} {group_by:?} at {instant}"
+                        );
+                        instant += 900;
+                    }
+                    assert_eq!(
+                        label(group_by, zone, next - 1),
+                        inside,
+                        "{zone} {group_by:?} at {}",
+                        next - 1
+                    );
+                    if group_by != GroupBy::Hour {
+                        assert_ne!(label(group_by, zone, next), inside, "{zone} {group_by:?} at {next}");
+                    }
+                    boundary = next;
+                }
+            }
+        }
     }
 
     #[test]
-    fn zones_with_half_hour_offsets_do_not_fit_the_hourly_rollup() {
-        let week = range(1_704_067_200, 1_704_067_200 + 7 * DAY_SECONDS);
-        assert!(hourly_rollup_fits(chrono_tz::Europe::Berlin, week));
-        assert!(hourly_rollup_fits(chrono_tz::UTC, week));
-        assert!(!hourly_rollup_fits(chrono_tz::Asia::Kolkata, week));
-        assert!(!hourly_rollup_fits(chrono_tz::Asia::Kathmandu, week));
+    fn lord_howe_days_start_at_local_midnight() {
+        // 2026-10-04 09:56:19 UTC; Lord Howe moves from +10:30 to +11 at 02:00 that day, so
+        // the local day began at 2026-10-03 13:30 UTC and ends at 2026-10-04 13:00 UTC.
+        let midnight = 1_791_034_200;
+        assert_eq!(
+            next_bucket_boundary(GroupBy::Day, chrono_tz::Australia::Lord_Howe, midnight),
+            midnight + DAY_SECONDS - 1_800
+        );
+        let plan = EventCountPlan::of(&filter(
+            1_791_107_779,
+            1_791_107_779 + 3 * DAY_SECONDS,
+            Some(GroupBy::Day),
+            chrono_tz::Australia::Lord_Howe,
+        ));
+        // 13:00 UTC is a whole hour: the boundaries after the shift need no raw rows.
+        assert_eq!(
+            plan.raw.intervals().collect::<Vec<_>>(),
+            vec![(1_791_107_779, 1_791_108_000), (1_791_363_600, 1_791_366_979)]
+        );
+        assert_eq!(plan.days.len(), 0);
+    }
+
+    /// Checks that the plan's sources cover `range` exactly, without overlap, that the
+    /// folded segments are the day and hour segments, and that rollup segments are whole
+    /// UTC days or hours.
+    fn assert_covers(plan: &EventCountPlan, range: TimeRange) {
+        let mut pieces: Vec<(i64, i64)> =
+            plan.days.intervals().chain(plan.hours.intervals()).chain(plan.raw.intervals()).collect();
+        pieces.sort_unstable();
+        let mut covered = range.start();
+        for (start, end) in pieces {
+            assert_eq!(start, covered, "gap or overlap at {start}");
+            covered = end;
+        }
+        assert_eq!(covered, range.end());
+        assert!(plan.days.intervals().all(|(start, end)| start % DAY_SECONDS == 0 && end % DAY_SECONDS == 0));
+        assert!(plan
+            .hours
+            .intervals()
+            .all(|(start, end)| start % HOUR_SECONDS == 0 && end % HOUR_SECONDS == 0));
+        let mut folded: Segments = Segments::default();
+        let mut rollup: Vec<(i64, i64)> = plan.days.intervals().chain(plan.hours.intervals()).collect();
+        rollup.sort_unstable();
+        rollup.into_iter().for_each(|(start, end)| folded.push(start, end));
+        assert_eq!(folded, plan.folded);
+    }
+
+    #[test]
+    fn a_plan_at_the_bucket_cap_grows_with_the_buckets_not_the_hours() {
+        // 10,000 buckets of each grouping, ending 2026-12-01 at a minute past a half hour.
+        let end = 1_796_083_200 + 1_860;
+        for zone in ZONES {
+            for group_by in [GroupBy::Hour, GroupBy::Day, GroupBy::Week] {
+                let start = end - (crate::service::validation::MAX_BUCKETS - 1) * group_by.seconds();
+                let span = range(start, end);
+                assert!(group_by.bucket_count(span) <= crate::service::validation::MAX_BUCKETS);
+                let plan = EventCountPlan::of(&filter(start, end, Some(group_by), zone));
+                assert_covers(&plan, span);
+                // Each bucket adds at most one run of days, raw rows and folded rows, and
+                // two of hours (around its days, split by raw rows where a boundary is not
+                // a whole UTC hour).
+                let buckets = group_by.bucket_count(span) as usize;
+                for segments in [&plan.days, &plan.raw, &plan.folded] {
+                    assert!(
+                        segments.len() <= buckets + 2,
+                        "{zone} {group_by:?}: {} segments",
+                        segments.len()
+                    );
+                }
+                assert!(
+                    plan.hours.len() <= 2 * buckets + 2,
+                    "{zone} {group_by:?}: {} hours",
+                    plan.hours.len()
+                );
+                if zone == chrono_tz::UTC {
+                    // UTC buckets are whole hours and days: one run each, raw only at the edges.
+                    assert!(
+                        plan.days.len() <= 1 && plan.hours.len() <= 2 && plan.raw.len() <= 2,
+                        "{group_by:?}: {plan:?}"
+                    );
+                }
+            }
+        }
+        // Events only in the last 90 days of 190 years of Berlin weeks: the walk covers
+        // their 14 weeks, not the 10,000 of the range; no events, no segments at all.
+        let weeks = filter(end - 9_999 * WEEK_SECONDS, end, Some(GroupBy::Week), chrono_tz::Europe::Berlin);
+        let recent = EventCountPlan::within(&weeks, Some((end - 90 * DAY_SECONDS, end)));
+        assert!(recent.segment_count() <= 4 * 15, "{recent:?}");
+        assert_eq!(recent.split, EventCountPlan::of(&weeks).split, "the cache key covers the whole range");
+        assert_eq!(EventCountPlan::within(&weeks, None).segment_count(), 0);
+        // Ungrouped over 190 years: one run of days, whole hours and raw only at the edges.
+        let later = end + 3 * HOUR_SECONDS;
+        let plan =
+            EventCountPlan::of(&filter(later - 190 * 365 * DAY_SECONDS - 7, later, None, chrono_tz::UTC));
+        assert_eq!((plan.days.len(), plan.hours.len(), plan.raw.len()), (1, 2, 2));
+    }
+
+    #[test]
+    fn berlin_weeks_read_day_rows_inside_and_hour_rows_around_local_midnight() {
+        // Monday 2026-01-05 00:00 CET is Sunday 23:00 UTC; two whole weeks.
+        let monday = 1_767_567_600;
+        let span = range(monday, monday + 2 * WEEK_SECONDS);
+        let plan = EventCountPlan::of(&filter(
+            span.start(),
+            span.end(),
+            Some(GroupBy::Week),
+            chrono_tz::Europe::Berlin,
+        ));
+        assert_covers(&plan, span);
+        assert!(plan.raw.is_empty());
+        let day = monday + HOUR_SECONDS;
+        assert_eq!(
+            plan.days.intervals().collect::<Vec<_>>(),
+            vec![(day, day + 6 * DAY_SECONDS), (day + WEEK_SECONDS, day + WEEK_SECONDS + 6 * DAY_SECONDS)]
+        );
+        // Kolkata (+5:30) days: boundaries at 18:30 UTC, one raw hour around each.
+        let plan = EventCountPlan::of(&filter(
+            span.start(),
+            span.end(),
+            Some(GroupBy::Day),
+            chrono_tz::Asia::Kolkata,
+        ));
+        assert_covers(&plan, span);
+        assert_eq!(plan.raw.len(), 14);
+        assert!(plan
+            .raw
+            .intervals()
+            .skip(1)
+            .all(|(start, end)| end - start == HOUR_SECONDS && start % HOUR_SECONDS == 0));
     }
 }

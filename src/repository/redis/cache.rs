@@ -106,21 +106,6 @@ impl CountCache {
         inner.observe("set", started, result);
     }
 
-    /// Stores `value` under `key` with no expiry: only for answers that can never change.
-    pub async fn set_without_expiry<T: Serialize>(&self, key: &str, value: &T) {
-        let Some(inner) = self.inner.as_ref() else { return };
-        let Ok(bytes) = serde_json::to_vec(value) else { return };
-        let full_key = inner.full_key(key);
-        let started = Instant::now();
-        let result: Result<(), CacheFailure> = async {
-            let mut connection = inner.connection().await?;
-            Ok(connection.set(&full_key, bytes).await?)
-        }
-        .instrument(redis_span("set"))
-        .await;
-        inner.observe("set", started, result);
-    }
-
     /// The default lifetime of cached answers (REDIS_CACHE_TTL).
     pub fn ttl(&self) -> Duration {
         self.inner.as_ref().map_or(Duration::ZERO, |inner| inner.ttl)
