@@ -554,8 +554,11 @@ impl Config {
         if !(1..=20).contains(&self.db_retry_max_attempts) {
             return fail("DB_RETRY_MAX_ATTEMPTS", "must be between 1 and 20");
         }
-        if self.request_timeout_seconds == 0 {
-            return fail("REQUEST_TIMEOUT_SECONDS", "must be at least 1");
+        // A write can still commit up to a request timeout plus a commit timeout after its
+        // timestamp was checked; the count cache's immutability margin (one hour) must
+        // cover that.
+        if !(1..=600).contains(&self.request_timeout_seconds) {
+            return fail("REQUEST_TIMEOUT_SECONDS", "must be between 1 and 600");
         }
         if self.grpc_max_message_bytes < 1024 {
             return fail("GRPC_MAX_MESSAGE_BYTES", "must be at least 1024");
