@@ -17,9 +17,9 @@ use tonic::Code;
 
 use crate::helpers::{
     closed_port, create_database, keyed_track_request, postgres_host, postgres_port, postgres_user,
-    spawn_app_with, track_request, wait_until, TestOptions,
+    track_request, wait_until,
 };
-use crate::proxy::TcpProxy;
+use crate::proxy::spawn_app_behind_postgres_proxy;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
 
@@ -225,16 +225,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event() {
 
 #[tokio::test]
 async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
-    let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
-    let proxy = TcpProxy::start(target).await;
-    let app = spawn_app_with(TestOptions {
-        env: vec![
-            ("POSTGRES_PORT".into(), proxy.address.port().to_string()),
-            ("POSTGRES_ACQUIRE_TIMEOUT_MS".into(), "200".into()),
-        ],
-        ..TestOptions::default()
-    })
-    .await;
+    let (proxy, app) = spawn_app_behind_postgres_proxy(vec![("POSTGRES_ACQUIRE_TIMEOUT_MS", "200")]).await;
     let mut acknowledged = Vec::new();
     for index in 0..20 {
         let response =

@@ -10,7 +10,6 @@
 //!   `grpc_server_handled_total` with the code the client got.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,11 +17,8 @@ use std::time::Duration;
 use analytics_service::pb;
 use tonic::Code;
 
-use crate::helpers::{
-    metric_value, postgres_host, postgres_port, spawn_app_with, track_request, wait_until, TestApp,
-    TestOptions,
-};
-use crate::proxy::TcpProxy;
+use crate::helpers::{metric_value, track_request, wait_until, TestApp};
+use crate::proxy::spawn_app_behind_postgres_proxy;
 
 #[derive(Clone, Copy, Debug)]
 enum Outage {
@@ -167,20 +163,14 @@ fn write_rpc_total(metrics: &str, name: &str) -> f64 {
 }
 
 async fn outage_under_load(outage: Outage, client_timeout: Option<Duration>) {
-    let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
-    let proxy = TcpProxy::start(target).await;
-    let app = spawn_app_with(TestOptions {
-        env: vec![
-            ("POSTGRES_PORT".into(), proxy.address.port().to_string()),
-            ("POSTGRES_MAX_CONNECTIONS".into(), "8".into()),
-            ("POSTGRES_ACQUIRE_TIMEOUT_MS".into(), "300".into()),
-            ("INGEST_COMMIT_TIMEOUT_MS".into(), "300".into()),
-            ("REQUEST_TIMEOUT_SECONDS".into(), "3".into()),
-            // Every event has its own user: no budget interferes.
-            ("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE".into(), "0".into()),
-        ],
-        ..TestOptions::default()
-    })
+    let (proxy, app) = spawn_app_behind_postgres_proxy(vec![
+        ("POSTGRES_MAX_CONNECTIONS", "8"),
+        ("POSTGRES_ACQUIRE_TIMEOUT_MS", "300"),
+        ("INGEST_COMMIT_TIMEOUT_MS", "300"),
+        ("REQUEST_TIMEOUT_SECONDS", "3"),
+        // Every event has its own user: no budget interferes.
+        ("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE", "0"),
+    ])
     .await;
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -294,19 +284,13 @@ async fn a_blackholed_postgres_under_load_keeps_every_answer_true_with_client_de
 /// with the same insert_id finds the stored event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_is_lost_ends_deadline_exceeded_never_unavailable() {
-    let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
-    let proxy = TcpProxy::start(target).await;
-    let app = spawn_app_with(TestOptions {
-        env: vec![
-            ("POSTGRES_PORT".into(), proxy.address.port().to_string()),
-            ("POSTGRES_ACQUIRE_TIMEOUT_MS".into(), "300".into()),
-            // Longer than the call may take: the commit is still waiting when the deadline passes.
-            ("INGEST_COMMIT_TIMEOUT_MS".into(), "8000".into()),
-            ("REQUEST_TIMEOUT_SECONDS".into(), "3".into()),
-            ("INGEST_WRITERS".into(), "1".into()),
-        ],
-        ..TestOptions::default()
-    })
+    let (proxy, app) = spawn_app_behind_postgres_proxy(vec![
+        ("POSTGRES_ACQUIRE_TIMEOUT_MS", "300"),
+        // Longer than the call may take: the commit is still waiting when the deadline passes.
+        ("INGEST_COMMIT_TIMEOUT_MS", "8000"),
+        ("REQUEST_TIMEOUT_SECONDS", "3"),
+        ("INGEST_WRITERS", "1"),
+    ])
     .await;
     // The writer's connection has the insert prepared, so the next one is sent whole
     // (parse, bind, execute) and waits inside PostgreSQL's execution.

@@ -15,6 +15,20 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::helpers::{postgres_host, postgres_port, spawn_app_with, TestApp, TestOptions};
+
+/// A migrated server whose PostgreSQL connections all go through a proxy the test can
+/// cut, blackhole and restore; `env` adds or overrides settings.
+pub async fn spawn_app_behind_postgres_proxy(env: Vec<(&str, &str)>) -> (TcpProxy, TestApp) {
+    let target: SocketAddr = format!("{}:{}", postgres_host(), postgres_port()).parse().unwrap();
+    let proxy = TcpProxy::start(target).await;
+    let mut env: Vec<(String, String)> =
+        env.into_iter().map(|(key, value)| (key.to_string(), value.to_string())).collect();
+    env.insert(0, ("POSTGRES_PORT".to_string(), proxy.address.port().to_string()));
+    let app = spawn_app_with(TestOptions { env, ..TestOptions::default() }).await;
+    (proxy, app)
+}
+
 pub struct TcpProxy {
     pub address: SocketAddr,
     open: Arc<AtomicBool>,
