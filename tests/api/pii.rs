@@ -192,18 +192,7 @@ async fn sensitive_values_are_encrypted_at_rest_and_survive_a_key_rotation() {
     );
 
     // `reencrypt` rewrites every old value under k2.
-    let reencrypt = Command::new(BINARY)
-        .arg("reencrypt")
-        .env("POSTGRES_HOST", postgres_host())
-        .env("POSTGRES_PORT", postgres_port().to_string())
-        .env("POSTGRES_USER", postgres_user())
-        .env("POSTGRES_PASSWORD", "")
-        .env("POSTGRES_DB", &app.database_name)
-        .env("POSTGRES_SSLMODE", "disable")
-        .env("PII_KEYS_FILE", &keys_file)
-        .env("LOG_FORMAT", "text")
-        .output()
-        .unwrap();
+    let reencrypt = reencrypt_command(&app, &keys_file, "email,phone,name,ip_address");
     let printed = String::from_utf8_lossy(&reencrypt.stdout);
     assert!(reencrypt.status.success(), "{printed}{}", String::from_utf8_lossy(&reencrypt.stderr));
     assert!(printed.contains("events 1 rewritten, 0 failed"), "{printed}");
@@ -237,7 +226,8 @@ async fn sensitive_values_are_encrypted_at_rest_and_survive_a_key_rotation() {
     assert!(dump.contains("\"plan\": \"team\""), "non-sensitive values stay readable");
 }
 
-fn reencrypt_command(app: &TestApp, keys_file: &std::path::Path) -> std::process::Output {
+/// Runs the `reencrypt` verb against the test's database with `keys_file` and `pii_fields`.
+fn reencrypt_command(app: &TestApp, keys_file: &std::path::Path, pii_fields: &str) -> std::process::Output {
     Command::new(BINARY)
         .arg("reencrypt")
         .env("POSTGRES_HOST", postgres_host())
@@ -247,7 +237,7 @@ fn reencrypt_command(app: &TestApp, keys_file: &std::path::Path) -> std::process
         .env("POSTGRES_DB", &app.database_name)
         .env("POSTGRES_SSLMODE", "disable")
         .env("PII_KEYS_FILE", keys_file)
-        .env("PII_FIELDS", "email")
+        .env("PII_FIELDS", pii_fields)
         .env("LOG_FORMAT", "text")
         .output()
         .unwrap()
@@ -344,12 +334,12 @@ async fn clear_text_cannot_pass_for_ciphertext_and_field_names_are_normalised() 
         .unwrap();
     let legacy = service(&app.config).user_properties(&user("carol")).await.unwrap().unwrap();
     assert_eq!(legacy["email"], "enc:v1:k1:carol@example.org");
-    let reencrypt = reencrypt_command(&app, &keys_file);
+    let reencrypt = reencrypt_command(&app, &keys_file, "email");
     let printed = String::from_utf8_lossy(&reencrypt.stdout);
     assert!(reencrypt.status.success(), "{printed}{}", String::from_utf8_lossy(&reencrypt.stderr));
     assert!(printed.contains("user_identities 1 rewritten, 0 failed"), "{printed}");
     assert_eq!(key_id_of(&raw_user_properties(&app, "carol").await["email"]), "k1");
-    let again = reencrypt_command(&app, &keys_file);
+    let again = reencrypt_command(&app, &keys_file, "email");
     assert!(String::from_utf8_lossy(&again.stdout).contains("user_identities 0 rewritten, 0 failed"));
     let read = service(&app.config).user_properties(&user("carol")).await.unwrap().unwrap();
     assert_eq!(read["email"], "enc:v1:k1:carol@example.org");
