@@ -15,7 +15,6 @@ use tonic::transport::Server;
 use crate::api::admin;
 use crate::api::grpc::{reflection_guard, AnalyticsGrpc};
 use crate::api::health::follow_readiness;
-use crate::api::malformed::MalformedRequestLayer;
 use crate::api::middleware::GrpcObservabilityLayer;
 use crate::api::preface::with_preface_deadline;
 use crate::config::Config;
@@ -191,8 +190,7 @@ impl Application {
             .http2_max_header_list_size(config.grpc_max_header_list_bytes)
             .http2_keepalive_interval(Some(config.grpc_keepalive_interval()))
             .http2_keepalive_timeout(Some(config.grpc_keepalive_timeout()))
-            .layer(GrpcObservabilityLayer::new(config.request_timeout()))
-            .layer(MalformedRequestLayer);
+            .layer(GrpcObservabilityLayer::new(config.request_timeout()));
         if let Some(age) = config.max_connection_age() {
             builder = builder.max_connection_age(age);
         }

@@ -1,6 +1,6 @@
-//! Malformed requests are the caller's fault, and answered as such (a tower layer around
-//! every service on the port, inside the observability layer so metrics and logs see the
-//! code the caller gets):
+//! Malformed requests are the caller's fault, and answered as such (applied by the gRPC
+//! middleware, [`crate::api::middleware`], before metrics and logs record the code the
+//! caller gets):
 //! - a `content-type` other than `application/grpc` (optionally `+proto`, `+json` or with
 //!   parameters) gets HTTP 415 Unsupported Media Type, as the gRPC over HTTP/2 spec
 //!   prescribes, with `grpc-status` INVALID_ARGUMENT for gRPC-aware callers;
@@ -11,14 +11,9 @@
 //!   recognised by the messages tonic 0.14 and prost 0.14 give them
 //!   ([`DECODE_FAILURE_MESSAGES`]); tests/api/malformed.rs pins each one.
 
-use std::task::{Context, Poll};
-
-use futures::future::BoxFuture;
-use futures::FutureExt;
 use http::header::CONTENT_TYPE;
 use http::StatusCode;
 use tonic::{Code, Status};
-use tower::{Layer, Service};
 
 /// Beginnings of the INTERNAL messages tonic (framing) and prost (message decoding) give
 /// a request body that does not decode.
@@ -34,7 +29,7 @@ const DECODE_FAILURE_MESSAGES: &[&str] = &[
 ];
 
 /// Whether a request's `content-type` names gRPC.
-fn is_grpc_content_type(headers: &http::HeaderMap) -> bool {
+pub(crate) fn is_grpc_content_type(headers: &http::HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
         return false;
     };
@@ -43,72 +38,17 @@ fn is_grpc_content_type(headers: &http::HeaderMap) -> bool {
 }
 
 /// Whether an INTERNAL status is in fact a request body that failed to decode.
-fn is_decode_failure(status: &Status) -> bool {
+pub(crate) fn is_decode_failure(status: &Status) -> bool {
     status.code() == Code::Internal
         && DECODE_FAILURE_MESSAGES.iter().any(|prefix| status.message().starts_with(prefix))
 }
 
 /// The answer to a request whose content-type is not gRPC.
-fn unsupported_media_type<B: Default>() -> http::Response<B> {
+pub(crate) fn unsupported_media_type<B: Default>() -> http::Response<B> {
     let mut response = Status::invalid_argument("content-type must be application/grpc").into_http();
     *response.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
     response.headers_mut().remove(CONTENT_TYPE);
     response
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-pub struct MalformedRequestLayer;
-
-impl<S> Layer<S> for MalformedRequestLayer {
-    type Service = MalformedRequests<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MalformedRequests { inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct MalformedRequests<S> {
-    inner: S,
-}
-
-impl<S, RequestBody, ResponseBody> Service<http::Request<RequestBody>> for MalformedRequests<S>
-where
-    S: Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    RequestBody: Send + 'static,
-    ResponseBody: Default + Send + 'static,
-{
-    type Response = http::Response<ResponseBody>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        if !is_grpc_content_type(request.headers()) {
-            return futures::future::ready(Ok(unsupported_media_type())).boxed();
-        }
-        // The clone that was polled ready serves this call (tower's usual swap).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        async move {
-            let response = inner.call(request).await?;
-            // A decode failure is answered before any message, as a trailers-only
-            // response: the status is in the headers.
-            match Status::from_header_map(response.headers()) {
-                Some(status) if is_decode_failure(&status) => {
-                    Ok(Status::invalid_argument(format!("malformed request: {}", status.message()))
-                        .into_http())
-                }
-                _ => Ok(response),
-            }
-        }
-        .boxed()
-    }
 }
 
 #[cfg(test)]

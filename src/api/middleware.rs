@@ -8,6 +8,8 @@
 //!   reaches the client before it gives up) or REQUEST_TIMEOUT_SECONDS, whichever is
 //!   sooner. Handlers find it as a [`RequestDeadline`] extension; a call still running
 //!   then is answered DEADLINE_EXCEEDED;
+//! - malformed requests answered as the caller's fault ([`crate::api::malformed`]): a
+//!   non-gRPC content-type gets 415, a body that does not decode INVALID_ARGUMENT;
 //! - panic recovery: a panicking handler becomes INTERNAL, its message goes to the log,
 //!   the server keeps serving.
 
@@ -25,6 +27,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::api::malformed::{is_decode_failure, is_grpc_content_type, unsupported_media_type};
 use crate::metrics;
 use crate::security::tls::caller_from_extensions;
 use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
@@ -250,12 +253,25 @@ where
         request.extensions_mut().insert(RequestDeadline(deadline.answer_by));
         let span = server_span(service, method, request.headers());
         span.record("caller", caller_from_extensions(request.extensions()).as_str());
+        let grpc_content_type = is_grpc_content_type(request.headers());
         let handled = async move {
             metrics::record_grpc_started(service, method, kind);
             let mut handled = Handled { labels, started, deadline, recorded: false };
+            if !grpc_content_type {
+                handled.record(Code::InvalidArgument);
+                return Ok(unsupported_media_type());
+            }
             let call = AssertUnwindSafe(inner.call(request)).catch_unwind();
             let response = match tokio::time::timeout_at(deadline.answer_by, call).await {
-                Ok(Ok(Ok(response))) => response,
+                Ok(Ok(Ok(response))) => match Status::from_header_map(response.headers()) {
+                    // A body that does not decode is answered before any message, as a
+                    // trailers-only response: the status is in the headers.
+                    Some(status) if is_decode_failure(&status) => {
+                        Status::invalid_argument(format!("malformed request: {}", status.message()))
+                            .into_http()
+                    }
+                    _ => response,
+                },
                 Ok(Ok(Err(error))) => {
                     tracing::warn!("rpc failed in the transport");
                     handled.record(Code::Unknown);
