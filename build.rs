@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("analytics_descriptor.bin"))
         .compile_protos(&["proto/analytics/v1/analytics.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
+    // refinery embeds migrations/ at compile time; a file added there must rebuild too.
+    println!("cargo:rerun-if-changed=migrations");
 
     // Build metadata for analytics_build_info: GIT_COMMIT (set by the image build) or
     // the checkout's HEAD, else "unknown".

@@ -1,5 +1,6 @@
--- User identities: one row per identified user (the design's schema).
-CREATE TABLE IF NOT EXISTS user_identities (
+-- User identities: one row per identified user (IdentifyUser), with the properties it
+-- last sent.
+CREATE TABLE user_identities (
     user_id VARCHAR(255) PRIMARY KEY,
     properties JSONB,
     first_seen TIMESTAMPTZ NOT NULL DEFAULT NOW(),
@@ -7,4 +8,4 @@ CREATE TABLE IF NOT EXISTS user_identities (
     updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
 );
 
-CREATE INDEX IF NOT EXISTS idx_user_identities_properties ON user_identities USING GIN(properties);
+CREATE INDEX idx_user_identities_properties ON user_identities USING GIN (properties);

@@ -2,7 +2,7 @@
 # Monthly vs daily partitions of `events`, measured rather than reasoned about.
 #
 # In a throwaway database (random name, dropped on exit) this builds two copies of the
-# `events` table with the DDL and indexes of migrations V1/V10 (no rollup trigger):
+# `events` table with the DDL and indexes of migration V1 (no rollup trigger):
 # `events_monthly` (one partition per UTC month, as the service does) and `events_daily`
 # (one per UTC day), both covering the last DAYS days plus partitions created ahead
 # (MONTHS_AHEAD months for monthly, as PARTITION_MONTHS_AHEAD does; DAYS_AHEAD days for
@@ -119,7 +119,7 @@ SELECT set_config('bench.days', :'days', false) AS days,
        set_config('bench.days_ahead', :'days_ahead', false) AS days_ahead,
        set_config('bench.months_ahead', :'months_ahead', false) AS months_ahead \gset
 
--- The DDL of V10 (columns, primary key, the four indexes), once per layout.
+-- The DDL of migration V1 (columns, primary key, the four indexes), once per layout.
 DO $do$
 DECLARE
     layout text;
@@ -144,7 +144,7 @@ BEGIN
     END LOOP;
 END $do$;
 
--- Partitions over [now - days, now + ahead], UTC boundaries, named like V10's.
+-- Partitions over [now - days, now + ahead], UTC boundaries, named like migration V1's.
 DO $do$
 DECLARE
     layout text;

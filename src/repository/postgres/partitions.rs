@@ -1,4 +1,4 @@
-//! Monthly partitions of `events` (migration V10): creating them ahead of time and
+//! Monthly partitions of `events` (migration V1): creating them ahead of time and
 //! dropping whole old ones for retention, together with their rollup rows.
 
 use chrono::{DateTime, Utc};

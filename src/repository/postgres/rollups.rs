@@ -1,4 +1,4 @@
-//! Count queries answered from the rollups (migrations V11 and V13): `event_counts_daily`
+//! Count queries answered from the rollups (migration V4): `event_counts_daily`
 //! and `event_counts_hourly` plus the not yet folded `event_count_deltas` for event counts,
 //! the user bitmaps of `user_activity_daily` / `user_activity_hourly` plus the not yet
 //! folded `user_activity_pending` users for unique users, each pair read in one snapshot.
@@ -169,7 +169,7 @@ fn segment_rows_sql(table: &str, starts: u8, ends: u8, name_filtered: bool) -> S
 }
 
 /// A version of the rollup part of a range: (rows, sum) over the rows that a change to
-/// the part must touch. Equal stamps mean an unchanged part (see V13).
+/// the part must touch. Equal stamps mean an unchanged part (see migration V4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RollupStamp {
     pub rows: i64,
