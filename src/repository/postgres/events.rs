@@ -109,12 +109,15 @@ impl EventRepository {
     }
 
     /// Encrypts sensitive property values on write and decrypts them on read.
-    pub fn with_pii(self, pii: PiiCipher) -> Self {
+    pub(crate) fn with_pii(self, pii: PiiCipher) -> Self {
         Self { pii, ..self }
     }
 
     /// The stored properties of one event, decrypted; `None` when there is no such event.
-    pub async fn properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, RepositoryError> {
+    pub(crate) async fn properties(
+        &self,
+        event_id: Uuid,
+    ) -> Result<Option<serde_json::Value>, RepositoryError> {
         let stored: Option<Option<serde_json::Value>> = self
             .database
             .with_retry("select_event_properties", || async {
@@ -135,7 +138,7 @@ impl EventRepository {
     /// [`WriteError`]); repeating the attempt is safe (the event ids are ours, and a key
     /// this statement claimed answers as ours). `answer_timeout` bounds the wait for
     /// PostgreSQL's answer.
-    pub async fn insert_batch(
+    pub(crate) async fn insert_batch(
         &self,
         events: &[&NewEvent],
         window_days: i32,
@@ -275,7 +278,11 @@ impl EventRepository {
 
     /// Deletes idempotency keys older than the window, `chunk` rows per statement,
     /// until none is left; returns how many were deleted.
-    pub async fn expire_insert_ids(&self, window_days: i32, chunk: i64) -> Result<u64, RepositoryError> {
+    pub(crate) async fn expire_insert_ids(
+        &self,
+        window_days: i32,
+        chunk: i64,
+    ) -> Result<u64, RepositoryError> {
         let mut total = 0;
         loop {
             let deleted = self

@@ -120,4 +120,3 @@ pub(crate) async fn cache_counters(admin_address: std::net::SocketAddr) -> anyho
     }
     Ok(counters)
 }
-

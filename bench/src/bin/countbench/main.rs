@@ -257,4 +257,3 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
     server.await??;
     Ok(())
 }
-

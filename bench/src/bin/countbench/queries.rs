@@ -68,7 +68,6 @@ impl Timings {
     }
 }
 
-
 /// An answer in a comparable form: sorted (name, bucket, count) rows, or the user count.
 pub(crate) type Answer = Vec<(String, i64, i64)>;
 
@@ -117,4 +116,3 @@ pub(crate) async fn service_answer(
         }
     }
 }
-

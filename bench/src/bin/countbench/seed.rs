@@ -9,7 +9,11 @@ use crate::{Arguments, DAY};
 
 /// One INSERT ... SELECT per day (so the trigger sees day-sized batches), users and names
 /// skewed with powers of random(), times of day uniform.
-pub(crate) async fn seed(connection: &mut PgConnection, arguments: &Arguments, now: i64) -> anyhow::Result<()> {
+pub(crate) async fn seed(
+    connection: &mut PgConnection,
+    arguments: &Arguments,
+    now: i64,
+) -> anyhow::Result<()> {
     let per_day = arguments.events / arguments.days;
     // Oldest day first and each day in time order, as live traffic arrives: the table's
     // physical order then follows time, as it does in production.
@@ -37,7 +41,10 @@ pub(crate) async fn seed(connection: &mut PgConnection, arguments: &Arguments, n
 /// Inserts `total` events in batches of 500 (the service's UNNEST statement) with the
 /// rollup trigger on and off, interleaved in rounds so both see the same machine load;
 /// returns a markdown line with the throughput ratio.
-pub(crate) async fn measure_ingestion_cost(connection: &mut PgConnection, total: i64) -> anyhow::Result<String> {
+pub(crate) async fn measure_ingestion_cost(
+    connection: &mut PgConnection,
+    total: i64,
+) -> anyhow::Result<String> {
     const BATCH: i64 = 500;
     const ROUNDS: i64 = 4;
     let per_round = total / ROUNDS / 2;

@@ -12,10 +12,13 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-
 /// `workers` tasks call back to back for `duration`. Each call returns the events it
 /// stored. Returns (events, latency histogram in us, failed calls).
-pub(crate) async fn closed_loop<F, Fut>(workers: usize, duration: Duration, call: F) -> (u64, Histogram<u64>, u64)
+pub(crate) async fn closed_loop<F, Fut>(
+    workers: usize,
+    duration: Duration,
+    call: F,
+) -> (u64, Histogram<u64>, u64)
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<u64, ()>> + Send,
@@ -105,4 +108,3 @@ async fn merge(
     }
     (events, histogram, errors)
 }
-

@@ -40,7 +40,11 @@ pub(crate) async fn truncate(options: &PgConnectOptions) -> anyhow::Result<()> {
 
 /// Rows/s of `raw_writers` connections inserting `raw_batch`-row statements of the same
 /// synthetic events straight into the same schema, for the phase duration.
-pub(crate) async fn raw_limit(args: &Args, options: &PgConnectOptions, method: RawMethod) -> anyhow::Result<Row> {
+pub(crate) async fn raw_limit(
+    args: &Args,
+    options: &PgConnectOptions,
+    method: RawMethod,
+) -> anyhow::Result<Row> {
     let duration = Duration::from_secs(args.seconds);
     let deadline = Instant::now() + duration;
     let batch = args.raw_batch as u64;
@@ -146,4 +150,3 @@ async fn insert_copy(connection: &mut PgConnection, first: u64, count: u64) -> a
     copy.finish().await?;
     Ok(())
 }
-

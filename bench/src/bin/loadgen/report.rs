@@ -20,7 +20,6 @@ pub(crate) struct Row {
     pub(crate) note: String,
 }
 
-
 /// (events, commits, commit seconds, TrackEvent(s) calls, their handling seconds) so
 /// far, from the server's /metrics.
 pub(crate) type CommitStats = (f64, f64, f64, f64, f64);

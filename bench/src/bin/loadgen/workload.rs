@@ -46,4 +46,3 @@ fn number_value(number: f64) -> pb::PropertyValue {
 fn bool_value(flag: bool) -> pb::PropertyValue {
     pb::PropertyValue { value: Some(pb::property_value::Value::BoolValue(flag)) }
 }
-
