@@ -31,7 +31,8 @@ RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}"
 
 FROM chef AS planner
 # .dockerignore admits only what the build needs: Cargo.toml, Cargo.lock, build.rs,
-# proto/, migrations/, src/ and benches/.
+# proto/, migrations/, src/ and bench/ (a workspace member: cargo loads its manifest, and
+# `--bin analytics-service` builds the service alone).
 COPY . .
 RUN cargo chef prepare --recipe-path recipe.json
 

@@ -3,7 +3,8 @@
 #   1. local PostgreSQL and Redis up (scripts/dev-services.sh); the tool chain in .tools/
 #      (scripts/install-tools.sh: grpcurl, buf, helm, ..., and Debian's prometheus/promtool,
 #      which the observability tests run for real)
-#   2. cargo fmt --check, cargo clippy --all-targets -D warnings
+#   2. cargo fmt --all --check, cargo clippy --all-targets -D warnings (the workspace: service
+#      and bench/, the default members)
 #   3. cargo nextest: unit and integration tests (real PostgreSQL, Redis, gRPC, Prometheus)
 #   4. buf lint and buf breaking against the first published proto (proto/baseline/)
 #   5. alert rules, their unit tests and the dashboard (scripts/check-observability.sh)
@@ -30,8 +31,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
-step "cargo fmt --check"
-cargo fmt --check
+step "cargo fmt --all --check"
+cargo fmt --all --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings

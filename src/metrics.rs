@@ -9,28 +9,28 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub const GRPC_STARTED: &str = "grpc_server_started_total";
-pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
-pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
-pub const EVENTS_INGESTED: &str = "analytics_events_ingested_total";
-pub const EVENTS_REJECTED: &str = "analytics_events_rejected_total";
-pub const DB_QUERY_SECONDS: &str = "analytics_db_query_seconds";
-pub const DB_ERRORS: &str = "analytics_db_errors_total";
-pub const DB_POOL_CONNECTIONS: &str = "analytics_db_pool_connections";
-pub const DB_POOL_MAX_CONNECTIONS: &str = "analytics_db_pool_max_connections";
-pub const DATABASE_UP: &str = "analytics_database_up";
-pub const REDIS_COMMAND_SECONDS: &str = "analytics_redis_command_seconds";
-pub const REDIS_ERRORS: &str = "analytics_redis_errors_total";
-pub const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
-pub const READY: &str = "analytics_ready";
-pub const RATE_LIMITED: &str = "analytics_rate_limited_total";
-pub const BUILD_INFO: &str = "analytics_build_info";
-pub const TLS_HANDSHAKES: &str = "analytics_tls_handshakes_total";
-pub const TLS_RELOADS: &str = "analytics_tls_reloads_total";
-pub const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
-pub const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
-pub const TRACE_EXPORT_FAILURES: &str = "analytics_trace_export_failures_total";
-pub const CONNECTIONS_CLOSED_EARLY: &str = "analytics_grpc_connections_closed_early_total";
+pub(crate) const GRPC_STARTED: &str = "grpc_server_started_total";
+pub(crate) const GRPC_HANDLED: &str = "grpc_server_handled_total";
+pub(crate) const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+pub(crate) const EVENTS_INGESTED: &str = "analytics_events_ingested_total";
+pub(crate) const EVENTS_REJECTED: &str = "analytics_events_rejected_total";
+pub(crate) const DB_QUERY_SECONDS: &str = "analytics_db_query_seconds";
+pub(crate) const DB_ERRORS: &str = "analytics_db_errors_total";
+pub(crate) const DB_POOL_CONNECTIONS: &str = "analytics_db_pool_connections";
+pub(crate) const DB_POOL_MAX_CONNECTIONS: &str = "analytics_db_pool_max_connections";
+pub(crate) const DATABASE_UP: &str = "analytics_database_up";
+pub(crate) const REDIS_COMMAND_SECONDS: &str = "analytics_redis_command_seconds";
+pub(crate) const REDIS_ERRORS: &str = "analytics_redis_errors_total";
+pub(crate) const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
+pub(crate) const READY: &str = "analytics_ready";
+pub(crate) const RATE_LIMITED: &str = "analytics_rate_limited_total";
+pub(crate) const BUILD_INFO: &str = "analytics_build_info";
+pub(crate) const TLS_HANDSHAKES: &str = "analytics_tls_handshakes_total";
+pub(crate) const TLS_RELOADS: &str = "analytics_tls_reloads_total";
+pub(crate) const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
+pub(crate) const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
+pub(crate) const TRACE_EXPORT_FAILURES: &str = "analytics_trace_export_failures_total";
+pub(crate) const CONNECTIONS_CLOSED_EARLY: &str = "analytics_grpc_connections_closed_early_total";
 
 /// Latency buckets in seconds: sub-millisecond cache hits up to the request timeout.
 const LATENCY_BUCKETS: &[f64] =
@@ -40,7 +40,7 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder (first call) and returns the handle that renders
 /// the text exposition format. Later calls return the same handle.
-pub fn install() -> PrometheusHandle {
+pub(crate) fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
@@ -103,12 +103,12 @@ fn describe_all() {
     describe_ingest();
 }
 
-pub fn record_grpc_started(service: &'static str, method: &'static str, kind: &'static str) {
+pub(crate) fn record_grpc_started(service: &'static str, method: &'static str, kind: &'static str) {
     counter!(GRPC_STARTED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind)
         .increment(1);
 }
 
-pub fn record_grpc_handled(
+pub(crate) fn record_grpc_handled(
     service: &'static str,
     method: &'static str,
     kind: &'static str,
@@ -121,80 +121,80 @@ pub fn record_grpc_handled(
         .record(elapsed.as_secs_f64());
 }
 
-pub fn record_db_call(operation: &'static str, elapsed: Duration, error_kind: Option<&'static str>) {
+pub(crate) fn record_db_call(operation: &'static str, elapsed: Duration, error_kind: Option<&'static str>) {
     histogram!(DB_QUERY_SECONDS, "operation" => operation).record(elapsed.as_secs_f64());
     if let Some(kind) = error_kind {
         counter!(DB_ERRORS, "operation" => operation, "kind" => kind).increment(1);
     }
 }
 
-pub fn record_redis_call(operation: &'static str, elapsed: Duration, failed: bool) {
+pub(crate) fn record_redis_call(operation: &'static str, elapsed: Duration, failed: bool) {
     histogram!(REDIS_COMMAND_SECONDS, "operation" => operation).record(elapsed.as_secs_f64());
     if failed {
         counter!(REDIS_ERRORS, "operation" => operation).increment(1);
     }
 }
 
-pub fn record_cache_lookup(query: &'static str, hit: bool) {
+pub(crate) fn record_cache_lookup(query: &'static str, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     counter!(CACHE_REQUESTS, "query" => query, "result" => result).increment(1);
 }
 
 /// An answer that touches open buckets: computed fresh, never cached (`result="fresh"`).
-pub fn record_cache_fresh(query: &'static str) {
+pub(crate) fn record_cache_fresh(query: &'static str) {
     counter!(CACHE_REQUESTS, "query" => query, "result" => "fresh").increment(1);
 }
 
-pub fn record_events_ingested(count: u64) {
+pub(crate) fn record_events_ingested(count: u64) {
     counter!(EVENTS_INGESTED).increment(count);
 }
 
-pub fn record_event_rejected(reason: &'static str) {
+pub(crate) fn record_event_rejected(reason: &'static str) {
     counter!(EVENTS_REJECTED, "reason" => reason).increment(1);
 }
 
-pub fn record_rate_limited() {
+pub(crate) fn record_rate_limited() {
     counter!(RATE_LIMITED).increment(1);
 }
 
-pub fn record_tls_handshake(succeeded: bool) {
+pub(crate) fn record_tls_handshake(succeeded: bool) {
     counter!(TLS_HANDSHAKES, "result" => if succeeded { "ok" } else { "refused" }).increment(1);
 }
 
 /// A connection closed before it carried a call: `no_preface` (no HTTP/2 preface within
 /// GRPC_HANDSHAKE_TIMEOUT_SECONDS) or `handshake_backlog` (GRPC_MAX_PENDING_TLS_HANDSHAKES
 /// already waiting).
-pub fn record_connection_closed_early(reason: &'static str) {
+pub(crate) fn record_connection_closed_early(reason: &'static str) {
     counter!(CONNECTIONS_CLOSED_EARLY, "reason" => reason).increment(1);
 }
 
-pub fn record_tls_reload(succeeded: bool) {
+pub(crate) fn record_tls_reload(succeeded: bool) {
     counter!(TLS_RELOADS, "result" => if succeeded { "ok" } else { "invalid" }).increment(1);
 }
 
-pub fn record_rate_limit_fallback() {
+pub(crate) fn record_rate_limit_fallback() {
     counter!(RATE_LIMIT_FALLBACKS).increment(1);
 }
 
 /// A trace exporter that could not be built (`setup`) or a span batch the collector did
 /// not take (`export`).
-pub fn record_trace_export_failure(stage: &'static str) {
+pub(crate) fn record_trace_export_failure(stage: &'static str) {
     counter!(TRACE_EXPORT_FAILURES, "stage" => stage).increment(1);
 }
 
-pub fn record_permission_denied(method: &'static str) {
+pub(crate) fn record_permission_denied(method: &'static str) {
     counter!(PERMISSION_DENIED, "method" => method).increment(1);
 }
 
-pub fn set_database_up(up: bool) {
+pub(crate) fn set_database_up(up: bool) {
     gauge!(DATABASE_UP).set(if up { 1.0 } else { 0.0 });
 }
 
-pub fn set_ready(ready: bool) {
+pub(crate) fn set_ready(ready: bool) {
     gauge!(READY).set(if ready { 1.0 } else { 0.0 });
 }
 
-pub fn set_pool_stats(size: u32, idle: usize, max: u32) {
+pub(crate) fn set_pool_stats(size: u32, idle: usize, max: u32) {
     let idle = idle as f64;
     gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(idle);
     gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set((f64::from(size) - idle).max(0.0));
@@ -203,14 +203,14 @@ pub fn set_pool_stats(size: u32, idle: usize, max: u32) {
 
 // ---- ingestion (group commit) ----
 
-pub const INGEST_BATCH_SIZE: &str = "analytics_ingest_batch_size";
-pub const INGEST_COMMIT_SECONDS: &str = "analytics_ingest_commit_seconds";
-pub const INGEST_QUEUE_DEPTH: &str = "analytics_ingest_queue_depth";
-pub const INGEST_QUEUE_CAPACITY: &str = "analytics_ingest_queue_capacity";
-pub const DEDUP_HITS: &str = "analytics_dedup_hits_total";
-pub const EVENT_COUNT_DELTAS_FOLDED: &str = "analytics_event_count_deltas_folded_total";
-pub const USER_ACTIVITY_FOLDED: &str = "analytics_user_activity_folded_pairs_total";
-pub const ROLLUP_FOLD_TIMESTAMP: &str = "analytics_rollup_fold_timestamp_seconds";
+pub(crate) const INGEST_BATCH_SIZE: &str = "analytics_ingest_batch_size";
+pub(crate) const INGEST_COMMIT_SECONDS: &str = "analytics_ingest_commit_seconds";
+pub(crate) const INGEST_QUEUE_DEPTH: &str = "analytics_ingest_queue_depth";
+pub(crate) const INGEST_QUEUE_CAPACITY: &str = "analytics_ingest_queue_capacity";
+pub(crate) const DEDUP_HITS: &str = "analytics_dedup_hits_total";
+pub(crate) const EVENT_COUNT_DELTAS_FOLDED: &str = "analytics_event_count_deltas_folded_total";
+pub(crate) const USER_ACTIVITY_FOLDED: &str = "analytics_user_activity_folded_pairs_total";
+pub(crate) const ROLLUP_FOLD_TIMESTAMP: &str = "analytics_rollup_fold_timestamp_seconds";
 
 /// Events per group commit: from a lone call to a full TrackEvents batch and beyond.
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0];
@@ -236,29 +236,29 @@ fn describe_ingest() {
 
 /// One group commit of `events` events, answered after `elapsed`. Called by the
 /// writer, off the request path.
-pub fn record_ingest_commit(events: usize, elapsed: Duration) {
+pub(crate) fn record_ingest_commit(events: usize, elapsed: Duration) {
     histogram!(INGEST_BATCH_SIZE).record(events as f64);
     histogram!(INGEST_COMMIT_SECONDS).record(elapsed.as_secs_f64());
 }
 
-pub fn set_ingest_queue(depth: usize, capacity: usize) {
+pub(crate) fn set_ingest_queue(depth: usize, capacity: usize) {
     gauge!(INGEST_QUEUE_DEPTH).set(depth as f64);
     gauge!(INGEST_QUEUE_CAPACITY).set(capacity as f64);
 }
 
 /// Events answered as duplicates of an earlier insert_id.
-pub fn record_dedup_hits(count: u64) {
+pub(crate) fn record_dedup_hits(count: u64) {
     counter!(DEDUP_HITS).increment(count);
     counter!(EVENTS_REJECTED, "reason" => "duplicate").increment(count);
 }
 
 /// Events not stored for `reason`, counted in one step (a failed group commit).
-pub fn record_events_rejected(reason: &'static str, count: u64) {
+pub(crate) fn record_events_rejected(reason: &'static str, count: u64) {
     counter!(EVENTS_REJECTED, "reason" => reason).increment(count);
 }
 
 /// One completed fold pass that folded `deltas` event-count deltas and `pairs` pairs.
-pub fn record_rollup_fold(deltas: usize, pairs: usize) {
+pub(crate) fn record_rollup_fold(deltas: usize, pairs: usize) {
     counter!(EVENT_COUNT_DELTAS_FOLDED).increment(deltas as u64);
     counter!(USER_ACTIVITY_FOLDED).increment(pairs as u64);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -214,7 +214,7 @@ pub fn init_plain() {
 }
 
 /// Reads W3C trace context from HTTP/2 headers (gRPC metadata).
-pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+pub(crate) struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -227,7 +227,7 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// The trace id of a `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed.
-pub fn traceparent_trace_id(headers: &http::HeaderMap) -> Option<String> {
+pub(crate) fn traceparent_trace_id(headers: &http::HeaderMap) -> Option<String> {
     let value = headers.get("traceparent")?.to_str().ok()?;
     let mut parts = value.split('-');
     let (_version, trace_id) = (parts.next()?, parts.next()?);

@@ -18,7 +18,7 @@ struct AdminState {
     readiness: watch::Receiver<Readiness>,
 }
 
-pub fn router(metrics: PrometheusHandle, readiness: watch::Receiver<Readiness>) -> Router {
+pub(crate) fn router(metrics: PrometheusHandle, readiness: watch::Receiver<Readiness>) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/livez", get(live))

@@ -86,7 +86,7 @@ impl From<EventCount> for pb::EventCount {
 
 /// One result per event, in request order. A rejected event carries the status its
 /// error maps to (the one mapping in `status`), so it reads like a unary failure.
-pub fn track_events_response(results: Vec<EventResult>) -> pb::TrackEventsResponse {
+pub(crate) fn track_events_response(results: Vec<EventResult>) -> pb::TrackEventsResponse {
     let results = results
         .into_iter()
         .enumerate()

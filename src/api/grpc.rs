@@ -28,19 +28,19 @@ fn key_scope<T>(request: &Request<T>) -> String {
 
 /// Implements the generated server trait on top of [`AnalyticsService`].
 #[derive(Clone)]
-pub struct AnalyticsGrpc {
+pub(crate) struct AnalyticsGrpc {
     service: Arc<AnalyticsService>,
     readiness: watch::Receiver<Readiness>,
     callers: Arc<CallerPolicy>,
 }
 
 impl AnalyticsGrpc {
-    pub fn new(service: Arc<AnalyticsService>, readiness: watch::Receiver<Readiness>) -> Self {
+    pub(crate) fn new(service: Arc<AnalyticsService>, readiness: watch::Receiver<Readiness>) -> Self {
         Self { service, readiness, callers: Arc::new(CallerPolicy::default()) }
     }
 
     /// Restricts the RPCs to the callers TLS_ALLOWED_CALLERS(_PER_RPC) name.
-    pub fn with_caller_policy(self, callers: CallerPolicy) -> Self {
+    pub(crate) fn with_caller_policy(self, callers: CallerPolicy) -> Self {
         Self { callers: Arc::new(callers), ..self }
     }
 
@@ -60,7 +60,7 @@ impl AnalyticsGrpc {
 
 /// Guards server reflection with TLS_ALLOWED_CALLERS (a tonic interceptor):
 /// PERMISSION_DENIED for a caller not on the list, counted like the RPCs' refusals.
-pub fn reflection_guard(
+pub(crate) fn reflection_guard(
     callers: CallerPolicy,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     let callers = Arc::new(callers);

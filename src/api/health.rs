@@ -9,10 +9,10 @@ use tonic_health::ServingStatus;
 use crate::service::readiness::Readiness;
 
 /// Fully-qualified name of our service, as health clients ask for it.
-pub const ANALYTICS_SERVICE_NAME: &str = "analytics.v1.AnalyticsService";
+pub(crate) const ANALYTICS_SERVICE_NAME: &str = "analytics.v1.AnalyticsService";
 
 /// Mirrors every readiness change into the health reporter until the channel closes.
-pub async fn follow_readiness(reporter: HealthReporter, mut readiness: watch::Receiver<Readiness>) {
+pub(crate) async fn follow_readiness(reporter: HealthReporter, mut readiness: watch::Receiver<Readiness>) {
     loop {
         let status = if readiness.borrow_and_update().is_ready() {
             ServingStatus::Serving

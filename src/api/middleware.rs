@@ -93,12 +93,12 @@ const CLIENT_DEADLINE_ALLOWANCE: Duration = Duration::from_millis(100);
 
 /// When the server stops working on a call and answers DEADLINE_EXCEEDED.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestDeadline(pub Instant);
+pub(crate) struct RequestDeadline(pub Instant);
 
 impl RequestDeadline {
     /// The deadline of `request`, or `fallback` from now when the middleware set none
     /// (a handler called directly).
-    pub fn of<T>(request: &tonic::Request<T>, fallback: Duration) -> Instant {
+    pub(crate) fn of<T>(request: &tonic::Request<T>, fallback: Duration) -> Instant {
         request
             .extensions()
             .get::<RequestDeadline>()

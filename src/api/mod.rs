@@ -2,11 +2,11 @@
 //! status mapping, middleware, standard health) and the plain HTTP admin port.
 //! Only this module knows protobuf types.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod convert;
-pub mod grpc;
-pub mod health;
-pub mod malformed;
+pub(crate) mod grpc;
+pub(crate) mod health;
+pub(crate) mod malformed;
 pub mod middleware;
-pub mod preface;
-pub mod status;
+pub(crate) mod preface;
+pub(crate) mod status;

@@ -22,7 +22,7 @@ const HTTP2_PREFACE_BYTES: usize = 24;
 
 /// A connection whose reads fail once `timeout` passes before the preface has arrived;
 /// hyper then closes it. After the preface it only forwards.
-pub struct PrefaceDeadline<IO> {
+pub(crate) struct PrefaceDeadline<IO> {
     io: IO,
     /// Running until the preface has arrived, `None` afterwards.
     deadline: Option<Pin<Box<Sleep>>>,
@@ -30,13 +30,13 @@ pub struct PrefaceDeadline<IO> {
 }
 
 impl<IO> PrefaceDeadline<IO> {
-    pub fn new(io: IO, timeout: Duration) -> Self {
+    pub(crate) fn new(io: IO, timeout: Duration) -> Self {
         Self { io, deadline: Some(Box::pin(tokio::time::sleep(timeout))), received: 0 }
     }
 }
 
 /// Puts every connection of `incoming` under the preface deadline.
-pub fn with_preface_deadline<S, IO>(
+pub(crate) fn with_preface_deadline<S, IO>(
     incoming: S,
     timeout: Duration,
 ) -> impl Stream<Item = Result<PrefaceDeadline<IO>, io::Error>>

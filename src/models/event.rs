@@ -21,7 +21,7 @@ impl EventName {
 pub struct InsertId(pub(crate) String);
 
 impl InsertId {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -80,14 +80,6 @@ impl TimeRange {
     pub fn end(&self) -> i64 {
         self.end
     }
-
-    pub fn start_time(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp(self.start, 0).unwrap_or_default()
-    }
-
-    pub fn end_time(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp(self.end, 0).unwrap_or_default()
-    }
 }
 
 /// Bucket width of a grouped count. Buckets are UTC; weeks start on Monday (ISO 8601).
@@ -100,7 +92,7 @@ pub enum GroupBy {
 
 impl GroupBy {
     /// The field name PostgreSQL's `date_trunc` takes.
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             GroupBy::Hour => "hour",
             GroupBy::Day => "day",
@@ -108,7 +100,7 @@ impl GroupBy {
         }
     }
 
-    pub fn seconds(&self) -> i64 {
+    pub(crate) fn seconds(&self) -> i64 {
         match self {
             GroupBy::Hour => 3_600,
             GroupBy::Day => 86_400,
@@ -118,7 +110,7 @@ impl GroupBy {
 
     /// Start of the bucket containing `unix_seconds` (weeks align to Monday 00:00 UTC;
     /// 1970-01-01 was a Thursday, so Monday-aligned weeks are offset by 3 days).
-    pub fn bucket_start(&self, unix_seconds: i64) -> i64 {
+    pub(crate) fn bucket_start(&self, unix_seconds: i64) -> i64 {
         let offset = match self {
             GroupBy::Week => 3 * 86_400,
             GroupBy::Hour | GroupBy::Day => 0,
@@ -127,7 +119,7 @@ impl GroupBy {
     }
 
     /// How many buckets a range touches.
-    pub fn bucket_count(&self, range: TimeRange) -> i64 {
+    pub(crate) fn bucket_count(&self, range: TimeRange) -> i64 {
         let first = self.bucket_start(range.start);
         let last = self.bucket_start(range.end - 1);
         (last - first) / self.seconds() + 1

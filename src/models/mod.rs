@@ -4,16 +4,15 @@
 mod event;
 mod user;
 
-pub use event::{
-    Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
-};
+pub use event::TrackEvent;
+pub use event::{Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange};
 pub use user::{IdentifyUser, UserId};
 
 use std::collections::BTreeMap;
 
 /// One property value, as the wire allows: text, a finite number or a boolean.
 #[derive(Clone, Debug, PartialEq)]
-pub enum PropertyValue {
+pub(crate) enum PropertyValue {
     String(String),
     Number(f64),
     Bool(bool),

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 /// RPC names a per-RPC list may name (the AnalyticsService methods).
-pub const AUTHORIZED_RPCS: &[&str] =
+pub(crate) const AUTHORIZED_RPCS: &[&str] =
     &["TrackEvent", "TrackEvents", "IdentifyUser", "GetEventCount", "GetUserCount", "HealthCheck"];
 
 /// Who may call what. Empty means everyone (plaintext mode or no lists configured).
@@ -25,7 +25,7 @@ pub struct CallerPolicy {
 
 impl CallerPolicy {
     /// Parses TLS_ALLOWED_CALLERS (comma list) and TLS_ALLOWED_CALLERS_PER_RPC.
-    pub fn parse(global: &str, per_rpc: &str) -> Result<Self, String> {
+    pub(crate) fn parse(global: &str, per_rpc: &str) -> Result<Self, String> {
         let global = global.split(',').map(str::trim).filter(|id| !id.is_empty()).map(String::from).collect();
         let mut rules = HashMap::new();
         for rule in per_rpc.split(';').map(str::trim).filter(|rule| !rule.is_empty()) {
@@ -49,17 +49,17 @@ impl CallerPolicy {
         Ok(Self { global, per_rpc: rules })
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.global.is_empty() && self.per_rpc.is_empty()
     }
 
     /// Whether `caller` may use server reflection when it follows the global list.
-    pub fn allows_reflection(&self, caller: &str) -> bool {
+    pub(crate) fn allows_reflection(&self, caller: &str) -> bool {
         self.global.is_empty() || self.global.contains(caller)
     }
 
     /// Whether `caller` may call `rpc`.
-    pub fn allows(&self, rpc: &str, caller: &str) -> bool {
+    pub(crate) fn allows(&self, rpc: &str, caller: &str) -> bool {
         let globally = self.global.is_empty() || self.global.contains(caller);
         let for_rpc = self.per_rpc.get(rpc).is_none_or(|callers| callers.contains(caller));
         globally && for_rpc

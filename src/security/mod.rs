@@ -2,6 +2,6 @@
 //! (`tls`), the caller allow-lists (`authorization`) and encryption of sensitive
 //! property values before they reach PostgreSQL (`pii`).
 
-pub mod authorization;
+pub(crate) mod authorization;
 pub mod pii;
-pub mod tls;
+pub(crate) mod tls;

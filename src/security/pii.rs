@@ -29,7 +29,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 /// Marks an encrypted value; `v1` is this format.
-pub const CIPHERTEXT_PREFIX: &str = "enc:v1:";
+pub(crate) const CIPHERTEXT_PREFIX: &str = "enc:v1:";
 /// Bytes of an AES-256 key.
 const KEY_BYTES: usize = 32;
 /// Bytes of an AES-GCM nonce.
@@ -47,7 +47,7 @@ pub fn is_reserved(text: &str) -> bool {
 
 /// The form in which PII_FIELDS names and property keys are compared: trimmed, ASCII
 /// lower case.
-pub fn normalize_field_name(name: &str) -> String {
+pub(crate) fn normalize_field_name(name: &str) -> String {
     name.trim().to_ascii_lowercase()
 }
 
@@ -170,16 +170,8 @@ impl PiiCipher {
         Self { inner: Some(Arc::new(CipherInner { fields, keys })) }
     }
 
-    pub fn disabled() -> Self {
+    pub(crate) fn disabled() -> Self {
         Self { inner: None }
-    }
-
-    pub fn is_enabled(&self) -> bool {
-        self.inner.is_some()
-    }
-
-    pub fn current_key_id(&self) -> Option<&str> {
-        self.inner.as_ref().map(|inner| inner.keys.current_key_id())
     }
 
     /// Encrypts, in place, every value of a sensitive key of a properties object. A value
@@ -196,7 +188,7 @@ impl PiiCipher {
     /// `properties` as they are to be stored: a copy with the sensitive values encrypted
     /// as [`PiiCipher::seal`] does, or, when it has no sensitive key, the object itself
     /// (no copy).
-    pub fn sealed<'a>(&self, properties: &'a Value) -> Cow<'a, Value> {
+    pub(crate) fn sealed<'a>(&self, properties: &'a Value) -> Cow<'a, Value> {
         let (Some(inner), Value::Object(object)) = (&self.inner, properties) else {
             return Cow::Borrowed(properties);
         };
@@ -226,7 +218,7 @@ impl PiiCipher {
     /// Whether a stored object needs `reencrypt`: a sensitive value in clear text
     /// (including clear text that starts with the prefix), or a value encrypted under a key
     /// other than the current one.
-    pub fn needs_reencryption(&self, properties: &Value) -> bool {
+    pub(crate) fn needs_reencryption(&self, properties: &Value) -> bool {
         let (Some(inner), Value::Object(object)) = (&self.inner, properties) else { return false };
         object.iter().any(|(key, value)| match as_ciphertext(value) {
             Some(ciphertext) => ciphertext.key_id != inner.keys.current_key_id,
@@ -235,7 +227,7 @@ impl PiiCipher {
     }
 
     /// Decrypts every value and encrypts the sensitive ones under the current key.
-    pub fn reseal(&self, properties: &mut Value) -> Result<(), DecryptError> {
+    pub(crate) fn reseal(&self, properties: &mut Value) -> Result<(), DecryptError> {
         self.open(properties)?;
         self.seal(properties);
         Ok(())

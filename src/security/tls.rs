@@ -88,7 +88,7 @@ fn server_config(contents: &FileContents) -> anyhow::Result<ServerConfig> {
 
 /// The current rustls configuration, replaced when the files change.
 #[derive(Clone)]
-pub struct ReloadingTlsConfig {
+pub(crate) struct ReloadingTlsConfig {
     files: TlsFiles,
     current: Arc<ArcSwap<ServerConfig>>,
     /// The file contents `current` was built from.
@@ -97,7 +97,7 @@ pub struct ReloadingTlsConfig {
 
 impl ReloadingTlsConfig {
     /// Loads the files once; a start-up error names the variable at fault.
-    pub fn load(files: TlsFiles) -> anyhow::Result<Self> {
+    pub(crate) fn load(files: TlsFiles) -> anyhow::Result<Self> {
         let contents = FileContents::read(&files)?;
         let config = server_config(&contents)?;
         Ok(Self { files, current: Arc::new(ArcSwap::from_pointee(config)), loaded: Arc::new(contents) })
@@ -105,7 +105,7 @@ impl ReloadingTlsConfig {
 
     /// Polls the files every `interval` and swaps in a new configuration when their
     /// contents change. A half-written or invalid set keeps the previous one (warned).
-    pub async fn watch(self, interval: Duration) {
+    pub(crate) async fn watch(self, interval: Duration) {
         let mut last_seen = Some(self.loaded.as_ref().clone());
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -149,7 +149,7 @@ impl ReloadingTlsConfig {
 
 /// Bounds on connections still in their TLS handshake.
 #[derive(Clone, Copy, Debug)]
-pub struct HandshakeLimits {
+pub(crate) struct HandshakeLimits {
     /// GRPC_HANDSHAKE_TIMEOUT_SECONDS: longest time a client may take to complete it.
     pub timeout: Duration,
     /// GRPC_MAX_PENDING_TLS_HANDSHAKES: connections beyond this many in their handshake
@@ -162,7 +162,7 @@ pub struct HandshakeLimits {
 /// Failed handshakes (no client certificate, unknown CA, expired) are logged and counted.
 /// At most `limits.max_pending` handshakes wait at once: a connection beyond that is
 /// closed on accept (counted as `handshake_backlog`), so silent clients cannot pile up.
-pub fn tls_incoming(
+pub(crate) fn tls_incoming(
     listener: TcpListener,
     tls: ReloadingTlsConfig,
     limits: HandshakeLimits,
@@ -221,7 +221,7 @@ pub fn tls_incoming(
 
 /// The caller identity of a verified client certificate: its first SPIFFE URI SAN,
 /// else its first DNS SAN. `None` when the certificate carries neither.
-pub fn caller_identity(certificate: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn caller_identity(certificate: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
     let names = parsed.subject_alternative_name().ok()??.value.general_names.clone();
     let spiffe = names.iter().find_map(|name| match name {
@@ -239,17 +239,17 @@ pub fn caller_identity(certificate: &CertificateDer<'_>) -> Option<String> {
 }
 
 /// Identity of a TLS client whose certificate carries no SAN we understand.
-pub const UNIDENTIFIED_CALLER: &str = "unidentified";
+pub(crate) const UNIDENTIFIED_CALLER: &str = "unidentified";
 
 /// The identity of the verified client certificate; `None` in plaintext mode.
-pub fn verified_identity(extensions: &http::Extensions) -> Option<String> {
+pub(crate) fn verified_identity(extensions: &http::Extensions) -> Option<String> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     extensions.get::<TlsConnectInfo<TcpConnectInfo>>().map(|_| caller_from_extensions(extensions))
 }
 
 /// Who called, from a request's connection info: under mTLS the identity of the
 /// verified client certificate, in plaintext mode the peer IP address.
-pub fn caller_from_extensions(extensions: &http::Extensions) -> String {
+pub(crate) fn caller_from_extensions(extensions: &http::Extensions) -> String {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     if let Some(tls) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
         return tls

@@ -81,7 +81,7 @@ impl AnalyticsService {
 
     /// Event counts per name (per bucket of the caller's time zone when grouped).
     #[tracing::instrument(skip_all)]
-    pub async fn event_counts(&self, filter: EventFilter) -> Result<Vec<EventCount>, ServiceError> {
+    pub(crate) async fn event_counts(&self, filter: EventFilter) -> Result<Vec<EventCount>, ServiceError> {
         if let Some(group_by) = filter.group_by {
             group_by.check_bucket_count(filter.range)?;
         }
@@ -140,7 +140,7 @@ impl AnalyticsService {
 
     /// Exact distinct identified users with events in the range.
     #[tracing::instrument(skip_all)]
-    pub async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
+    pub(crate) async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
         let rollups = RollupRepository::new(self.database.clone());
         if !self.cache.is_enabled() {
             return Ok(rollups.unique_users(range).await?);

@@ -10,11 +10,11 @@ use crate::metrics;
 use crate::repository::postgres::{fold, Database};
 
 /// Pause between two passes.
-pub const ROLLUP_FOLD_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const ROLLUP_FOLD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Folds everything pending, then again every [`ROLLUP_FOLD_INTERVAL`]. A failure
 /// (PostgreSQL down, schema behind) is logged once until a pass succeeds again.
-pub async fn run_rollup_fold(database: Database) {
+pub(crate) async fn run_rollup_fold(database: Database) {
     let mut failing = false;
     loop {
         match fold::fold_all_pending(&database).await {

@@ -97,14 +97,14 @@ impl IngestSettings {
 
 /// A committed event: stored now, or found stored earlier under its insert_id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stored {
+pub(crate) enum Stored {
     Accepted(Uuid),
     /// Not stored again; the id of the event stored for the same insert_id.
     Duplicate(Uuid),
 }
 
 impl Stored {
-    pub fn event_id(&self) -> Uuid {
+    pub(crate) fn event_id(&self) -> Uuid {
         match self {
             Stored::Accepted(id) | Stored::Duplicate(id) => *id,
         }
@@ -112,7 +112,7 @@ impl Stored {
 }
 
 /// The answer for one event of a call.
-pub type EventResult = Result<Stored, ServiceError>;
+pub(crate) type EventResult = Result<Stored, ServiceError>;
 
 /// Where one call stands between its caller and the writer.
 #[derive(Debug, Default)]
@@ -193,7 +193,7 @@ impl IngestQueue {
     /// with UNAVAILABLE while PostgreSQL is known to be unreachable or once shutdown has
     /// closed the queue. Otherwise answers one result per event, in order, after the
     /// commit; or DEADLINE_EXCEEDED when the deadline passes first.
-    pub async fn submit(
+    pub(crate) async fn submit(
         &self,
         events: Vec<NewEvent>,
         deadline: Instant,
@@ -245,7 +245,7 @@ impl IngestQueue {
     }
 
     /// A queue no writer reads: every submit fails with UNAVAILABLE.
-    pub fn closed() -> Self {
+    pub(crate) fn closed() -> Self {
         let (sender, _) = mpsc::channel(1);
         let room = Arc::new(Semaphore::new(0));
         room.close();
@@ -253,7 +253,7 @@ impl IngestQueue {
     }
 
     /// Events queued or being committed now.
-    pub fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         self.capacity.saturating_sub(self.room.available_permits())
     }
 }

@@ -3,9 +3,9 @@
 //! `validation`); storage goes through `repository`.
 
 mod counts;
-pub mod fold_task;
+pub(crate) mod fold_task;
 pub mod ingest;
-pub mod partition_maintenance;
+pub(crate) mod partition_maintenance;
 pub mod rate_limit;
 pub mod readiness;
 pub mod validation;
@@ -23,9 +23,9 @@ use crate::repository::postgres::{
 };
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
-pub use ingest::{EventResult, IngestQueue, Stored};
+pub(crate) use ingest::{EventResult, IngestQueue, Stored};
 use rate_limit::RateLimiter;
-pub use validation::ValidationError;
+pub(crate) use validation::ValidationError;
 
 /// Everything a caller can be told. `api` maps each variant to one gRPC status.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -76,15 +76,15 @@ impl From<RepositoryError> for ServiceError {
 const LIFECYCLE_EVENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Caller name of the service's own lifecycle events.
-pub const SELF_CALLER: &str = "self";
+pub(crate) const SELF_CALLER: &str = "self";
 /// Lifecycle event names (self-tracking).
-pub const EVENT_STARTED: &str = "analytics_service.started";
-pub const EVENT_STOPPING: &str = "analytics_service.stopping";
+pub(crate) const EVENT_STARTED: &str = "analytics_service.started";
+pub(crate) const EVENT_STOPPING: &str = "analytics_service.stopping";
 pub const EVENT_MIGRATION_APPLIED: &str = "analytics_service.migration_applied";
 
 /// The answer of the HealthCheck RPC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServingStatus {
+pub(crate) enum ServingStatus {
     Serving,
     NotServing,
 }
@@ -148,7 +148,7 @@ impl AnalyticsService {
 
     /// Sets EVENT_RETENTION_DAYS (`None` keeps events forever), which the count cache
     /// needs to know which answers a partition drop may still change.
-    pub fn with_event_retention(mut self, event_retention: Option<chrono::Duration>) -> Self {
+    pub(crate) fn with_event_retention(mut self, event_retention: Option<chrono::Duration>) -> Self {
         self.event_retention = event_retention;
         self
     }
@@ -189,7 +189,7 @@ impl AnalyticsService {
     /// `deadline` is when the caller stops waiting (see [`ingest`] for what each answer
     /// then means).
     #[tracing::instrument(skip_all, fields(event_name = %event.name.as_str()))]
-    pub async fn track_event(
+    pub(crate) async fn track_event(
         &self,
         event: TrackEvent,
         caller: &Caller,
@@ -208,7 +208,7 @@ impl AnalyticsService {
     /// when nothing was stored for a reason that is not the events' own: queue full,
     /// shutting down, database unavailable (so a plain retry of the call is right).
     #[tracing::instrument(skip_all, fields(events = events.len()))]
-    pub async fn track_events(
+    pub(crate) async fn track_events(
         &self,
         events: Vec<Result<TrackEvent, ValidationError>>,
         caller: &Caller,
@@ -265,7 +265,7 @@ impl AnalyticsService {
     /// Creates or updates a user identity and writes the audit record (never the
     /// property values). The record's time is the log line's own `timestamp`.
     #[tracing::instrument(skip_all, fields(user_id = %identity.user_id.as_str()))]
-    pub async fn identify_user(
+    pub(crate) async fn identify_user(
         &self,
         identity: IdentifyUser,
         caller: &str,
@@ -289,7 +289,7 @@ impl AnalyticsService {
     }
 
     /// Forgets idle rate-limit buckets (called periodically to bound memory).
-    pub fn forget_idle_rate_limits(&self) {
+    pub(crate) fn forget_idle_rate_limits(&self) {
         self.rate_limiter.forget_idle_keys();
     }
 
@@ -321,7 +321,7 @@ impl AnalyticsService {
     }
 
     /// SERVING when PostgreSQL answers now and the schema is usable.
-    pub async fn health(&self) -> ServingStatus {
+    pub(crate) async fn health(&self) -> ServingStatus {
         let healthy = self.database.ping().await.is_ok()
             && schema::status(self.database.pool()).await.is_ok_and(|status| status.is_usable());
         if healthy {

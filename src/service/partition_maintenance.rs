@@ -8,12 +8,12 @@ use chrono::Utc;
 use crate::repository::postgres::{partitions, Database};
 
 /// How often `serve` checks partitions and retention.
-pub const PARTITION_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3_600);
+pub(crate) const PARTITION_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3_600);
 
 /// Runs one maintenance pass now, then every [`PARTITION_MAINTENANCE_INTERVAL`]. Failures
 /// (e.g. a database user without DDL rights, or PostgreSQL down) are logged and retried
 /// on the next pass; `migrate` also creates partitions ahead, so serving does not depend on it.
-pub async fn run_partition_maintenance(
+pub(crate) async fn run_partition_maintenance(
     database: Database,
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,

@@ -54,7 +54,11 @@ impl RateLimiter {
 
     /// A limiter whose budgets are shared through Redis; the local fallback gives each of
     /// `expected_replicas` replicas its share of the budget (at least 1 event).
-    pub fn shared_per_minute(events_per_minute: u32, expected_replicas: u32, shared: SharedBudgets) -> Self {
+    pub(crate) fn shared_per_minute(
+        events_per_minute: u32,
+        expected_replicas: u32,
+        shared: SharedBudgets,
+    ) -> Self {
         let fallback_share = NonZeroU32::new(events_per_minute)
             .map(|budget| (budget.get() / expected_replicas.max(1)).max(1))
             .and_then(NonZeroU32::new);
@@ -65,17 +69,13 @@ impl RateLimiter {
         }
     }
 
-    pub fn is_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// Spends one token of `key`'s budget, or says how long until one is available.
-    pub async fn check(&self, key: &str) -> Result<(), Duration> {
+    pub(crate) async fn check(&self, key: &str) -> Result<(), Duration> {
         self.check_n(key, 1).await
     }
 
     /// Spends `tokens` tokens at once (a batch of events: one per event), all or none.
-    pub async fn check_n(&self, key: &str, tokens: u32) -> Result<(), Duration> {
+    pub(crate) async fn check_n(&self, key: &str, tokens: u32) -> Result<(), Duration> {
         let Some(budget) = self.budget else { return Ok(()) };
         let Some(tokens) = NonZeroU32::new(tokens) else { return Ok(()) };
         if let Some(shared) = self.redis_if_not_cooling_down() {
@@ -121,7 +121,7 @@ impl RateLimiter {
 
     /// Forgets local keys whose buckets are full again, bounding memory (call
     /// periodically). Redis keys expire on their own.
-    pub fn forget_idle_keys(&self) {
+    pub(crate) fn forget_idle_keys(&self) {
         if let Some(limiter) = &self.local {
             limiter.retain_recent();
             limiter.shrink_to_fit();
@@ -130,7 +130,7 @@ impl RateLimiter {
 }
 
 /// The budget key of an event: its user, or for anonymous events the caller.
-pub fn budget_key(user_id: Option<&str>, caller: &str) -> String {
+pub(crate) fn budget_key(user_id: Option<&str>, caller: &str) -> String {
     match user_id {
         Some(user) => format!("user:{user}"),
         None => format!("anonymous:{caller}"),
@@ -138,7 +138,7 @@ pub fn budget_key(user_id: Option<&str>, caller: &str) -> String {
 }
 
 /// `retry-after` in whole seconds, never 0 (a caller told "0" retries at once).
-pub fn retry_after_seconds(wait: Duration) -> u64 {
+pub(crate) fn retry_after_seconds(wait: Duration) -> u64 {
     wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
 }
 

@@ -24,7 +24,7 @@ use crate::repository::postgres::Database;
 
 /// The latest observation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     pub database_reachable: bool,
     /// `None` until the first successful probe.
     pub schema: Option<SchemaStatus>,
@@ -34,7 +34,7 @@ pub struct Readiness {
 }
 
 impl Readiness {
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         (self.database_reachable || !self.database_required)
             && self.schema.as_ref().is_some_and(SchemaStatus::is_usable)
             && !self.shutting_down
@@ -68,12 +68,12 @@ pub struct DatabaseHealth {
 impl DatabaseHealth {
     /// False from the moment PostgreSQL is known to be unreachable until a probe
     /// reaches it again.
-    pub fn is_reachable(&self) -> bool {
+    pub(crate) fn is_reachable(&self) -> bool {
         self.receiver.borrow().database_reachable
     }
 
     /// Resolves once PostgreSQL is known to be unreachable (at once if it is now).
-    pub async fn wait_unreachable(&mut self) {
+    pub(crate) async fn wait_unreachable(&mut self) {
         if self.receiver.wait_for(|state| !state.database_reachable).await.is_err() {
             std::future::pending::<()>().await;
         }
@@ -81,7 +81,7 @@ impl DatabaseHealth {
 
     /// A write got no answer in time: PostgreSQL counts as unreachable until a probe
     /// reaches it.
-    pub fn report_unreachable(&self, reason: &'static str) {
+    pub(crate) fn report_unreachable(&self, reason: &'static str) {
         let changed = self.sender.send_if_modified(|state| {
             let was = state.database_reachable;
             state.database_reachable = false;
@@ -96,7 +96,7 @@ impl DatabaseHealth {
 
     /// A write failed in a way an outage would explain: probe now rather than at the
     /// next interval.
-    pub fn probe_soon(&self) {
+    pub(crate) fn probe_soon(&self) {
         self.probe_now.notify_one();
     }
 }
@@ -128,12 +128,8 @@ impl ReadinessMonitor {
         }
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Readiness> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Readiness> {
         self.sender.subscribe()
-    }
-
-    pub fn current(&self) -> Readiness {
-        self.sender.borrow().clone()
     }
 
     /// Probes once and publishes the result (logging transitions, not repeats).
@@ -207,7 +203,7 @@ impl ReadinessMonitor {
 
     /// Probes every `interval` (more often while PostgreSQL is unreachable, and at once
     /// when the ingest path asks) until shutdown begins.
-    pub async fn run(self, interval: Duration) {
+    pub(crate) async fn run(self, interval: Duration) {
         let mut receiver = self.subscribe();
         loop {
             self.probe().await;
@@ -225,7 +221,7 @@ impl ReadinessMonitor {
     }
 
     /// Turns readiness off permanently (SIGTERM received).
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.sender.send_modify(|state| state.shutting_down = true);
         metrics::set_ready(false);
     }

@@ -13,15 +13,15 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// Most property keys on one event or identity.
 pub const MAX_PROPERTY_KEYS: usize = 256;
 /// Largest serialised properties object, in bytes (the design's ErrPayloadTooLarge).
-pub const MAX_PROPERTIES_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_PROPERTIES_BYTES: usize = 32 * 1024;
 /// How far in the future an event timestamp may lie (clock skew allowance).
-pub const MAX_FUTURE_SKEW: Duration = Duration::hours(1);
+pub(crate) const MAX_FUTURE_SKEW: Duration = Duration::hours(1);
 /// Most buckets one GetEventCount answer may span.
-pub const MAX_BUCKETS: i64 = 10_000;
+pub(crate) const MAX_BUCKETS: i64 = 10_000;
 /// Most events in one TrackEvents call.
-pub const MAX_BATCH_EVENTS: usize = 1_000;
+pub(crate) const MAX_BATCH_EVENTS: usize = 1_000;
 /// Largest encoded TrackEvents request, in bytes (1 MiB).
-pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// A rejected input: which field, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -55,7 +55,7 @@ fn check_name(field: &str, raw: &str) -> Result<(), ValidationError> {
 }
 
 impl EventName {
-    pub fn parse(raw: String) -> Result<Self, ValidationError> {
+    pub(crate) fn parse(raw: String) -> Result<Self, ValidationError> {
         check_name("event_name", &raw)?;
         Ok(Self(raw))
     }
@@ -69,7 +69,7 @@ impl UserId {
     }
 
     /// An optional user id (TrackEvent): empty means anonymous.
-    pub fn parse_optional(raw: String) -> Result<Option<Self>, ValidationError> {
+    pub(crate) fn parse_optional(raw: String) -> Result<Option<Self>, ValidationError> {
         if raw.is_empty() {
             return Ok(None);
         }
@@ -79,7 +79,7 @@ impl UserId {
 
 impl InsertId {
     /// An optional idempotency key: empty means none.
-    pub fn parse_optional(raw: String) -> Result<Option<Self>, ValidationError> {
+    pub(crate) fn parse_optional(raw: String) -> Result<Option<Self>, ValidationError> {
         if raw.is_empty() {
             return Ok(None);
         }
@@ -89,7 +89,7 @@ impl InsertId {
 }
 
 /// Checks the size of a TrackEvents call before its events are parsed one by one.
-pub fn check_batch(event_count: usize, encoded_bytes: usize) -> Result<(), ValidationError> {
+pub(crate) fn check_batch(event_count: usize, encoded_bytes: usize) -> Result<(), ValidationError> {
     if event_count == 0 {
         return Err(ValidationError::new("events", "must not be empty"));
     }
@@ -111,7 +111,7 @@ pub fn check_batch(event_count: usize, encoded_bytes: usize) -> Result<(), Valid
 impl Properties {
     /// Builds properties from (key, value) pairs, where a value of `None` means the
     /// sender set no variant of the oneof.
-    pub fn parse<I>(raw: I) -> Result<Self, ValidationError>
+    pub(crate) fn parse<I>(raw: I) -> Result<Self, ValidationError>
     where
         I: IntoIterator<Item = (String, Option<PropertyValue>)>,
     {
@@ -183,7 +183,7 @@ fn serialized_len(value: &serde_json::Value) -> usize {
 
 /// Resolves an event timestamp: `None` is now; otherwise it must lie within
 /// [now - max_age, now + MAX_FUTURE_SKEW].
-pub fn event_timestamp(
+pub(crate) fn event_timestamp(
     unix_seconds: Option<i64>,
     now: DateTime<Utc>,
     max_age: Duration,
@@ -260,7 +260,7 @@ impl GroupBy {
     }
 
     /// Rejects ranges that would answer with more than [`MAX_BUCKETS`] buckets.
-    pub fn check_bucket_count(&self, range: TimeRange) -> Result<(), ValidationError> {
+    pub(crate) fn check_bucket_count(&self, range: TimeRange) -> Result<(), ValidationError> {
         let buckets = self.bucket_count(range);
         if buckets > MAX_BUCKETS {
             return Err(ValidationError::new(

@@ -1,6 +1,6 @@
 //! The `events` table and its idempotency keys (`event_insert_ids`): inserting tracked
-//! events in one multi-row statement, deduplicating by insert_id, expiring old keys,
-//! and counting events.
+//! events in one multi-row statement, deduplicating by insert_id, expiring old keys;
+//! and the rows of a count query read as [`EventCount`]s.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::pii::open_properties;
 use super::{discard, query_span, Database, RepositoryError, WriteError};
 use crate::metrics;
-use crate::models::{EventCount, EventFilter, NewEvent, TimeRange};
+use crate::models::{EventCount, NewEvent};
 use crate::security::pii::PiiCipher;
 
 /// Multi-row insert through UNNEST: one statement and one round trip for any batch size.
@@ -97,28 +97,6 @@ pub enum InsertOutcome {
     Duplicate { original: Uuid },
 }
 
-/// Bucket start in Unix seconds, truncated in UTC ($3 is `hour`, `day` or `week`;
-/// PostgreSQL's weeks start on Monday).
-const GROUPED_SELECT: &str = "
-    SELECT event_name,
-           EXTRACT(EPOCH FROM date_trunc($3, timestamp AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')::bigint AS bucket,
-           count(*) AS count
-    FROM events
-    WHERE timestamp >= $1 AND timestamp < $2";
-/// Names in bytewise order (`COLLATE "C"`), the order the rollup path gives.
-const GROUPED_ORDER: &str = " GROUP BY event_name, bucket ORDER BY bucket, event_name COLLATE \"C\"";
-
-const TOTAL_SELECT: &str = "
-    SELECT event_name, count(*) AS count
-    FROM events
-    WHERE timestamp >= $1 AND timestamp < $2";
-const TOTAL_ORDER: &str = " GROUP BY event_name ORDER BY event_name COLLATE \"C\"";
-
-const UNIQUE_USERS: &str = "
-    SELECT count(DISTINCT user_id) AS unique_users
-    FROM events
-    WHERE timestamp >= $1 AND timestamp < $2 AND user_id IS NOT NULL AND user_id <> ''";
-
 #[derive(Clone, Debug)]
 pub struct EventRepository {
     database: Database,
@@ -131,12 +109,15 @@ impl EventRepository {
     }
 
     /// Encrypts sensitive property values on write and decrypts them on read.
-    pub fn with_pii(self, pii: PiiCipher) -> Self {
+    pub(crate) fn with_pii(self, pii: PiiCipher) -> Self {
         Self { pii, ..self }
     }
 
     /// The stored properties of one event, decrypted; `None` when there is no such event.
-    pub async fn properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, RepositoryError> {
+    pub(crate) async fn properties(
+        &self,
+        event_id: Uuid,
+    ) -> Result<Option<serde_json::Value>, RepositoryError> {
         let stored: Option<Option<serde_json::Value>> = self
             .database
             .with_retry("select_event_properties", || async {
@@ -157,7 +138,7 @@ impl EventRepository {
     /// [`WriteError`]); repeating the attempt is safe (the event ids are ours, and a key
     /// this statement claimed answers as ours). `answer_timeout` bounds the wait for
     /// PostgreSQL's answer.
-    pub async fn insert_batch(
+    pub(crate) async fn insert_batch(
         &self,
         events: &[&NewEvent],
         window_days: i32,
@@ -297,7 +278,11 @@ impl EventRepository {
 
     /// Deletes idempotency keys older than the window, `chunk` rows per statement,
     /// until none is left; returns how many were deleted.
-    pub async fn expire_insert_ids(&self, window_days: i32, chunk: i64) -> Result<u64, RepositoryError> {
+    pub(crate) async fn expire_insert_ids(
+        &self,
+        window_days: i32,
+        chunk: i64,
+    ) -> Result<u64, RepositoryError> {
         let mut total = 0;
         loop {
             let deleted = self
@@ -316,58 +301,6 @@ impl EventRepository {
                 return Ok(total);
             }
         }
-    }
-
-    /// Counts per event name, per bucket when grouped, ordered by bucket then name.
-    pub async fn count(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
-        let range = filter.range;
-        let event_name = filter.event_name.as_ref().map(|name| name.as_str());
-        self.database
-            .with_retry("count_events", || async {
-                let rows = match filter.group_by {
-                    Some(group_by) => {
-                        let sql = match event_name {
-                            Some(_) => format!("{GROUPED_SELECT} AND event_name = $4{GROUPED_ORDER}"),
-                            None => format!("{GROUPED_SELECT}{GROUPED_ORDER}"),
-                        };
-                        let mut query = sqlx::query(&sql)
-                            .bind(range.start_time())
-                            .bind(range.end_time())
-                            .bind(group_by.as_str());
-                        if let Some(name) = event_name {
-                            query = query.bind(name);
-                        }
-                        query.fetch_all(self.database.pool()).await?
-                    }
-                    None => {
-                        let sql = match event_name {
-                            Some(_) => format!("{TOTAL_SELECT} AND event_name = $3{TOTAL_ORDER}"),
-                            None => format!("{TOTAL_SELECT}{TOTAL_ORDER}"),
-                        };
-                        let mut query = sqlx::query(&sql).bind(range.start_time()).bind(range.end_time());
-                        if let Some(name) = event_name {
-                            query = query.bind(name);
-                        }
-                        query.fetch_all(self.database.pool()).await?
-                    }
-                };
-                event_counts_from_rows(&rows, filter.group_by.is_some(), range.start())
-            })
-            .await
-    }
-
-    /// Distinct non-empty user ids with at least one event in the range.
-    pub async fn unique_users(&self, range: TimeRange) -> Result<i64, RepositoryError> {
-        self.database
-            .with_retry("count_unique_users", || async {
-                let count: i64 = sqlx::query_scalar(UNIQUE_USERS)
-                    .bind(range.start_time())
-                    .bind(range.end_time())
-                    .fetch_one(self.database.pool())
-                    .await?;
-                Ok(count)
-            })
-            .await
     }
 }
 

@@ -18,25 +18,25 @@ use super::rollups::{floor_to, DAY_SECONDS, HOUR_SECONDS};
 use super::{Database, RepositoryError};
 
 /// Advisory lock held by a fold (and by retention, which deletes rollups: see migration V4).
-pub const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
+pub(crate) const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 
 /// Event-count deltas folded per transaction (each is one (hour, name) of one statement).
-pub const FOLD_BATCH_DELTAS: i64 = 100_000;
+pub(crate) const FOLD_BATCH_DELTAS: i64 = 100_000;
 
 /// Pending user rows folded per transaction. Each is one hour of one inserting statement
 /// with that statement's distinct users of the hour (a few hundred at most in steady
 /// state); one large statement can write one with every user of an hour, so a batch stays
 /// small enough to hold in memory even then.
-pub const FOLD_BATCH_USER_ROWS: i64 = 100;
+pub(crate) const FOLD_BATCH_USER_ROWS: i64 = 100;
 
 /// The stored form of a bitmap: roaring's portable serialization.
-pub fn encode_users(users: &RoaringBitmap) -> Vec<u8> {
+pub(crate) fn encode_users(users: &RoaringBitmap) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(users.serialized_size());
     users.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
     bytes
 }
 
-pub fn decode_users(bytes: &[u8]) -> Result<RoaringBitmap, RepositoryError> {
+pub(crate) fn decode_users(bytes: &[u8]) -> Result<RoaringBitmap, RepositoryError> {
     RoaringBitmap::deserialize_from(bytes)
         .map_err(|error| RepositoryError::Query(sqlx::Error::Decode(Box::new(error))))
 }

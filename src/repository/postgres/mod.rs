@@ -2,13 +2,13 @@
 //! every repository call goes through. Tables live in `events`, `users` and `schema`;
 //! `pii` re-encrypts stored sensitive values after a key rotation.
 
-pub mod events;
+pub(crate) mod events;
 pub mod fold;
 pub mod partitions;
 pub mod pii;
 pub mod rollups;
 pub mod schema;
-pub mod users;
+pub(crate) mod users;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use crate::config::{Config, PostgresSslMode};
 use crate::metrics;
 
 pub use events::{EventRepository, InsertOutcome};
-pub use users::UserRepository;
+pub(crate) use users::UserRepository;
 
 /// A database failure, classified by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,7 @@ impl From<sqlx::Error> for RepositoryError {
 
 /// Why one attempt of a write failed, and whether anything of it may be stored.
 #[derive(Debug, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// Nothing of the write is stored: no connection was had, or PostgreSQL answered
     /// the statement with an error (its transaction rolled back).
     #[error("write not stored: {0}")]
@@ -107,7 +107,7 @@ pub enum WriteError {
 
 impl WriteError {
     /// Classifies an error raised while a statement was on its way or in flight.
-    pub fn from_statement(error: sqlx::Error) -> Self {
+    pub(crate) fn from_statement(error: sqlx::Error) -> Self {
         match error {
             // PostgreSQL answered with an error: the statement's implicit transaction
             // rolled back. Encoding fails before anything is sent.
@@ -118,13 +118,13 @@ impl WriteError {
         }
     }
 
-    pub fn error(&self) -> &RepositoryError {
+    pub(crate) fn error(&self) -> &RepositoryError {
         match self {
             WriteError::NotStored(error) | WriteError::OutcomeUnknown(error) => error,
         }
     }
 
-    pub fn into_error(self) -> RepositoryError {
+    pub(crate) fn into_error(self) -> RepositoryError {
         match self {
             WriteError::NotStored(error) | WriteError::OutcomeUnknown(error) => error,
         }
@@ -132,7 +132,7 @@ impl WriteError {
 }
 
 /// The client span of one database operation (a child of the caller's span).
-pub fn query_span(operation_name: &'static str) -> tracing::Span {
+pub(crate) fn query_span(operation_name: &'static str) -> tracing::Span {
     tracing::info_span!(
         "db.query",
         otel.name = operation_name,
@@ -144,13 +144,13 @@ pub fn query_span(operation_name: &'static str) -> tracing::Span {
 
 /// Drops a connection whose statement did not answer in time, without returning it to
 /// the pool (it may still carry the statement, or sit on a dead socket).
-pub fn discard(connection: PoolConnection<Postgres>) {
+pub(crate) fn discard(connection: PoolConnection<Postgres>) {
     drop(connection.detach());
 }
 
 /// How often and how patiently retryable failures are retried.
 #[derive(Clone, Copy, Debug)]
-pub struct RetryPolicy {
+pub(crate) struct RetryPolicy {
     /// Total attempts, the first included (the design's 5).
     pub max_attempts: u32,
     /// Delay before the second attempt; doubles for each further one.
@@ -203,7 +203,7 @@ impl Database {
         Self { pool, retry }
     }
 
-    pub fn retry_policy(&self) -> RetryPolicy {
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
         self.retry
     }
 
@@ -212,14 +212,14 @@ impl Database {
     }
 
     /// One round trip, no retry: the liveness of the database as seen from here.
-    pub async fn ping(&self) -> Result<(), RepositoryError> {
+    pub(crate) async fn ping(&self) -> Result<(), RepositoryError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
     /// Runs `operation`, retrying retryable failures with exponential backoff, and
     /// records its latency and errors under `operation_name`.
-    pub async fn with_retry<T, F, Fut>(
+    pub(crate) async fn with_retry<T, F, Fut>(
         &self,
         operation_name: &'static str,
         operation: F,
@@ -257,7 +257,7 @@ impl Database {
     }
 
     /// A connection for one attempt of a write: failing to get one stores nothing.
-    pub async fn acquire_for_write(&self) -> Result<PoolConnection<Postgres>, WriteError> {
+    pub(crate) async fn acquire_for_write(&self) -> Result<PoolConnection<Postgres>, WriteError> {
         self.pool.acquire().await.map_err(|error| WriteError::NotStored(error.into()))
     }
 

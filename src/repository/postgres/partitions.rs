@@ -28,7 +28,7 @@ pub async fn ensure_partitions(
 
 /// Drops every partition whose month ends at or before `cutoff` and the rollup rows of
 /// those months; returns the dropped partition names.
-pub async fn drop_partitions_before(
+pub(crate) async fn drop_partitions_before(
     database: &Database,
     cutoff: DateTime<Utc>,
 ) -> Result<Vec<String>, RepositoryError> {
@@ -46,7 +46,7 @@ pub async fn drop_partitions_before(
 
 /// One maintenance pass: partitions for every accepted timestamp (`now - event_max_age`
 /// to [`PARTITION_MONTHS_AHEAD`] months ahead), then retention when `retention` is set.
-pub async fn maintain_partitions(
+pub(crate) async fn maintain_partitions(
     database: &Database,
     now: DateTime<Utc>,
     event_max_age: chrono::Duration,

@@ -10,7 +10,7 @@ use super::{Database, RepositoryError};
 use crate::security::pii::{normalize_field_name, PiiCipher, CIPHERTEXT_PREFIX};
 
 /// Rows read per `reencrypt` batch.
-pub const REENCRYPT_BATCH_ROWS: i64 = 500;
+pub(crate) const REENCRYPT_BATCH_ROWS: i64 = 500;
 
 /// Decrypts a stored properties object; a value that does not decrypt (unknown key,
 /// tampered) is a decode error, logged by the caller and never shown.

@@ -16,7 +16,7 @@ mod embedded {
 }
 
 /// Advisory lock key taken by `migrate` ("analytic" in ASCII), so concurrent runs queue.
-pub const MIGRATION_LOCK_KEY: i64 = 0x616e_616c_7974_6963;
+pub(crate) const MIGRATION_LOCK_KEY: i64 = 0x616e_616c_7974_6963;
 /// refinery's bookkeeping table.
 const HISTORY_TABLE: &str = "refinery_schema_history";
 

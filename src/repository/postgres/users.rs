@@ -21,23 +21,26 @@ const UPSERT_USER: &str = "
         updated_at = GREATEST(existing.updated_at, EXCLUDED.updated_at)";
 
 #[derive(Clone, Debug)]
-pub struct UserRepository {
+pub(crate) struct UserRepository {
     database: Database,
     pii: PiiCipher,
 }
 
 impl UserRepository {
-    pub fn new(database: Database) -> Self {
+    pub(crate) fn new(database: Database) -> Self {
         Self { database, pii: PiiCipher::disabled() }
     }
 
     /// Encrypts sensitive property values on write and decrypts them on read.
-    pub fn with_pii(self, pii: PiiCipher) -> Self {
+    pub(crate) fn with_pii(self, pii: PiiCipher) -> Self {
         Self { pii, ..self }
     }
 
     /// The stored properties of one user, decrypted; `None` when the user is unknown.
-    pub async fn properties(&self, user_id: &UserId) -> Result<Option<serde_json::Value>, RepositoryError> {
+    pub(crate) async fn properties(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Option<serde_json::Value>, RepositoryError> {
         let stored: Option<Option<serde_json::Value>> = self
             .database
             .with_retry("select_user_properties", || async {
@@ -54,7 +57,7 @@ impl UserRepository {
     /// as DB_RETRY_* says; a failure of unknown outcome (connection lost, or no answer
     /// before `deadline`) is retried until `deadline`, since merging the same properties
     /// again changes nothing. The error says whether anything may be stored.
-    pub async fn upsert(&self, identity: &IdentifyUser, deadline: Instant) -> Result<(), WriteError> {
+    pub(crate) async fn upsert(&self, identity: &IdentifyUser, deadline: Instant) -> Result<(), WriteError> {
         let properties = self.pii.sealed(identity.properties.json());
         let retry = self.database.retry_policy();
         let mut delays = ExponentialBuilder::default()

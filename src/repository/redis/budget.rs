@@ -36,7 +36,7 @@ return {1, 0}
 
 /// The answer of one shared budget check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BudgetDecision {
+pub(crate) enum BudgetDecision {
     Allowed,
     /// Not before this wait.
     Wait(Duration),
@@ -46,7 +46,7 @@ pub enum BudgetDecision {
 
 /// A handle to the shared budgets; cheap to clone. The connection is lazy.
 #[derive(Clone)]
-pub struct SharedBudgets {
+pub(crate) struct SharedBudgets {
     inner: Arc<BudgetsInner>,
 }
 
@@ -60,7 +60,7 @@ struct BudgetsInner {
 
 impl SharedBudgets {
     /// `None` when Redis is not configured (REDIS_HOST empty).
-    pub fn from_config(config: &Config) -> Result<Option<Self>, ::redis::RedisError> {
+    pub(crate) fn from_config(config: &Config) -> Result<Option<Self>, ::redis::RedisError> {
         if !config.redis_enabled() {
             return Ok(None);
         }
@@ -77,7 +77,7 @@ impl SharedBudgets {
 
     /// Spends `cost` tokens of `key`'s budget of `capacity` tokens refilled one per
     /// `interval`, atomically across replicas.
-    pub async fn spend(
+    pub(crate) async fn spend(
         &self,
         key: &str,
         cost: u32,

@@ -41,7 +41,7 @@ struct CacheInner {
 }
 
 impl CountCache {
-    pub fn from_config(config: &Config) -> Result<Self, ::redis::RedisError> {
+    pub(crate) fn from_config(config: &Config) -> Result<Self, ::redis::RedisError> {
         if !config.redis_enabled() || config.redis_cache_ttl == 0 {
             return Ok(Self::disabled());
         }
@@ -64,12 +64,12 @@ impl CountCache {
         Self { inner: None }
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.inner.is_some()
     }
 
     /// Looks up `key`; any failure is a miss.
-    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+    pub(crate) async fn get<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
         let inner = self.inner.as_ref()?;
         let full_key = inner.full_key(key);
         let started = Instant::now();
@@ -91,7 +91,7 @@ impl CountCache {
 
     /// Stores `value` under `key` with the given TTL (capped at REDIS_CACHE_TTL when
     /// `ttl` is `None`); failures are logged and ignored.
-    pub async fn set<T: Serialize>(&self, key: &str, value: &T, ttl: Option<Duration>) {
+    pub(crate) async fn set<T: Serialize>(&self, key: &str, value: &T, ttl: Option<Duration>) {
         let Some(inner) = self.inner.as_ref() else { return };
         let Ok(bytes) = serde_json::to_vec(value) else { return };
         let full_key = inner.full_key(key);
@@ -104,11 +104,6 @@ impl CountCache {
         .instrument(redis_span("set"))
         .await;
         inner.observe("set", started, result);
-    }
-
-    /// The default lifetime of cached answers (REDIS_CACHE_TTL).
-    pub fn ttl(&self) -> Duration {
-        self.inner.as_ref().map_or(Duration::ZERO, |inner| inner.ttl)
     }
 }
 

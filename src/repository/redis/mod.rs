@@ -5,7 +5,7 @@
 mod budget;
 mod cache;
 
-pub use budget::{BudgetDecision, SharedBudgets};
+pub(crate) use budget::{BudgetDecision, SharedBudgets};
 pub use cache::CountCache;
 
 use crate::config::{read_ca_bundle, Config};

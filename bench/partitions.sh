@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Monthly vs daily partitions of `events`, measured rather than reasoned about.
 #
-# In a throwaway database (random name, dropped on exit) this builds two copies of the
-# `events` table with the DDL and indexes of migration V1 (no rollup trigger):
-# `events_monthly` (one partition per UTC month, as the service does) and `events_daily`
-# (one per UTC day), both covering the last DAYS days plus partitions created ahead
-# (MONTHS_AHEAD months for monthly, as PARTITION_MONTHS_AHEAD does; DAYS_AHEAD days for
-# daily). It loads the same EVENTS synthetic rows into both (the countbench generator:
+# In a throwaway database (random name, dropped on exit) this applies the service's own
+# migrations (`analytics-service migrate`), then builds two copies of the migrated
+# `events` table, `CREATE TABLE ... (LIKE events INCLUDING ALL) PARTITION BY RANGE
+# (timestamp)`: the same columns, defaults, primary key and indexes, without the rollup
+# trigger. `events_monthly` gets one partition per UTC month (as the service does) and
+# `events_daily` one per UTC day, both covering the last DAYS days plus partitions created
+# ahead (MONTHS_AHEAD months for monthly, as PARTITION_MONTHS_AHEAD does; DAYS_AHEAD days
+# for daily). It loads the same EVENTS synthetic rows into both (the countbench generator:
 # skewed names and users, timestamps uniform over DAYS days ending now) in timestamp
 # order, as the service ingests them (a window's rows then sit together on disk in both
 # layouts, as in production; random order would favour the smaller daily heaps). Then it
@@ -30,11 +32,13 @@
 # table (planning and execution separately), the date, the machine and the parameters.
 # Progress goes to stderr, the report to stdout.
 #
-# Run (PostgreSQL at 127.0.0.1:5432, user postgres, trust auth; PGHOST, PGPORT and
-# PGUSER override; 2 to 4 minutes with the defaults on a busy 2-core machine):
-#   scripts/bench-partitions.sh
-#   EVENTS=200000 scripts/bench-partitions.sh
-#   scripts/bench-partitions.sh --events 200000 --days 90 --inserts 200 --reads 200
+# Run from anywhere (PostgreSQL at 127.0.0.1:5432, user postgres, trust auth; PGHOST,
+# PGPORT and PGUSER override; 2 to 4 minutes with the defaults on a busy 2-core machine).
+# The migrations come from the server binary SERVER (default: `cargo run --bin
+# analytics-service`, which builds it first):
+#   bench/partitions.sh
+#   EVENTS=200000 bench/partitions.sh
+#   SERVER=target/release/analytics-service bench/partitions.sh --events 200000 --days 90
 # Options (environment variable in brackets, default after it):
 #   --events N        [EVENTS=2000000]  synthetic rows loaded into each layout
 #   --days N          [DAYS=90]         days of history covered (partitions and data)
@@ -91,6 +95,7 @@ INSERTS_PER_ROUND=$(((INSERTS + ROUNDS - 1) / ROUNDS))
 READS_PER_ROUND=$(((READS + ROUNDS - 1) / ROUNDS))
 
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DB="bench_partitions_$(date -u +%Y%m%d%H%M%S)_$$_${RANDOM}"
 WORK=$(mktemp -d)
 STARTED=${SECONDS}
@@ -113,38 +118,29 @@ q() { psql -X -q -v ON_ERROR_STOP=1 -d "${DB}" "$@"; }
 log "creating database ${DB}"
 psql -X -q -v ON_ERROR_STOP=1 -d postgres -c "CREATE DATABASE ${DB}"
 
-log "schema: events_monthly and events_daily"
+# The service's migrations, exactly as a deployment applies them (Redis off: not needed).
+log "migrating ${DB} with the service's migrations"
+migrate() {
+  if [[ -n ${SERVER:-} ]]; then
+    "${SERVER}" migrate
+  else
+    cargo run --quiet --manifest-path "${ROOT}/Cargo.toml" --bin analytics-service -- migrate
+  fi
+}
+POSTGRES_HOST=${PGHOST} POSTGRES_PORT=${PGPORT} POSTGRES_USER=${PGUSER} POSTGRES_PASSWORD=${PGPASSWORD:-} \
+  POSTGRES_DB=${DB} POSTGRES_SSLMODE=disable REDIS_HOST='' LOG_LEVEL=warn LOG_FORMAT=text migrate >/dev/null
+
+log "schema: events_monthly and events_daily, copies of the migrated events"
 q -v days="${DAYS}" -v days_ahead="${DAYS_AHEAD}" -v months_ahead="${MONTHS_AHEAD}" <<'SQL'
 SELECT set_config('bench.days', :'days', false) AS days,
        set_config('bench.days_ahead', :'days_ahead', false) AS days_ahead,
        set_config('bench.months_ahead', :'months_ahead', false) AS months_ahead \gset
 
--- The DDL of migration V1 (columns, primary key, the four indexes), once per layout.
-DO $do$
-DECLARE
-    layout text;
-BEGIN
-    FOREACH layout IN ARRAY ARRAY['events_monthly', 'events_daily'] LOOP
-        EXECUTE format($ddl$
-            CREATE TABLE %1$I (
-                id UUID NOT NULL DEFAULT gen_random_uuid(),
-                event_name VARCHAR(255) NOT NULL,
-                user_id VARCHAR(255),
-                properties JSONB,
-                timestamp TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-                created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-                PRIMARY KEY (id, timestamp)
-            ) PARTITION BY RANGE (timestamp);
-            CREATE INDEX %2$I ON %1$I (user_id);
-            CREATE INDEX %3$I ON %1$I (event_name, timestamp);
-            CREATE INDEX %4$I ON %1$I (timestamp);
-            CREATE INDEX %5$I ON %1$I USING GIN (properties);
-            $ddl$, layout, 'idx_' || layout || '_user_id', 'idx_' || layout || '_event_name_timestamp',
-            'idx_' || layout || '_timestamp', 'idx_' || layout || '_properties');
-    END LOOP;
-END $do$;
+-- Columns, defaults, primary key and indexes of the migrated table; no trigger.
+CREATE TABLE events_monthly (LIKE events INCLUDING ALL) PARTITION BY RANGE (timestamp);
+CREATE TABLE events_daily (LIKE events INCLUDING ALL) PARTITION BY RANGE (timestamp);
 
--- Partitions over [now - days, now + ahead], UTC boundaries, named like migration V1's.
+-- Partitions over [now - days, now + ahead], UTC boundaries, named as the service names them.
 DO $do$
 DECLARE
     layout text;
@@ -228,7 +224,7 @@ SQL
 
 EXPLAIN="EXPLAIN (ANALYZE, TIMING OFF, SUMMARY ON)"
 
-# The two raw edge queries of a count request (src/repository/postgres), over layout $2
+# The two raw edge queries of a count request (the service's count path), over layout $2
 # with bounds $3 and $4 (SQL text: literals, or $1/$2 of a prepared statement).
 edge_query() {
   local table="events_$2" lo=$3 hi=$4

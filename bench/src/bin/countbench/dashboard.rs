@@ -1,0 +1,122 @@
+//! The dashboard mix: many clients repeating the same queries while events keep arriving,
+//! with the cache hit rate read from the service's own metric and every answer checked
+//! against raw SQL.
+
+use std::time::Instant;
+
+use analytics_bench::scrape::metrics_page;
+use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
+use analytics_service::repository::postgres::Database;
+use sqlx::PgPool;
+use tonic::transport::Channel;
+
+use crate::queries::{millis, raw_answer, service_answer, shapes, Shape, Timings};
+use crate::{Arguments, DAY};
+
+/// Many clients repeating the same 20 dashboard queries with a sliding end time while
+/// events keep arriving: each round first stores 200 events in the last minute (the open
+/// edge) and, every fifth round, one late event somewhere in the last 7 days; then every
+/// client asks the 20 queries with an end time 10 s later than the round before; then, with
+/// nothing in flight, one of the queries (in turn) is asked again and compared with raw
+/// SQL. Reports the cache hit rate from the service's own metric and the stale answers.
+pub(crate) async fn dashboard_mix(
+    client: &AnalyticsServiceClient<Channel>,
+    raw: &PgPool,
+    database: &Database,
+    arguments: &Arguments,
+    end: i64,
+    admin_address: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    let before = cache_counters(admin_address).await?;
+    let all_shapes = shapes();
+    let queries: Vec<Shape> = all_shapes.iter().cycle().take(20).cloned().collect();
+    let clients = 8;
+    let rounds = arguments.samples.max(2);
+    let started = Instant::now();
+    let mut timings = Vec::new();
+    let mut stale = 0;
+    let mut checked = 0;
+    let mut late_events = 0;
+    for round in 0..rounds {
+        let finish = end + (round as i64) * 10;
+        let late: i64 = if round % 5 == 4 { 1 } else { 0 };
+        late_events += late;
+        sqlx::query(
+            "INSERT INTO events (event_name, user_id, timestamp)
+             SELECT 'event_' || lpad((i % 20)::text, 2, '0'), 'user_' || (i * 7919 % 100000),
+                    to_timestamp(CASE WHEN i <= $3 THEN $1 - 7 * 86400 * random() ELSE $1 - 60 * random() END)
+               FROM generate_series(1, $2) i",
+        )
+        .bind(finish as f64)
+        .bind(200 + late)
+        .bind(late)
+        .execute(database.pool())
+        .await?;
+        let mut tasks = Vec::new();
+        for client_number in 0..clients {
+            let client = client.clone();
+            let queries = queries.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut timings = Vec::new();
+                // Clients start at different queries, as dashboards refresh at different moments.
+                for index in 0..queries.len() {
+                    let shape = &queries[(index + client_number * 3) % queries.len()];
+                    let days = shape.days();
+                    let call_started = Instant::now();
+                    service_answer(&client, shape, finish - days * DAY + 3_600, finish).await?;
+                    timings.push(call_started.elapsed());
+                }
+                anyhow::Ok(timings)
+            }));
+        }
+        for task in tasks {
+            timings.extend(task.await??);
+        }
+        for shape in all_shapes.iter().cycle().skip(round).take(1) {
+            let days = shape.days();
+            let (start, stop) = (finish - days * DAY + 3_600, finish);
+            checked += 1;
+            if service_answer(client, shape, start, stop).await?
+                != raw_answer(raw, shape, start, stop).await?
+            {
+                eprintln!("stale answer for {} [{start}, {stop})", shape.label());
+                stale += 1;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let after = cache_counters(admin_address).await?;
+    let [hits, misses, fresh] = [0, 1, 2].map(|index| after[index] - before[index]);
+    let lookups = hits + misses + fresh;
+    let metrics = format!(
+        "cache hit {hits:.0}, miss {misses:.0}, fresh {fresh:.0}: hit rate {:.1}%",
+        if lookups > 0.0 { hits / lookups * 100.0 } else { 0.0 }
+    );
+    let (p50, p95, p99) = Timings(timings.clone()).summary();
+    println!(
+        "dashboard mix: {clients} clients x {rounds} rounds x 20 queries = {} calls in {:.1} s, {} events stored meanwhile ({late_events} of them late, into cached hours); p50 / p95 / p99 {} / {} / {} ms; {metrics}; stale answers {stale}/{checked} checked against raw SQL",
+        timings.len(),
+        elapsed.as_secs_f64(),
+        rounds as i64 * 200 + late_events,
+        millis(p50),
+        millis(p95),
+        millis(p99),
+    );
+    Ok(())
+}
+
+/// Sums of analytics_cache_requests_total by result (hit, miss, fresh), scraped from the
+/// service's own /metrics endpoint.
+pub(crate) async fn cache_counters(admin_address: std::net::SocketAddr) -> anyhow::Result<[f64; 3]> {
+    let body = metrics_page(admin_address).await?;
+    let mut counters = [0.0; 3];
+    for line in body.lines().filter(|line| line.starts_with("analytics_cache_requests_total{")) {
+        let value: f64 = line.rsplit(' ').next().and_then(|value| value.parse().ok()).unwrap_or(0.0);
+        for (index, result) in ["hit", "miss", "fresh"].iter().enumerate() {
+            if line.contains(&format!("result=\"{result}\"")) {
+                counters[index] += value;
+            }
+        }
+    }
+    Ok(counters)
+}

@@ -1,0 +1,110 @@
+//! The load loops: closed (a fixed number of calls in flight, back to back) and open (a
+//! fixed offered rate, no coordinated omission), each returning events stored, a latency
+//! histogram in microseconds and failed calls.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    // Microseconds, 1 us to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// `workers` tasks call back to back for `duration`. Each call returns the events it
+/// stored. Returns (events, latency histogram in us, failed calls).
+pub(crate) async fn closed_loop<F, Fut>(
+    workers: usize,
+    duration: Duration,
+    call: F,
+) -> (u64, Histogram<u64>, u64)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<u64, ()>> + Send,
+{
+    let call = Arc::new(call);
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..workers)
+        .map(|worker| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut histogram = new_histogram();
+                let (mut events, mut errors) = (0u64, 0u64);
+                let mut iteration = 0u64;
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    match call(worker, iteration).await {
+                        Ok(stored) => {
+                            events += stored;
+                            histogram.saturating_record(started.elapsed().as_micros() as u64);
+                        }
+                        Err(()) => errors += 1,
+                    }
+                    iteration += 1;
+                }
+                (events, histogram, errors)
+            })
+        })
+        .collect();
+    merge(tasks).await
+}
+
+/// Offers `rate` calls per second for `duration`, each scheduled at a fixed instant;
+/// latency counts from the scheduled instant (no coordinated omission). Calls that a
+/// worker could not start within one second of schedule are not sent and counted as
+/// errors (the offered rate was not sustained).
+pub(crate) async fn open_loop<F, Fut>(rate: u64, duration: Duration, call: F) -> (u64, Histogram<u64>, u64)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<u64, ()>> + Send,
+{
+    const WORKERS: u64 = 512;
+    let call = Arc::new(call);
+    let total = rate * duration.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|worker| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut histogram = new_histogram();
+                let (mut events, mut errors) = (0u64, 0u64);
+                let mut index = worker;
+                while index < total {
+                    let scheduled = start + interval.mul_f64(index as f64);
+                    tokio::time::sleep_until(scheduled).await;
+                    if scheduled.elapsed() > Duration::from_secs(1) {
+                        errors += 1;
+                    } else {
+                        match call(worker as usize).await {
+                            Ok(stored) => {
+                                events += stored;
+                                histogram.saturating_record(scheduled.elapsed().as_micros() as u64);
+                            }
+                            Err(()) => errors += 1,
+                        }
+                    }
+                    index += WORKERS;
+                }
+                (events, histogram, errors)
+            })
+        })
+        .collect();
+    merge(tasks).await
+}
+
+async fn merge(
+    tasks: Vec<tokio::task::JoinHandle<(u64, Histogram<u64>, u64)>>,
+) -> (u64, Histogram<u64>, u64) {
+    let mut histogram = new_histogram();
+    let (mut events, mut errors) = (0, 0);
+    for task in tasks {
+        if let Ok((task_events, task_histogram, task_errors)) = task.await {
+            events += task_events;
+            errors += task_errors;
+            histogram.add(&task_histogram).ok();
+        }
+    }
+    (events, histogram, errors)
+}
