@@ -2,7 +2,7 @@
 //! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
 //! `validation`); storage goes through `repository`.
 
-mod counts;
+pub mod counts;
 pub mod fold_task;
 pub mod ingest;
 pub mod partition_maintenance;
@@ -66,6 +66,10 @@ impl From<RepositoryError> for ServiceError {
             }
             RepositoryError::Query(_) => {
                 tracing::error!(error = %error, "database query failed");
+                ServiceError::Internal
+            }
+            RepositoryError::Corrupt(_) => {
+                tracing::error!(error = %error, "stored data does not decode");
                 ServiceError::Internal
             }
         }

@@ -39,6 +39,10 @@ pub enum RepositoryError {
     /// Anything else: a bug or a constraint we did not expect.
     #[error("database query failed: {0}")]
     Query(#[source] sqlx::Error),
+    /// The database answered, but a stored value does not decode (a user bitmap that is
+    /// not one, a sensitive value that does not decrypt). Retrying does not help.
+    #[error("stored data does not decode: {0}")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// No answer within the time allowed (a stuck or blackholed connection): worth
     /// retrying on another connection.
     #[error("database did not answer within {} ms", .0.as_millis())]
@@ -46,6 +50,11 @@ pub enum RepositoryError {
 }
 
 impl RepositoryError {
+    /// A stored value that does not decode.
+    pub fn corrupt(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        RepositoryError::Corrupt(Box::new(error))
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(self, RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_))
     }
@@ -56,6 +65,7 @@ impl RepositoryError {
             RepositoryError::Unavailable(_) => "unavailable",
             RepositoryError::NotReady(_) => "not_ready",
             RepositoryError::Query(_) => "query",
+            RepositoryError::Corrupt(_) => "corrupt",
             RepositoryError::TimedOut(_) => "timeout",
         }
     }
