@@ -335,3 +335,18 @@ impl AnalyticsService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::user_bitmap::decode_users;
+
+    #[test]
+    fn stored_data_that_does_not_decode_is_an_internal_error_never_retried() {
+        let error = RepositoryError::corrupt(decode_users(b"not a bitmap").unwrap_err());
+        assert!(!error.is_retryable());
+        assert_eq!(error.kind(), "corrupt");
+        assert!(error.to_string().starts_with("stored data does not decode: user bitmap does not decode"));
+        assert!(matches!(ServiceError::from(error), ServiceError::Internal));
+    }
+}

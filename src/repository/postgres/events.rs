@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use std::time::{Duration, Instant};
 
-use sqlx::{PgConnection, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -97,21 +97,8 @@ pub enum InsertOutcome {
     Duplicate { original: Uuid },
 }
 
-/// Bucket start in Unix seconds, truncated in UTC ($3 is `hour`, `day` or `week`;
-/// PostgreSQL's weeks start on Monday).
-const GROUPED_SELECT: &str = "
-    SELECT event_name,
-           EXTRACT(EPOCH FROM date_trunc($3, timestamp AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')::bigint AS bucket,
-           count(*) AS count
-    FROM events
-    WHERE timestamp >= $1 AND timestamp < $2";
 /// Names in bytewise order (`COLLATE "C"`), the order the rollup path gives.
 const GROUPED_ORDER: &str = " GROUP BY event_name, bucket ORDER BY bucket, event_name COLLATE \"C\"";
-
-const TOTAL_SELECT: &str = "
-    SELECT event_name, count(*) AS count
-    FROM events
-    WHERE timestamp >= $1 AND timestamp < $2";
 const TOTAL_ORDER: &str = " GROUP BY event_name ORDER BY event_name COLLATE \"C\"";
 
 const UNIQUE_USERS: &str = "
@@ -319,38 +306,23 @@ impl EventRepository {
     }
 
     /// Counts per event name, per bucket when grouped, ordered by bucket then name.
+    /// Buckets are UTC (PostgreSQL's weeks start on Monday), in Unix seconds.
     pub async fn count(&self, filter: &EventFilter) -> Result<Vec<EventCount>, RepositoryError> {
         let range = filter.range;
-        let event_name = filter.event_name.as_ref().map(|name| name.as_str());
         self.database
             .with_retry("count_events", || async {
-                let rows = match filter.group_by {
-                    Some(group_by) => {
-                        let sql = match event_name {
-                            Some(_) => format!("{GROUPED_SELECT} AND event_name = $4{GROUPED_ORDER}"),
-                            None => format!("{GROUPED_SELECT}{GROUPED_ORDER}"),
-                        };
-                        let mut query = sqlx::query(&sql)
-                            .bind(range.start_time())
-                            .bind(range.end_time())
-                            .bind(group_by.as_str());
-                        if let Some(name) = event_name {
-                            query = query.bind(name);
-                        }
-                        query.fetch_all(self.database.pool()).await?
-                    }
-                    None => {
-                        let sql = match event_name {
-                            Some(_) => format!("{TOTAL_SELECT} AND event_name = $3{TOTAL_ORDER}"),
-                            None => format!("{TOTAL_SELECT}{TOTAL_ORDER}"),
-                        };
-                        let mut query = sqlx::query(&sql).bind(range.start_time()).bind(range.end_time());
-                        if let Some(name) = event_name {
-                            query = query.bind(name);
-                        }
-                        query.fetch_all(self.database.pool()).await?
-                    }
-                };
+                let mut sql = QueryBuilder::<Postgres>::new("SELECT event_name, ");
+                if let Some(group_by) = filter.group_by {
+                    sql.push("EXTRACT(EPOCH FROM date_trunc(").push_bind(group_by.as_str());
+                    sql.push(", timestamp AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')::bigint AS bucket, ");
+                }
+                sql.push("count(*) AS count FROM events WHERE timestamp >= ").push_bind(range.start_time());
+                sql.push(" AND timestamp < ").push_bind(range.end_time());
+                if let Some(name) = &filter.event_name {
+                    sql.push(" AND event_name = ").push_bind(name.as_str());
+                }
+                sql.push(if filter.group_by.is_some() { GROUPED_ORDER } else { TOTAL_ORDER });
+                let rows = sql.build().fetch_all(self.database.pool()).await?;
                 event_counts_from_rows(&rows, filter.group_by.is_some(), range.start())
             })
             .await
