@@ -10,10 +10,10 @@ mod user;
 pub mod user_bitmap;
 pub mod utc;
 
+pub use count_plan::{EventCountPlan, RangeSplit, RollupStamp, Segments};
 pub use event::{
     Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
 };
-pub use count_plan::{EventCountPlan, RangeSplit, RollupStamp, Segments};
 pub use user::{IdentifyUser, UserId};
 
 use std::collections::BTreeMap;

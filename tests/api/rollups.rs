@@ -5,8 +5,8 @@
 use analytics_service::models::{EventCountPlan, EventFilter, GroupBy, TimeRange};
 use analytics_service::pb;
 use analytics_service::repository::postgres::rollups::RollupRepository;
-use analytics_service::service::counts::plan::user_count_split;
 use analytics_service::repository::postgres::{connect_options, fold, partitions, schema, Database};
+use analytics_service::service::counts::plan::user_count_split;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::PgPoolOptions;

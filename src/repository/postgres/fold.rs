@@ -172,7 +172,9 @@ async fn merge_bitmaps(
         .fetch_all(&mut **transaction)
         .await?
         .into_iter()
-        .map(|(start, bytes)| Ok((start.timestamp(), decode_users(&bytes).map_err(RepositoryError::corrupt)?)))
+        .map(|(start, bytes)| {
+            Ok((start.timestamp(), decode_users(&bytes).map_err(RepositoryError::corrupt)?))
+        })
         .collect::<Result<_, RepositoryError>>()?;
     let mut changed_starts = Vec::new();
     let mut changed_users = Vec::new();
@@ -192,7 +194,9 @@ async fn merge_bitmaps(
     upsert.push(table).push(" AS bitmap (bucket_start, users)");
     upsert.push(" SELECT * FROM unnest(").push_bind(&changed_starts).push("::timestamptz[], ");
     upsert.push_bind(&changed_users).push("::bytea[])");
-    upsert.push(" ON CONFLICT (bucket_start) DO UPDATE SET users = EXCLUDED.users, version = bitmap.version + 1");
+    upsert.push(
+        " ON CONFLICT (bucket_start) DO UPDATE SET users = EXCLUDED.users, version = bitmap.version + 1",
+    );
     upsert.build().execute(&mut **transaction).await?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
-//! every repository call goes through. Tables live in `events`, `users` and `schema`;
-//! `pii` re-encrypts stored sensitive values after a key rotation.
+//! every repository call goes through. Tables live in `events`, `users`, `partitions` and
+//! `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
+//! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
+//! key rotation.
 
 pub mod events;
 pub mod fold;
@@ -161,7 +163,7 @@ pub fn discard(connection: PoolConnection<Postgres>) {
 /// How often and how patiently retryable failures are retried.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
-    /// Total attempts, the first included (the design's 5).
+    /// Total attempts, the first included (DB_RETRY_MAX_ATTEMPTS).
     pub max_attempts: u32,
     /// Delay before the second attempt; doubles for each further one.
     pub base_delay: Duration,
