@@ -28,6 +28,7 @@ mod proxy;
 mod rate_limit;
 mod readiness;
 mod rollups;
+mod rollups_fold;
 mod tls;
 mod track_event;
 mod validation;
