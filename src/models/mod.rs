@@ -1,11 +1,19 @@
-//! Domain types shared by every layer. Values of these types are already valid:
-//! they are built only by `service::validation`, so code below the API never re-checks.
+//! Domain types shared by every layer. Request values are already valid: they are built
+//! only by `service::validation`, so code below the API never re-checks. Count plans
+//! (`count_plan`) are built by `service::counts::plan` and run by the repository; the
+//! stored form of user sets (`user_bitmap`) and the UTC units of the rollups (`utc`) are
+//! shared by both.
 
+pub mod count_plan;
 mod event;
 mod user;
+pub mod user_bitmap;
+pub mod utc;
 
-pub use event::TrackEvent;
-pub use event::{Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange};
+pub use count_plan::{EventCountPlan, RangeSplit, RollupStamp, Segments};
+pub use event::{
+    Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
+};
 pub use user::{IdentifyUser, UserId};
 
 use std::collections::BTreeMap;

@@ -2,7 +2,7 @@
 //! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
 //! `validation`); storage goes through `repository`.
 
-mod counts;
+pub mod counts;
 pub(crate) mod fold_task;
 pub mod ingest;
 pub(crate) mod partition_maintenance;
@@ -66,6 +66,10 @@ impl From<RepositoryError> for ServiceError {
             }
             RepositoryError::Query(_) => {
                 tracing::error!(error = %error, "database query failed");
+                ServiceError::Internal
+            }
+            RepositoryError::Corrupt(_) => {
+                tracing::error!(error = %error, "stored data does not decode");
                 ServiceError::Internal
             }
         }
@@ -329,5 +333,20 @@ impl AnalyticsService {
         } else {
             ServingStatus::NotServing
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::user_bitmap::decode_users;
+
+    #[test]
+    fn stored_data_that_does_not_decode_is_an_internal_error_never_retried() {
+        let error = RepositoryError::corrupt(decode_users(b"not a bitmap").unwrap_err());
+        assert!(!error.is_retryable());
+        assert_eq!(error.kind(), "corrupt");
+        assert!(error.to_string().starts_with("stored data does not decode: user bitmap does not decode"));
+        assert!(matches!(ServiceError::from(error), ServiceError::Internal));
     }
 }

@@ -28,6 +28,7 @@ mod proxy;
 mod rate_limit;
 mod readiness;
 mod rollups;
+mod rollups_fold;
 mod schema_squash;
 mod tls;
 mod track_event;

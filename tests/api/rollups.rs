@@ -1,11 +1,10 @@
-//! Issue 4: counts from rollups equal brute-force SQL over `events` (random data, ranges,
-//! names, groupings and time zones, late events included), DST days in the caller's zone,
-//! monthly partitions ahead of time and retention, and the move from the unpartitioned table.
+//! Counts from rollups equal brute-force SQL over `events` (random data, ranges, names,
+//! groupings and time zones, late events included), DST days in the caller's zone, monthly
+//! partitions ahead of time and retention, and the move from the unpartitioned table. The
+//! brute-force answers here are shared with `rollups_fold`.
 
-use analytics_service::models::{EventFilter, GroupBy, TimeRange};
 use analytics_service::pb;
-use analytics_service::repository::postgres::rollups::RollupRepository;
-use analytics_service::repository::postgres::{connect_options, fold, partitions, schema, Database};
+use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::{PgPool, Row};
@@ -13,8 +12,8 @@ use tonic::Code;
 
 use crate::helpers::{create_database, now, spawn_app, start_server, test_config, TestApp, TestOptions};
 
-const HOUR: i64 = 3_600;
-const DAY: i64 = 86_400;
+pub const HOUR: i64 = 3_600;
+pub const DAY: i64 = 86_400;
 const ZONES: [&str; 9] = [
     "",
     "UTC",
@@ -31,11 +30,11 @@ const ODD_OFFSET_ZONES: [&str; 5] =
     ["Australia/Lord_Howe", "Asia/Kathmandu", "Pacific/Chatham", "Asia/Kolkata", "America/St_Johns"];
 const NAMES: [&str; 5] = ["view", "click", "signup", "purchase", "logout"];
 
-type Counts = Vec<(String, i64, i64)>;
+pub type Counts = Vec<(String, i64, i64)>;
 
 /// The answer computed from the raw rows alone. Hours are cut at the local hour (minutes
 /// and seconds of local time removed), so a repeated local hour stays two buckets.
-async fn brute_force_counts(
+pub async fn brute_force_counts(
     pool: &PgPool,
     name: &str,
     start: i64,
@@ -73,7 +72,7 @@ async fn brute_force_counts(
         .collect()
 }
 
-async fn brute_force_unique_users(pool: &PgPool, start: i64, end: i64) -> i64 {
+pub async fn brute_force_unique_users(pool: &PgPool, start: i64, end: i64) -> i64 {
     sqlx::query_scalar(
         "SELECT count(DISTINCT user_id) FROM events
           WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''",
@@ -87,7 +86,7 @@ async fn brute_force_unique_users(pool: &PgPool, start: i64, end: i64) -> i64 {
 
 /// One multi-row INSERT (one trigger run) of `count` random events in `[from, to)`;
 /// some fall exactly on hour starts to exercise bucket edges.
-async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usize, from: i64, to: i64) {
+pub async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usize, from: i64, to: i64) {
     let mut names = Vec::new();
     let mut users = Vec::new();
     let mut timestamps = Vec::new();
@@ -173,114 +172,6 @@ async fn rollup_counts_equal_brute_force_sql_for_random_ranges_names_groupings_a
     .await
     .unwrap();
     assert_eq!((by_hour, by_day, by_hour_total), (events, events, events));
-}
-
-/// Counts are exact whatever share of the trigger's output the fold has moved into the
-/// rollups (event-count deltas, (hour, user) pairs): all pending, some folded, all folded,
-/// and late events and new users after a fold.
-#[tokio::test]
-async fn counts_are_exact_before_during_and_after_the_fold() {
-    let database_name = create_database().await;
-    let config = test_config(&database_name, "unused", &TestOptions::default());
-    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
-    let database = Database::connect_lazy(&config);
-    let pool = database.pool().clone();
-    let rollups = RollupRepository::new(database.clone());
-    let seed = rand::random::<u64>();
-    println!("seed {seed}");
-    let mut random = StdRng::seed_from_u64(seed);
-    let to = now() - HOUR;
-    let from = to - 20 * DAY;
-    let parse = |start: i64, end: i64| TimeRange::parse(start, end, chrono::Utc::now()).unwrap();
-    let mut ranges: Vec<TimeRange> = (0..25)
-        .map(|_| {
-            let start = random.random_range(from - DAY..to);
-            parse(start, start + random.random_range(1..25 * DAY))
-        })
-        .collect();
-    ranges.push(parse(from - DAY, to));
-    let check = |stage: &'static str| {
-        let ranges = ranges.clone();
-        let rollups = rollups.clone();
-        let pool = pool.clone();
-        async move {
-            for (index, range) in ranges.into_iter().enumerate() {
-                let (start, end) = (range.start(), range.end());
-                let expected = brute_force_unique_users(&pool, start, end).await;
-                let answer = rollups.unique_users(range).await.unwrap();
-                assert_eq!(answer, expected, "{stage}: users in [{start}, {end})");
-                let group_by = ["", "hour", "day", "week"][index % 4];
-                let filter = EventFilter {
-                    event_name: None,
-                    range,
-                    group_by: GroupBy::parse(group_by).unwrap(),
-                    time_zone: chrono_tz::UTC,
-                };
-                let counts: Counts = rollups
-                    .event_counts(&filter)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|count| (count.event_name, count.bucket_start, count.count))
-                    .collect();
-                let expected = brute_force_counts(&pool, "", start, end, group_by, "").await;
-                assert_eq!(counts, expected, "{stage}: counts by {group_by:?} in [{start}, {end})");
-            }
-        }
-    };
-    let pending = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_activity_pending")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-    };
-    let pending_deltas = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM event_count_deltas")
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-    };
-
-    for _ in 0..3 {
-        insert_random_events(&pool, &mut random, 800, from, to).await;
-    }
-    check("all pending").await;
-    let pending_before = pending().await;
-    assert!(pending_before >= 3, "one row per inserting statement and hour");
-    assert!(pending_deltas().await > 3, "one delta per (hour, name) and statement");
-
-    let outcome = fold::fold_pending(&database, 2, pending_before / 3).await.unwrap();
-    assert_eq!((outcome.folded_deltas, outcome.folded_user_rows as i64), (2, pending_before / 3));
-    assert!(outcome.folded_pairs >= outcome.folded_user_rows);
-    assert_eq!(pending().await, pending_before - pending_before / 3);
-    check("a third folded").await;
-
-    fold::fold_all_pending(&database).await.unwrap();
-    assert_eq!((pending().await, pending_deltas().await), (0, 0));
-    check("all folded").await;
-
-    // Late events of known and brand-new users into folded hours, then folded again.
-    insert_random_events(&pool, &mut random, 400, from, to).await;
-    sqlx::query(
-        "INSERT INTO events (event_name, user_id, timestamp)
-         SELECT 'view', 'newcomer-' || i, to_timestamp($1 + i * 3001) FROM generate_series(1, 50) i",
-    )
-    .bind(from)
-    .execute(&pool)
-    .await
-    .unwrap();
-    check("late events pending over folded bitmaps").await;
-    fold::fold_all_pending(&database).await.unwrap();
-    check("late events folded").await;
-    let (hours, days): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM user_activity_hourly), (SELECT count(*) FROM user_activity_daily)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(hours > 20 * 20 && days >= 20, "bitmaps per hour ({hours}) and per day ({days})");
-    pool.close().await;
-    crate::helpers::drop_database(&database_name).await;
 }
 
 /// Zones offset by 30 and 45 minutes, around their DST shifts (Lord Howe moves by 30

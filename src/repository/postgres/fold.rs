@@ -1,7 +1,7 @@
-//! The fold: what the `events` insert trigger appends (migration V4) moved into
-//! the count rollups. Pending users per UTC hour go into the per-hour and per-day bitmaps
-//! of active users; event-count deltas go into `event_counts_hourly`,
-//! `event_counts_daily` and `event_totals_hourly`. Also the bitmaps' stored form.
+//! The fold: what the `events` insert trigger (migration V4) appends moved into the count rollups.
+//! Pending users per UTC hour go into the per-hour and per-day bitmaps of active users
+//! (stored as `models::user_bitmap` encodes them); event-count deltas go into
+//! `event_counts_hourly`, `event_counts_daily` and `event_totals_hourly`.
 //!
 //! A pair or delta is always either pending or folded, never both and never neither: one
 //! transaction deletes what it folds, assigns user ordinals and rewrites the rollups.
@@ -13,11 +13,14 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use roaring::RoaringBitmap;
+use sqlx::{Postgres, QueryBuilder};
 
-use super::rollups::{floor_to, DAY_SECONDS, HOUR_SECONDS};
 use super::{Database, RepositoryError};
+use crate::models::user_bitmap::{decode_users, encode_users};
+use crate::models::utc::{floor_to, time, DAY_SECONDS, HOUR_SECONDS};
 
-/// Advisory lock held by a fold (and by retention, which deletes rollups: see migration V4).
+/// Advisory lock held by a fold, and by retention, which deletes rollup rows: the two
+/// never interleave.
 pub(crate) const ROLLUP_FOLD_LOCK_KEY: i64 = 4_104_202_613;
 
 /// Event-count deltas folded per transaction (each is one (hour, name) of one statement).
@@ -25,21 +28,9 @@ pub(crate) const FOLD_BATCH_DELTAS: i64 = 100_000;
 
 /// Pending user rows folded per transaction. Each is one hour of one inserting statement
 /// with that statement's distinct users of the hour (a few hundred at most in steady
-/// state); one large statement can write one with every user of an hour, so a batch stays
-/// small enough to hold in memory even then.
+/// state); a backfill of existing events writes one per hour with every user of the hour,
+/// so a batch stays small enough to hold in memory even then.
 pub(crate) const FOLD_BATCH_USER_ROWS: i64 = 100;
-
-/// The stored form of a bitmap: roaring's portable serialization.
-pub(crate) fn encode_users(users: &RoaringBitmap) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(users.serialized_size());
-    users.serialize_into(&mut bytes).expect("writing to a Vec cannot fail");
-    bytes
-}
-
-pub(crate) fn decode_users(bytes: &[u8]) -> Result<RoaringBitmap, RepositoryError> {
-    RoaringBitmap::deserialize_from(bytes)
-        .map_err(|error| RepositoryError::Query(sqlx::Error::Decode(Box::new(error))))
-}
 
 /// What one fold did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,21 +160,22 @@ const FOLD_EVENT_COUNT_DELTAS: &str = "
 /// ORs `additions` (bucket start in Unix seconds -> users) into `table`'s bitmaps,
 /// bumping `version` of every row that changes.
 async fn merge_bitmaps(
-    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    transaction: &mut sqlx::Transaction<'_, Postgres>,
     table: &'static str,
     additions: BTreeMap<i64, RoaringBitmap>,
 ) -> Result<(), RepositoryError> {
-    let starts: Vec<DateTime<Utc>> =
-        additions.keys().map(|seconds| DateTime::from_timestamp(*seconds, 0).unwrap_or_default()).collect();
-    let existing: HashMap<i64, RoaringBitmap> = sqlx::query_as::<_, (DateTime<Utc>, Vec<u8>)>(&format!(
-        "SELECT bucket_start, users FROM {table} WHERE bucket_start = ANY($1) FOR UPDATE"
-    ))
-    .bind(&starts)
-    .fetch_all(&mut **transaction)
-    .await?
-    .into_iter()
-    .map(|(start, bytes)| Ok((start.timestamp(), decode_users(&bytes)?)))
-    .collect::<Result<_, RepositoryError>>()?;
+    let starts: Vec<DateTime<Utc>> = additions.keys().copied().map(time).collect();
+    let mut select = QueryBuilder::<Postgres>::new("SELECT bucket_start, users FROM ");
+    select.push(table).push(" WHERE bucket_start = ANY(").push_bind(&starts).push(") FOR UPDATE");
+    let existing: HashMap<i64, RoaringBitmap> = select
+        .build_query_as::<(DateTime<Utc>, Vec<u8>)>()
+        .fetch_all(&mut **transaction)
+        .await?
+        .into_iter()
+        .map(|(start, bytes)| {
+            Ok((start.timestamp(), decode_users(&bytes).map_err(RepositoryError::corrupt)?))
+        })
+        .collect::<Result<_, RepositoryError>>()?;
     let mut changed_starts = Vec::new();
     let mut changed_users = Vec::new();
     for ((seconds, added), start) in additions.into_iter().zip(starts) {
@@ -198,16 +190,14 @@ async fn merge_bitmaps(
     if changed_starts.is_empty() {
         return Ok(());
     }
-    sqlx::query(&format!(
-        "INSERT INTO {table} AS bitmap (bucket_start, users)
-         SELECT * FROM unnest($1::timestamptz[], $2::bytea[])
-         ON CONFLICT (bucket_start)
-         DO UPDATE SET users = EXCLUDED.users, version = bitmap.version + 1"
-    ))
-    .bind(&changed_starts)
-    .bind(&changed_users)
-    .execute(&mut **transaction)
-    .await?;
+    let mut upsert = QueryBuilder::<Postgres>::new("INSERT INTO ");
+    upsert.push(table).push(" AS bitmap (bucket_start, users)");
+    upsert.push(" SELECT * FROM unnest(").push_bind(&changed_starts).push("::timestamptz[], ");
+    upsert.push_bind(&changed_users).push("::bytea[])");
+    upsert.push(
+        " ON CONFLICT (bucket_start) DO UPDATE SET users = EXCLUDED.users, version = bitmap.version + 1",
+    );
+    upsert.build().execute(&mut **transaction).await?;
     Ok(())
 }
 
@@ -225,17 +215,5 @@ pub async fn fold_all_pending(database: &Database) -> Result<FoldOutcome, Reposi
         if outcome.lock_busy || !full {
             return Ok(total);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bitmaps_survive_the_stored_form() {
-        let users: RoaringBitmap = [0, 7, 65_536, 1_000_000].into_iter().collect();
-        assert_eq!(decode_users(&encode_users(&users)).unwrap(), users);
-        assert!(decode_users(b"not a bitmap").is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
-//! every repository call goes through. Tables live in `events`, `users` and `schema`;
-//! `pii` re-encrypts stored sensitive values after a key rotation.
+//! every repository call goes through. Tables live in `events`, `users`, `partitions` and
+//! `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
+//! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
+//! key rotation.
 
 pub(crate) mod events;
 pub mod fold;
@@ -39,6 +41,10 @@ pub enum RepositoryError {
     /// Anything else: a bug or a constraint we did not expect.
     #[error("database query failed: {0}")]
     Query(#[source] sqlx::Error),
+    /// The database answered, but a stored value does not decode (a user bitmap that is
+    /// not one, a sensitive value that does not decrypt). Retrying does not help.
+    #[error("stored data does not decode: {0}")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// No answer within the time allowed (a stuck or blackholed connection): worth
     /// retrying on another connection.
     #[error("database did not answer within {} ms", .0.as_millis())]
@@ -46,6 +52,11 @@ pub enum RepositoryError {
 }
 
 impl RepositoryError {
+    /// A stored value that does not decode.
+    pub fn corrupt(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        RepositoryError::Corrupt(Box::new(error))
+    }
+
     pub fn is_retryable(&self) -> bool {
         matches!(self, RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_))
     }
@@ -56,6 +67,7 @@ impl RepositoryError {
             RepositoryError::Unavailable(_) => "unavailable",
             RepositoryError::NotReady(_) => "not_ready",
             RepositoryError::Query(_) => "query",
+            RepositoryError::Corrupt(_) => "corrupt",
             RepositoryError::TimedOut(_) => "timeout",
         }
     }
@@ -151,7 +163,7 @@ pub(crate) fn discard(connection: PoolConnection<Postgres>) {
 /// How often and how patiently retryable failures are retried.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RetryPolicy {
-    /// Total attempts, the first included (the design's 5).
+    /// Total attempts, the first included (DB_RETRY_MAX_ATTEMPTS).
     pub max_attempts: u32,
     /// Delay before the second attempt; doubles for each further one.
     pub base_delay: Duration,

@@ -13,10 +13,9 @@ use crate::security::pii::{normalize_field_name, PiiCipher, CIPHERTEXT_PREFIX};
 pub(crate) const REENCRYPT_BATCH_ROWS: i64 = 500;
 
 /// Decrypts a stored properties object; a value that does not decrypt (unknown key,
-/// tampered) is a decode error, logged by the caller and never shown.
+/// tampered) is [`RepositoryError::Corrupt`], logged by the caller and never shown.
 pub(super) fn open_properties(pii: &PiiCipher, mut properties: Value) -> Result<Value, RepositoryError> {
-    pii.open(&mut properties)
-        .map_err(|error| RepositoryError::Query(sqlx::Error::Decode(Box::new(error))))?;
+    pii.open(&mut properties).map_err(RepositoryError::corrupt)?;
     Ok(properties)
 }
 

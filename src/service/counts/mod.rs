@@ -1,15 +1,16 @@
 //! GetEventCount and GetUserCount: answers from the rollups, and the cache that keeps
-//! them never stale.
+//! them never stale. `plan` decides what each answer reads (`time` finds the bucket
+//! boundaries of the caller's zone); the repository runs the plans.
 //!
 //! An answer splits into a folded part (the rollups of its whole UTC hours) and a fresh
 //! part (what the fold has not moved into those rollups yet, and the raw events of the
 //! partial hours at its edges, the open hour among them). The folded part is cached in
 //! Redis for REDIS_CACHE_TTL together with a stamp of the rows it was read from
-//! (src/repository/postgres/rollups.rs, `RollupStamp`), keyed by its whole hours, so a
-//! dashboard whose end time slides reuses it for up to an hour. Every call reads the
-//! current stamp and the fresh part in one snapshot, and uses the cached part only when
-//! the stamps are equal: a late event is in the fresh part until the fold moves it into
-//! the rollups, and that fold changes the stamp, so every answer includes it.
+//! ([`RollupStamp`]), keyed by its whole hours, so a dashboard whose end time slides
+//! reuses it for up to an hour. Every call reads the current stamp and the fresh part in
+//! one snapshot, and uses the cached part only when the stamps are equal: a late event is
+//! in the fresh part until the fold moves it into the rollups, and that fold changes the
+//! stamp, so every answer includes it.
 //!
 //! A range that ended more than EVENT_MAX_AGE_DAYS plus [`COMMIT_MARGIN`] ago is closed
 //! for good: TrackEvent rejects timestamps older than EVENT_MAX_AGE_DAYS (the late-event
@@ -18,17 +19,19 @@
 //! answer is immutable and cached whole, without a stamp, for [`IMMUTABLE_CACHE_TTL`].
 //! Ranges a retention drop may still shorten are not treated as closed.
 
+pub mod plan;
+mod time;
+
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 
 use super::{AnalyticsService, ServiceError};
 use crate::metrics;
-use crate::models::{EventCount, EventFilter, TimeRange};
-use crate::repository::postgres::fold::{decode_users, encode_users};
-use crate::repository::postgres::rollups::{
-    merge_event_counts, user_count_split, RollupRepository, RollupStamp,
-};
+use crate::models::user_bitmap::{decode_users, encode_users};
+use crate::models::{EventCount, EventCountPlan, EventFilter, RollupStamp, TimeRange};
+use crate::repository::postgres::rollups::RollupRepository;
+use plan::{merge_event_counts, user_count_split};
 
 /// Margin kept before the retention cut-off: partitions are whole months, so data up
 /// to a month newer than `now - EVENT_RETENTION_DAYS` may be dropped next.
@@ -87,7 +90,7 @@ impl AnalyticsService {
         }
         let rollups = RollupRepository::new(self.database.clone());
         if !self.cache.is_enabled() {
-            return Ok(rollups.event_counts(&filter).await?);
+            return uncached_event_counts(&rollups, &filter).await;
         }
         if self.cache_policy(filter.range) == CachePolicy::Immutable {
             let key =
@@ -97,14 +100,14 @@ impl AnalyticsService {
                 return Ok(cached);
             }
             metrics::record_cache_lookup("event_count", false);
-            let counts = rollups.event_counts(&filter).await?;
+            let counts = uncached_event_counts(&rollups, &filter).await?;
             self.cache.set(&key, &counts, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(counts);
         }
-        let plan = rollups.event_count_plan(&filter).await?;
+        let plan = event_count_plan(&rollups, &filter).await?;
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
-            return Ok(rollups.event_counts(&filter).await?);
+            return Ok(rollups.event_counts(&filter, &plan).await?);
         }
         // The folded part (whole hours) is cached with its stamp and reused while the
         // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
@@ -142,8 +145,9 @@ impl AnalyticsService {
     #[tracing::instrument(skip_all)]
     pub(crate) async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
         let rollups = RollupRepository::new(self.database.clone());
+        let split = user_count_split(range);
         if !self.cache.is_enabled() {
-            return Ok(rollups.unique_users(range).await?);
+            return Ok(rollups.unique_users(split).await?);
         }
         if self.cache_policy(range) == CachePolicy::Immutable {
             let key = format!("user_count:v2:{}:{}", range.start(), range.end());
@@ -152,14 +156,13 @@ impl AnalyticsService {
                 return Ok(cached);
             }
             metrics::record_cache_lookup("user_count", false);
-            let count = rollups.unique_users(range).await?;
+            let count = rollups.unique_users(split).await?;
             self.cache.set(&key, &count, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(count);
         }
-        let split = user_count_split(range);
-        if split.rollup_start == split.rollup_end {
+        if !split.has_rollup_part() {
             metrics::record_cache_fresh("user_count");
-            return Ok(rollups.unique_users(range).await?);
+            return Ok(rollups.unique_users(split).await?);
         }
         // The union of the folded bitmaps is cached with their stamp; the users not folded
         // yet are read fresh, in the same snapshot as the stamp they are checked against.
@@ -180,6 +183,26 @@ impl AnalyticsService {
         self.cache.set(&key, &StampedUsers::new(parts.stamp, &folded), None).await;
         Ok(parts.count(&folded))
     }
+}
+
+/// The plan for `filter`, walked only over the hours that hold events (the first and last
+/// event timestamps, one index probe per partition). An event committed after this read is
+/// concurrent with the call; later calls plan around it.
+async fn event_count_plan(
+    rollups: &RollupRepository,
+    filter: &EventFilter,
+) -> Result<EventCountPlan, ServiceError> {
+    let extent = rollups.event_extent().await?;
+    Ok(EventCountPlan::within(filter, extent))
+}
+
+/// Event counts read whole from the rollups and the raw events, without the cache.
+async fn uncached_event_counts(
+    rollups: &RollupRepository,
+    filter: &EventFilter,
+) -> Result<Vec<EventCount>, ServiceError> {
+    let plan = event_count_plan(rollups, filter).await?;
+    Ok(rollups.event_counts(filter, &plan).await?)
 }
 
 /// The cached rollup part of a GetEventCount answer.
