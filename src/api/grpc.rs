@@ -16,7 +16,7 @@ use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;
 use crate::security::authorization::CallerPolicy;
 use crate::security::tls::{caller_from_extensions, verified_identity};
 use crate::service::readiness::Readiness;
-use crate::service::{validation, AnalyticsService, ServiceError, ServingStatus};
+use crate::service::{validation, AnalyticsService, ServiceError};
 
 /// A call's deadline when no middleware set one (the server always does).
 const UNSET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -152,11 +152,8 @@ impl AnalyticsApi for AnalyticsGrpc {
         request: Request<pb::HealthCheckRequest>,
     ) -> Result<Response<pb::HealthCheckResponse>, Status> {
         self.authorize(&request, "HealthCheck")?;
-        let shutting_down = self.readiness.borrow().shutting_down;
-        let status = match self.service.health().await {
-            ServingStatus::Serving if !shutting_down => "SERVING",
-            _ => "NOT_SERVING",
-        };
+        // The readiness monitor's latest probe (no query per call); see Readiness::is_healthy.
+        let status = if self.readiness.borrow().is_healthy() { "SERVING" } else { "NOT_SERVING" };
         Ok(Response::new(pb::HealthCheckResponse { status: status.to_string() }))
     }
 }

@@ -18,9 +18,7 @@ use uuid::Uuid;
 
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
-use crate::repository::postgres::{
-    schema, Database, EventRepository, RepositoryError, UserRepository, WriteError,
-};
+use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
 pub use ingest::{EventResult, IngestQueue, Stored};
@@ -81,13 +79,6 @@ pub const SELF_CALLER: &str = "self";
 pub const EVENT_STARTED: &str = "analytics_service.started";
 pub const EVENT_STOPPING: &str = "analytics_service.stopping";
 pub const EVENT_MIGRATION_APPLIED: &str = "analytics_service.migration_applied";
-
-/// The answer of the HealthCheck RPC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServingStatus {
-    Serving,
-    NotServing,
-}
 
 /// The analytics use cases. Cheap to clone: repositories hold pools.
 #[derive(Clone)]
@@ -317,17 +308,6 @@ impl AnalyticsService {
                 tracing::info!(event = name, event_id = %stored.event_id(), "lifecycle event tracked")
             }
             Err(error) => tracing::warn!(event = name, error = %error, "lifecycle event not tracked"),
-        }
-    }
-
-    /// SERVING when PostgreSQL answers now and the schema is usable.
-    pub async fn health(&self) -> ServingStatus {
-        let healthy = self.database.ping().await.is_ok()
-            && schema::status(self.database.pool()).await.is_ok_and(|status| status.is_usable());
-        if healthy {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
         }
     }
 }

@@ -151,7 +151,7 @@ pub fn discard(connection: PoolConnection<Postgres>) {
 /// How often and how patiently retryable failures are retried.
 #[derive(Clone, Copy, Debug)]
 pub struct RetryPolicy {
-    /// Total attempts, the first included (the design's 5).
+    /// Total attempts, the first included.
     pub max_attempts: u32,
     /// Delay before the second attempt; doubles for each further one.
     pub base_delay: Duration,
@@ -209,12 +209,6 @@ impl Database {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// One round trip, no retry: the liveness of the database as seen from here.
-    pub async fn ping(&self) -> Result<(), RepositoryError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     /// Runs `operation`, retrying retryable failures with exponential backoff, and
