@@ -9,4 +9,5 @@ pub mod health;
 pub mod malformed;
 pub mod middleware;
 pub mod preface;
+pub mod rpc;
 pub mod status;
