@@ -52,20 +52,23 @@ pub enum ServiceError {
     Internal,
 }
 
-impl From<RepositoryError> for ServiceError {
-    fn from(error: RepositoryError) -> Self {
-        match error {
-            RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_) => {
-                ServiceError::Unavailable("database unavailable")
-            }
-            RepositoryError::NotReady(_) => {
-                tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
-                ServiceError::Unavailable("database not ready")
-            }
-            RepositoryError::Query(_) => {
-                tracing::error!(error = %error, "database query failed");
-                ServiceError::Internal
-            }
+/// How a use case answers a failed repository call: logs what the caller is not told
+/// (a schema that is not ready, a query no retry fixes) and maps the failure to the
+/// caller's answer. Outages are not logged per call: the retry policy and the readiness
+/// monitor report them. Deliberately not a `From`, so every `?` that turns a repository
+/// failure into an answer names this step.
+pub(crate) fn repository_failure(error: RepositoryError) -> ServiceError {
+    match error {
+        RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_) => {
+            ServiceError::Unavailable("database unavailable")
+        }
+        RepositoryError::NotReady(_) => {
+            tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
+            ServiceError::Unavailable("database not ready")
+        }
+        RepositoryError::Query(_) => {
+            tracing::error!(error = %error, "database query failed");
+            ServiceError::Internal
         }
     }
 }
@@ -128,13 +131,13 @@ impl AnalyticsService {
     /// The stored properties of a user, decrypted (the service's own read path).
     #[tracing::instrument(skip_all)]
     pub async fn user_properties(&self, user_id: &UserId) -> Result<Option<serde_json::Value>, ServiceError> {
-        Ok(self.users.properties(user_id).await?)
+        self.users.properties(user_id).await.map_err(repository_failure)
     }
 
     /// The stored properties of an event, decrypted (the service's own read path).
     #[tracing::instrument(skip_all)]
     pub async fn event_properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, ServiceError> {
-        Ok(self.events.properties(event_id).await?)
+        self.events.properties(event_id).await.map_err(repository_failure)
     }
 
     /// Sets EVENT_RETENTION_DAYS (`None` keeps events forever), which the count cache
@@ -274,7 +277,7 @@ impl AnalyticsService {
             "identify user"
         );
         result.map_err(|error| match error {
-            WriteError::NotStored(error) => ServiceError::from(error),
+            WriteError::NotStored(error) => repository_failure(error),
             WriteError::OutcomeUnknown(_) => ServiceError::DeadlineExceeded { outcome_unknown: true },
         })
     }
