@@ -87,7 +87,7 @@ impl AnalyticsService {
         }
         let rollups = RollupRepository::new(self.database.clone());
         if !self.cache.is_enabled() {
-            return Ok(rollups.event_counts(&filter).await.map_err(repository_failure)?);
+            return rollups.event_counts(&filter).await.map_err(repository_failure);
         }
         if self.cache_policy(filter.range) == CachePolicy::Immutable {
             let key =
@@ -104,7 +104,7 @@ impl AnalyticsService {
         let plan = rollups.event_count_plan(&filter).await.map_err(repository_failure)?;
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
-            return Ok(rollups.event_counts(&filter).await.map_err(repository_failure)?);
+            return rollups.event_counts(&filter).await.map_err(repository_failure);
         }
         // The folded part (whole hours) is cached with its stamp and reused while the
         // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
@@ -144,7 +144,7 @@ impl AnalyticsService {
     pub async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
         let rollups = RollupRepository::new(self.database.clone());
         if !self.cache.is_enabled() {
-            return Ok(rollups.unique_users(range).await.map_err(repository_failure)?);
+            return rollups.unique_users(range).await.map_err(repository_failure);
         }
         if self.cache_policy(range) == CachePolicy::Immutable {
             let key = format!("user_count:v2:{}:{}", range.start(), range.end());
@@ -160,7 +160,7 @@ impl AnalyticsService {
         let split = user_count_split(range);
         if split.rollup_start == split.rollup_end {
             metrics::record_cache_fresh("user_count");
-            return Ok(rollups.unique_users(range).await.map_err(repository_failure)?);
+            return rollups.unique_users(range).await.map_err(repository_failure);
         }
         // The union of the folded bitmaps is cached with their stamp; the users not folded
         // yet are read fresh, in the same snapshot as the stamp they are checked against.
