@@ -131,4 +131,18 @@ mod tests {
         assert_eq!(Rpc::analytics_method("GetUserCount"), Some(Rpc::GetUserCount));
         assert_eq!(Rpc::analytics_method("Check"), None);
     }
+
+    #[test]
+    fn the_helm_schema_lists_the_same_per_rpc_names() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../helm/analytics-service/values.schema.json")).unwrap();
+        let listed = schema["properties"]["tls"]["properties"]["allowedCallersPerRpc"]["properties"]
+            .as_object()
+            .expect("tls.allowedCallersPerRpc in the Helm values schema");
+        let mut listed: Vec<&str> = listed.keys().map(String::as_str).collect();
+        let mut known: Vec<&str> = Rpc::analytics_methods().map(Rpc::method).collect();
+        listed.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(listed, known);
+    }
 }
