@@ -156,12 +156,10 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
     if !check {
         let report = schema::migrate(&connect_options(&config)).await?;
         tracing::info!(applied = ?report.applied, "migrations up to date");
-        let ahead =
-            chrono::Utc::now() + chrono::Duration::days(31 * i64::from(partitions::PARTITION_MONTHS_AHEAD));
-        let created = partitions::ensure_partitions(
+        let created = partitions::ensure_accepted_partitions(
             &Database::connect_lazy(&config),
-            chrono::Utc::now() - config.event_max_age(),
-            ahead,
+            chrono::Utc::now(),
+            config.event_max_age(),
         )
         .await?;
         tracing::info!(created, "event partitions created ahead");

@@ -6,10 +6,8 @@ use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use super::rpc::ANALYTICS_SERVICE;
 use crate::service::readiness::Readiness;
-
-/// Fully-qualified name of our service, as health clients ask for it.
-pub(crate) const ANALYTICS_SERVICE_NAME: &str = "analytics.v1.AnalyticsService";
 
 /// Mirrors every readiness change into the health reporter until the channel closes.
 pub(crate) async fn follow_readiness(reporter: HealthReporter, mut readiness: watch::Receiver<Readiness>) {
@@ -20,7 +18,7 @@ pub(crate) async fn follow_readiness(reporter: HealthReporter, mut readiness: wa
             ServingStatus::NotServing
         };
         reporter.set_service_status("", status).await;
-        reporter.set_service_status(ANALYTICS_SERVICE_NAME, status).await;
+        reporter.set_service_status(ANALYTICS_SERVICE, status).await;
         if readiness.changed().await.is_err() {
             return;
         }

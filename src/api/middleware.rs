@@ -4,6 +4,8 @@
 //! - go-grpc-prometheus metrics with bounded labels: every call is counted once as
 //!   handled, with the code its client received (a call cut short by its deadline or
 //!   cancelled by the client included);
+//! - who is calling: the caller's identity ([`CallerIdentity`], the client certificate
+//!   parsed once per call) goes into the request extensions for authorization and spans;
 //! - the call's deadline: the client's `grpc-timeout` (less a small margin, so the answer
 //!   reaches the client before it gives up) or REQUEST_TIMEOUT_SECONDS, whichever is
 //!   sooner. Handlers find it as a [`RequestDeadline`] extension; a call still running
@@ -28,36 +30,18 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::api::malformed::{is_decode_failure, is_grpc_content_type, unsupported_media_type};
+use crate::api::rpc::Rpc;
 use crate::metrics;
-use crate::security::tls::caller_from_extensions;
+use crate::security::caller::CallerIdentity;
 use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
 
-/// (grpc_service, grpc_method, grpc_type) of every method served. Anything else is
-/// reported as "unknown" so arbitrary paths never create new metric series.
-const KNOWN_METHODS: &[(&str, &str, &str)] = &[
-    ("analytics.v1.AnalyticsService", "TrackEvent", "unary"),
-    ("analytics.v1.AnalyticsService", "TrackEvents", "unary"),
-    ("analytics.v1.AnalyticsService", "IdentifyUser", "unary"),
-    ("analytics.v1.AnalyticsService", "GetEventCount", "unary"),
-    ("analytics.v1.AnalyticsService", "GetUserCount", "unary"),
-    ("analytics.v1.AnalyticsService", "HealthCheck", "unary"),
-    ("grpc.health.v1.Health", "Check", "unary"),
-    ("grpc.health.v1.Health", "Watch", "server_stream"),
-    ("grpc.reflection.v1.ServerReflection", "ServerReflectionInfo", "bidi_stream"),
-    ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo", "bidi_stream"),
-];
+/// The labels of a call whose path is not in the catalogue, so arbitrary paths never
+/// create new metric series.
 const UNKNOWN: (&str, &str, &str) = ("unknown", "unknown", "unknown");
 
+/// (grpc_service, grpc_method, grpc_type) of a request path.
 fn classify(path: &str) -> (&'static str, &'static str, &'static str) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
-        return UNKNOWN;
-    };
-    KNOWN_METHODS
-        .iter()
-        .find(|(known_service, known_method, _)| *known_service == service && *known_method == method)
-        .copied()
-        .unwrap_or(UNKNOWN)
+    Rpc::from_path(path).map_or(UNKNOWN, |rpc| (rpc.service(), rpc.method(), rpc.kind()))
 }
 
 /// The go-grpc-prometheus name of a status code ("OK", "InvalidArgument", ...).
@@ -252,7 +236,9 @@ where
         let deadline = call_deadline(request.headers(), started, self.request_timeout);
         request.extensions_mut().insert(RequestDeadline(deadline.answer_by));
         let span = server_span(service, method, request.headers());
-        span.record("caller", caller_from_extensions(request.extensions()).as_str());
+        let caller = CallerIdentity::from_connection(request.extensions());
+        span.record("caller", caller.name());
+        request.extensions_mut().insert(caller);
         let grpc_content_type = is_grpc_content_type(request.headers());
         let handled = async move {
             metrics::record_grpc_started(service, method, kind);

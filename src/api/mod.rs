@@ -9,4 +9,5 @@ pub(crate) mod health;
 pub(crate) mod malformed;
 pub mod middleware;
 pub(crate) mod preface;
+pub(crate) mod rpc;
 pub(crate) mod status;

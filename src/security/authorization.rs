@@ -1,8 +1,9 @@
 //! Caller allow-lists. A caller is the identity of its verified client certificate
-//! (SPIFFE URI SAN, else DNS SAN). TLS_ALLOWED_CALLERS applies to every AnalyticsService
+//! ([`crate::security::caller`]). TLS_ALLOWED_CALLERS applies to every AnalyticsService
 //! RPC; TLS_ALLOWED_CALLERS_PER_RPC narrows single RPCs with the syntax
-//! `Rpc=id1|id2;Rpc2=id3` (RPC names as in the proto, e.g. `GetEventCount`). A call must
-//! pass both lists that apply to it; an empty or absent list allows every verified caller.
+//! `Rpc=id1|id2;Rpc2=id3` (RPC names as in the proto, e.g. `GetEventCount`, checked
+//! against the catalogue [`Rpc`]). A call must pass both lists that apply to it; an
+//! empty or absent list allows every verified caller.
 //!
 //! The standard services: server reflection follows TLS_ALLOWED_CALLERS unless
 //! TLS_ALLOWED_CALLERS_COVER_REFLECTION is false (it describes the whole API, so it is no
@@ -12,15 +13,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-/// RPC names a per-RPC list may name (the AnalyticsService methods).
-pub(crate) const AUTHORIZED_RPCS: &[&str] =
-    &["TrackEvent", "TrackEvents", "IdentifyUser", "GetEventCount", "GetUserCount", "HealthCheck"];
+use crate::api::rpc::Rpc;
 
 /// Who may call what. Empty means everyone (plaintext mode or no lists configured).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CallerPolicy {
     global: HashSet<String>,
-    per_rpc: HashMap<String, HashSet<String>>,
+    per_rpc: HashMap<Rpc, HashSet<String>>,
 }
 
 impl CallerPolicy {
@@ -32,19 +31,20 @@ impl CallerPolicy {
             let Some((rpc, callers)) = rule.split_once('=') else {
                 return Err(format!("TLS_ALLOWED_CALLERS_PER_RPC: expected Rpc=id1|id2, got {rule:?}"));
             };
-            let rpc = rpc.trim();
-            if !AUTHORIZED_RPCS.contains(&rpc) {
+            let name = rpc.trim();
+            let Some(rpc) = Rpc::analytics_method(name) else {
+                let known: Vec<&str> = Rpc::analytics_methods().map(Rpc::method).collect();
                 return Err(format!(
-                    "TLS_ALLOWED_CALLERS_PER_RPC: unknown rpc {rpc:?}, expected one of {}",
-                    AUTHORIZED_RPCS.join(", ")
+                    "TLS_ALLOWED_CALLERS_PER_RPC: unknown rpc {name:?}, expected one of {}",
+                    known.join(", ")
                 ));
-            }
+            };
             let callers: HashSet<String> =
                 callers.split('|').map(str::trim).filter(|id| !id.is_empty()).map(String::from).collect();
             if callers.is_empty() {
-                return Err(format!("TLS_ALLOWED_CALLERS_PER_RPC: {rpc} lists no caller"));
+                return Err(format!("TLS_ALLOWED_CALLERS_PER_RPC: {name} lists no caller"));
             }
-            rules.insert(rpc.to_string(), callers);
+            rules.insert(rpc, callers);
         }
         Ok(Self { global, per_rpc: rules })
     }
@@ -59,9 +59,9 @@ impl CallerPolicy {
     }
 
     /// Whether `caller` may call `rpc`.
-    pub(crate) fn allows(&self, rpc: &str, caller: &str) -> bool {
+    pub(crate) fn allows(&self, rpc: Rpc, caller: &str) -> bool {
         let globally = self.global.is_empty() || self.global.contains(caller);
-        let for_rpc = self.per_rpc.get(rpc).is_none_or(|callers| callers.contains(caller));
+        let for_rpc = self.per_rpc.get(&rpc).is_none_or(|callers| callers.contains(caller));
         globally && for_rpc
     }
 }
@@ -77,10 +77,10 @@ mod tests {
             "GetEventCount=spiffe://prod/gateway;GetUserCount=spiffe://prod/gateway",
         )
         .unwrap();
-        assert!(policy.allows("GetEventCount", "spiffe://prod/gateway"));
-        assert!(!policy.allows("GetEventCount", "spiffe://prod/web"));
-        assert!(policy.allows("TrackEvent", "spiffe://prod/web"));
-        assert!(!policy.allows("TrackEvent", "spiffe://prod/intruder"));
+        assert!(policy.allows(Rpc::GetEventCount, "spiffe://prod/gateway"));
+        assert!(!policy.allows(Rpc::GetEventCount, "spiffe://prod/web"));
+        assert!(policy.allows(Rpc::TrackEvent, "spiffe://prod/web"));
+        assert!(!policy.allows(Rpc::TrackEvent, "spiffe://prod/intruder"));
         assert!(policy.allows_reflection("spiffe://prod/web"));
         assert!(!policy.allows_reflection("spiffe://prod/intruder"));
         assert!(CallerPolicy::parse("", "GetEventCount=a").unwrap().allows_reflection("b"));
@@ -90,14 +90,20 @@ mod tests {
     fn empty_lists_allow_everyone() {
         let policy = CallerPolicy::parse("", "").unwrap();
         assert!(policy.is_open());
-        assert!(policy.allows("GetEventCount", "anyone"));
+        assert!(policy.allows(Rpc::GetEventCount, "anyone"));
     }
 
     #[test]
     fn bad_rules_name_the_variable() {
-        for rule in ["GetEventCount", "NoSuchRpc=a", "GetEventCount="] {
+        for rule in ["GetEventCount", "NoSuchRpc=a", "GetEventCount=", "Check=a"] {
             let error = CallerPolicy::parse("", rule).unwrap_err();
             assert!(error.contains("TLS_ALLOWED_CALLERS_PER_RPC"), "{rule}: {error}");
         }
+        let error = CallerPolicy::parse("", "NoSuchRpc=a").unwrap_err();
+        assert!(
+            error
+                .ends_with("TrackEvent, TrackEvents, IdentifyUser, GetEventCount, GetUserCount, HealthCheck"),
+            "{error}"
+        );
     }
 }

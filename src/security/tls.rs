@@ -219,50 +219,6 @@ pub(crate) fn tls_incoming(
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
-/// The caller identity of a verified client certificate: its first SPIFFE URI SAN,
-/// else its first DNS SAN. `None` when the certificate carries neither.
-pub(crate) fn caller_identity(certificate: &CertificateDer<'_>) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
-    let names = parsed.subject_alternative_name().ok()??.value.general_names.clone();
-    let spiffe = names.iter().find_map(|name| match name {
-        x509_parser::extensions::GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
-            Some(uri.to_string())
-        }
-        _ => None,
-    });
-    spiffe.or_else(|| {
-        names.iter().find_map(|name| match name {
-            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
-            _ => None,
-        })
-    })
-}
-
-/// Identity of a TLS client whose certificate carries no SAN we understand.
-pub(crate) const UNIDENTIFIED_CALLER: &str = "unidentified";
-
-/// The identity of the verified client certificate; `None` in plaintext mode.
-pub(crate) fn verified_identity(extensions: &http::Extensions) -> Option<String> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    extensions.get::<TlsConnectInfo<TcpConnectInfo>>().map(|_| caller_from_extensions(extensions))
-}
-
-/// Who called, from a request's connection info: under mTLS the identity of the
-/// verified client certificate, in plaintext mode the peer IP address.
-pub(crate) fn caller_from_extensions(extensions: &http::Extensions) -> String {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    if let Some(tls) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
-        return tls
-            .peer_certs()
-            .and_then(|certificates| certificates.first().and_then(caller_identity))
-            .unwrap_or_else(|| UNIDENTIFIED_CALLER.to_string());
-    }
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .map_or_else(|| "unknown".to_string(), |address| address.ip().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

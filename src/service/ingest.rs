@@ -473,7 +473,7 @@ impl Writer {
                 // Calls none of whose statements can have committed are answered now.
                 let (unknown, known): (Vec<_>, Vec<_>) =
                     calls.into_iter().partition(|call| call.outcome_unknown);
-                let service_error = ServiceError::from(error.into_error());
+                let service_error = super::repository_failure(error.into_error());
                 for call in known {
                     let count = call.job.events.len();
                     metrics::record_events_rejected("database", count as u64);
@@ -522,7 +522,7 @@ impl Writer {
                     pending.push((start, middle));
                 }
                 Err(WriteError::NotStored(error)) => {
-                    let error = ServiceError::from(error);
+                    let error = super::repository_failure(error);
                     for slot in &mut results[start..end] {
                         *slot = Some(Err(error.clone()));
                     }

@@ -18,9 +18,7 @@ use uuid::Uuid;
 
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
-use crate::repository::postgres::{
-    schema, Database, EventRepository, RepositoryError, UserRepository, WriteError,
-};
+use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
 pub(crate) use ingest::{EventResult, IngestQueue, Stored};
@@ -54,24 +52,27 @@ pub enum ServiceError {
     Internal,
 }
 
-impl From<RepositoryError> for ServiceError {
-    fn from(error: RepositoryError) -> Self {
-        match error {
-            RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_) => {
-                ServiceError::Unavailable("database unavailable")
-            }
-            RepositoryError::NotReady(_) => {
-                tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
-                ServiceError::Unavailable("database not ready")
-            }
-            RepositoryError::Query(_) => {
-                tracing::error!(error = %error, "database query failed");
-                ServiceError::Internal
-            }
-            RepositoryError::Corrupt(_) => {
-                tracing::error!(error = %error, "stored data does not decode");
-                ServiceError::Internal
-            }
+/// How a use case answers a failed repository call: logs what the caller is not told
+/// (a schema that is not ready, a query no retry fixes) and maps the failure to the
+/// caller's answer. Outages are not logged per call: the retry policy and the readiness
+/// monitor report them. Deliberately not a `From`, so every `?` that turns a repository
+/// failure into an answer names this step.
+pub(crate) fn repository_failure(error: RepositoryError) -> ServiceError {
+    match error {
+        RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_) => {
+            ServiceError::Unavailable("database unavailable")
+        }
+        RepositoryError::NotReady(_) => {
+            tracing::error!(error = %error, "database not ready; run `analytics-service migrate` if the schema is missing");
+            ServiceError::Unavailable("database not ready")
+        }
+        RepositoryError::Query(_) => {
+            tracing::error!(error = %error, "database query failed");
+            ServiceError::Internal
+        }
+        RepositoryError::Corrupt(_) => {
+            tracing::error!(error = %error, "stored data does not decode");
+            ServiceError::Internal
         }
     }
 }
@@ -85,13 +86,6 @@ pub(crate) const SELF_CALLER: &str = "self";
 pub(crate) const EVENT_STARTED: &str = "analytics_service.started";
 pub(crate) const EVENT_STOPPING: &str = "analytics_service.stopping";
 pub const EVENT_MIGRATION_APPLIED: &str = "analytics_service.migration_applied";
-
-/// The answer of the HealthCheck RPC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ServingStatus {
-    Serving,
-    NotServing,
-}
 
 /// The analytics use cases. Cheap to clone: repositories hold pools.
 #[derive(Clone)]
@@ -141,13 +135,13 @@ impl AnalyticsService {
     /// The stored properties of a user, decrypted (the service's own read path).
     #[tracing::instrument(skip_all)]
     pub async fn user_properties(&self, user_id: &UserId) -> Result<Option<serde_json::Value>, ServiceError> {
-        Ok(self.users.properties(user_id).await?)
+        self.users.properties(user_id).await.map_err(repository_failure)
     }
 
     /// The stored properties of an event, decrypted (the service's own read path).
     #[tracing::instrument(skip_all)]
     pub async fn event_properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, ServiceError> {
-        Ok(self.events.properties(event_id).await?)
+        self.events.properties(event_id).await.map_err(repository_failure)
     }
 
     /// Sets EVENT_RETENTION_DAYS (`None` keeps events forever), which the count cache
@@ -287,7 +281,7 @@ impl AnalyticsService {
             "identify user"
         );
         result.map_err(|error| match error {
-            WriteError::NotStored(error) => ServiceError::from(error),
+            WriteError::NotStored(error) => repository_failure(error),
             WriteError::OutcomeUnknown(_) => ServiceError::DeadlineExceeded { outcome_unknown: true },
         })
     }
@@ -323,17 +317,6 @@ impl AnalyticsService {
             Err(error) => tracing::warn!(event = name, error = %error, "lifecycle event not tracked"),
         }
     }
-
-    /// SERVING when PostgreSQL answers now and the schema is usable.
-    pub(crate) async fn health(&self) -> ServingStatus {
-        let healthy = self.database.ping().await.is_ok()
-            && schema::status(self.database.pool()).await.is_ok_and(|status| status.is_usable());
-        if healthy {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        }
-    }
 }
 
 #[cfg(test)]
@@ -347,6 +330,6 @@ mod tests {
         assert!(!error.is_retryable());
         assert_eq!(error.kind(), "corrupt");
         assert!(error.to_string().starts_with("stored data does not decode: user bitmap does not decode"));
-        assert!(matches!(ServiceError::from(error), ServiceError::Internal));
+        assert!(matches!(repository_failure(error), ServiceError::Internal));
     }
 }

@@ -3,7 +3,8 @@
 //! identity instead. The budgets live in Redis, shared by every replica; when Redis
 //! fails, each replica falls back to its own local limiter (the governor crate) and
 //! says so once, then once more when Redis is back. After a failure Redis is skipped
-//! for a short cool-down, so callers do not each pay a timeout during an outage.
+//! for a short cool-down ([`RedisBreaker`]), so callers do not each pay a timeout
+//! during an outage.
 //!
 //! The fallback cannot see what was spent in Redis or on other replicas, so each replica
 //! gets the budget divided by RATE_LIMIT_EXPECTED_REPLICAS (at least 1 event): with that
@@ -11,17 +12,13 @@
 //! one per replica. Batches larger than a replica's share are refused until Redis is back.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::metrics;
-use crate::repository::redis::{BudgetDecision, SharedBudgets};
-
-/// How long Redis is bypassed after a failed budget check.
-const REDIS_COOL_DOWN: Duration = Duration::from_secs(1);
+use crate::repository::redis::{BudgetDecision, RedisBreaker, SharedBudgets};
 /// The wait reported for a batch larger than the whole budget.
 const WAIT_FOR_OVERSIZED_BATCH: Duration = Duration::from_secs(60);
 
@@ -31,10 +28,7 @@ pub struct RateLimiter {
     local: Option<DefaultKeyedRateLimiter<String>>,
     shared: Option<SharedBudgets>,
     clock: DefaultClock,
-    /// Process start, the origin of `skip_redis_until_millis`.
-    epoch: Instant,
-    skip_redis_until_millis: AtomicU64,
-    redis_failed: AtomicBool,
+    breaker: RedisBreaker,
 }
 
 impl RateLimiter {
@@ -46,9 +40,7 @@ impl RateLimiter {
             local: budget.map(|budget| DefaultKeyedRateLimiter::keyed(Quota::per_minute(budget))),
             shared: None,
             clock: DefaultClock::default(),
-            epoch: Instant::now(),
-            skip_redis_until_millis: AtomicU64::new(0),
-            redis_failed: AtomicBool::new(false),
+            breaker: RedisBreaker::default(),
         }
     }
 
@@ -82,7 +74,7 @@ impl RateLimiter {
             let interval = Duration::from_secs(60) / budget.get();
             match shared.spend(key, tokens.get(), budget.get(), interval).await {
                 Ok(decision) => {
-                    if self.redis_failed.swap(false, Ordering::Relaxed) {
+                    if self.breaker.record_success() {
                         tracing::info!("redis is reachable again, rate limits shared across replicas again");
                     }
                     return match decision {
@@ -92,9 +84,7 @@ impl RateLimiter {
                     };
                 }
                 Err(error) => {
-                    let until = self.epoch.elapsed() + REDIS_COOL_DOWN;
-                    self.skip_redis_until_millis.store(until.as_millis() as u64, Ordering::Relaxed);
-                    if !self.redis_failed.swap(true, Ordering::Relaxed) {
+                    if self.breaker.record_failure() {
                         metrics::record_rate_limit_fallback();
                         tracing::warn!(error = %error, "redis unreachable, rate limiting per replica until it is back");
                     }
@@ -105,9 +95,7 @@ impl RateLimiter {
     }
 
     fn redis_if_not_cooling_down(&self) -> Option<&SharedBudgets> {
-        let now_millis = self.epoch.elapsed().as_millis() as u64;
-        let cooling_down = now_millis < self.skip_redis_until_millis.load(Ordering::Relaxed);
-        self.shared.as_ref().filter(|_| !cooling_down)
+        self.shared.as_ref().filter(|_| !self.breaker.is_cooling_down())
     }
 
     fn check_locally(&self, key: &str, tokens: NonZeroU32) -> Result<(), Duration> {

@@ -1,6 +1,7 @@
 //! Readiness: whether this replica should receive traffic. A background task probes
 //! PostgreSQL and the schema version; shutdown turns readiness off for good. The state
-//! is published on a watch channel that the gRPC health service and /readyz follow.
+//! is published on a watch channel that the gRPC health services (grpc.health.v1 and
+//! the HealthCheck RPC) and /readyz follow.
 //! The ingest path reads and feeds the same state through [`DatabaseHealth`]: a commit
 //! that did not answer in time marks PostgreSQL unreachable at once, any other failed
 //! commit asks for a probe now, and while PostgreSQL is unreachable it is probed often
@@ -34,8 +35,19 @@ pub(crate) struct Readiness {
 }
 
 impl Readiness {
+    /// Whether this replica should receive traffic (grpc.health.v1, /readyz).
     pub(crate) fn is_ready(&self) -> bool {
-        (self.database_reachable || !self.database_required)
+        self.serving(self.database_required)
+    }
+
+    /// What the HealthCheck RPC answers: ready as if READINESS_REQUIRES_DATABASE were
+    /// set, so it reports a PostgreSQL outage even while the replica stays in the Service.
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.serving(true)
+    }
+
+    fn serving(&self, database_required: bool) -> bool {
+        (self.database_reachable || !database_required)
             && self.schema.as_ref().is_some_and(SchemaStatus::is_usable)
             && !self.shutting_down
     }
@@ -224,5 +236,37 @@ impl ReadinessMonitor {
     pub(crate) fn begin_shutdown(&self) {
         self.sender.send_modify(|state| state.shutting_down = true);
         metrics::set_ready(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(database_reachable: bool, database_required: bool) -> Readiness {
+        Readiness {
+            database_reachable,
+            schema: Some(SchemaStatus::Current { version: 1 }),
+            shutting_down: false,
+            database_required,
+        }
+    }
+
+    #[test]
+    fn health_check_reports_an_outage_that_readiness_may_ride_out() {
+        assert!(state(true, false).is_ready() && state(true, false).is_healthy());
+        let outage = state(false, false);
+        assert!(outage.is_ready(), "stays in the Service by default");
+        assert!(!outage.is_healthy(), "HealthCheck says PostgreSQL is down");
+        assert!(!state(false, true).is_ready());
+        let behind = Readiness {
+            schema: Some(SchemaStatus::Behind { applied: None, expected: 1 }),
+            ..state(true, true)
+        };
+        assert!(!behind.is_ready() && !behind.is_healthy());
+        let stopping = Readiness { shutting_down: true, ..state(true, true) };
+        assert!(!stopping.is_ready() && !stopping.is_healthy());
+        let unprobed = Readiness { schema: None, ..state(true, true) };
+        assert!(!unprobed.is_healthy());
     }
 }

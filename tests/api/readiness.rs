@@ -15,6 +15,7 @@ use crate::helpers::{
     test_config, track_request, wait_until, TestApp, TestOptions,
 };
 use crate::proxy::TcpProxy;
+use analytics_service::pb;
 use analytics_service::repository::postgres::{connect_options, schema};
 
 /// A migrated server whose PostgreSQL connections go through a proxy the test can cut.
@@ -35,6 +36,11 @@ async fn app_behind_proxy(readiness_requires_database: Option<&str>) -> (TcpProx
     let app = start_server(config, database, redis_prefix).await;
     app.wait_for_readyz(200).await;
     (proxy, app)
+}
+
+/// The HealthCheck RPC's answer: "SERVING" or "NOT_SERVING".
+async fn health_check(app: &TestApp) -> String {
+    app.client.clone().health_check(pb::HealthCheckRequest {}).await.unwrap().into_inner().status
 }
 
 async fn standard_health(app: &TestApp) -> ServingStatus {
@@ -66,6 +72,7 @@ async fn by_default_a_postgresql_outage_keeps_the_replica_ready_and_calls_unavai
     assert_eq!(status, 200, "the replica stays in the Service: {body}");
     assert!(body.contains("postgresql unreachable"), "/readyz says why it is degraded: {body}");
     assert_eq!(standard_health(&app).await, ServingStatus::Serving);
+    assert_eq!(health_check(&app).await, "NOT_SERVING", "HealthCheck reports the outage");
     assert_eq!(metric_value(&app.admin_get("/metrics").await.1, "analytics_ready"), 1.0);
     let refused = app.client.clone().track_event(track_request("view", "alice")).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
@@ -73,6 +80,11 @@ async fn by_default_a_postgresql_outage_keeps_the_replica_ready_and_calls_unavai
 
     proxy.restore();
     wait_for_database_up(&app, true).await;
+    let serving = wait_until(Duration::from_secs(5), Duration::from_millis(20), async || {
+        health_check(&app).await == "SERVING"
+    })
+    .await;
+    assert!(serving, "HealthCheck follows the probe back to SERVING");
     app.client.clone().track_event(track_request("view", "alice")).await.expect("recovers without a restart");
     assert_eq!(app.event_rows().await, 1, "nothing refused during the outage was stored");
 }
@@ -86,6 +98,7 @@ async fn when_readiness_requires_the_database_an_outage_makes_the_replica_not_re
     let (_, body) = app.admin_get("/readyz").await;
     assert!(body.contains("postgresql unreachable"), "{body}");
     assert_eq!(standard_health(&app).await, ServingStatus::NotServing);
+    assert_eq!(health_check(&app).await, "NOT_SERVING");
     assert_eq!(app.admin_get("/livez").await.0, 200, "an outage never restarts the pod");
     let refused = app.client.clone().track_event(track_request("view", "alice")).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");

@@ -163,7 +163,7 @@ pub(crate) fn discard(connection: PoolConnection<Postgres>) {
 /// How often and how patiently retryable failures are retried.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RetryPolicy {
-    /// Total attempts, the first included (DB_RETRY_MAX_ATTEMPTS).
+    /// Total attempts, the first included.
     pub max_attempts: u32,
     /// Delay before the second attempt; doubles for each further one.
     pub base_delay: Duration,
@@ -221,12 +221,6 @@ impl Database {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// One round trip, no retry: the liveness of the database as seen from here.
-    pub(crate) async fn ping(&self) -> Result<(), RepositoryError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
     }
 
     /// Runs `operation`, retrying retryable failures with exponential backoff, and

@@ -1,10 +1,9 @@
 //! Cache-aside storage for count answers, namespaced by REDIS_KEY_PREFIX.
 //!
 //! The connection is made lazily, so the service starts while Redis is down. After a
-//! failure Redis is skipped for a short cool-down: callers do not each pay a timeout,
-//! and the log gets one warning per outage instead of one per request.
+//! failure Redis is skipped for a short cool-down ([`RedisBreaker`]): callers do not
+//! each pay a timeout, and the log gets one warning per outage instead of one per request.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +14,9 @@ use serde::Serialize;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
+use super::breaker::RedisBreaker;
 use crate::config::Config;
 use crate::metrics;
-
-/// How long Redis is bypassed after a failed call.
-const COOL_DOWN: Duration = Duration::from_secs(1);
 
 /// A handle to the cache; cheap to clone. Disabled when REDIS_HOST is empty or the
 /// TTL is 0, in which case every lookup is a miss and nothing is written.
@@ -34,10 +31,7 @@ struct CacheInner {
     key_prefix: String,
     ttl: Duration,
     timeout: Duration,
-    /// Process start, the origin of `skip_until_millis`.
-    epoch: Instant,
-    skip_until_millis: AtomicU64,
-    degraded: AtomicBool,
+    breaker: RedisBreaker,
 }
 
 impl CountCache {
@@ -53,9 +47,7 @@ impl CountCache {
                 key_prefix: config.redis_key_prefix.clone(),
                 ttl: config.cache_ttl(),
                 timeout: config.redis_timeout(),
-                epoch: Instant::now(),
-                skip_until_millis: AtomicU64::new(0),
-                degraded: AtomicBool::new(false),
+                breaker: RedisBreaker::default(),
             })),
         })
     }
@@ -136,8 +128,7 @@ impl CacheInner {
     }
 
     async fn connection(&self) -> Result<ConnectionManager, CacheFailure> {
-        let now_millis = self.epoch.elapsed().as_millis() as u64;
-        if now_millis < self.skip_until_millis.load(Ordering::Relaxed) {
+        if self.breaker.is_cooling_down() {
             return Err(CacheFailure::CoolingDown);
         }
         let manager = self
@@ -164,7 +155,7 @@ impl CacheInner {
         match result {
             Ok(value) => {
                 metrics::record_redis_call(operation, started.elapsed(), false);
-                if self.degraded.swap(false, Ordering::Relaxed) {
+                if self.breaker.record_success() {
                     tracing::info!("redis is reachable again, cache back on");
                 }
                 Some(value)
@@ -172,9 +163,7 @@ impl CacheInner {
             Err(CacheFailure::CoolingDown) => None,
             Err(CacheFailure::Redis(error)) => {
                 metrics::record_redis_call(operation, started.elapsed(), true);
-                let until = self.epoch.elapsed() + COOL_DOWN;
-                self.skip_until_millis.store(until.as_millis() as u64, Ordering::Relaxed);
-                if !self.degraded.swap(true, Ordering::Relaxed) {
+                if self.breaker.record_failure() {
                     tracing::warn!(operation, error = %error, "redis call failed, serving from postgresql without cache");
                 }
                 None

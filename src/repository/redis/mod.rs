@@ -2,9 +2,11 @@
 //! replicas. Redis is never required for correctness; every failure degrades to "no
 //! cache" or to the local rate limiter, with a warning.
 
+mod breaker;
 mod budget;
 mod cache;
 
+pub(crate) use breaker::RedisBreaker;
 pub(crate) use budget::{BudgetDecision, SharedBudgets};
 pub use cache::CountCache;
 

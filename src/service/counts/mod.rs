@@ -26,7 +26,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 
-use super::{AnalyticsService, ServiceError};
+use super::{repository_failure, AnalyticsService, ServiceError};
 use crate::metrics;
 use crate::models::user_bitmap::{decode_users, encode_users};
 use crate::models::{EventCount, EventCountPlan, EventFilter, RollupStamp, TimeRange};
@@ -107,7 +107,7 @@ impl AnalyticsService {
         let plan = event_count_plan(&rollups, &filter).await?;
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
-            return Ok(rollups.event_counts(&filter, &plan).await?);
+            return rollups.event_counts(&filter, &plan).await.map_err(repository_failure);
         }
         // The folded part (whole hours) is cached with its stamp and reused while the
         // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
@@ -115,11 +115,12 @@ impl AnalyticsService {
         let key =
             event_count_cache_key("event_count:v3", plan.split.rollup_start, plan.split.rollup_end, &filter);
         let cached = self.cache.get::<StampedEventCounts>(&key).await;
-        let mut parts = rollups.event_counts_parts(&filter, &plan, cached.is_none()).await?;
+        let mut parts =
+            rollups.event_counts_parts(&filter, &plan, cached.is_none()).await.map_err(repository_failure)?;
         let folded = match cached {
             Some(cached) if cached.stamp == parts.stamp => Some(cached.counts),
             Some(_) => {
-                parts = rollups.event_counts_parts(&filter, &plan, true).await?;
+                parts = rollups.event_counts_parts(&filter, &plan, true).await.map_err(repository_failure)?;
                 None
             }
             None => None,
@@ -147,7 +148,7 @@ impl AnalyticsService {
         let rollups = RollupRepository::new(self.database.clone());
         let split = user_count_split(range);
         if !self.cache.is_enabled() {
-            return Ok(rollups.unique_users(split).await?);
+            return rollups.unique_users(split).await.map_err(repository_failure);
         }
         if self.cache_policy(range) == CachePolicy::Immutable {
             let key = format!("user_count:v2:{}:{}", range.start(), range.end());
@@ -156,20 +157,20 @@ impl AnalyticsService {
                 return Ok(cached);
             }
             metrics::record_cache_lookup("user_count", false);
-            let count = rollups.unique_users(split).await?;
+            let count = rollups.unique_users(split).await.map_err(repository_failure)?;
             self.cache.set(&key, &count, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(count);
         }
         if !split.has_rollup_part() {
             metrics::record_cache_fresh("user_count");
-            return Ok(rollups.unique_users(split).await?);
+            return rollups.unique_users(split).await.map_err(repository_failure);
         }
         // The union of the folded bitmaps is cached with their stamp; the users not folded
         // yet are read fresh, in the same snapshot as the stamp they are checked against.
         let key = format!("user_count:v3:{}:{}", split.rollup_start, split.rollup_end);
         let cached = self.cache.get::<StampedUsers>(&key).await;
         if let Some(cached) = cached {
-            let parts = rollups.user_count_parts(split, false).await?;
+            let parts = rollups.user_count_parts(split, false).await.map_err(repository_failure)?;
             if parts.stamp == cached.stamp {
                 if let Some(folded) = cached.users() {
                     metrics::record_cache_lookup("user_count", true);
@@ -178,7 +179,7 @@ impl AnalyticsService {
             }
         }
         metrics::record_cache_lookup("user_count", false);
-        let parts = rollups.user_count_parts(split, true).await?;
+        let parts = rollups.user_count_parts(split, true).await.map_err(repository_failure)?;
         let folded = parts.folded.clone().unwrap_or_default();
         self.cache.set(&key, &StampedUsers::new(parts.stamp, &folded), None).await;
         Ok(parts.count(&folded))
@@ -192,7 +193,7 @@ async fn event_count_plan(
     rollups: &RollupRepository,
     filter: &EventFilter,
 ) -> Result<EventCountPlan, ServiceError> {
-    let extent = rollups.event_extent().await?;
+    let extent = rollups.event_extent().await.map_err(repository_failure)?;
     Ok(EventCountPlan::within(filter, extent))
 }
 
@@ -202,7 +203,7 @@ async fn uncached_event_counts(
     filter: &EventFilter,
 ) -> Result<Vec<EventCount>, ServiceError> {
     let plan = event_count_plan(rollups, filter).await?;
-    Ok(rollups.event_counts(filter, &plan).await?)
+    rollups.event_counts(filter, &plan).await.map_err(repository_failure)
 }
 
 /// The cached rollup part of a GetEventCount answer.
