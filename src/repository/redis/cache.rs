@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::RedisConfig;
 use crate::metrics;
 
 /// How long Redis is bypassed after a failed call.
@@ -41,18 +41,19 @@ struct CacheInner {
 }
 
 impl CountCache {
-    pub fn from_config(config: &Config) -> Result<Self, ::redis::RedisError> {
-        if !config.redis_enabled() || config.redis_cache_ttl == 0 {
+    /// Off when Redis is not configured or REDIS_CACHE_TTL is 0.
+    pub fn from_config(config: Option<&RedisConfig>) -> Result<Self, ::redis::RedisError> {
+        let Some((config, ttl)) = config.and_then(|config| Some((config, config.cache_ttl?))) else {
             return Ok(Self::disabled());
-        }
+        };
         let client = super::client(config)?;
         Ok(Self {
             inner: Some(Arc::new(CacheInner {
                 client,
                 connection: OnceCell::new(),
-                key_prefix: config.redis_key_prefix.clone(),
-                ttl: config.cache_ttl(),
-                timeout: config.redis_timeout(),
+                key_prefix: config.key_prefix.clone(),
+                ttl,
+                timeout: config.timeout,
                 epoch: Instant::now(),
                 skip_until_millis: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
