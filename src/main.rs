@@ -6,16 +6,10 @@ use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
 use analytics_service::repository::postgres::pii::reencrypt_all;
-use analytics_service::repository::postgres::{
-    connect_options, partitions, schema, Database, EventRepository,
-};
-use analytics_service::repository::redis::CountCache;
+use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
 use analytics_service::security::pii::PiiCipher;
-use analytics_service::service::ingest::{self, IngestSettings};
-use analytics_service::service::rate_limit::RateLimiter;
-use analytics_service::service::readiness::ReadinessMonitor;
-use analytics_service::service::{AnalyticsService, EVENT_MIGRATION_APPLIED};
-use analytics_service::startup::Application;
+use analytics_service::service::EVENT_MIGRATION_APPLIED;
+use analytics_service::startup::{Application, Components};
 use analytics_service::telemetry::{self, TelemetryGuard};
 use clap::{Parser, Subcommand};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -117,7 +111,7 @@ async fn run(verb: impl std::future::Future<Output = anyhow::Result<ExitCode>>) 
 fn load_config() -> anyhow::Result<(Config, TelemetryGuard)> {
     match Config::from_env().and_then(|config| config.check_ca_files().map(|()| config)) {
         Ok(config) => {
-            let guard = telemetry::init(&config)?;
+            let guard = telemetry::init(&config.telemetry)?;
             Ok((config, guard))
         }
         Err(error) => {
@@ -154,40 +148,27 @@ async fn shutdown_signal() {
 async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
     let (config, _telemetry) = load_config()?;
     if !check {
-        let report = schema::migrate(&connect_options(&config)).await?;
+        let report = schema::migrate(&connect_options(&config.postgres)).await?;
         tracing::info!(applied = ?report.applied, "migrations up to date");
         let created = partitions::ensure_accepted_partitions(
-            &Database::connect_lazy(&config),
+            &Database::connect_lazy(&config.postgres),
             chrono::Utc::now(),
-            config.event_max_age(),
+            config.events.max_age,
         )
         .await?;
         tracing::info!(created, "event partitions created ahead");
-        if config.self_tracking && !report.applied.is_empty() {
+        if config.server.self_tracking && !report.applied.is_empty() {
             // Self-tracking: the migration shows up in the service's own counts.
-            let database = Database::connect_lazy(&config);
-            let readiness = ReadinessMonitor::new(database.clone(), config.readiness_requires_database);
-            readiness.probe().await;
-            let (ingest_queue, ingest_writer) = ingest::start(
-                EventRepository::new(Database::connect_lazy_for_ingest(&config)),
-                IngestSettings::from_config(&config),
-                readiness.database_health(),
-            );
-            let service = AnalyticsService::new(
-                database,
-                CountCache::disabled(),
-                RateLimiter::per_minute(0),
-                config.event_max_age(),
-            )
-            .with_ingest(ingest_queue);
+            let components = Components::for_command(&config);
+            components.readiness.probe().await;
             let latest = schema::expected_versions().last().copied().unwrap_or(0);
             let properties = vec![("version", latest.to_string()), ("applied", report.applied.join(","))];
-            service.track_lifecycle(EVENT_MIGRATION_APPLIED, properties).await;
-            ingest_writer.stop(config.shutdown_drain()).await;
+            components.service.track_lifecycle(EVENT_MIGRATION_APPLIED, properties).await;
+            components.shutdown(config.server.shutdown_drain).await;
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let database = Database::connect_lazy(&config);
+    let database = Database::connect_lazy(&config.postgres);
     let deadline = Instant::now() + Duration::from_secs(wait_seconds);
     loop {
         match schema::status(database.pool()).await {
@@ -208,11 +189,11 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
 async fn reencrypt() -> anyhow::Result<ExitCode> {
     let (config, _telemetry) = load_config()?;
     let keys =
-        config.pii_keys()?.ok_or_else(|| anyhow::anyhow!("PII_KEYS_FILE (or PII_KEYS) is required"))?;
+        config.pii.keys()?.ok_or_else(|| anyhow::anyhow!("PII_KEYS_FILE (or PII_KEYS) is required"))?;
     let current_key_id = keys.current_key_id().to_string();
-    let fields = config.pii_fields();
+    let fields = config.pii.fields.clone();
     let cipher = PiiCipher::new(fields.clone(), keys);
-    let database = Database::connect_lazy(&config);
+    let database = Database::connect_lazy(&config.postgres);
     let (events, users) = reencrypt_all(&database, &cipher, &fields).await?;
     tracing::info!(
         current_key_id,

@@ -27,7 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{read_ca_bundle, Config, LogFormat};
+use crate::config::{read_ca_bundle, LogFormat, OtlpConfig, TelemetryConfig};
 
 /// Keeps the trace pipeline alive; dropping it flushes and stops the exporter.
 pub struct TelemetryGuard {
@@ -58,12 +58,12 @@ impl Drop for TelemetryGuard {
 /// Installs the global subscriber (and, when configured, the OTLP trace pipeline),
 /// logging to stdout. Call once per process, inside the Tokio runtime (the OTLP client
 /// needs it).
-pub fn init(config: &Config) -> anyhow::Result<TelemetryGuard> {
+pub fn init(config: &TelemetryConfig) -> anyhow::Result<TelemetryGuard> {
     init_with_writer(config, std::io::stdout)
 }
 
 /// [`init`] with another log destination (tests capture the lines).
-pub fn init_with_writer<W>(config: &Config, writer: W) -> anyhow::Result<TelemetryGuard>
+pub fn init_with_writer<W>(config: &TelemetryConfig, writer: W) -> anyhow::Result<TelemetryGuard>
 where
     W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
 {
@@ -87,13 +87,13 @@ where
     crate::metrics::install();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut setup_failure = None;
-    let (trace_layer, tracer_provider) = match config.otlp_endpoint() {
-        Some(endpoint) => match build_exporter(config, endpoint) {
+    let (trace_layer, tracer_provider) = match &config.otlp {
+        Some(otlp) => match build_exporter(otlp) {
             Ok(exporter) => {
                 let provider = SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
                     .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                        config.otel_traces_sampler_ratio,
+                        otlp.sampler_ratio,
                     ))))
                     .with_resource(
                         Resource::builder()
@@ -121,14 +121,18 @@ where
         let backtrace = std::backtrace::Backtrace::force_capture();
         tracing::error!(panic = %info, backtrace = %backtrace, "panic");
     }));
-    match (config.otlp_endpoint(), setup_failure) {
-        (Some(endpoint), None) => {
-            tracing::info!(endpoint, ratio = config.otel_traces_sampler_ratio, "exporting traces over otlp");
+    match (&config.otlp, setup_failure) {
+        (Some(otlp), None) => {
+            tracing::info!(
+                endpoint = otlp.endpoint,
+                ratio = otlp.sampler_ratio,
+                "exporting traces over otlp"
+            );
         }
-        (Some(endpoint), Some(error)) => {
+        (Some(otlp), Some(error)) => {
             crate::metrics::record_trace_export_failure("setup");
             tracing::error!(
-                endpoint,
+                endpoint = otlp.endpoint,
                 error = format!("{error:#}"),
                 "trace export off: the otlp exporter cannot be built"
             );
@@ -140,9 +144,10 @@ where
 
 /// The OTLP/gRPC span exporter: TLS for `https://` endpoints, the configured headers,
 /// failures counted. Errors name the variable to fix.
-fn build_exporter(config: &Config, endpoint: &str) -> anyhow::Result<CountingExporter> {
+fn build_exporter(config: &OtlpConfig) -> anyhow::Result<CountingExporter> {
+    let endpoint = config.endpoint.as_str();
     let mut metadata = http::HeaderMap::new();
-    for (name, value) in config.otlp_headers()? {
+    for (name, value) in config.headers.clone()?.0 {
         metadata.append(http::HeaderName::try_from(name)?, http::HeaderValue::try_from(value)?);
     }
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
@@ -151,14 +156,14 @@ fn build_exporter(config: &Config, endpoint: &str) -> anyhow::Result<CountingExp
         .with_metadata(tonic::metadata::MetadataMap::from_headers(metadata));
     if endpoint.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
-        if let Some(path) = config.otlp_certificate() {
-            let bundle = read_ca_bundle("OTEL_EXPORTER_OTLP_CERTIFICATE", &path)?;
+        if let Some(path) = &config.certificate {
+            let bundle = read_ca_bundle("OTEL_EXPORTER_OTLP_CERTIFICATE", path)?;
             tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(bundle));
         }
         builder = builder.with_tls_config(tls);
     } else if !endpoint.starts_with("http://") {
         anyhow::bail!("OTEL_EXPORTER_OTLP_ENDPOINT: expected an http:// or https:// url");
-    } else if config.otlp_certificate().is_some() {
+    } else if config.certificate.is_some() {
         tracing::warn!("OTEL_EXPORTER_OTLP_CERTIFICATE is ignored for an http:// collector");
     }
     let exporter =

@@ -22,12 +22,15 @@ CHART = REPO_ROOT / "helm" / "analytics-service"
 RELEASE = "analytics-service"
 NAMESPACE = "analytics"
 
-# The binary's environment contract, read from its source of truth: every field of
-# `pub struct Config` in src/config.rs is the lower-case name of one variable.
+# The binary's environment contract, read from its source of truth: every field of a
+# `Raw*` struct (what envy deserializes) in src/config/ is the lower-case name of one variable.
 def config_rs_variables() -> list[str]:
-    source = (REPO_ROOT / "src" / "config.rs").read_text()
-    body = source.split("pub struct Config {", 1)[1].split("\n}\n", 1)[0]
-    return [name.upper() for name in re.findall(r"^\s+pub (\w+):", body, flags=re.MULTILINE)]
+    names: set[str] = set()
+    for path in sorted((REPO_ROOT / "src" / "config").glob("*.rs")):
+        source = path.read_text()
+        for body in re.findall(r"struct Raw\w* \{\n(.*?)\n\s*\}\n", source, flags=re.DOTALL):
+            names.update(re.findall(r"^\s+(\w+):", body, flags=re.MULTILINE))
+    return sorted(name.upper() for name in names)
 
 
 # Variables the chart exposes ahead of the binary (ingestion and security settings).

@@ -35,12 +35,13 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::readiness::DatabaseHealth;
 use super::ServiceError;
-use crate::config::Config;
+use crate::config::IngestConfig;
 use crate::metrics;
 use crate::models::NewEvent;
 use crate::repository::postgres::{EventRepository, InsertOutcome, RepositoryError, WriteError};
@@ -76,16 +77,16 @@ pub struct IngestSettings {
 }
 
 impl IngestSettings {
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_config(config: &IngestConfig) -> Self {
         Self {
-            batch_size: config.ingest_batch_size,
-            linger: config.ingest_linger(),
-            queue_capacity: config.ingest_queue_capacity,
-            writers: config.ingest_writers,
+            batch_size: config.batch_size,
+            linger: config.linger,
+            queue_capacity: config.queue_capacity,
+            writers: config.writers,
             idempotency_window_days: config.idempotency_window_days,
-            commit_timeout: config.ingest_commit_timeout(),
-            max_attempts: config.db_retry_max_attempts,
-            retry_base_delay: config.db_retry_base_delay(),
+            commit_timeout: config.commit_timeout,
+            max_attempts: config.retry.max_attempts,
+            retry_base_delay: config.retry.base_delay,
         }
     }
 
@@ -245,7 +246,7 @@ impl IngestQueue {
     }
 
     /// A queue no writer reads: every submit fails with UNAVAILABLE.
-    pub(crate) fn closed() -> Self {
+    pub fn closed() -> Self {
         let (sender, _) = mpsc::channel(1);
         let room = Arc::new(Semaphore::new(0));
         room.close();
@@ -266,8 +267,8 @@ pub struct IngestWriter {
     task: JoinHandle<()>,
 }
 
-/// Starts the writer task (and the hourly expiry of old insert_ids); returns the queue
-/// to hand to the service and the handle to stop the writer with. `events` should
+/// Starts the writer task under `tasks` (and the hourly expiry of old insert_ids);
+/// returns the queue to hand to the service and the handle to stop the writer with. `events` should
 /// write through connections whose statement_timeout is `settings.commit_timeout`
 /// ([`crate::repository::postgres::Database::connect_lazy_for_ingest`]); `health` is
 /// told about failed commits and refuses calls while PostgreSQL is unreachable.
@@ -275,6 +276,7 @@ pub fn start(
     events: EventRepository,
     settings: IngestSettings,
     health: DatabaseHealth,
+    tasks: &TaskTracker,
 ) -> (IngestQueue, IngestWriter) {
     let capacity = settings.queue_capacity.max(1);
     let (sender, receiver) = mpsc::channel(capacity);
@@ -283,22 +285,26 @@ pub fn start(
     let queue = IngestQueue { sender, room: room.clone(), capacity, health: Some(health.clone()) };
     metrics::set_ingest_queue(0, capacity);
     let writer = Writer { events, settings, queue: queue.clone(), health };
-    let task = tokio::spawn(writer.run(receiver, stop_receiver));
+    let task = tasks.spawn(writer.run(receiver, stop_receiver));
     (queue, IngestWriter { stop, room, task })
 }
 
 impl IngestWriter {
     /// Closes the queue (new calls fail with UNAVAILABLE), commits everything queued and
-    /// waits for the commits in flight, for at most `budget`.
-    pub async fn stop(self, budget: Duration) {
+    /// waits for the commits in flight, for at most `budget`; then the writer task is
+    /// ended, so the task tracker it runs under can finish.
+    pub async fn stop(mut self, budget: Duration) {
         self.room.close();
         self.stop.send(()).ok();
-        match tokio::time::timeout(budget, self.task).await {
+        match tokio::time::timeout(budget, &mut self.task).await {
             Ok(_) => tracing::info!("ingest queue drained"),
-            Err(_) => tracing::warn!(
-                budget_seconds = budget.as_secs(),
-                "ingest queue not drained in time; unanswered events were never acknowledged"
-            ),
+            Err(_) => {
+                self.task.abort();
+                tracing::warn!(
+                    budget_seconds = budget.as_secs(),
+                    "ingest queue not drained in time; unanswered events were never acknowledged"
+                )
+            }
         }
     }
 }

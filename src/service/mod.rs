@@ -16,12 +16,14 @@ use chrono::Utc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
-pub(crate) use ingest::{EventResult, IngestQueue, Stored};
+pub use ingest::IngestQueue;
+pub(crate) use ingest::{EventResult, Stored};
 use rate_limit::RateLimiter;
 pub(crate) use validation::ValidationError;
 
@@ -101,35 +103,29 @@ pub struct AnalyticsService {
 }
 
 impl AnalyticsService {
-    /// A service whose event writes fail as UNAVAILABLE until [`Self::with_ingest`]
-    /// gives it the group-commit queue (read-only uses need none).
+    /// The use cases over their dependencies: `database` for reads and identities,
+    /// `ingest` the group-commit queue every event write goes through (see
+    /// [`ingest::start`]; a read-only user passes [`IngestQueue::closed`]), `pii` the
+    /// cipher of PII_FIELDS values, and the accepted event ages and retention (the count
+    /// cache needs the latter to know which answers a partition drop may still change).
     pub fn new(
         database: Database,
+        ingest: IngestQueue,
         cache: CountCache,
         rate_limiter: RateLimiter,
-        event_max_age: chrono::Duration,
+        pii: PiiCipher,
+        events: &EventsConfig,
     ) -> Self {
         Self {
-            events: EventRepository::new(database.clone()),
-            users: UserRepository::new(database.clone()),
+            events: EventRepository::new(database.clone()).with_pii(pii.clone()),
+            users: UserRepository::new(database.clone()).with_pii(pii),
             database,
             cache,
             rate_limiter: Arc::new(rate_limiter),
-            event_max_age,
-            event_retention: None,
-            ingest: IngestQueue::closed(),
+            event_max_age: events.max_age,
+            event_retention: events.retention,
+            ingest,
         }
-    }
-
-    /// Writes events through `ingest`, the group-commit queue (see [`ingest::start`]).
-    pub fn with_ingest(self, ingest: IngestQueue) -> Self {
-        Self { ingest, ..self }
-    }
-
-    /// Encrypts the PII_FIELDS values of events and identities on write and decrypts
-    /// them on read.
-    pub fn with_pii(self, pii: PiiCipher) -> Self {
-        Self { events: self.events.with_pii(pii.clone()), users: self.users.with_pii(pii), ..self }
     }
 
     /// The stored properties of a user, decrypted (the service's own read path).
@@ -142,13 +138,6 @@ impl AnalyticsService {
     #[tracing::instrument(skip_all)]
     pub async fn event_properties(&self, event_id: Uuid) -> Result<Option<serde_json::Value>, ServiceError> {
         self.events.properties(event_id).await.map_err(repository_failure)
-    }
-
-    /// Sets EVENT_RETENTION_DAYS (`None` keeps events forever), which the count cache
-    /// needs to know which answers a partition drop may still change.
-    pub(crate) fn with_event_retention(mut self, event_retention: Option<chrono::Duration>) -> Self {
-        self.event_retention = event_retention;
-        self
     }
 
     /// Fixes an event's id and time (checked against the accepted age window).

@@ -214,8 +214,10 @@ async fn postgres_verify_full_needs_the_right_ca_and_host_name() {
     let log_options =
         TestOptions { env: vec![("LOG_FORMAT".into(), "json".into())], ..TestOptions::default() };
     let _telemetry =
-        telemetry::init_with_writer(&test_config("unused", "unused", &log_options), move || writer.clone())
-            .unwrap();
+        telemetry::init_with_writer(&test_config("unused", "unused", &log_options).telemetry, move || {
+            writer.clone()
+        })
+        .unwrap();
     // The service's panic hook logs into the captured lines; test failures belong on stderr.
     drop(std::panic::take_hook());
     let ca = TestCa::new("postgres ca");

@@ -157,7 +157,7 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
     let config = test_config(&database_name, &redis_prefix, &options);
     if options.migrate {
         let mut migrate_config = config.clone();
-        migrate_config.postgres_port = postgres_port();
+        migrate_config.postgres.port = postgres_port();
         schema::migrate(&connect_options(&migrate_config)).await.expect("migrations apply");
     }
     start_server(config, database_name, redis_prefix).await
@@ -173,7 +173,7 @@ pub async fn start_server(config: Config, database_name: String, redis_prefix: S
         shutdown_receiver.await.ok();
     }));
     // Under mTLS a plaintext client cannot connect; TLS tests build their own clients.
-    let client = if config.tls_files().is_some() {
+    let client = if config.tls.files.is_some() {
         AnalyticsServiceClient::new(
             Channel::from_shared(format!("http://{grpc_address}")).unwrap().connect_lazy(),
         )

@@ -258,8 +258,10 @@ async fn traces_join_the_callers_trace_and_logs_carry_its_id() {
     let logs = CapturedLogs::default();
     let writer = logs.clone();
     let telemetry_guard =
-        telemetry::init_with_writer(&test_config("unused", "unused", &options), move || writer.clone())
-            .unwrap();
+        telemetry::init_with_writer(&test_config("unused", "unused", &options).telemetry, move || {
+            writer.clone()
+        })
+        .unwrap();
     let app = spawn_app_with(options).await;
 
     let caller_trace_id = "0af7651916cd43dd8448eb211c80319c";

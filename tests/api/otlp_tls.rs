@@ -75,8 +75,10 @@ async fn traced_app(env: Vec<(String, String)>) -> (TestApp, TelemetryGuard, Cap
     let logs = CapturedLogs::default();
     let writer = logs.clone();
     let guard =
-        telemetry::init_with_writer(&test_config("unused", "unused", &options), move || writer.clone())
-            .expect("telemetry never fails start-up because of the trace exporter");
+        telemetry::init_with_writer(&test_config("unused", "unused", &options).telemetry, move || {
+            writer.clone()
+        })
+        .expect("telemetry never fails start-up because of the trace exporter");
     (spawn_app_with(options).await, guard, logs)
 }
 

@@ -13,7 +13,7 @@ use analytics_service::repository::postgres::Database;
 use analytics_service::repository::redis::CountCache;
 use analytics_service::security::pii::PiiCipher;
 use analytics_service::service::rate_limit::RateLimiter;
-use analytics_service::service::AnalyticsService;
+use analytics_service::service::{AnalyticsService, IngestQueue};
 use base64::Engine as _;
 use uuid::Uuid;
 
@@ -35,14 +35,15 @@ fn key_line(key_id: &str) -> String {
 
 /// The service as the server builds it, for its own (decrypting) read path.
 fn service(config: &Config) -> AnalyticsService {
-    let pii = PiiCipher::new(config.pii_fields(), config.pii_keys().unwrap().expect("keys configured"));
+    let pii = PiiCipher::new(config.pii.fields.clone(), config.pii.keys().unwrap().expect("keys configured"));
     AnalyticsService::new(
-        Database::connect_lazy(config),
+        Database::connect_lazy(&config.postgres),
+        IngestQueue::closed(),
         CountCache::disabled(),
         RateLimiter::per_minute(0),
-        config.event_max_age(),
+        pii,
+        &config.events,
     )
-    .with_pii(pii)
 }
 
 async fn identify(app: &TestApp, user_id: &str, email: &str, phone: &str) {

@@ -391,8 +391,10 @@ async fn identify_user_writes_an_audit_record_with_the_caller_identity_and_no_va
     let logs = CapturedLogs::default();
     let writer = logs.clone();
     let _telemetry =
-        telemetry::init_with_writer(&test_config("unused", "unused", &options), move || writer.clone())
-            .unwrap();
+        telemetry::init_with_writer(&test_config("unused", "unused", &options).telemetry, move || {
+            writer.clone()
+        })
+        .unwrap();
     let setup = spawn_tls_app(&[("LOG_FORMAT", "json")]).await;
     let client = setup.client_ca.client(WEB, "web.analytics.test");
     let channel = tls_channel(setup.app.grpc_address, &setup.server_ca.pem(), Some(&client)).await.unwrap();

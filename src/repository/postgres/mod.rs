@@ -22,7 +22,7 @@ use sqlx::ConnectOptions;
 use sqlx::Postgres;
 use tracing::Instrument;
 
-use crate::config::{Config, PostgresSslMode};
+use crate::config::{PostgresConfig, PostgresSslMode};
 use crate::metrics;
 
 pub use events::{EventRepository, InsertOutcome};
@@ -179,39 +179,35 @@ pub struct Database {
 impl Database {
     /// Creates the pool without connecting, so the service starts (not ready) while
     /// PostgreSQL is down and connects as soon as it is back.
-    pub fn connect_lazy(config: &Config) -> Self {
+    pub fn connect_lazy(config: &impl AsRef<PostgresConfig>) -> Self {
+        let config = config.as_ref();
         let pool = PgPoolOptions::new()
-            .max_connections(
-                config.postgres_max_connections.saturating_sub(config.ingest_pool_connections()).max(1),
-            )
+            .max_connections(config.read_pool_connections())
             .min_connections(0)
-            .acquire_timeout(config.postgres_acquire_timeout())
+            .acquire_timeout(config.acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_lazy_with(connect_options(config));
-        let retry = RetryPolicy {
-            max_attempts: config.db_retry_max_attempts,
-            base_delay: config.db_retry_base_delay(),
-        };
+        let retry =
+            RetryPolicy { max_attempts: config.retry.max_attempts, base_delay: config.retry.base_delay };
         Self { pool, retry }
     }
 
     /// The group-commit writers' pool: INGEST_WRITERS + 1 connections on which
     /// PostgreSQL cancels any statement after INGEST_COMMIT_TIMEOUT_MS, so a commit
     /// delayed by a lock or a stalled disk can never land later than that.
-    pub fn connect_lazy_for_ingest(config: &Config) -> Self {
-        let statement_timeout = config.ingest_commit_timeout_ms.to_string();
+    pub fn connect_lazy_for_ingest(config: &impl AsRef<PostgresConfig>) -> Self {
+        let config = config.as_ref();
+        let statement_timeout = config.ingest_statement_timeout.as_millis().to_string();
         let pool = PgPoolOptions::new()
-            .max_connections(config.ingest_pool_connections())
+            .max_connections(config.ingest_pool_connections)
             .min_connections(0)
-            .acquire_timeout(config.postgres_acquire_timeout())
+            .acquire_timeout(config.acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_lazy_with(
                 connect_options(config).options([("statement_timeout", statement_timeout.as_str())]),
             );
-        let retry = RetryPolicy {
-            max_attempts: config.db_retry_max_attempts,
-            base_delay: config.db_retry_base_delay(),
-        };
+        let retry =
+            RetryPolicy { max_attempts: config.retry.max_attempts, base_delay: config.retry.base_delay };
         Self { pool, retry }
     }
 
@@ -275,8 +271,9 @@ impl Database {
 
 /// Connection options from the configuration (shared by the pool and `migrate`),
 /// TLS included: POSTGRES_SSLMODE and POSTGRES_SSL_ROOT_CERT.
-pub fn connect_options(config: &Config) -> PgConnectOptions {
-    let ssl_mode = match config.postgres_sslmode {
+pub fn connect_options(config: &impl AsRef<PostgresConfig>) -> PgConnectOptions {
+    let config = config.as_ref();
+    let ssl_mode = match config.ssl_mode {
         PostgresSslMode::Disable => PgSslMode::Disable,
         PostgresSslMode::Prefer => PgSslMode::Prefer,
         PostgresSslMode::Require => PgSslMode::Require,
@@ -284,16 +281,16 @@ pub fn connect_options(config: &Config) -> PgConnectOptions {
         PostgresSslMode::VerifyFull => PgSslMode::VerifyFull,
     };
     let mut options = PgConnectOptions::new()
-        .host(&config.postgres_host)
-        .port(config.postgres_port)
-        .database(&config.postgres_db)
-        .username(&config.postgres_user)
-        .password(config.postgres_password.expose())
+        .host(&config.host)
+        .port(config.port)
+        .database(&config.database)
+        .username(&config.user)
+        .password(config.password.expose())
         .ssl_mode(ssl_mode)
-        .application_name(&config.service_name)
+        .application_name(&config.application_name)
         .disable_statement_logging();
     // Without a root certificate sqlx trusts the system roots.
-    if let Some(root_cert) = config.postgres_ssl_root_cert() {
+    if let Some(root_cert) = &config.ssl_root_cert {
         options = options.ssl_root_cert(root_cert);
     }
     options

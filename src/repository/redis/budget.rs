@@ -10,7 +10,7 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::RedisConfig;
 use crate::metrics;
 
 /// GCRA (the generic cell rate algorithm, a token bucket kept as one timestamp):
@@ -60,16 +60,16 @@ struct BudgetsInner {
 
 impl SharedBudgets {
     /// `None` when Redis is not configured (REDIS_HOST empty).
-    pub(crate) fn from_config(config: &Config) -> Result<Option<Self>, ::redis::RedisError> {
-        if !config.redis_enabled() {
+    pub(crate) fn from_config(config: Option<&RedisConfig>) -> Result<Option<Self>, ::redis::RedisError> {
+        let Some(config) = config else {
             return Ok(None);
-        }
+        };
         Ok(Some(Self {
             inner: Arc::new(BudgetsInner {
                 client: super::client(config)?,
                 connection: OnceCell::new(),
-                key_prefix: config.redis_key_prefix.clone(),
-                timeout: config.redis_timeout(),
+                key_prefix: config.key_prefix.clone(),
+                timeout: config.timeout,
                 script: ::redis::Script::new(GCRA_SCRIPT),
             }),
         }))

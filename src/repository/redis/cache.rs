@@ -15,7 +15,7 @@ use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use super::breaker::RedisBreaker;
-use crate::config::Config;
+use crate::config::RedisConfig;
 use crate::metrics;
 
 /// A handle to the cache; cheap to clone. Disabled when REDIS_HOST is empty or the
@@ -35,18 +35,19 @@ struct CacheInner {
 }
 
 impl CountCache {
-    pub(crate) fn from_config(config: &Config) -> Result<Self, ::redis::RedisError> {
-        if !config.redis_enabled() || config.redis_cache_ttl == 0 {
+    /// Off when Redis is not configured or REDIS_CACHE_TTL is 0.
+    pub(crate) fn from_config(config: Option<&RedisConfig>) -> Result<Self, ::redis::RedisError> {
+        let Some((config, ttl)) = config.and_then(|config| Some((config, config.cache_ttl?))) else {
             return Ok(Self::disabled());
-        }
+        };
         let client = super::client(config)?;
         Ok(Self {
             inner: Some(Arc::new(CacheInner {
                 client,
                 connection: OnceCell::new(),
-                key_prefix: config.redis_key_prefix.clone(),
-                ttl: config.cache_ttl(),
-                timeout: config.redis_timeout(),
+                key_prefix: config.key_prefix.clone(),
+                ttl,
+                timeout: config.timeout,
                 breaker: RedisBreaker::default(),
             })),
         })

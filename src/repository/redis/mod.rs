@@ -10,30 +10,30 @@ pub(crate) use breaker::RedisBreaker;
 pub(crate) use budget::{BudgetDecision, SharedBudgets};
 pub use cache::CountCache;
 
-use crate::config::{read_ca_bundle, Config};
+use crate::config::{read_ca_bundle, RedisConfig};
 
 /// A client for the configured Redis (host, port, database, ACL user and password, TLS);
 /// it connects lazily. Under REDIS_TLS the server certificate is checked against
 /// REDIS_TLS_CA_FILE (or the system roots) and must be issued for REDIS_HOST.
-fn client(config: &Config) -> Result<::redis::Client, ::redis::RedisError> {
-    let mut settings = ::redis::RedisConnectionInfo::default().set_db(config.redis_db);
-    if !config.redis_username.is_empty() {
-        settings = settings.set_username(&config.redis_username);
+fn client(config: &RedisConfig) -> Result<::redis::Client, ::redis::RedisError> {
+    let mut settings = ::redis::RedisConnectionInfo::default().set_db(config.db);
+    if let Some(username) = &config.username {
+        settings = settings.set_username(username);
     }
-    if !config.redis_password.is_empty() {
-        settings = settings.set_password(config.redis_password.expose());
+    if !config.password.is_empty() {
+        settings = settings.set_password(config.password.expose());
     }
-    let host = config.redis_host.clone();
-    let port = config.redis_port;
-    if !config.redis_tls {
+    let host = config.host.clone();
+    let port = config.port;
+    if !config.tls {
         let address = ::redis::ConnectionAddr::Tcp(host, port);
         let info = ::redis::IntoConnectionInfo::into_connection_info(address)?.set_redis_settings(settings);
         return ::redis::Client::open(info);
     }
     let address = ::redis::ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None };
     let info = ::redis::IntoConnectionInfo::into_connection_info(address)?.set_redis_settings(settings);
-    let root_cert = match config.redis_tls_ca_file() {
-        Some(path) => Some(read_ca_bundle("REDIS_TLS_CA_FILE", &path).map_err(|error| {
+    let root_cert = match &config.tls_ca_file {
+        Some(path) => Some(read_ca_bundle("REDIS_TLS_CA_FILE", path).map_err(|error| {
             ::redis::RedisError::from((
                 ::redis::ErrorKind::InvalidClientConfig,
                 "unusable CA bundle",
