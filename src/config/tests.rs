@@ -11,7 +11,7 @@ fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 #[test]
-fn defaults_follow_the_design() {
+fn defaults_are_the_documented_ones() {
     let config = Config::from_vars(vars(&[])).unwrap();
     assert_eq!(config.server.grpc_address.port(), 50051);
     assert_eq!(config.server.admin_address.port(), 9090);
