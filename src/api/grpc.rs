@@ -9,8 +9,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::middleware::RequestDeadline;
-use super::rpc::Rpc;
 use crate::metrics;
+use crate::models::rpc::Rpc;
 use crate::models::{Caller, IdentifyUser, TrackEvent};
 use crate::pb;
 use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;

@@ -6,7 +6,7 @@ use tokio::sync::watch;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use super::rpc::ANALYTICS_SERVICE;
+use crate::models::rpc::ANALYTICS_SERVICE;
 use crate::service::readiness::Readiness;
 
 /// Mirrors every readiness change into the health reporter until the channel closes.

@@ -30,8 +30,8 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::api::malformed::{is_decode_failure, is_grpc_content_type, unsupported_media_type};
-use crate::api::rpc::Rpc;
 use crate::metrics;
+use crate::models::rpc::Rpc;
 use crate::security::caller::CallerIdentity;
 use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
 

@@ -9,5 +9,4 @@ pub(crate) mod health;
 pub(crate) mod malformed;
 pub mod middleware;
 pub(crate) mod preface;
-pub(crate) mod rpc;
 pub(crate) mod status;

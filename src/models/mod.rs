@@ -6,6 +6,7 @@
 
 pub mod count_plan;
 mod event;
+pub(crate) mod rpc;
 mod user;
 pub mod user_bitmap;
 pub mod utc;

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::api::rpc::Rpc;
+use crate::models::rpc::Rpc;
 
 /// Who may call what. Empty means everyone (plaintext mode or no lists configured).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
