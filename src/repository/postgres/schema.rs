@@ -152,15 +152,25 @@ pub enum MigrationError {
 /// same sqlx connection (and so the same TLS and credentials) as the service.
 struct RefineryConnection<'c>(&'c mut PgConnection);
 
+/// What the adapter reports to refinery: a failed statement, or a row of refinery's
+/// history table that does not hold what refinery wrote there.
+#[derive(Debug, thiserror::Error)]
+enum RefineryAdapterError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error("migration history row has an unreadable {column}: {reason}")]
+    History { column: &'static str, reason: String },
+}
+
 impl AsyncTransaction for RefineryConnection<'_> {
-    type Error = sqlx::Error;
+    type Error = RefineryAdapterError;
 
     async fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
         &'a mut self,
         queries: T,
     ) -> Result<usize, Self::Error> {
         let queries: Vec<String> = queries.map(str::to_owned).collect();
-        run_in_transaction(self.0, queries).await
+        Ok(run_in_transaction(self.0, queries).await?)
     }
 }
 
@@ -186,10 +196,15 @@ impl AsyncQuery<Vec<Migration>> for RefineryConnection<'_> {
                 let applied_on: String = row.try_get(2)?;
                 let applied_on =
                     time::OffsetDateTime::parse(&applied_on, &time::format_description::well_known::Rfc3339)
-                        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+                        .map_err(|error| RefineryAdapterError::History {
+                            column: "applied_on",
+                            reason: error.to_string(),
+                        })?;
                 let checksum: String = row.try_get(3)?;
-                let checksum =
-                    checksum.parse::<u64>().map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+                let checksum = checksum.parse::<u64>().map_err(|error| RefineryAdapterError::History {
+                    column: "checksum",
+                    reason: error.to_string(),
+                })?;
                 Ok(Migration::applied(row.try_get(0)?, row.try_get(1)?, applied_on, checksum))
             })
             .collect()
