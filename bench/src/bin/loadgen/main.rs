@@ -41,6 +41,7 @@ use crate::raw::{insert_floor, raw_limit, truncate, RawMethod};
 use crate::report::{print_table, Row};
 use crate::server::{connect, delete_redis_keys, spawn_bare, ServerProcess, ServiceLauncher};
 use crate::summary::print_summary;
+use crate::workload::{rate_limit_headroom, USERS};
 
 #[derive(Parser, Debug)]
 #[command(about = "Ingestion benchmark against a throwaway database (127.0.0.1 only)")]
@@ -137,12 +138,18 @@ async fn main() -> anyhow::Result<()> {
             server_binary.display()
         );
     }
+    match rate_limit_headroom(&args.server_env) {
+        Some(headroom) => eprintln!(
+            "rate limit: the {USERS} synthetic users can send {headroom:.0} events/s before one is refused"
+        ),
+        None => eprintln!("rate limit: off, or not read from the environment"),
+    }
     let run_id = Uuid::now_v7().simple().to_string();
     let redis_prefix = format!("loadgen-{run_id}");
     if !args.redis_host.is_empty() {
-        delete_redis_keys(&args, &redis_prefix)
-            .await
-            .with_context(|| format!("Redis at {}:{} (--redis-host '' runs without)", args.redis_host, args.redis_port))?;
+        delete_redis_keys(&args, &redis_prefix).await.with_context(|| {
+            format!("Redis at {}:{} (--redis-host '' runs without)", args.redis_host, args.redis_port)
+        })?;
     }
     let database = format!("analytics_bench_{run_id}");
     let admin = PgConnectOptions::new()
@@ -156,8 +163,12 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin_connection).await?;
     eprintln!("database {database}; redis key prefix {redis_prefix}");
 
-    let launcher =
-        ServiceLauncher { args: &args, binary: &server_binary, database: &database, redis_prefix: &redis_prefix };
+    let launcher = ServiceLauncher {
+        args: &args,
+        binary: &server_binary,
+        database: &database,
+        redis_prefix: &redis_prefix,
+    };
     let load_before = load_average();
     let outcome = run(&args, &phases, &launcher, &admin).await;
     let load_after = load_average();
@@ -176,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
     print_table(&args, &rows);
     println!("load average before: {load_before}; after: {load_after} (other processes share the cores)");
     println!();
-    print_summary(&rows);
+    print_summary(&args, &rows);
     Ok(())
 }
 

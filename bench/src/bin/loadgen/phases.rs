@@ -34,11 +34,14 @@ pub(crate) async fn noop(
 ) -> Row {
     let health: Vec<_> = channels.iter().cloned().map(HealthClient::new).collect();
     let probe = Probe::start(pid);
-    let (count, latency, errors) = closed_loop(concurrency, duration, move |worker, _| {
-        let mut client = health[worker % health.len()].clone();
-        async move { client.check(HealthCheckRequest { service: String::new() }).await.map(|_| 1).map_err(|_| ()) }
-    })
-    .await;
+    let (count, latency, errors) =
+        closed_loop(concurrency, duration, move |worker, _| {
+            let mut client = health[worker % health.len()].clone();
+            async move {
+                client.check(HealthCheckRequest { service: String::new() }).await.map(|_| 1).map_err(|_| ())
+            }
+        })
+        .await;
     let usage = probe.finish().await;
     let connections = channels.len();
     Row {
@@ -189,11 +192,13 @@ impl Service {
             let events = (first..first + size).map(synthetic).collect();
             let limited = limited.clone();
             async move {
-                let response = client.track_events(pb::TrackEventsRequest { events }).await.map_err(|status| {
-                    if status.code() == Code::ResourceExhausted && status.message().contains("rate limit") {
-                        limited.fetch_add(size, Ordering::Relaxed);
-                    }
-                })?;
+                let response =
+                    client.track_events(pb::TrackEventsRequest { events }).await.map_err(|status| {
+                        if status.code() == Code::ResourceExhausted && status.message().contains("rate limit")
+                        {
+                            limited.fetch_add(size, Ordering::Relaxed);
+                        }
+                    })?;
                 let results = response.into_inner().results;
                 let accepted = results
                     .iter()

@@ -124,11 +124,8 @@ pub(crate) fn spawn_bare(binary: &Path) -> anyhow::Result<ServerProcess> {
         bail!("{} not found: build it with `cargo build --release --bins`", binary.display());
     }
     let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let child = Command::new(binary)
-        .arg(address.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
+    let child =
+        Command::new(binary).arg(address.to_string()).stdin(Stdio::null()).stdout(Stdio::null()).spawn()?;
     Ok(ServerProcess { child, address, admin: None })
 }
 
