@@ -41,7 +41,7 @@ use crate::raw::{insert_floor, raw_limit, truncate, RawMethod};
 use crate::report::{print_table, Row};
 use crate::server::{connect, delete_redis_keys, spawn_bare, ServerProcess, ServiceLauncher};
 use crate::summary::print_summary;
-use crate::workload::{rate_limit_headroom, USERS};
+use crate::workload::{rate_limit_headroom, set_users};
 
 #[derive(Parser, Debug)]
 #[command(about = "Ingestion benchmark against a throwaway database (127.0.0.1 only)")]
@@ -67,6 +67,10 @@ pub(crate) struct Args {
     /// Rows per statement of the raw insert limit.
     #[arg(long, default_value_t = 1000)]
     pub(crate) raw_batch: usize,
+    /// Distinct user ids the synthetic events go round-robin over; enough that the
+    /// default per-user rate limit refuses none.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) users: u64,
     /// Calls in flight on one connection in the conn64 phase (bare no-op and TrackEvent).
     #[arg(long, default_value_t = 64)]
     pub(crate) one_connection_in_flight: usize,
@@ -138,9 +142,11 @@ async fn main() -> anyhow::Result<()> {
             server_binary.display()
         );
     }
+    set_users(args.users);
     match rate_limit_headroom(&args.server_env) {
         Some(headroom) => eprintln!(
-            "rate limit: the {USERS} synthetic users can send {headroom:.0} events/s before one is refused"
+            "rate limit: the {} synthetic users can send {headroom:.0} events/s before one is refused",
+            args.users
         ),
         None => eprintln!("rate limit: off, or not read from the environment"),
     }

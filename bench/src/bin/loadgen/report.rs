@@ -92,7 +92,8 @@ pub(crate) struct ServicePhase {
 pub(crate) fn service_row(phase: ServicePhase) -> Row {
     let mut note = mean_batch(phase.before, phase.after);
     if phase.limited > 0 {
-        note = format!("{} events rate-limited (counted as errors); {note}", phase.limited);
+        let limited = format!("{} events rate-limited (counted as errors)", phase.limited);
+        note = if note.is_empty() { limited } else { format!("{limited}; {note}") };
     }
     Row {
         key: phase.key,

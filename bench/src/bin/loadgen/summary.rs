@@ -37,7 +37,9 @@ fn line(target: &str, measured: Option<(String, bool)>, missing: &str) {
 
 fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> Option<(f64, f64, f64)> {
     let (numerator, denominator) = (numerator?, denominator?);
-    (denominator > 0.0).then(|| (numerator / denominator, numerator, denominator))
+    // A zero denominator (nothing succeeded) reads as 0%, a fail rather than "not measured".
+    let ratio = if denominator > 0.0 { numerator / denominator } else { 0.0 };
+    Some((ratio, numerator, denominator))
 }
 
 pub(crate) fn print_summary(args: &Args, rows: &[Row]) {
