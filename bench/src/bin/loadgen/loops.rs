@@ -1,8 +1,9 @@
-//! The load loops: closed (a fixed number of calls in flight, back to back) and open (a
-//! fixed offered rate, no coordinated omission), each returning events stored, a latency
-//! histogram in microseconds and failed calls.
+//! The load loops: closed (a fixed number of calls in flight, back to back), open (a
+//! fixed offered rate, no coordinated omission) and open with a cap on calls outstanding,
+//! each returning events stored, a latency histogram in microseconds and failed calls.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -92,6 +93,60 @@ where
         })
         .collect();
     merge(tasks).await
+}
+
+/// Offers `rate` calls per second for `duration` with at most `cap` outstanding: a call
+/// whose scheduled instant comes while `cap` calls are outstanding waits for one to end,
+/// and its latency still counts from the scheduled instant. A call that could not start
+/// within one second of schedule is not sent and counts as an error. Returns (events,
+/// latency histogram in us, failed calls, seconds from the first scheduled instant until
+/// the last call ended, at least `duration`).
+pub(crate) async fn capped_open_loop<F, Fut>(
+    rate: u64,
+    cap: usize,
+    duration: Duration,
+    call: F,
+) -> (u64, Histogram<u64>, u64, f64)
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<u64, ()>> + Send + 'static,
+{
+    let cap = cap.max(1);
+    let permits = Arc::new(tokio::sync::Semaphore::new(cap));
+    let histogram = Arc::new(Mutex::new(new_histogram()));
+    let (events, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let total = rate * duration.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    for index in 0..total {
+        let scheduled = start + interval.mul_f64(index as f64);
+        tokio::time::sleep_until(scheduled).await;
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        if scheduled.elapsed() > Duration::from_secs(1) {
+            errors.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let future = call(index);
+        let (histogram, events, errors) = (histogram.clone(), events.clone(), errors.clone());
+        tokio::spawn(async move {
+            match future.await {
+                Ok(stored) => {
+                    let elapsed = scheduled.elapsed().as_micros() as u64;
+                    events.fetch_add(stored, Ordering::Relaxed);
+                    histogram.lock().expect("histogram lock").saturating_record(elapsed);
+                }
+                Err(()) => {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Every outstanding call has ended once all permits are free again.
+    permits.acquire_many(cap as u32).await.ok();
+    let elapsed = start.elapsed().as_secs_f64().max(duration.as_secs_f64());
+    let histogram = histogram.lock().expect("histogram lock").clone();
+    (events.load(Ordering::Relaxed), histogram, errors.load(Ordering::Relaxed), elapsed)
 }
 
 async fn merge(

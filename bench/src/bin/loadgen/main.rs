@@ -1,42 +1,47 @@
-//! `loadgen`: the ingestion benchmark (README "Benchmarks"). It creates a throwaway
-//! database, migrates it with the server binary's `migrate`, measures the raw insert
-//! limit of that schema with two writers (UNNEST and COPY), starts the server binary as
-//! a child process against it, measures the transport limit (grpc.health.v1 Check, a
-//! no-op on the same server and client), then unary TrackEvent at fixed offered rates and
-//! at saturation, and TrackEvents batches of 100 and 1,000 at saturation, and prints one
-//! markdown table. Every loop is bounded in count and time; traffic goes to 127.0.0.1 only.
+//! `loadgen`: the ingestion benchmark (README "Benchmarks: ingestion"). It creates a
+//! throwaway database, migrates it with the server binary's `migrate`, measures the raw
+//! insert limit of that schema (UNNEST and COPY) and the durable floor of one event (a
+//! single-row INSERT commit), starts the server binary as a child process with production
+//! defaults (Redis on, default rate limits, its own Redis key prefix) and the bare tonic
+//! no-op server as another, then measures: the no-op on both (saturation, and 64 in flight
+//! on one connection), unary TrackEvent with 1 and 64 (one connection) in flight, at fixed
+//! offered rates, at 10,000/s with at most 128 outstanding and at saturation, TrackEvents
+//! batches of 100 and 1,000, and the unary and batch phases again with Redis off. Every
+//! phase reports the server's CPU per event and peak RSS. It prints the result table and
+//! the targets with pass/fail. Every loop is bounded in count and time; traffic goes to
+//! 127.0.0.1 only; the database and the run's Redis keys are deleted afterwards.
 //!
 //! ```sh
 //! cargo build --release --bins && target/release/loadgen
 //! ```
 
 mod loops;
+mod phases;
+mod probe;
 mod raw;
 mod report;
+mod server;
+mod summary;
 mod workload;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use analytics_service::pb;
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
-use tonic::transport::Channel;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use uuid::Uuid;
 
-use crate::loops::{closed_loop, open_loop};
-use crate::raw::{raw_limit, truncate, RawMethod};
-use crate::report::{commit_stats, print_table, service_row, Row};
-use crate::workload::synthetic;
+use crate::phases::{noop, Service};
+use crate::raw::{insert_floor, raw_limit, truncate, RawMethod};
+use crate::report::{print_table, Row};
+use crate::server::{connect, delete_redis_keys, spawn_bare, ServerProcess, ServiceLauncher};
+use crate::summary::print_summary;
+use crate::workload::{rate_limit_headroom, set_users};
 
 #[derive(Parser, Debug)]
 #[command(about = "Ingestion benchmark against a throwaway database (127.0.0.1 only)")]
@@ -62,9 +67,25 @@ pub(crate) struct Args {
     /// Rows per statement of the raw insert limit.
     #[arg(long, default_value_t = 1000)]
     pub(crate) raw_batch: usize,
+    /// Distinct user ids the synthetic events go round-robin over; enough that the
+    /// default per-user rate limit refuses none.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) users: u64,
+    /// Calls in flight on one connection in the conn64 phase (bare no-op and TrackEvent).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) one_connection_in_flight: usize,
+    /// Offered rate of the capped phase, events per second.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) capped_rate: u64,
+    /// Most calls outstanding in the capped phase.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) capped_in_flight: usize,
     /// The server binary (default: analytics-service next to this one).
     #[arg(long)]
     pub(crate) server: Option<PathBuf>,
+    /// The bare tonic no-op server (default: bare-noop-server next to this one).
+    #[arg(long)]
+    pub(crate) bare_server: Option<PathBuf>,
     /// Extra server environment, KEY=VALUE (repeatable), e.g. INGEST_LINGER_MS=0.
     #[arg(long = "server-env")]
     pub(crate) server_env: Vec<String>,
@@ -72,9 +93,21 @@ pub(crate) struct Args {
     /// ingestion-cost comparison); the count rollups are then not maintained.
     #[arg(long)]
     pub(crate) without_rollups: bool,
-    /// Phases to run: raw, noop, rate, unary, batch (all by default).
-    #[arg(long, value_delimiter = ',', default_value = "raw,noop,rate,unary,batch")]
+    /// Phases to run (all by default): raw, noop (service and bare no-op), conn64, one
+    /// (INSERT floor and one TrackEvent in flight), rate, capped, unary, batch, redis-off
+    /// (unary and batch again with the service's Redis off).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "raw,noop,conn64,one,rate,capped,unary,batch,redis-off"
+    )]
     pub(crate) phases: Vec<String>,
+    /// Redis the service uses (REDIS_HOST); empty = Redis off for the whole run. Each
+    /// run uses its own REDIS_KEY_PREFIX and deletes its keys afterwards.
+    #[arg(long, env = "TEST_REDIS_HOST", default_value = "127.0.0.1")]
+    pub(crate) redis_host: String,
+    #[arg(long, env = "TEST_REDIS_PORT", default_value_t = 6379)]
+    pub(crate) redis_port: u16,
     #[arg(long, env = "TEST_POSTGRES_HOST", default_value = "127.0.0.1")]
     pub(crate) postgres_host: String,
     #[arg(long, env = "TEST_POSTGRES_PORT", default_value_t = 5432)]
@@ -85,25 +118,46 @@ pub(crate) struct Args {
     pub(crate) postgres_password: String,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+const PHASES: &[&str] = &["raw", "noop", "conn64", "one", "rate", "capped", "unary", "batch", "redis-off"];
+
+/// A binary next to this one unless given.
+fn sibling(given: &Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
+    Ok(match given {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name(name),
+    })
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let phases: Vec<&str> = args.phases.iter().map(String::as_str).collect();
-    let server_binary = match &args.server {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name("analytics-service"),
-    };
+    if let Some(unknown) = phases.iter().find(|phase| !PHASES.contains(phase)) {
+        bail!("unknown phase {unknown}; phases: {}", PHASES.join(","));
+    }
+    let server_binary = sibling(&args.server, "analytics-service")?;
     if !server_binary.exists() {
         bail!(
             "{} not found: build the server first (`cargo build --release --bins` at the workspace root)",
             server_binary.display()
         );
     }
-    let database = format!("analytics_bench_{}", Uuid::now_v7().simple());
+    set_users(args.users);
+    match rate_limit_headroom(&args.server_env) {
+        Some(headroom) => eprintln!(
+            "rate limit: the {} synthetic users can send {headroom:.0} events/s before one is refused",
+            args.users
+        ),
+        None => eprintln!("rate limit: off, or not read from the environment"),
+    }
+    let run_id = Uuid::now_v7().simple().to_string();
+    let redis_prefix = format!("loadgen-{run_id}");
+    if !args.redis_host.is_empty() {
+        delete_redis_keys(&args, &redis_prefix).await.with_context(|| {
+            format!("Redis at {}:{} (--redis-host '' runs without)", args.redis_host, args.redis_port)
+        })?;
+    }
+    let database = format!("analytics_bench_{run_id}");
     let admin = PgConnectOptions::new()
         .host(&args.postgres_host)
         .port(args.postgres_port)
@@ -113,49 +167,44 @@ async fn main() -> anyhow::Result<()> {
         .disable_statement_logging();
     let mut admin_connection = admin.connect().await.context("connecting to postgres")?;
     sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin_connection).await?;
-    eprintln!("database {database}");
+    eprintln!("database {database}; redis key prefix {redis_prefix}");
 
+    let launcher = ServiceLauncher {
+        args: &args,
+        binary: &server_binary,
+        database: &database,
+        redis_prefix: &redis_prefix,
+    };
     let load_before = load_average();
-    let outcome = run(&args, &phases, &server_binary, &database, &admin).await;
+    let outcome = run(&args, &phases, &launcher, &admin).await;
     let load_after = load_average();
 
     sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         .execute(&mut admin_connection)
         .await
         .ok();
-    let (rows, peak_rss_kib) = outcome?;
-    print_table(&args, &rows, peak_rss_kib);
-    println!("load average before: {load_before}; after: {load_after} (other processes share the 2 cores)");
+    if !args.redis_host.is_empty() {
+        match delete_redis_keys(&args, &redis_prefix).await {
+            Ok(deleted) => eprintln!("deleted {deleted} redis keys under {redis_prefix}"),
+            Err(error) => eprintln!("could not delete the redis keys under {redis_prefix}: {error:#}"),
+        }
+    }
+    let rows = outcome?;
+    print_table(&args, &rows);
+    println!("load average before: {load_before}; after: {load_after} (other processes share the cores)");
+    println!();
+    print_summary(&args, &rows);
     Ok(())
 }
 
 async fn run(
     args: &Args,
     phases: &[&str],
-    server_binary: &PathBuf,
-    database: &str,
+    launcher: &ServiceLauncher<'_>,
     admin: &PgConnectOptions,
-) -> anyhow::Result<(Vec<Row>, u64)> {
-    let database_options = admin.clone().database(database);
-    let server_env = |command: &mut Command| {
-        command
-            .env("POSTGRES_HOST", &args.postgres_host)
-            .env("POSTGRES_PORT", args.postgres_port.to_string())
-            .env("POSTGRES_USER", &args.postgres_user)
-            .env("POSTGRES_PASSWORD", &args.postgres_password)
-            .env("POSTGRES_DB", database)
-            .env("POSTGRES_SSLMODE", "disable")
-            .env("REDIS_HOST", "")
-            .env("LOG_LEVEL", "warn")
-            .env("LOG_FORMAT", "text")
-            .stdin(Stdio::null());
-    };
-    let mut migrate = Command::new(server_binary);
-    server_env(&mut migrate);
-    let status = migrate.arg("migrate").stdout(Stdio::null()).status()?;
-    if !status.success() {
-        bail!("migrate failed: {status}");
-    }
+) -> anyhow::Result<Vec<Row>> {
+    let database_options = admin.clone().database(launcher.database);
+    launcher.migrate()?;
     if args.without_rollups {
         let mut connection = database_options.connect().await?;
         sqlx::query("ALTER TABLE events DISABLE TRIGGER events_rollup_after_insert")
@@ -172,209 +221,107 @@ async fn run(
         }
         truncate(&database_options).await?;
     }
-
-    let grpc_port = free_port()?;
-    let admin_port = free_port()?;
-    let mut serve = Command::new(server_binary);
-    server_env(&mut serve);
-    serve
-        .env("SERVICE_BIND_ADDRESS", "127.0.0.1")
-        .env("SERVICE_PORT", grpc_port.to_string())
-        .env("PROMETHEUS_PORT", admin_port.to_string())
-        .stdout(Stdio::null());
-    for pair in &args.server_env {
-        let (key, value) = pair.split_once('=').context("--server-env wants KEY=VALUE")?;
-        serve.env(key, value);
-    }
-    let mut server = ServerProcess(serve.arg("serve").spawn()?);
-    let address: SocketAddr = format!("127.0.0.1:{grpc_port}").parse()?;
-    let admin_address: SocketAddr = format!("127.0.0.1:{admin_port}").parse()?;
-    let channels = connect(address, args.connections).await?;
-
-    let peak_rss = Arc::new(AtomicU64::new(0));
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = tokio::spawn(sample_rss(server.0.id(), peak_rss.clone(), sampling.clone()));
     let duration = Duration::from_secs(args.seconds);
-
-    if phases.contains(&"noop") {
-        let health: Vec<_> = channels.iter().cloned().map(HealthClient::new).collect();
-        let (count, latency, errors) = closed_loop(args.concurrency, duration, move |worker, _| {
-            let mut client = health[worker % health.len()].clone();
-            async move {
-                client.check(HealthCheckRequest { service: String::new() }).await.map(|_| 1).map_err(|_| ())
-            }
-        })
-        .await;
-        rows.push(Row {
-            name: "transport limit: no-op RPC (grpc.health.v1 Check)".into(),
-            offered: format!("saturation, {} in flight", args.concurrency),
-            achieved: count as f64 / duration.as_secs_f64(),
-            unit: "calls/s",
-            latency: Some(latency),
-            errors,
-            note: String::new(),
-        });
-    }
-
-    let clients: Vec<_> = channels.iter().cloned().map(AnalyticsServiceClient::new).collect();
     let sequence = Arc::new(AtomicU64::new(0));
+    let redis_on = !args.redis_host.is_empty();
+
+    let bare = if phases.contains(&"noop") || phases.contains(&"conn64") {
+        let bare = spawn_bare(&sibling(&args.bare_server, "bare-noop-server")?)?;
+        let channels = connect(&bare, args.connections).await?;
+        Some((bare, channels))
+    } else {
+        None
+    };
+    let mut server = launcher.serve(redis_on)?;
+    let service = service_under_test(args, &server, &sequence, "").await?;
+    let service_channels = connect(&server, args.connections).await?;
+
+    if let Some((bare, bare_channels)) = &bare {
+        if phases.contains(&"noop") {
+            let name = "transport: no-op RPC (grpc.health.v1 Check), full service stack";
+            rows.push(noop("noop", name, &service_channels, server.pid(), args.concurrency, duration).await);
+            let name = "transport: no-op RPC, bare tonic server (no middleware)";
+            rows.push(noop("bare", name, bare_channels, bare.pid(), args.concurrency, duration).await);
+        }
+        if phases.contains(&"conn64") {
+            let in_flight = args.one_connection_in_flight;
+            let name = "transport: no-op RPC, bare tonic server (no middleware)";
+            rows.push(noop("conn64-bare", name, &bare_channels[..1], bare.pid(), in_flight, duration).await);
+            rows.push(service.unary_closed("conn64-track", in_flight, 1).await);
+        }
+    }
+    if phases.contains(&"one") {
+        rows.push(insert_floor(args, &database_options).await?);
+        rows.push(service.unary_closed("one", 1, 1).await);
+    }
     if phases.contains(&"rate") {
         for &rate in &args.rates {
-            let before = commit_stats(admin_address).await;
-            let clients = clients.clone();
-            let sequence = sequence.clone();
-            let (count, latency, errors) = open_loop(rate, duration, move |worker| {
-                let mut client = clients[worker % clients.len()].clone();
-                let n = sequence.fetch_add(1, Ordering::Relaxed);
-                async move { client.track_event(synthetic(n)).await.map(|_| 1).map_err(|_| ()) }
-            })
-            .await;
-            let after = commit_stats(admin_address).await;
-            rows.push(service_row(
-                "service: unary TrackEvent",
-                format!("{rate}/s"),
-                count,
-                duration,
-                latency,
-                errors,
-                before,
-                after,
-            ));
+            rows.push(service.unary_rate(rate).await);
         }
     }
+    if phases.contains(&"capped") {
+        rows.push(service.unary_capped(args.capped_rate, args.capped_in_flight).await);
+    }
+    compared_phases(args, phases, &service, &database_options, &mut rows, ["unary", "x100", "x1000"]).await?;
+    drop(bare);
+    report_stored(&database_options).await?;
+    server.terminate();
+
+    if phases.contains(&"redis-off") && redis_on {
+        let server = launcher.serve(false)?;
+        let service = service_under_test(args, &server, &sequence, " (Redis off)").await?;
+        let keys = ["unary-redis-off", "x100-redis-off", "x1000-redis-off"];
+        compared_phases(args, phases, &service, &database_options, &mut rows, keys).await?;
+        drop(server);
+    }
+    Ok(rows)
+}
+
+/// The phases compared with Redis on and off (unary saturation, TrackEvents x100 and
+/// x1000), each starting from empty tables.
+async fn compared_phases(
+    args: &Args,
+    phases: &[&str],
+    service: &Service,
+    database: &PgConnectOptions,
+    rows: &mut Vec<Row>,
+    [unary, x100, x1000]: [&'static str; 3],
+) -> anyhow::Result<()> {
     if phases.contains(&"unary") {
-        let before = commit_stats(admin_address).await;
-        let clients = clients.clone();
-        let sequence = sequence.clone();
-        let (count, latency, errors) = closed_loop(args.concurrency, duration, move |worker, _| {
-            let mut client = clients[worker % clients.len()].clone();
-            let n = sequence.fetch_add(1, Ordering::Relaxed);
-            async move { client.track_event(synthetic(n)).await.map(|_| 1).map_err(|_| ()) }
-        })
-        .await;
-        let after = commit_stats(admin_address).await;
-        rows.push(service_row(
-            "service: unary TrackEvent",
-            format!("saturation, {} in flight", args.concurrency),
-            count,
-            duration,
-            latency,
-            errors,
-            before,
-            after,
-        ));
+        truncate(database).await?;
+        rows.push(service.unary_closed(unary, args.concurrency, args.connections).await);
     }
     if phases.contains(&"batch") {
-        for size in [100_u64, 1_000] {
-            let before = commit_stats(admin_address).await;
-            let clients = clients.clone();
-            let sequence = sequence.clone();
-            let (count, latency, errors) = closed_loop(args.batch_concurrency, duration, move |worker, _| {
-                let mut client = clients[worker % clients.len()].clone();
-                let first = sequence.fetch_add(size, Ordering::Relaxed);
-                let events = (first..first + size).map(synthetic).collect();
-                async move {
-                    let response =
-                        client.track_events(pb::TrackEventsRequest { events }).await.map_err(|_| ())?;
-                    let accepted = response
-                        .into_inner()
-                        .results
-                        .iter()
-                        .filter(|result| result.status == pb::TrackEventStatus::Accepted as i32)
-                        .count();
-                    if accepted as u64 == size {
-                        Ok(size)
-                    } else {
-                        Err(())
-                    }
-                }
-            })
-            .await;
-            let after = commit_stats(admin_address).await;
-            rows.push(service_row(
-                format!("service: TrackEvents x{size}"),
-                format!("saturation, {} in flight", args.batch_concurrency),
-                count,
-                duration,
-                latency,
-                errors,
-                before,
-                after,
-            ));
+        for (key, size) in [(x100, 100), (x1000, 1_000)] {
+            truncate(database).await?;
+            rows.push(service.batch(key, size, args.batch_concurrency).await);
         }
     }
-
-    sampling.store(false, Ordering::Relaxed);
-    sampler.await.ok();
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&mut database_options.connect().await?)
-        .await?;
-    eprintln!("rows stored by the service: {stored}");
-    server.terminate();
-    Ok((rows, peak_rss.load(Ordering::Relaxed)))
+    Ok(())
 }
 
-/// The server child; terminated with SIGTERM (then killed) when dropped.
-struct ServerProcess(Child);
-
-impl ServerProcess {
-    fn terminate(&mut self) {
-        if matches!(self.0.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().ok();
-        for _ in 0..300 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
+async fn service_under_test(
+    args: &Args,
+    server: &ServerProcess,
+    sequence: &Arc<AtomicU64>,
+    label: &'static str,
+) -> anyhow::Result<Service> {
+    let channels = connect(server, args.connections).await?;
+    Ok(Service {
+        clients: channels.into_iter().map(AnalyticsServiceClient::new).collect(),
+        admin: server.admin.context("the service has a metrics address")?,
+        pid: server.pid(),
+        sequence: sequence.clone(),
+        duration: Duration::from_secs(args.seconds),
+        label,
+    })
 }
 
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.terminate();
-    }
-}
-
-async fn connect(address: SocketAddr, connections: usize) -> anyhow::Result<Vec<Channel>> {
-    for _ in 0..200 {
-        let Ok(channel) = Channel::from_shared(format!("http://{address}"))?.connect().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
-        if health.is_ok_and(|health| health.into_inner().status == "SERVING") {
-            let mut channels = Vec::new();
-            for _ in 0..connections.max(1) {
-                channels.push(Channel::from_shared(format!("http://{address}"))?.connect().await?);
-            }
-            return Ok(channels);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("the server did not become SERVING")
-}
-
-async fn sample_rss(pid: u32, peak: Arc<AtomicU64>, running: Arc<AtomicBool>) {
-    let path = format!("/proc/{pid}/status");
-    while running.load(Ordering::Relaxed) {
-        if let Ok(status) = tokio::fs::read_to_string(&path).await {
-            for line in status.lines() {
-                let value = line
-                    .strip_prefix("VmHWM:")
-                    .or_else(|| line.strip_prefix("VmRSS:"))
-                    .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
-                if let Some(kib) = value {
-                    peak.fetch_max(kib, Ordering::Relaxed);
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+async fn report_stored(database: &PgConnectOptions) -> anyhow::Result<()> {
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut database.connect().await?).await?;
+    eprintln!("rows in events after the last Redis-on phase: {stored}");
+    Ok(())
 }
 
 fn load_average() -> String {

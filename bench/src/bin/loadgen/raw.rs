@@ -1,5 +1,6 @@
 //! The raw insert limit: the same synthetic events written straight into the migrated
-//! schema with UNNEST, COPY and the service's own statement, without the server.
+//! schema with UNNEST, COPY and the service's own statement, without the server; and the
+//! durable floor of one event, a single-row INSERT commit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,6 +82,11 @@ pub(crate) async fn raw_limit(
         rows += task_rows;
         histogram.add(&task_histogram).ok();
     }
+    let key = match method {
+        RawMethod::Unnest => "raw-unnest",
+        RawMethod::Copy => "raw-copy",
+        RawMethod::UnnestOnConflict => "raw-on-conflict",
+    };
     let name = match method {
         RawMethod::Unnest => "limit: raw INSERT ... UNNEST",
         RawMethod::UnnestOnConflict => {
@@ -89,6 +95,7 @@ pub(crate) async fn raw_limit(
         RawMethod::Copy => "limit: raw COPY",
     };
     Ok(Row {
+        key,
         name: name.into(),
         offered: format!("{} writers x {} rows", args.raw_writers, args.raw_batch),
         achieved: rows as f64 / duration.as_secs_f64(),
@@ -96,6 +103,7 @@ pub(crate) async fn raw_limit(
         latency: Some(histogram),
         errors: 0,
         note: "latency per statement".into(),
+        usage: None,
     })
 }
 
@@ -149,4 +157,52 @@ async fn insert_copy(connection: &mut PgConnection, first: u64, count: u64) -> a
     copy.send(data.as_bytes()).await?;
     copy.finish().await?;
     Ok(())
+}
+
+/// The durable floor of one event: one connection inserting one row per statement into a
+/// scratch table shaped like `events` (no partitions, triggers or secondary indexes),
+/// autocommit, sequentially for the phase duration. Its p50 is one commit's round trip.
+pub(crate) async fn insert_floor(args: &Args, options: &PgConnectOptions) -> anyhow::Result<Row> {
+    let duration = Duration::from_secs(args.seconds);
+    let mut connection = options.connect().await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS loadgen_insert_floor (
+             id uuid PRIMARY KEY, event_name text NOT NULL, user_id text,
+             properties jsonb NOT NULL, timestamp timestamptz NOT NULL)",
+    )
+    .execute(&mut connection)
+    .await?;
+    let mut histogram = new_histogram();
+    let deadline = Instant::now() + duration;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let event = synthetic(n);
+        let started = Instant::now();
+        sqlx::query(
+            "INSERT INTO loadgen_insert_floor (id, event_name, user_id, properties, timestamp)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(&event.event_name)
+        .bind(&event.user_id)
+        .bind(synthetic_json(n))
+        .bind(Utc::now())
+        .execute(&mut connection)
+        .await?;
+        histogram.saturating_record(started.elapsed().as_micros() as u64);
+        n += 1;
+    }
+    sqlx::query("DROP TABLE loadgen_insert_floor").execute(&mut connection).await.ok();
+    connection.close().await.ok();
+    Ok(Row {
+        key: "floor",
+        name: "floor: single-row INSERT commit (one connection, autocommit)".into(),
+        offered: "1 in flight".into(),
+        achieved: n as f64 / duration.as_secs_f64(),
+        unit: "rows/s",
+        latency: Some(histogram),
+        errors: 0,
+        note: "scratch table, no triggers".into(),
+        usage: None,
+    })
 }

@@ -1,16 +1,19 @@
-//! The result table: one row per phase, the server's group-commit statistics scraped
-//! from its /metrics, and the markdown printed at the end.
+//! The result table: one row per phase with what it cost the server process, the
+//! server's group-commit statistics scraped from its /metrics, and the markdown printed
+//! at the end.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use analytics_bench::scrape::metrics_page;
 use hdrhistogram::Histogram;
 
+use crate::probe::Usage;
 use crate::Args;
 
 /// One row of the result table.
 pub(crate) struct Row {
+    /// What the summary finds the row by (e.g. `unary`, `x1000-redis-off`).
+    pub(crate) key: &'static str,
     pub(crate) name: String,
     pub(crate) offered: String,
     pub(crate) achieved: f64,
@@ -18,6 +21,26 @@ pub(crate) struct Row {
     pub(crate) latency: Option<Histogram<u64>>,
     pub(crate) errors: u64,
     pub(crate) note: String,
+    /// What the phase cost the server process; `None` for phases without a server.
+    pub(crate) usage: Option<Cost>,
+}
+
+/// A phase's cost to the server process.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Cost {
+    /// Server CPU microseconds per event (per call for the no-op phases).
+    pub(crate) cpu_us_per_unit: Option<f64>,
+    /// The largest VmRSS sampled during the phase, KiB.
+    pub(crate) peak_rss_kib: Option<u64>,
+}
+
+impl Cost {
+    pub(crate) fn new(usage: Usage, units: u64) -> Self {
+        Self {
+            cpu_us_per_unit: usage.cpu_seconds.filter(|_| units > 0).map(|cpu| 1e6 * cpu / units as f64),
+            peak_rss_kib: usage.peak_rss_kib,
+        }
+    }
 }
 
 /// (events, commits, commit seconds, TrackEvent(s) calls, their handling seconds) so
@@ -50,27 +73,38 @@ pub(crate) async fn commit_stats(admin: SocketAddr) -> CommitStats {
     )
 }
 
-/// The row of a service phase: events/s over `duration`, the group-commit note from the
-/// server's stats before and after.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn service_row(
-    name: impl Into<String>,
-    offered: String,
-    count: u64,
-    duration: Duration,
-    latency: Histogram<u64>,
-    errors: u64,
-    before: CommitStats,
-    after: CommitStats,
-) -> Row {
+/// The row of a service phase: events/s over `seconds`, the group-commit note from the
+/// server's stats before and after, `limited` events refused by the rate limiter.
+pub(crate) struct ServicePhase {
+    pub(crate) key: &'static str,
+    pub(crate) name: String,
+    pub(crate) offered: String,
+    pub(crate) count: u64,
+    pub(crate) seconds: f64,
+    pub(crate) latency: Histogram<u64>,
+    pub(crate) errors: u64,
+    pub(crate) limited: u64,
+    pub(crate) before: CommitStats,
+    pub(crate) after: CommitStats,
+    pub(crate) usage: Usage,
+}
+
+pub(crate) fn service_row(phase: ServicePhase) -> Row {
+    let mut note = mean_batch(phase.before, phase.after);
+    if phase.limited > 0 {
+        let limited = format!("{} events rate-limited (counted as errors)", phase.limited);
+        note = if note.is_empty() { limited } else { format!("{limited}; {note}") };
+    }
     Row {
-        name: name.into(),
-        offered,
-        achieved: count as f64 / duration.as_secs_f64(),
+        key: phase.key,
+        name: phase.name,
+        offered: phase.offered,
+        achieved: phase.count as f64 / phase.seconds,
         unit: "events/s",
-        latency: Some(latency),
-        errors,
-        note: mean_batch(before, after),
+        latency: Some(phase.latency),
+        errors: phase.errors,
+        note,
+        usage: Some(Cost::new(phase.usage, phase.count)),
     }
 }
 
@@ -95,9 +129,9 @@ fn millis(histogram: &Histogram<u64>, quantile: f64) -> String {
     format!("{:.2}", histogram.value_at_quantile(quantile) as f64 / 1000.0)
 }
 
-pub(crate) fn print_table(args: &Args, rows: &[Row], peak_rss_kib: u64) {
+pub(crate) fn print_table(args: &Args, rows: &[Row]) {
     println!(
-        "| phase | offered | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | note |\n|---|---|---|---|---|---|---|---|---|"
+        "| phase | offered | achieved | p50 ms | p95 ms | p99 ms | max ms | errors | server CPU us/event | server peak RSS MiB | note |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for row in rows {
         let (p50, p95, p99, max) = match &row.latency {
@@ -113,38 +147,24 @@ pub(crate) fn print_table(args: &Args, rows: &[Row], peak_rss_kib: u64) {
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
+        let cost = row.usage.unwrap_or_default();
+        let cpu = cost.cpu_us_per_unit.map_or("-".into(), |us| format!("{us:.1}"));
+        let rss = cost.peak_rss_kib.map_or("-".into(), |kib| format!("{:.1}", kib as f64 / 1024.0));
         println!(
-            "| {} | {} | {:.0} {} | {p50} | {p95} | {p99} | {max} | {} | {} |",
+            "| {} | {} | {:.0} {} | {p50} | {p95} | {p99} | {max} | {} | {cpu} | {rss} | {} |",
             row.name, row.offered, row.achieved, row.unit, row.errors, row.note
         );
     }
-    let find = |prefix: &str, offered_prefix: &str| {
-        rows.iter()
-            .filter(|row| row.name.starts_with(prefix) && row.offered.starts_with(offered_prefix))
-            .map(|row| row.achieved)
-            .fold(None, |best: Option<f64>, value| Some(best.map_or(value, |best| best.max(value))))
-    };
-    let raw = find("limit: raw", "");
-    let transport = find("transport limit", "");
-    let unary = find("service: unary", "saturation");
-    let batch = find("service: TrackEvents x1000", "");
-    println!();
-    println!("| ratio | value |\n|---|---|");
-    if let (Some(unary), Some(transport)) = (unary, transport) {
-        println!("| service unary (saturation) / transport limit | {:.0}% |", 100.0 * unary / transport);
-    }
-    if let (Some(batch), Some(raw)) = (batch, raw) {
-        println!(
-            "| service TrackEvents x1000 / raw insert limit (best of UNNEST, COPY) | {:.0}% |",
-            100.0 * batch / raw
-        );
-    }
-    println!("| server peak RSS (VmHWM) | {:.1} MiB |", peak_rss_kib as f64 / 1024.0);
     println!();
     println!(
-        "{} s per phase; {} connections; server env: {}",
+        "{} s per phase; {} connections; Redis {}; server env: {}",
         args.seconds,
         args.connections,
+        if args.redis_host.is_empty() {
+            "off".to_string()
+        } else {
+            format!("on ({}:{})", args.redis_host, args.redis_port)
+        },
         if args.server_env.is_empty() { "defaults".to_string() } else { args.server_env.join(" ") }
     );
 }
