@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use super::{repository_failure, AnalyticsService, ServiceError};
 use crate::metrics;
 use crate::models::user_bitmap::{decode_users, encode_users};
-use crate::models::{EventCount, EventCountPlan, EventFilter, RollupStamp, TimeRange};
+use crate::models::{EventCount, EventCountPlan, EventFilter, RangeSplit, RollupStamp, TimeRange};
 use crate::repository::postgres::rollups::RollupRepository;
 use plan::{merge_event_counts, user_count_split};
 
@@ -104,17 +104,23 @@ impl AnalyticsService {
             self.cache.set(&key, &counts, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(counts);
         }
-        let plan = event_count_plan(&rollups, &filter).await?;
+        // The folded part (whole hours) is cached with its stamp and reused while the
+        // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
+        // in the same snapshot as the stamp. The key depends on the range only, so the
+        // cache lookup runs alongside the extent read the plan needs.
+        let split = RangeSplit::hours(filter.range);
+        let key = event_count_cache_key("event_count:v3", split.rollup_start, split.rollup_end, &filter);
+        let (plan, cached) = if split.has_rollup_part() {
+            tokio::join!(event_count_plan(&rollups, &filter), self.cache.get::<StampedEventCounts>(&key))
+        } else {
+            (event_count_plan(&rollups, &filter).await, None)
+        };
+        let plan = plan?;
+        debug_assert_eq!(plan.split, split);
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
             return rollups.event_counts(&filter, &plan).await.map_err(repository_failure);
         }
-        // The folded part (whole hours) is cached with its stamp and reused while the
-        // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
-        // in the same snapshot as the stamp.
-        let key =
-            event_count_cache_key("event_count:v3", plan.split.rollup_start, plan.split.rollup_end, &filter);
-        let cached = self.cache.get::<StampedEventCounts>(&key).await;
         let mut parts =
             rollups.event_counts_parts(&filter, &plan, cached.is_none()).await.map_err(repository_failure)?;
         let folded = match cached {
