@@ -180,7 +180,7 @@ pub struct UserCountParts {
     pub folded: Option<RoaringBitmap>,
     /// (rows, sum of versions) of those bitmaps.
     pub stamp: RollupStamp,
-    /// Ordinals of users in the pending pairs and the raw edges.
+    /// Ordinals of users in the pending pairs and the raw edges, each once.
     pub unfolded_ordinals: Vec<u32>,
     /// Users in the pending pairs and the raw edges that have no ordinal yet.
     pub never_folded: u64,
@@ -190,9 +190,10 @@ impl UserCountParts {
     /// The exact count, given the union of the folded bitmaps (read now or cached with an
     /// equal stamp).
     pub fn count(&self, folded: &RoaringBitmap) -> i64 {
-        let mut users = folded.clone();
-        users.extend(self.unfolded_ordinals.iter().copied());
-        (users.len() + self.never_folded) as i64
+        // The unfolded users come from one `UNION` of ids, so their ordinals are distinct:
+        // the ones outside the folded users add one each, without copying the bitmap.
+        let added = self.unfolded_ordinals.iter().filter(|ordinal| !folded.contains(**ordinal)).count();
+        (folded.len() + added as u64 + self.never_folded) as i64
     }
 }
 
