@@ -245,10 +245,11 @@ async fn migrated_database() -> (String, PgPool) {
     let (name, pool) = fresh_database().await;
     let config = test_config(&name, "unused", &TestOptions::default());
     schema::migrate_up_to(&connect_options(&config), Some(SQUASHED_UP_TO)).await.expect("migrations apply");
-    let applied: Vec<i32> = sqlx::query_scalar(&format!("SELECT version FROM {HISTORY_TABLE} ORDER BY version"))
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let applied: Vec<i32> =
+        sqlx::query_scalar(&format!("SELECT version FROM {HISTORY_TABLE} ORDER BY version"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(applied, (1..=SQUASHED_UP_TO).collect::<Vec<_>>(), "only the squashed migrations apply");
     (name, pool)
 }

@@ -20,6 +20,10 @@ type Sql<'a> = QueryBuilder<'a, Postgres>;
 /// The start and end arrays of a set of segments, as a query unnests them.
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
+/// A row of the unique-user statement: a folded bitmap (when asked for) and its version,
+/// or the ordinal of a user not folded yet (`NULL` when the user has none).
+type UserCountRow = (Option<Vec<u8>>, Option<i64>, Option<i32>);
+
 /// Which part of an [`EventCountPlan`] a count query reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CountPart {
@@ -345,7 +349,7 @@ impl RollupRepository {
                     sql.push(" AND user_id IS NOT NULL AND user_id <> ''");
                 }
                 sql.push(") unfolded LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id");
-                let rows: Vec<(Option<Vec<u8>>, Option<i64>, Option<i32>)> =
+                let rows: Vec<UserCountRow> =
                     sql.build_query_as().fetch_all(self.database.pool()).await?;
                 let mut stamp = RollupStamp::default();
                 let mut bitmaps = Vec::new();

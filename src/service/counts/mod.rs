@@ -291,8 +291,13 @@ mod tests {
 
     #[test]
     fn cached_event_counts_survive_their_compact_form() {
-        let count = |name: &str, bucket_start, count| EventCount { event_name: name.to_string(), bucket_start, count };
-        let counts = vec![count("b", 0, 3), count("a", 0, 1), count("b", 3_600, 7), count("a\u{0}:", 3_600, 2)];
+        let count = |name: &str, bucket_start, count| EventCount {
+            event_name: name.to_string(),
+            bucket_start,
+            count,
+        };
+        let counts =
+            vec![count("b", 0, 3), count("a", 0, 1), count("b", 3_600, 7), count("a\u{0}:", 3_600, 2)];
         let stamp = RollupStamp { rows: 2, sum: 13 };
         let stored = serde_json::to_vec(&StampedEventCounts::new(stamp, &counts)).unwrap();
         let cached: StampedEventCounts = serde_json::from_slice(&stored).unwrap();
