@@ -1,13 +1,14 @@
--- The rollup insert trigger in one pass over the inserting statement's rows: one
--- statement (one executor start instead of two) reads the transition table once into a
+-- The rollup insert trigger in one pass over the inserting statement's rows: a single
+-- statement (one executor start per insert) reads the transition table once into a
 -- materialized list of (UTC hour, name, user), then appends the events per (hour, name)
--- to event_count_deltas and the distinct users per hour to user_activity_pending.
+-- to event_count_deltas and the distinct users per hour, as one array, to
+-- user_activity_pending; the fold and the count queries read those rows as they are.
 --
--- The UTC hour is date_bin of one hour from a UTC midnight: plain integer arithmetic on
--- the timestamp, equal to date_trunc('hour', timestamp, 'UTC') before and after the
--- origin, without the per-row time zone lookup. Distinct users are found by hashing
--- (hour, user) pairs rather than sorting each hour's array. What is appended, and so what
--- the fold and the count queries read, is unchanged.
+-- The UTC hour is date_bin of one hour from a UTC midnight: integer arithmetic on the
+-- timestamp, equal to date_trunc('hour', timestamp, 'UTC') before and after the origin,
+-- without a per-row time zone lookup. Distinct users are found by hashing (hour, user)
+-- pairs, not by sorting each hour's ids under the database collation; the fold orders
+-- and deduplicates the ids it reads anyway.
 
 CREATE OR REPLACE FUNCTION analytics_rollup_inserted_events()
 RETURNS trigger
