@@ -236,11 +236,21 @@ async fn fresh_database() -> (String, PgPool) {
     (name, pool)
 }
 
-/// The current migrations, applied the way `analytics-service migrate` applies them.
+/// The migrations that replaced the pre-squash ones. Later migrations change the schema
+/// on purpose and are not part of the comparison.
+const SQUASHED_UP_TO: i32 = 4;
+
+/// The squashed migrations, applied by the runner `analytics-service migrate` uses.
 async fn migrated_database() -> (String, PgPool) {
     let (name, pool) = fresh_database().await;
     let config = test_config(&name, "unused", &TestOptions::default());
-    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+    schema::migrate_up_to(&connect_options(&config), Some(SQUASHED_UP_TO)).await.expect("migrations apply");
+    let applied: Vec<i32> =
+        sqlx::query_scalar(&format!("SELECT version FROM {HISTORY_TABLE} ORDER BY version"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(applied, (1..=SQUASHED_UP_TO).collect::<Vec<_>>(), "only the squashed migrations apply");
     (name, pool)
 }
 

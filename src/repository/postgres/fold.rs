@@ -1,4 +1,4 @@
-//! The fold: what the `events` insert trigger (migration V4) appends moved into the count rollups.
+//! The fold: what the `events` insert trigger appends moved into the count rollups.
 //! Pending users per UTC hour go into the per-hour and per-day bitmaps of active users
 //! (stored as `models::user_bitmap` encodes them); event-count deltas go into
 //! `event_counts_hourly`, `event_counts_daily` and `event_totals_hourly`.

@@ -6,7 +6,7 @@
 //! module turns plans into SQL and runs them.
 
 use chrono::{DateTime, Utc};
-use roaring::RoaringBitmap;
+use roaring::{MultiOps, RoaringBitmap};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::events::event_counts_from_rows;
@@ -19,6 +19,10 @@ type Sql<'a> = QueryBuilder<'a, Postgres>;
 
 /// The start and end arrays of a set of segments, as a query unnests them.
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
+
+/// A row of the unique-user statement: a folded bitmap (when asked for) and its version,
+/// or the ordinal of a user not folded yet (`NULL` when the user has none).
+type UserCountRow = (Option<Vec<u8>>, Option<i64>, Option<i32>);
 
 /// Which part of an [`EventCountPlan`] a count query reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,7 +184,7 @@ pub struct UserCountParts {
     pub folded: Option<RoaringBitmap>,
     /// (rows, sum of versions) of those bitmaps.
     pub stamp: RollupStamp,
-    /// Ordinals of users in the pending pairs and the raw edges.
+    /// Ordinals of users in the pending pairs and the raw edges, each once.
     pub unfolded_ordinals: Vec<u32>,
     /// Users in the pending pairs and the raw edges that have no ordinal yet.
     pub never_folded: u64,
@@ -190,9 +194,10 @@ impl UserCountParts {
     /// The exact count, given the union of the folded bitmaps (read now or cached with an
     /// equal stamp).
     pub fn count(&self, folded: &RoaringBitmap) -> i64 {
-        let mut users = folded.clone();
-        users.extend(self.unfolded_ordinals.iter().copied());
-        (users.len() + self.never_folded) as i64
+        // The unfolded users come from one `UNION` of ids, so their ordinals are distinct:
+        // the ones outside the folded users add one each, without copying the bitmap.
+        let added = self.unfolded_ordinals.iter().filter(|ordinal| !folded.contains(**ordinal)).count();
+        (folded.len() + added as u64 + self.never_folded) as i64
     }
 }
 
@@ -307,10 +312,10 @@ impl RollupRepository {
         Ok(parts.count(parts.folded.as_ref().unwrap_or(&RoaringBitmap::new())))
     }
 
-    /// Reads, in one snapshot, the stamp of the folded bitmaps of the whole UTC days and
-    /// hours of `split` (and, `with_bitmaps`, their union), the ordinals of the users not
-    /// folded yet: the pending pairs of those hours and the raw events of the partial
-    /// hours at the edges.
+    /// Reads, in one statement (so one snapshot, one round trip), the stamp of the folded
+    /// bitmaps of the whole UTC days and hours of `split` (and, `with_bitmaps`, their
+    /// union), the ordinals of the users not folded yet: the pending pairs of those hours
+    /// and the raw events of the partial hours at the edges.
     pub async fn user_count_parts(
         &self,
         split: RangeSplit,
@@ -325,50 +330,52 @@ impl RollupRepository {
         ];
         self.database
             .with_retry("count_unique_users_rollup", || async {
-                let mut transaction = self.database.pool().begin().await?;
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .execute(&mut *transaction)
-                    .await?;
-                let mut bitmaps_sql = Sql::new("");
-                for (index, (table, from, to)) in bitmap_sources.into_iter().enumerate() {
-                    if index > 0 {
-                        bitmaps_sql.push(" UNION ALL ");
-                    }
-                    bitmaps_sql.push(format_args!("SELECT {users_column} AS users, version FROM {table} WHERE "));
-                    push_within(&mut bitmaps_sql, "bucket_start", from, to);
+                // Rows of (bitmap, version, NULL) for the folded bitmaps, then rows of
+                // (NULL, NULL, ordinal) for the users not folded yet.
+                let mut sql = Sql::new("");
+                for (table, from, to) in bitmap_sources {
+                    sql.push(format_args!(
+                        "SELECT {users_column} AS users, version, NULL::integer AS ordinal FROM {table} WHERE "
+                    ));
+                    push_within(&mut sql, "bucket_start", from, to);
+                    sql.push(" UNION ALL ");
                 }
-                let bitmaps: Vec<(Option<Vec<u8>>, i64)> =
-                    bitmaps_sql.build_query_as().fetch_all(&mut *transaction).await?;
                 // An id without an ordinal has never been folded, so it is in no bitmap.
-                let mut unfolded_sql =
-                    Sql::new("SELECT ordinals.ordinal FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
-                push_within(&mut unfolded_sql, "hour_start", rollup_start, rollup_end);
+                sql.push("SELECT NULL::bytea, NULL::bigint, ordinals.ordinal FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
+                push_within(&mut sql, "hour_start", rollup_start, rollup_end);
                 for (from, to) in [(start, rollup_start), (rollup_end, end)] {
-                    unfolded_sql.push(" UNION SELECT user_id FROM events WHERE ");
-                    push_within(&mut unfolded_sql, "timestamp", from, to);
-                    unfolded_sql.push(" AND user_id IS NOT NULL AND user_id <> ''");
+                    sql.push(" UNION SELECT user_id FROM events WHERE ");
+                    push_within(&mut sql, "timestamp", from, to);
+                    sql.push(" AND user_id IS NOT NULL AND user_id <> ''");
                 }
-                unfolded_sql
-                    .push(") unfolded LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id");
-                let unfolded: Vec<Option<i32>> =
-                    unfolded_sql.build_query_scalar().fetch_all(&mut *transaction).await?;
-                transaction.commit().await?;
-                let stamp = RollupStamp {
-                    rows: bitmaps.len() as i64,
-                    sum: bitmaps.iter().map(|(_, version)| version).sum(),
-                };
-                let folded = if with_bitmaps {
-                    let mut users = RoaringBitmap::new();
-                    for bytes in bitmaps.iter().filter_map(|(users, _)| users.as_ref()) {
-                        users |= decode_users(bytes).map_err(RepositoryError::corrupt)?;
+                sql.push(") unfolded LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id");
+                let rows: Vec<UserCountRow> =
+                    sql.build_query_as().fetch_all(self.database.pool()).await?;
+                let mut stamp = RollupStamp::default();
+                let mut bitmaps = Vec::new();
+                let mut never_folded = 0;
+                let mut unfolded_ordinals = Vec::new();
+                for (users, version, ordinal) in rows {
+                    match (version, ordinal) {
+                        (Some(version), _) => {
+                            stamp.rows += 1;
+                            stamp.sum += version;
+                            bitmaps.extend(users);
+                        }
+                        (None, Some(ordinal)) => unfolded_ordinals.push(ordinal as u32),
+                        (None, None) => never_folded += 1,
                     }
-                    Some(users)
+                }
+                let folded = if with_bitmaps {
+                    let decoded = bitmaps
+                        .iter()
+                        .map(|bytes| decode_users(bytes))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(RepositoryError::corrupt)?;
+                    Some(decoded.union())
                 } else {
                     None
                 };
-                let never_folded = unfolded.iter().filter(|ordinal| ordinal.is_none()).count() as u64;
-                let unfolded_ordinals =
-                    unfolded.into_iter().flatten().map(|ordinal| ordinal as u32).collect();
                 Ok(UserCountParts { folded, stamp, unfolded_ordinals, never_folded })
             })
             .await

@@ -54,13 +54,23 @@ pub fn expected_versions() -> Vec<i32> {
 
 /// Applies every pending migration, holding the advisory lock for the whole run.
 pub async fn migrate(options: &PgConnectOptions) -> Result<MigrationReport, MigrationError> {
+    migrate_up_to(options, None).await
+}
+
+/// Applies the pending migrations up to `target` (all of them when `None`), holding the
+/// advisory lock for the whole run. A target lets tests build the schema of an older
+/// version with the same runner.
+pub async fn migrate_up_to(
+    options: &PgConnectOptions,
+    target: Option<i32>,
+) -> Result<MigrationReport, MigrationError> {
     let mut connection = PgConnection::connect_with(options).await.map_err(RepositoryError::from)?;
     sqlx::query("SELECT pg_advisory_lock($1)")
         .bind(MIGRATION_LOCK_KEY)
         .execute(&mut connection)
         .await
         .map_err(RepositoryError::from)?;
-    let result = run_unless_ahead(&mut connection).await;
+    let result = run_unless_ahead(&mut connection, target).await;
     // Closing the session would release the lock too; unlocking keeps it explicit.
     let unlock =
         sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATION_LOCK_KEY).execute(&mut connection).await;
@@ -75,7 +85,10 @@ pub async fn migrate(options: &PgConnectOptions) -> Result<MigrationReport, Migr
 /// release's Job). Then there is nothing to apply, and refinery would refuse the newer
 /// migrations it does not know; migrations are expand-then-contract, so this binary can
 /// serve the newer schema.
-async fn run_unless_ahead(connection: &mut PgConnection) -> Result<MigrationReport, MigrationError> {
+async fn run_unless_ahead(
+    connection: &mut PgConnection,
+    target: Option<i32>,
+) -> Result<MigrationReport, MigrationError> {
     let applied = applied_versions(connection).await.map_err(RepositoryError::from)?;
     let expected = expected_versions();
     let expected_latest = expected.last().copied().unwrap_or(0);
@@ -92,6 +105,7 @@ async fn run_unless_ahead(connection: &mut PgConnection) -> Result<MigrationRepo
     }
     let report = embedded::migrations::runner()
         .set_abort_divergent(true)
+        .set_target(target.map_or(refinery::Target::Latest, refinery::Target::Version))
         .run_async(&mut RefineryConnection(connection))
         .await
         .map_err(|error| MigrationError::Refinery(Box::new(error)))?;

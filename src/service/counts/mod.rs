@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use super::{repository_failure, AnalyticsService, ServiceError};
 use crate::metrics;
 use crate::models::user_bitmap::{decode_users, encode_users};
-use crate::models::{EventCount, EventCountPlan, EventFilter, RollupStamp, TimeRange};
+use crate::models::{EventCount, EventCountPlan, EventFilter, RangeSplit, RollupStamp, TimeRange};
 use crate::repository::postgres::rollups::RollupRepository;
 use plan::{merge_event_counts, user_count_split};
 
@@ -104,35 +104,44 @@ impl AnalyticsService {
             self.cache.set(&key, &counts, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(counts);
         }
-        let plan = event_count_plan(&rollups, &filter).await?;
+        // The folded part (whole hours) is cached with its stamp and reused while the
+        // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
+        // in the same snapshot as the stamp. The key depends on the range only, so the
+        // cache lookup runs alongside the extent read the plan needs.
+        let split = RangeSplit::hours(filter.range);
+        let key = event_count_cache_key("event_count:v4", split.rollup_start, split.rollup_end, &filter);
+        let (plan, cached) = if split.has_rollup_part() {
+            tokio::join!(event_count_plan(&rollups, &filter), self.cache.get::<StampedEventCounts>(&key))
+        } else {
+            (event_count_plan(&rollups, &filter).await, None)
+        };
+        let plan = plan?;
+        debug_assert_eq!(plan.split, split);
         if !plan.has_rollup_part() {
             metrics::record_cache_fresh("event_count");
             return rollups.event_counts(&filter, &plan).await.map_err(repository_failure);
         }
-        // The folded part (whole hours) is cached with its stamp and reused while the
-        // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
-        // in the same snapshot as the stamp.
-        let key =
-            event_count_cache_key("event_count:v3", plan.split.rollup_start, plan.split.rollup_end, &filter);
-        let cached = self.cache.get::<StampedEventCounts>(&key).await;
         let mut parts =
             rollups.event_counts_parts(&filter, &plan, cached.is_none()).await.map_err(repository_failure)?;
         let folded = match cached {
-            Some(cached) if cached.stamp == parts.stamp => Some(cached.counts),
+            Some(cached) if cached.stamp == parts.stamp => cached.counts(),
             Some(_) => {
                 parts = rollups.event_counts_parts(&filter, &plan, true).await.map_err(repository_failure)?;
                 None
             }
             None => None,
         };
+        if folded.is_none() && parts.folded.is_none() {
+            // A cached entry whose rows do not decode: read the folded part now.
+            parts = rollups.event_counts_parts(&filter, &plan, true).await.map_err(repository_failure)?;
+        }
         metrics::record_cache_lookup("event_count", folded.is_some());
         let mut folded = match folded {
             Some(counts) => counts,
             None => {
-                let stamped =
-                    StampedEventCounts { stamp: parts.stamp, counts: parts.folded.unwrap_or_default() };
-                self.cache.set(&key, &stamped, None).await;
-                stamped.counts
+                let counts = parts.folded.take().unwrap_or_default();
+                self.cache.set(&key, &StampedEventCounts::new(parts.stamp, &counts), None).await;
+                counts
             }
         };
         if filter.group_by.is_none() {
@@ -206,11 +215,48 @@ async fn uncached_event_counts(
     rollups.event_counts(filter, &plan).await.map_err(repository_failure)
 }
 
-/// The cached rollup part of a GetEventCount answer.
+/// The cached rollup part of a GetEventCount answer, in a compact form: each name once,
+/// and each count as three integers (name index, bucket start, count). A cached answer
+/// holds up to a few thousand counts, and a cache hit parses all of them.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StampedEventCounts {
     stamp: RollupStamp,
-    counts: Vec<EventCount>,
+    names: Vec<String>,
+    rows: Vec<i64>,
+}
+
+impl StampedEventCounts {
+    fn new(stamp: RollupStamp, counts: &[EventCount]) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let mut rows = Vec::with_capacity(counts.len() * 3);
+        for count in counts {
+            // Counts come grouped by bucket with the names in the same order, so the name
+            // is nearly always among the last few seen; a linear search stays short.
+            let index = match names.iter().rposition(|name| *name == count.event_name) {
+                Some(index) => index,
+                None => {
+                    names.push(count.event_name.clone());
+                    names.len() - 1
+                }
+            };
+            rows.extend([index as i64, count.bucket_start, count.count]);
+        }
+        Self { stamp, names, rows }
+    }
+
+    /// The counts, `None` when the rows do not decode.
+    fn counts(&self) -> Option<Vec<EventCount>> {
+        if self.rows.len() % 3 != 0 {
+            return None;
+        }
+        self.rows
+            .chunks_exact(3)
+            .map(|row| {
+                let name = self.names.get(usize::try_from(row[0]).ok()?)?;
+                Some(EventCount { event_name: name.clone(), bucket_start: row[1], count: row[2] })
+            })
+            .collect()
+    }
 }
 
 /// The cached union of the folded user bitmaps of a range (base64 of the stored form).
@@ -242,6 +288,26 @@ fn event_count_cache_key(version: &str, start: i64, end: i64, filter: &EventFilt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_event_counts_survive_their_compact_form() {
+        let count = |name: &str, bucket_start, count| EventCount {
+            event_name: name.to_string(),
+            bucket_start,
+            count,
+        };
+        let counts =
+            vec![count("b", 0, 3), count("a", 0, 1), count("b", 3_600, 7), count("a\u{0}:", 3_600, 2)];
+        let stamp = RollupStamp { rows: 2, sum: 13 };
+        let stored = serde_json::to_vec(&StampedEventCounts::new(stamp, &counts)).unwrap();
+        let cached: StampedEventCounts = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(cached.stamp, stamp);
+        assert_eq!(cached.counts(), Some(counts));
+        let broken = StampedEventCounts { stamp, names: vec!["a".to_string()], rows: vec![1, 0, 5] };
+        assert_eq!(broken.counts(), None);
+        let short = StampedEventCounts { stamp, names: vec!["a".to_string()], rows: vec![0, 0] };
+        assert_eq!(short.counts(), None);
+    }
 
     #[test]
     fn only_ranges_older_than_the_late_event_window_and_the_commit_margin_are_immutable() {

@@ -52,6 +52,12 @@ pub(crate) struct Arguments {
     /// Events inserted with and without the trigger to measure its ingestion cost.
     #[arg(long, default_value_t = 200_000)]
     pub(crate) ingest_events: i64,
+    /// Interleaved rounds (trigger on and off, the order alternating) of that measurement.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) ingest_rounds: i64,
+    /// Measure the trigger's ingestion cost only, then stop (no seeding, no queries).
+    #[arg(long)]
+    pub(crate) ingest_only: bool,
     #[arg(long, default_value = "127.0.0.1")]
     pub(crate) postgres_host: String,
     #[arg(long, default_value_t = 5432)]
@@ -153,8 +159,12 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
             sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut connection).await?;
         println!("reused {events} events; migrations applied in {:.1} s\n", migrating.as_secs_f64());
     } else {
-        let ingestion = measure_ingestion_cost(&mut connection, arguments.ingest_events).await?;
+        let ingestion =
+            measure_ingestion_cost(&mut connection, arguments.ingest_events, arguments.ingest_rounds).await?;
         println!("{ingestion}");
+        if arguments.ingest_only {
+            return Ok(());
+        }
         let seeding_started = Instant::now();
         seed(&mut connection, arguments, now.timestamp()).await?;
         let seeded: i64 =

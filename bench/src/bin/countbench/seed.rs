@@ -39,19 +39,25 @@ pub(crate) async fn seed(
 }
 
 /// Inserts `total` events in batches of 500 (the service's UNNEST statement) with the
-/// rollup trigger on and off, interleaved in rounds so both see the same machine load;
-/// returns a markdown line with the throughput ratio.
+/// rollup trigger on and off, interleaved in `rounds` rounds (the order alternating) so
+/// both see the same machine load; returns markdown lines with the throughput ratio over
+/// all rounds, each round's ratio and their median (one busy moment on a shared machine
+/// moves one round, not the median).
 pub(crate) async fn measure_ingestion_cost(
     connection: &mut PgConnection,
     total: i64,
+    rounds: i64,
 ) -> anyhow::Result<String> {
     const BATCH: i64 = 500;
-    const ROUNDS: i64 = 4;
-    let per_round = total / ROUNDS / 2;
+    let rounds = rounds.max(1);
+    let per_round = (total / rounds / 2).max(BATCH);
     let mut with_trigger = Duration::ZERO;
     let mut without_trigger = Duration::ZERO;
+    let mut round_ratios = Vec::new();
     let now = chrono::Utc::now().timestamp();
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
+        let mut round_with = Duration::ZERO;
+        let mut round_without = Duration::ZERO;
         for trigger_on in [round % 2 == 0, round % 2 != 0] {
             let toggle = if trigger_on { "ENABLE" } else { "DISABLE" };
             sqlx::query(&format!("ALTER TABLE events {toggle} TRIGGER events_rollup_after_insert"))
@@ -86,11 +92,15 @@ pub(crate) async fn measure_ingestion_cost(
                 inserted += BATCH;
             }
             if trigger_on {
-                with_trigger += started.elapsed();
+                round_with = started.elapsed();
             } else {
-                without_trigger += started.elapsed();
+                round_without = started.elapsed();
             }
         }
+        with_trigger += round_with;
+        without_trigger += round_without;
+        // Equal events each way, so the throughput ratio is the inverse ratio of times.
+        round_ratios.push(round_without.as_secs_f64() / round_with.as_secs_f64().max(1e-9));
     }
     sqlx::query("ALTER TABLE events ENABLE TRIGGER events_rollup_after_insert")
         .execute(&mut *connection)
@@ -102,15 +112,26 @@ pub(crate) async fn measure_ingestion_cost(
     )
     .execute(&mut *connection)
     .await?;
-    let events_each_way = (per_round * ROUNDS) as f64;
+    let events_each_way = (per_round * rounds) as f64;
     let rate_with = events_each_way / with_trigger.as_secs_f64();
     let rate_without = events_each_way / without_trigger.as_secs_f64();
+    let listed: Vec<String> = round_ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
+    let mut sorted = round_ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = match sorted.len() {
+        0 => 1.0,
+        length if length % 2 == 1 => sorted[length / 2],
+        length => (sorted[length / 2 - 1] + sorted[length / 2]) / 2.0,
+    };
     Ok(format!(
-        "ingestion, {} events each way in batches of {BATCH}, 1 connection, interleaved: without trigger {:.0} events/s, with trigger {:.0} events/s, throughput ratio {:.2} (cost {:.0}%)\n",
-        per_round * ROUNDS,
+        "ingestion, {} events each way in batches of {BATCH}, 1 connection, {rounds} interleaved rounds: without trigger {:.0} events/s, with trigger {:.0} events/s, throughput ratio {:.2} (cost {:.0}%); per round (on first in odd rounds) {}, median {:.2} (cost {:.0}%)\n",
+        per_round * rounds,
         rate_without,
         rate_with,
         rate_with / rate_without,
-        (1.0 - rate_with / rate_without) * 100.0
+        (1.0 - rate_with / rate_without) * 100.0,
+        listed.join(" "),
+        median,
+        (1.0 - median) * 100.0
     ))
 }
