@@ -139,5 +139,6 @@ async fn concurrent_unary_calls_share_round_trips() {
 
     let used = round_trips(&app).await - before;
     eprintln!("{CALLS} concurrent calls took {used} round trips");
-    assert!(used >= 1.0 && used < CALLS as f64, "{used} round trips for {CALLS} calls");
+    // Calls that arrive while a pipeline is out share the next one (3 round trips seen here).
+    assert!(used >= 1.0 && used <= (CALLS / 4) as f64, "{used} round trips for {CALLS} calls");
 }
