@@ -9,7 +9,7 @@ use futures::future::join_all;
 use tonic::Code;
 
 use crate::helpers::{
-    metric_value, redis_port, spawn_app_with, start_server, track_request, TestApp, TestOptions,
+    metric_value, redis_host, redis_port, spawn_app_with, start_server, track_request, TestApp, TestOptions,
 };
 
 const ROUND_TRIPS: &str = "analytics_rate_limit_redis_roundtrips_total";
@@ -122,8 +122,29 @@ async fn a_batch_of_a_thousand_events_of_ten_users_costs_one_round_trip() {
     let results = app.track_batch(events).await;
     assert!(results.iter().all(accepted), "all within the budget");
 
-    let after = round_trips(&app).await;
-    assert_eq!(after - before, 1.0, "one pipeline for the 10 keys, not one call per event");
+    // One pipeline for the 10 keys; 3 should a parallel test have flushed Redis' scripts
+    // meanwhile (the pipeline, the script load, the retried calls).
+    let used = round_trips(&app).await - before;
+    assert!(used == 1.0 || used == 3.0, "{used} round trips, not one call per event");
+}
+
+#[tokio::test]
+async fn a_pipeline_reloads_the_script_when_redis_has_lost_it() {
+    let app = spawn_app_with(options(100_000)).await;
+    assert!(track_one(&app, "warm-up").await);
+    let client = redis::Client::open(format!("redis://{}:{}/", redis_host(), redis_port())).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut connection).await.unwrap();
+    let before = round_trips(&app).await;
+
+    let events = (0..30).map(|index| track_request("reload", &format!("user-{}", index % 3))).collect();
+    let results = app.track_batch(events).await;
+    assert!(results.iter().all(accepted), "{results:?}");
+
+    let used = round_trips(&app).await - before;
+    assert_eq!(used, 3.0, "the pipeline, the script load, the retried calls");
+    let (_, metrics) = app.admin_get("/metrics").await;
+    assert_eq!(metric_value(&metrics, "analytics_rate_limit_fallbacks_total"), 0.0, "{metrics}");
 }
 
 #[tokio::test]
