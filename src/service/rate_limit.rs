@@ -13,7 +13,8 @@
 //! change with the batching: every token is granted by Redis, atomically per key, so
 //! across replicas sharing Redis the events accepted per user within any time window
 //! are at most the budget (the GCRA burst, equal to the capacity) plus what refilled
-//! during the window, plus 0.
+//! during the window: the batching adds nothing (a bound of + 0), as no token is
+//! leased to a replica ahead of use.
 //!
 //! The fallback cannot see what was spent in Redis or on other replicas, so each replica
 //! gets the budget divided by RATE_LIMIT_EXPECTED_REPLICAS (at least 1 event): with that
