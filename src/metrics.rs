@@ -28,6 +28,7 @@ pub(crate) const BUILD_INFO: &str = "analytics_build_info";
 pub(crate) const TLS_HANDSHAKES: &str = "analytics_tls_handshakes_total";
 pub(crate) const TLS_RELOADS: &str = "analytics_tls_reloads_total";
 pub(crate) const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
+pub(crate) const RATE_LIMIT_ROUND_TRIPS: &str = "analytics_rate_limit_redis_roundtrips_total";
 pub(crate) const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
 pub(crate) const TRACE_EXPORT_FAILURES: &str = "analytics_trace_export_failures_total";
 pub(crate) const CONNECTIONS_CLOSED_EARLY: &str = "analytics_grpc_connections_closed_early_total";
@@ -93,6 +94,10 @@ fn describe_all() {
     describe_counter!(TLS_RELOADS, "Changes of the TLS files seen, by result (ok or invalid).");
     describe_counter!(RATE_LIMIT_FALLBACKS, "Switches from the Redis-shared rate limiter to the local one.");
     describe_counter!(
+        RATE_LIMIT_ROUND_TRIPS,
+        "Round trips to Redis for rate limiting (a pipeline of budget checks, or a script load)."
+    );
+    describe_counter!(
         TRACE_EXPORT_FAILURES,
         "Trace export failures, by stage: setup (exporter not built, tracing off) or export (a batch not delivered)."
     );
@@ -153,8 +158,8 @@ pub(crate) fn record_event_rejected(reason: &'static str) {
     counter!(EVENTS_REJECTED, "reason" => reason).increment(1);
 }
 
-pub(crate) fn record_rate_limited() {
-    counter!(RATE_LIMITED).increment(1);
+pub(crate) fn record_rate_limited(events: u64) {
+    counter!(RATE_LIMITED).increment(events);
 }
 
 pub(crate) fn record_tls_handshake(succeeded: bool) {
@@ -174,6 +179,10 @@ pub(crate) fn record_tls_reload(succeeded: bool) {
 
 pub(crate) fn record_rate_limit_fallback() {
     counter!(RATE_LIMIT_FALLBACKS).increment(1);
+}
+
+pub(crate) fn record_rate_limit_round_trip() {
+    counter!(RATE_LIMIT_ROUND_TRIPS).increment(1);
 }
 
 /// A trace exporter that could not be built (`setup`) or a span batch the collector did

@@ -165,9 +165,50 @@ impl AnalyticsService {
         let budget = rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), &caller.name);
         self.rate_limiter.check(&budget).await.map_err(|wait| {
             metrics::record_event_rejected("rate_limited");
-            metrics::record_rate_limited();
+            metrics::record_rate_limited(1);
             ServiceError::RateLimited { retry_after_seconds: rate_limit::retry_after_seconds(wait) }
         })
+    }
+
+    /// Spends one token per event of each sender's budget, asking once per budget key
+    /// for all of that key's events (one round trip for the whole call). Answers per
+    /// event, in order: when a key has only k tokens left, its first k events pass.
+    async fn check_rate_limits(&self, events: &[NewEvent], caller: &Caller) -> Vec<Result<(), ServiceError>> {
+        let mut key_of_event = Vec::with_capacity(events.len());
+        let mut demands: Vec<(String, u32)> = Vec::new();
+        let mut key_index = std::collections::HashMap::new();
+        for event in events {
+            let budget =
+                rate_limit::budget_key(event.user_id.as_ref().map(|user| user.as_str()), &caller.name);
+            let index = *key_index.entry(budget.clone()).or_insert_with(|| {
+                demands.push((budget, 0));
+                demands.len() - 1
+            });
+            demands[index].1 += 1;
+            key_of_event.push(index);
+        }
+        let mut grants = self.rate_limiter.check_each(demands).await;
+        let mut refused = 0;
+        let verdicts = key_of_event
+            .into_iter()
+            .map(|index| match grants.get_mut(index) {
+                Some(grant) if grant.granted > 0 => {
+                    grant.granted -= 1;
+                    Ok(())
+                }
+                Some(grant) => {
+                    refused += 1;
+                    let retry_after_seconds = rate_limit::retry_after_seconds(grant.wait);
+                    Err(ServiceError::RateLimited { retry_after_seconds })
+                }
+                None => Err(ServiceError::Internal),
+            })
+            .collect();
+        if refused > 0 {
+            metrics::record_events_rejected("rate_limited", refused);
+            metrics::record_rate_limited(refused);
+        }
+        verdicts
     }
 
     /// Stores one event through the group commit; answers once it is committed, with its
@@ -218,11 +259,8 @@ impl AnalyticsService {
         if invalid > 0 {
             metrics::record_events_rejected("invalid_argument", invalid as u64);
         }
-        // Each event spends its sender's budget; those over it are rejected alone. The
-        // checks run concurrently (one round trip each with the Redis-shared limiter).
-        let verdicts =
-            futures::future::join_all(valid.iter().map(|new_event| self.check_rate_limit(new_event, caller)))
-                .await;
+        // Each event spends its sender's budget; those over it are rejected alone.
+        let verdicts = self.check_rate_limits(&valid, caller).await;
         let mut admitted = Vec::with_capacity(valid.len());
         let mut admitted_positions = Vec::with_capacity(valid.len());
         for ((new_event, position), verdict) in valid.into_iter().zip(positions).zip(verdicts) {

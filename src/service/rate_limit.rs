@@ -2,14 +2,24 @@
 //! refilled evenly over the minute (GCRA). Anonymous events spend a budget per caller
 //! identity instead. The budgets live in Redis, shared by every replica; when Redis
 //! fails, each replica falls back to its own local limiter (the governor crate) and
-//! says so once, then once more when Redis is back. After a failure Redis is skipped
-//! for a short cool-down ([`RedisBreaker`]), so callers do not each pay a timeout
-//! during an outage.
+//! says so once, then once more when Redis is back. After a failed round trip Redis is
+//! skipped for a short cool-down ([`RedisBreaker`]), so callers do not each pay a
+//! timeout during an outage.
+//!
+//! Round trips: a TrackEvents call asks once per budget key for as many tokens as it
+//! has events of that key, and gets the first k of them when only k are left; all keys
+//! of a call, and the checks of every other call waiting at the same moment, go to
+//! Redis as one pipeline (see `repository::redis::budget_batch`). Exactness does not
+//! change with the batching: every token is granted by Redis, atomically per key, so
+//! across replicas sharing Redis the events accepted per user within any time window
+//! are at most the budget (the GCRA burst, equal to the capacity) plus what refilled
+//! during the window: the batching adds nothing (a bound of + 0), as no token is
+//! leased to a replica ahead of use.
 //!
 //! The fallback cannot see what was spent in Redis or on other replicas, so each replica
 //! gets the budget divided by RATE_LIMIT_EXPECTED_REPLICAS (at least 1 event): with that
 //! many replicas a user gets about one budget per minute in total during an outage, not
-//! one per replica. Batches larger than a replica's share are refused until Redis is back.
+//! one per replica. A failed pipeline sends all of its checks to the fallback.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -18,9 +28,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::metrics;
-use crate::repository::redis::{BudgetDecision, RedisBreaker, SharedBudgets};
-/// The wait reported for a batch larger than the whole budget.
-const WAIT_FOR_OVERSIZED_BATCH: Duration = Duration::from_secs(60);
+use crate::repository::redis::{Grant, RedisBreaker, SharedBudgets, Spend};
 
 /// Checks and spends event budgets. Unlimited when configured with 0.
 pub struct RateLimiter {
@@ -63,25 +71,41 @@ impl RateLimiter {
 
     /// Spends one token of `key`'s budget, or says how long until one is available.
     pub(crate) async fn check(&self, key: &str) -> Result<(), Duration> {
-        self.check_n(key, 1).await
+        let grant = self.check_each(vec![(key.to_string(), 1)]).await.pop();
+        match grant {
+            Some(Grant { granted: 0, wait }) => Err(wait),
+            _ => Ok(()),
+        }
     }
 
-    /// Spends `tokens` tokens at once (a batch of events: one per event), all or none.
-    pub(crate) async fn check_n(&self, key: &str, tokens: u32) -> Result<(), Duration> {
-        let Some(budget) = self.budget else { return Ok(()) };
-        let Some(tokens) = NonZeroU32::new(tokens) else { return Ok(()) };
+    /// Spends up to `tokens` tokens of each key's budget (one per event), in one round
+    /// trip for all keys. Answers per key, in order: how many of its tokens were granted
+    /// (the first ones: its first events), and when fewer than asked, how long until the
+    /// next one.
+    pub(crate) async fn check_each(&self, demands: Vec<(String, u32)>) -> Vec<Grant> {
+        let Some(budget) = self.budget else {
+            return demands
+                .iter()
+                .map(|(_, tokens)| Grant { granted: *tokens, wait: Duration::ZERO })
+                .collect();
+        };
         if let Some(shared) = self.redis_if_not_cooling_down() {
             let interval = Duration::from_secs(60) / budget.get();
-            match shared.spend(key, tokens.get(), budget.get(), interval).await {
-                Ok(decision) => {
+            let spends = demands
+                .iter()
+                .map(|(key, tokens)| Spend {
+                    key: key.clone(),
+                    tokens: *tokens,
+                    capacity: budget.get(),
+                    interval,
+                })
+                .collect();
+            match shared.spend(spends).await {
+                Ok(grants) => {
                     if self.breaker.record_success() {
                         tracing::info!("redis is reachable again, rate limits shared across replicas again");
                     }
-                    return match decision {
-                        BudgetDecision::Allowed => Ok(()),
-                        BudgetDecision::Wait(wait) => Err(wait),
-                        BudgetDecision::TooLarge => Err(WAIT_FOR_OVERSIZED_BATCH),
-                    };
+                    return grants;
                 }
                 Err(error) => {
                     if self.breaker.record_failure() {
@@ -91,20 +115,23 @@ impl RateLimiter {
                 }
             }
         }
-        self.check_locally(key, tokens)
+        demands.iter().map(|(key, tokens)| self.check_locally(key, *tokens)).collect()
     }
 
     fn redis_if_not_cooling_down(&self) -> Option<&SharedBudgets> {
         self.shared.as_ref().filter(|_| !self.breaker.is_cooling_down())
     }
 
-    fn check_locally(&self, key: &str, tokens: NonZeroU32) -> Result<(), Duration> {
-        let Some(limiter) = &self.local else { return Ok(()) };
-        match limiter.check_key_n(&key.to_string(), tokens) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
-            Err(_insufficient_capacity) => Err(WAIT_FOR_OVERSIZED_BATCH),
+    /// Grants `key`'s tokens one at a time from the local limiter until one is refused.
+    fn check_locally(&self, key: &str, tokens: u32) -> Grant {
+        let Some(limiter) = &self.local else { return Grant { granted: tokens, wait: Duration::ZERO } };
+        let key = key.to_string();
+        for granted in 0..tokens {
+            if let Err(not_until) = limiter.check_key(&key) {
+                return Grant { granted, wait: not_until.wait_time_from(self.clock.now()) };
+            }
         }
+        Grant { granted: tokens, wait: Duration::ZERO }
     }
 
     /// Forgets local keys whose buckets are full again, bounding memory (call
@@ -146,12 +173,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_batch_spends_one_token_per_event() {
+    async fn a_batch_gets_the_tokens_left_for_its_first_events() {
         let limiter = RateLimiter::per_minute(5);
-        assert!(limiter.check_n("user:a", 3).await.is_ok());
-        assert!(limiter.check_n("user:a", 3).await.is_err(), "only 2 tokens left");
-        assert!(limiter.check_n("user:a", 2).await.is_ok());
-        assert!(limiter.check_n("user:b", 6).await.is_err(), "larger than the budget");
+        let grants = limiter.check_each(vec![("user:a".into(), 3), ("user:b".into(), 7)]).await;
+        assert_eq!(grants[0], Grant { granted: 3, wait: Duration::ZERO });
+        assert_eq!(grants[1].granted, 5, "the whole budget, not nothing");
+        assert!(grants[1].wait > Duration::ZERO);
+        let grants = limiter.check_each(vec![("user:a".into(), 3)]).await;
+        assert_eq!(grants[0].granted, 2, "only 2 tokens left");
+        assert!(grants[0].wait > Duration::ZERO && grants[0].wait <= Duration::from_secs(12), "{grants:?}");
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ mod outage;
 mod pii;
 mod proxy;
 mod rate_limit;
+mod rate_limit_batch;
 mod readiness;
 mod rollups;
 mod rollups_fold;

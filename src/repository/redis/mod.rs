@@ -4,10 +4,11 @@
 
 mod breaker;
 mod budget;
+mod budget_batch;
 mod cache;
 
 pub(crate) use breaker::RedisBreaker;
-pub(crate) use budget::{BudgetDecision, SharedBudgets};
+pub(crate) use budget::{Grant, SharedBudgets, Spend};
 pub use cache::CountCache;
 
 use crate::config::{read_ca_bundle, RedisConfig};
