@@ -1,6 +1,9 @@
 //! The calls collected for one commit.
 
-use tokio::sync::mpsc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::time::Instant;
 
 use super::queue::Job;
 
@@ -35,6 +38,44 @@ impl Batch {
             match receiver.try_recv() {
                 Ok(job) => self.push(job),
                 Err(_) => break,
+            }
+        }
+    }
+
+    /// Waits for more calls to join while other commits are in flight: until the batch
+    /// holds `batch_size` events, one of those commits ends (`commit_ended`), or `linger`
+    /// passes. With no commit in flight (all `writers` permits of `in_flight` free) it
+    /// returns at once, so a lone call never waits; under load, batches form from the
+    /// calls that queue up behind the commits in flight.
+    pub(super) async fn linger(
+        &mut self,
+        receiver: &mut mpsc::Receiver<Job>,
+        batch_size: usize,
+        linger: Duration,
+        in_flight: &Semaphore,
+        writers: usize,
+        commit_ended: &Notify,
+    ) {
+        if linger.is_zero() {
+            return;
+        }
+        let timeout = tokio::time::sleep_until(Instant::now() + linger);
+        tokio::pin!(timeout);
+        while self.events < batch_size {
+            // Registered before the check, so a commit ending in between still wakes it.
+            let ended = commit_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if in_flight.available_permits() >= writers {
+                return;
+            }
+            tokio::select! {
+                job = receiver.recv() => match job {
+                    Some(job) => self.push(job),
+                    None => return,
+                },
+                _ = &mut ended => return,
+                _ = &mut timeout => return,
             }
         }
     }

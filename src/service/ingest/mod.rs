@@ -3,11 +3,16 @@
 //!
 //! A call enqueues its validated events with a oneshot for the answer and waits until
 //! its deadline. One writer task coalesces queued calls into multi-row inserts of up to
-//! INGEST_BATCH_SIZE events (waiting at most INGEST_LINGER_MS for more), keeps at most
-//! INGEST_WRITERS commits in flight, and answers every caller only after its commit:
+//! INGEST_BATCH_SIZE events, keeps at most INGEST_WRITERS commits in flight, and answers
+//! every caller only after its commit:
 //! nothing is acknowledged from memory. A row that fails on its own is isolated by
 //! bisection, so it fails only its caller. The queue holds at most INGEST_QUEUE_CAPACITY
-//! events; a call that does not fit is refused at once (backpressure). On shutdown the
+//! events; a call that does not fit is refused at once (backpressure).
+//!
+//! With no commit in flight, what is queued is committed at once: a lone call never
+//! waits for company. Batches form from the calls that queue up while commits are in
+//! flight; a batch that is not full then waits for more until one of those commits
+//! ends, or at most INGEST_LINGER_MS. On shutdown the
 //! queue closes, everything queued is committed, then the writer stops.
 //!
 //! What an answer means (the durability contract):

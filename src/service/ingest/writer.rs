@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use backon::BackoffBuilder as _;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -39,6 +39,8 @@ impl Writer {
         let batch_size = self.settings.batch_size.max(1);
         let writers = self.settings.writers.max(1);
         let in_flight = Arc::new(Semaphore::new(writers));
+        // Told each time a commit ends, so a lingering batch can go at once.
+        let commit_ended = Arc::new(Notify::new());
         let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -72,15 +74,9 @@ impl Writer {
             let mut batch = Batch::default();
             batch.push(first);
             batch.fill_ready(&mut receiver, batch_size);
-            if batch.events < batch_size && !self.settings.linger.is_zero() {
-                let deadline = Instant::now() + self.settings.linger;
-                while batch.events < batch_size {
-                    match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                        Ok(Some(job)) => batch.push(job),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-            }
+            batch
+                .linger(&mut receiver, batch_size, self.settings.linger, &in_flight, writers, &commit_ended)
+                .await;
             // Every writer busy: keep the gauges current while waiting (a stalled database
             // shows as a full queue), and refuse the batch as soon as PostgreSQL is known
             // to be unreachable instead of letting it wait for its deadline.
@@ -101,10 +97,12 @@ impl Writer {
             metrics::set_ingest_queue(self.queue.depth(), self.queue.capacity);
             let writer = self.clone();
             let span = batch.span();
+            let commit_ended = commit_ended.clone();
             tokio::spawn(
                 async move {
                     writer.commit(batch).await;
                     drop(commit_slot);
+                    commit_ended.notify_waiters();
                 }
                 .instrument(span),
             );
