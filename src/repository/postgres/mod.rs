@@ -176,9 +176,6 @@ pub struct Database {
     retry: RetryPolicy,
 }
 
-/// How long a writers' connection may sit idle before it is pinged ahead of a commit.
-const WRITER_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
 impl Database {
     /// Creates the pool without connecting, so the service starts (not ready) while
     /// PostgreSQL is down and connects as soon as it is back.
@@ -197,25 +194,13 @@ impl Database {
 
     /// The group-commit writers' pool: INGEST_WRITERS + 1 connections on which
     /// PostgreSQL cancels any statement after INGEST_COMMIT_TIMEOUT_MS, so a commit
-    /// delayed by a lock or a stalled disk can never land later than that. A connection
-    /// is pinged before a commit only after it sat idle for [`WRITER_PING_AFTER_IDLE`]
-    /// (not on every commit: that is a round trip each), so one that broke while idle
-    /// (PostgreSQL restarted) is replaced before a commit is sent on it.
+    /// delayed by a lock or a stalled disk can never land later than that.
     pub fn connect_lazy_for_ingest(config: &impl AsRef<PostgresConfig>) -> Self {
         let config = config.as_ref();
         let statement_timeout = config.ingest_statement_timeout.as_millis().to_string();
         let pool = PgPoolOptions::new()
             .max_connections(config.ingest_pool_connections)
             .min_connections(0)
-            .test_before_acquire(false)
-            .before_acquire(|connection, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= WRITER_PING_AFTER_IDLE {
-                        sqlx::Connection::ping(connection).await?;
-                    }
-                    Ok(true)
-                })
-            })
             .acquire_timeout(config.acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
             .connect_lazy_with(
