@@ -339,6 +339,10 @@ fn server_span(service: &'static str, method: &'static str, headers: &http::Head
         trace_id = tracing::field::Empty,
         caller = tracing::field::Empty,
     );
+    if span.is_disabled() {
+        // Neither logged nor exported (LOG_LEVEL above info): no trace to join or name.
+        return span;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(headers))
     });
