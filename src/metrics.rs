@@ -6,7 +6,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge,
+    Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub(crate) const GRPC_STARTED: &str = "grpc_server_started_total";
@@ -108,22 +111,67 @@ fn describe_all() {
     describe_ingest();
 }
 
-pub(crate) fn record_grpc_started(service: &'static str, method: &'static str, kind: &'static str) {
-    counter!(GRPC_STARTED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind)
-        .increment(1);
+/// Uses the handle kept in `slot`, registering it with `register` on first use. Before
+/// the recorder is installed a handle would stay a no-op forever, so none is kept then.
+fn cached<T>(slot: &OnceLock<T>, register: impl FnOnce() -> T, record: impl FnOnce(&T)) {
+    if HANDLE.get().is_some() {
+        record(slot.get_or_init(register));
+    } else {
+        record(&register());
+    }
 }
 
-pub(crate) fn record_grpc_handled(
+/// Status codes a gRPC answer can carry (0 OK to 16 UNAUTHENTICATED).
+const GRPC_CODES: usize = 17;
+
+/// The go-grpc-prometheus series of one (grpc_service, grpc_method, grpc_type). Each
+/// handle is registered on first use and kept, so recording a call costs no registry
+/// lookup (a key built, hashed and compared per series per call); a series shows up
+/// only once it was recorded, as before.
+pub(crate) struct GrpcSeries {
     service: &'static str,
     method: &'static str,
     kind: &'static str,
-    code: &'static str,
-    elapsed: Duration,
-) {
-    counter!(GRPC_HANDLED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind, "grpc_code" => code)
-        .increment(1);
-    histogram!(GRPC_HANDLING_SECONDS, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind)
-        .record(elapsed.as_secs_f64());
+    started: OnceLock<Counter>,
+    handling: OnceLock<Histogram>,
+    handled: [OnceLock<Counter>; GRPC_CODES],
+}
+
+impl GrpcSeries {
+    pub(crate) const fn new(service: &'static str, method: &'static str, kind: &'static str) -> Self {
+        Self {
+            service,
+            method,
+            kind,
+            started: OnceLock::new(),
+            handling: OnceLock::new(),
+            handled: [const { OnceLock::new() }; GRPC_CODES],
+        }
+    }
+
+    pub(crate) fn record_started(&self) {
+        let (service, method, kind) = (self.service, self.method, self.kind);
+        cached(
+            &self.started,
+            || counter!(GRPC_STARTED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind),
+            |started| started.increment(1),
+        );
+    }
+
+    /// One call answered with `code` (its number) named `code_name`, after `elapsed`.
+    pub(crate) fn record_handled(&self, code: usize, code_name: &'static str, elapsed: Duration) {
+        let (service, method, kind) = (self.service, self.method, self.kind);
+        let handled = || counter!(GRPC_HANDLED, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind, "grpc_code" => code_name);
+        match self.handled.get(code) {
+            Some(slot) => cached(slot, handled, |handled| handled.increment(1)),
+            None => handled().increment(1),
+        }
+        cached(
+            &self.handling,
+            || histogram!(GRPC_HANDLING_SECONDS, "grpc_service" => service, "grpc_method" => method, "grpc_type" => kind),
+            |handling| handling.record(elapsed.as_secs_f64()),
+        );
+    }
 }
 
 pub(crate) fn record_db_call(operation: &'static str, elapsed: Duration, error_kind: Option<&'static str>) {
@@ -151,7 +199,8 @@ pub(crate) fn record_cache_fresh(query: &'static str) {
 }
 
 pub(crate) fn record_events_ingested(count: u64) {
-    counter!(EVENTS_INGESTED).increment(count);
+    static INGESTED: OnceLock<Counter> = OnceLock::new();
+    cached(&INGESTED, || counter!(EVENTS_INGESTED), |ingested| ingested.increment(count));
 }
 
 pub(crate) fn record_event_rejected(reason: &'static str) {
@@ -246,13 +295,17 @@ fn describe_ingest() {
 /// One group commit of `events` events, answered after `elapsed`. Called by the
 /// writer, off the request path.
 pub(crate) fn record_ingest_commit(events: usize, elapsed: Duration) {
-    histogram!(INGEST_BATCH_SIZE).record(events as f64);
-    histogram!(INGEST_COMMIT_SECONDS).record(elapsed.as_secs_f64());
+    static SIZE: OnceLock<Histogram> = OnceLock::new();
+    static SECONDS: OnceLock<Histogram> = OnceLock::new();
+    cached(&SIZE, || histogram!(INGEST_BATCH_SIZE), |size| size.record(events as f64));
+    cached(&SECONDS, || histogram!(INGEST_COMMIT_SECONDS), |seconds| seconds.record(elapsed.as_secs_f64()));
 }
 
 pub(crate) fn set_ingest_queue(depth: usize, capacity: usize) {
-    gauge!(INGEST_QUEUE_DEPTH).set(depth as f64);
-    gauge!(INGEST_QUEUE_CAPACITY).set(capacity as f64);
+    static DEPTH: OnceLock<Gauge> = OnceLock::new();
+    static CAPACITY: OnceLock<Gauge> = OnceLock::new();
+    cached(&DEPTH, || gauge!(INGEST_QUEUE_DEPTH), |gauge| gauge.set(depth as f64));
+    cached(&CAPACITY, || gauge!(INGEST_QUEUE_CAPACITY), |gauge| gauge.set(capacity as f64));
 }
 
 /// Events answered as duplicates of an earlier insert_id.

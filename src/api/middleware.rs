@@ -18,6 +18,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::api::malformed::{is_decode_failure, is_grpc_content_type, unsupported_media_type};
-use crate::metrics;
+use crate::metrics::GrpcSeries;
 use crate::models::rpc::Rpc;
 use crate::security::caller::CallerIdentity;
 use crate::telemetry::{traceparent_trace_id, HeaderExtractor};
@@ -42,6 +43,22 @@ const UNKNOWN: (&str, &str, &str) = ("unknown", "unknown", "unknown");
 /// (grpc_service, grpc_method, grpc_type) of a request path.
 fn classify(path: &str) -> (&'static str, &'static str, &'static str) {
     Rpc::from_path(path).map_or(UNKNOWN, |rpc| (rpc.service(), rpc.method(), rpc.kind()))
+}
+
+/// The metric series of a request path: one per RPC of the catalogue, one for the rest.
+fn series_of(path: &str) -> &'static GrpcSeries {
+    static SERIES: OnceLock<Vec<GrpcSeries>> = OnceLock::new();
+    let series = SERIES.get_or_init(|| {
+        Rpc::ALL
+            .iter()
+            .map(|rpc| GrpcSeries::new(rpc.service(), rpc.method(), rpc.kind()))
+            .chain(std::iter::once(GrpcSeries::new(UNKNOWN.0, UNKNOWN.1, UNKNOWN.2)))
+            .collect()
+    });
+    let index = Rpc::from_path(path)
+        .and_then(|rpc| Rpc::ALL.iter().position(|known| *known == rpc))
+        .unwrap_or(Rpc::ALL.len());
+    &series[index]
 }
 
 /// The go-grpc-prometheus name of a status code ("OK", "InvalidArgument", ...).
@@ -167,7 +184,7 @@ pub struct GrpcObservability<S> {
 /// `grpc-timeout` timer won the race), as DEADLINE_EXCEEDED when the client's deadline
 /// had (about) passed and CANCELLED before.
 struct Handled {
-    labels: (&'static str, &'static str, &'static str),
+    series: &'static GrpcSeries,
     started: Instant,
     deadline: CallDeadline,
     recorded: bool,
@@ -178,9 +195,8 @@ impl Handled {
         if std::mem::replace(&mut self.recorded, true) {
             return;
         }
-        let (service, method, kind) = self.labels;
         let elapsed = self.started.elapsed();
-        metrics::record_grpc_handled(service, method, kind, code_name(code), elapsed);
+        self.series.record_handled(code as usize, code_name(code), elapsed);
         let current = tracing::Span::current();
         current.record("rpc.grpc.status_code", code as i32);
         let elapsed_ms = elapsed.as_millis() as u64;
@@ -230,8 +246,8 @@ where
         // The clone that was polled ready serves this call (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let labels = classify(request.uri().path());
-        let (service, method, kind) = labels;
+        let series = series_of(request.uri().path());
+        let (service, method, _) = classify(request.uri().path());
         let started = Instant::now();
         let deadline = call_deadline(request.headers(), started, self.request_timeout);
         request.extensions_mut().insert(RequestDeadline(deadline.answer_by));
@@ -241,8 +257,8 @@ where
         request.extensions_mut().insert(caller);
         let grpc_content_type = is_grpc_content_type(request.headers());
         let handled = async move {
-            metrics::record_grpc_started(service, method, kind);
-            let mut handled = Handled { labels, started, deadline, recorded: false };
+            series.record_started();
+            let mut handled = Handled { series, started, deadline, recorded: false };
             if !grpc_content_type {
                 handled.record(Code::InvalidArgument);
                 return Ok(unsupported_media_type());
@@ -323,6 +339,10 @@ fn server_span(service: &'static str, method: &'static str, headers: &http::Head
         trace_id = tracing::field::Empty,
         caller = tracing::field::Empty,
     );
+    if span.is_disabled() {
+        // Neither logged nor exported (LOG_LEVEL above info): no trace to join or name.
+        return span;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(headers))
     });

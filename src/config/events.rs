@@ -54,8 +54,9 @@ impl EventsConfig {
 pub struct IngestConfig {
     /// INGEST_BATCH_SIZE: most events per group commit (a call is never split).
     pub batch_size: usize,
-    /// INGEST_LINGER_MS: how long a group commit waits for more events once its first
-    /// arrived; zero commits what is queued at once.
+    /// INGEST_LINGER_MS: while other group commits are in flight, the longest a batch
+    /// that is not full waits for more events; zero commits what is queued at once. With
+    /// no commit in flight a batch never waits.
     pub linger: Duration,
     /// INGEST_QUEUE_CAPACITY: most events waiting for or inside a group commit.
     pub queue_capacity: usize,

@@ -17,6 +17,7 @@ mod health;
 mod hostile;
 mod identify_user;
 mod ingest;
+mod ingest_linger;
 mod lifecycle;
 mod malformed;
 mod migrations;

@@ -123,31 +123,32 @@ impl Properties {
                     format!("must have at most {MAX_PROPERTY_KEYS} keys"),
                 ));
             }
-            let field = format!("properties[{key:?}]");
+            // The field name is only built for an error (most keys are valid).
+            let field = || format!("properties[{key:?}]");
             if key.is_empty() || key.len() > MAX_NAME_BYTES {
                 return Err(ValidationError::new(
-                    field,
+                    field(),
                     format!("key must be 1 to {MAX_NAME_BYTES} bytes, got {}", key.len()),
                 ));
             }
             if key.chars().any(char::is_control) {
-                return Err(ValidationError::new(field, "key must not contain control characters"));
+                return Err(ValidationError::new(field(), "key must not contain control characters"));
             }
             let value = match value {
-                None => return Err(ValidationError::new(field, "value must be set")),
+                None => return Err(ValidationError::new(field(), "value must be set")),
                 Some(PropertyValue::String(text)) if text.contains('\0') => {
-                    return Err(ValidationError::new(field, "string value must not contain NUL"))
+                    return Err(ValidationError::new(field(), "string value must not contain NUL"))
                 }
                 // Stored values with this prefix read as ciphertext: a client must not be
                 // able to pass clear text off as encrypted (or break the reads of a row).
                 Some(PropertyValue::String(text)) if is_reserved(&text) => {
                     return Err(ValidationError::new(
-                        field,
+                        field(),
                         format!("string value must not start with the reserved prefix {CIPHERTEXT_PREFIX}"),
                     ))
                 }
                 Some(PropertyValue::Number(number)) if !number.is_finite() => {
-                    return Err(ValidationError::new(field, "number value must be finite"))
+                    return Err(ValidationError::new(field(), "number value must be finite"))
                 }
                 Some(valid) => valid,
             };
