@@ -6,6 +6,7 @@ mod breaker;
 mod budget;
 mod budget_batch;
 mod cache;
+mod slot;
 
 pub(crate) use breaker::RedisBreaker;
 pub(crate) use budget::{Grant, SharedBudgets, Spend};
