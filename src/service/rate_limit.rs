@@ -9,7 +9,7 @@
 //! Round trips: a TrackEvents call asks once per budget key for as many tokens as it
 //! has events of that key, and gets the first k of them when only k are left; all keys
 //! of a call, and the checks of every other call waiting at the same moment, go to
-//! Redis in one round trip (see `repository::redis::budget_batch`). Exactness does not
+//! Redis as one pipeline (see `repository::redis::budget_batch`). Exactness does not
 //! change with the batching: every token is granted by Redis, atomically per key, so
 //! across replicas sharing Redis the events accepted per user within any time window
 //! are at most the budget (the GCRA burst, equal to the capacity) plus what refilled

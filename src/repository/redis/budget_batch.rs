@@ -1,9 +1,8 @@
 //! The checker task of the shared budgets: a group commit for rate limiting, without a
 //! linger. Callers queue their checks; the task takes every check waiting, sends them to
-//! Redis in one round trip (a few script calls, each for many keys) and answers each
-//! caller from its part of the replies. While a pipeline is in flight the next checks
-//! accumulate, so under load a round trip carries many checks, and an idle service
-//! answers a lone check at once.
+//! Redis as one pipeline and answers each caller from its part of the replies. While a
+//! pipeline is in flight the next checks accumulate, so under load a round trip carries
+//! many checks, and an idle service answers a lone check at once.
 //!
 //! Batching changes no decision: every token is still granted by the script on Redis,
 //! atomically per key, so replicas sharing Redis never grant more than the budget

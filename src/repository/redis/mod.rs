@@ -6,7 +6,6 @@ mod breaker;
 mod budget;
 mod budget_batch;
 mod cache;
-mod slot;
 
 pub(crate) use breaker::RedisBreaker;
 pub(crate) use budget::{Grant, SharedBudgets, Spend};
