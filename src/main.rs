@@ -30,7 +30,8 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit (safe to run from several pods at once).
     Migrate {
-        /// Only check: exit 0 when the schema is current, 3 when it is behind.
+        /// Only check: exit 0 when the schema is current, 3 when it is behind (or was built by
+        /// other migrations: recreate the database).
         #[arg(long)]
         check: bool,
         /// With --check: keep checking until current or this many seconds have passed.
@@ -175,6 +176,10 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
             Ok(status) if status.is_usable() => {
                 tracing::info!(status = ?status, "schema is current");
                 return Ok(ExitCode::SUCCESS);
+            }
+            Ok(status @ schema::SchemaStatus::Diverged { .. }) => {
+                tracing::error!(status = ?status, "database was built by other migrations; recreate it");
+                return Ok(ExitCode::from(EXIT_SCHEMA_BEHIND));
             }
             Ok(status) => tracing::info!(status = ?status, "schema is behind, waiting for `migrate`"),
             Err(error) => tracing::info!(error = %error, "database not reachable yet"),

@@ -201,6 +201,14 @@ impl ReadinessMonitor {
                 Some(SchemaStatus::Ahead { applied, expected }) if next.database_reachable => {
                     tracing::warn!(applied, expected, "database schema is newer than this binary");
                 }
+                Some(SchemaStatus::Diverged { version, applied_name, expected_name }) if next.database_reachable => {
+                    tracing::error!(
+                        version,
+                        applied_name,
+                        expected_name,
+                        "database was built by other migrations (V{version} differs); recreate it, then run `analytics-service migrate`; not ready until then"
+                    );
+                }
                 _ => {}
             }
             let ready = next.is_ready();

@@ -82,3 +82,46 @@ async fn migrate_succeeds_without_changes_when_the_database_is_ahead_of_the_bina
     pool.close().await;
     drop_database(&database).await;
 }
+
+#[tokio::test]
+async fn a_database_built_by_other_migrations_is_reported_and_refused() {
+    // A database migrated by another sequence (a development database from before the
+    // migrations were squashed, or another product's) holds versions this binary knows
+    // under other names: it is not usable, and `migrate` refuses it instead of applying
+    // this binary's migrations on top or calling it "ahead".
+    let database = create_database().await;
+    let config = test_config(&database, "unused", &TestOptions::default());
+    let options = connect_options(&config);
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
+    schema::migrate(&options).await.expect("migrations apply");
+    let latest = *schema::expected_versions().last().unwrap();
+    sqlx::query("UPDATE refinery_schema_history SET name = 'built_elsewhere' WHERE version = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let status = schema::status(&pool).await.unwrap();
+    assert_eq!(
+        status,
+        SchemaStatus::Diverged {
+            version: 1,
+            applied_name: "built_elsewhere".to_string(),
+            expected_name: "create_events_table".to_string(),
+        }
+    );
+    assert!(!status.is_usable());
+    let refused = schema::migrate(&options).await.expect_err("migrate refuses a diverged database");
+    assert!(refused.to_string().contains("built by other migrations"), "{refused}");
+
+    // With newer versions on top it is still diverged, never "ahead".
+    sqlx::query(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES ($1, 'newer', '2026-01-01T00:00:00Z', '0')",
+    )
+    .bind(latest + 1000)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(matches!(schema::status(&pool).await.unwrap(), SchemaStatus::Diverged { version: 1, .. }));
+    assert!(schema::migrate(&options).await.is_err());
+    pool.close().await;
+    drop_database(&database).await;
+}

@@ -2,7 +2,7 @@
 //! refinery over a sqlx connection and serialised across pods with an advisory lock.
 //! Also answers "is the schema current?" for readiness and `migrate --check`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use refinery::{AsyncMigrate, Migration};
 use refinery_core::traits::r#async::{AsyncQuery, AsyncTransaction};
@@ -30,11 +30,14 @@ pub enum SchemaStatus {
     /// The database is newer than this binary (a rollback or a rollout in progress);
     /// migrations are expand-then-contract, so serving stays safe.
     Ahead { applied: i32, expected: i32 },
+    /// A version this binary knows was applied under another name: the database was
+    /// built by a different migration sequence, and `migrate` refuses it. Recreate it.
+    Diverged { version: i32, applied_name: String, expected_name: String },
 }
 
 impl SchemaStatus {
     pub fn is_usable(&self) -> bool {
-        !matches!(self, SchemaStatus::Behind { .. })
+        matches!(self, SchemaStatus::Current { .. } | SchemaStatus::Ahead { .. })
     }
 }
 
@@ -89,7 +92,11 @@ async fn run_unless_ahead(
     connection: &mut PgConnection,
     target: Option<i32>,
 ) -> Result<MigrationReport, MigrationError> {
-    let applied = applied_versions(connection).await.map_err(RepositoryError::from)?;
+    let history = applied_history(&mut *connection).await.map_err(RepositoryError::from)?;
+    if let Some(diverged) = diverged(&history) {
+        return Err(MigrationError::Diverged(diverged));
+    }
+    let applied: BTreeSet<i32> = history.keys().copied().collect();
     let expected = expected_versions();
     let expected_latest = expected.last().copied().unwrap_or(0);
     let every_known_applied = expected.iter().all(|version| applied.contains(version));
@@ -112,36 +119,49 @@ async fn run_unless_ahead(
     Ok(MigrationReport { applied: report.applied_migrations().iter().map(ToString::to_string).collect() })
 }
 
-/// Versions recorded in refinery's history table (empty before the first migration).
-async fn applied_versions(connection: &mut PgConnection) -> Result<BTreeSet<i32>, sqlx::Error> {
+/// Version and name of every migration in refinery's history table (empty before the
+/// first migration).
+async fn applied_history(connection: &mut PgConnection) -> Result<BTreeMap<i32, String>, sqlx::Error> {
     let history_exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
         .bind(HISTORY_TABLE)
         .fetch_one(&mut *connection)
         .await?;
     if !history_exists {
-        return Ok(BTreeSet::new());
+        return Ok(BTreeMap::new());
     }
-    let versions: Vec<i32> = sqlx::query_scalar(&format!("SELECT version FROM {HISTORY_TABLE}"))
+    sqlx::query(&format!("SELECT version, name FROM {HISTORY_TABLE}"))
         .fetch_all(&mut *connection)
-        .await?;
-    Ok(versions.into_iter().collect())
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get::<i32, _>("version")?, row.try_get::<String, _>("name")?)))
+        .collect()
+}
+
+/// A version this binary knows that the database applied under another name: the
+/// database was built by a different migration sequence.
+fn diverged(history: &BTreeMap<i32, String>) -> Option<SchemaStatus> {
+    embedded::migrations::runner().get_migrations().iter().find_map(|migration| {
+        let applied_name = history.get(&migration.version())?;
+        (applied_name != migration.name()).then(|| SchemaStatus::Diverged {
+            version: migration.version(),
+            applied_name: applied_name.clone(),
+            expected_name: migration.name().to_string(),
+        })
+    })
 }
 
 /// Compares the applied versions with the embedded ones.
 pub async fn status(pool: &PgPool) -> Result<SchemaStatus, RepositoryError> {
     let expected = expected_versions();
     let expected_latest = expected.last().copied().unwrap_or(0);
-    let history_exists: bool =
-        sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(HISTORY_TABLE).fetch_one(pool).await?;
-    if !history_exists {
+    let history = applied_history(&mut *pool.acquire().await?).await?;
+    if history.is_empty() {
         return Ok(SchemaStatus::Behind { applied: None, expected: expected_latest });
     }
-    let applied: BTreeSet<i32> = sqlx::query(&format!("SELECT version FROM {HISTORY_TABLE}"))
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<i32, _>("version"))
-        .collect::<Result<_, _>>()?;
+    if let Some(diverged) = diverged(&history) {
+        return Ok(diverged);
+    }
+    let applied: BTreeSet<i32> = history.keys().copied().collect();
     let applied_latest = applied.last().copied();
     if expected.iter().any(|version| !applied.contains(version)) {
         return Ok(SchemaStatus::Behind { applied: applied_latest, expected: expected_latest });
@@ -160,6 +180,8 @@ pub enum MigrationError {
     Database(#[from] RepositoryError),
     #[error("migration failed: {0}")]
     Refinery(Box<refinery::Error>),
+    #[error("the database was built by other migrations ({0:?}): recreate it, then migrate")]
+    Diverged(SchemaStatus),
 }
 
 /// refinery drives migrations through its own traits; this adapter lets it use the
