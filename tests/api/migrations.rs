@@ -2,7 +2,8 @@
 //! no-op when the database is ahead of the binary.
 
 use analytics_service::repository::postgres::schema::{self, SchemaStatus};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
 
 use crate::helpers::{create_database, drop_database, test_config, TestOptions};
 use analytics_service::repository::postgres::connect_options;
@@ -54,11 +55,7 @@ async fn migrate_succeeds_without_changes_when_the_database_is_ahead_of_the_bina
     // A rollback (or a GitOps tool re-running an older release's Job) runs an older binary's
     // `migrate` against a schema that already has newer migrations: nothing is left to
     // apply, and the run must not fail the rollback.
-    let database = create_database().await;
-    let config = test_config(&database, "unused", &TestOptions::default());
-    let options = connect_options(&config);
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
-    schema::migrate(&options).await.expect("migrations apply");
+    let (database, options, pool) = migrated_database().await;
     let latest = *schema::expected_versions().last().unwrap();
     let newer = latest + 1000;
     sqlx::query(
@@ -89,11 +86,7 @@ async fn a_database_built_by_other_migrations_is_reported_and_refused() {
     // migrations were squashed, or another product's) holds versions this binary knows
     // under other names: it is not usable, and `migrate` refuses it instead of applying
     // this binary's migrations on top or calling it "ahead".
-    let database = create_database().await;
-    let config = test_config(&database, "unused", &TestOptions::default());
-    let options = connect_options(&config);
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
-    schema::migrate(&options).await.expect("migrations apply");
+    let (database, options, pool) = migrated_database().await;
     let latest = *schema::expected_versions().last().unwrap();
     sqlx::query("UPDATE refinery_schema_history SET name = 'built_elsewhere' WHERE version = 1")
         .execute(&pool)
@@ -124,4 +117,14 @@ async fn a_database_built_by_other_migrations_is_reported_and_refused() {
     assert!(schema::migrate(&options).await.is_err());
     pool.close().await;
     drop_database(&database).await;
+}
+
+/// A fresh database migrated by this binary, its connect options and a one-connection pool.
+async fn migrated_database() -> (String, PgConnectOptions, PgPool) {
+    let database = create_database().await;
+    let config = test_config(&database, "unused", &TestOptions::default());
+    let options = connect_options(&config);
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
+    schema::migrate(&options).await.expect("migrations apply");
+    (database, options, pool)
 }

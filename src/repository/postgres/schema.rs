@@ -47,12 +47,24 @@ pub struct MigrationReport {
     pub applied: Vec<String>,
 }
 
+/// (version, name) of every migration embedded in this binary, ascending, read once: the
+/// readiness probe compares them with the database on every interval.
+fn embedded_migrations() -> &'static [(i32, String)] {
+    static MIGRATIONS: std::sync::OnceLock<Vec<(i32, String)>> = std::sync::OnceLock::new();
+    MIGRATIONS.get_or_init(|| {
+        let mut migrations: Vec<(i32, String)> = embedded::migrations::runner()
+            .get_migrations()
+            .iter()
+            .map(|migration| (migration.version(), migration.name().to_string()))
+            .collect();
+        migrations.sort_unstable();
+        migrations
+    })
+}
+
 /// Versions embedded in this binary, ascending.
 pub fn expected_versions() -> Vec<i32> {
-    let mut versions: Vec<i32> =
-        embedded::migrations::runner().get_migrations().iter().map(Migration::version).collect();
-    versions.sort_unstable();
-    versions
+    embedded_migrations().iter().map(|(version, _)| *version).collect()
 }
 
 /// Applies every pending migration, holding the advisory lock for the whole run.
@@ -140,12 +152,12 @@ async fn applied_history(connection: &mut PgConnection) -> Result<BTreeMap<i32, 
 /// A version this binary knows that the database applied under another name: the
 /// database was built by a different migration sequence.
 fn diverged(history: &BTreeMap<i32, String>) -> Option<SchemaStatus> {
-    embedded::migrations::runner().get_migrations().iter().find_map(|migration| {
-        let applied_name = history.get(&migration.version())?;
-        (applied_name != migration.name()).then(|| SchemaStatus::Diverged {
-            version: migration.version(),
+    embedded_migrations().iter().find_map(|(version, expected_name)| {
+        let applied_name = history.get(version)?;
+        (applied_name != expected_name).then(|| SchemaStatus::Diverged {
+            version: *version,
             applied_name: applied_name.clone(),
-            expected_name: migration.name().to_string(),
+            expected_name: expected_name.clone(),
         })
     })
 }
