@@ -92,7 +92,11 @@ impl AnalyticsApi for AnalyticsGrpc {
             ServiceError::from(error)
         })?;
         let stored = self.service.track_event(event, &caller, deadline).await?;
-        Ok(Response::new(pb::TrackEventResponse { success: true, event_id: stored.event_id().to_string() }))
+        Ok(Response::new(pb::TrackEventResponse {
+            success: true,
+            event_id: stored.event_id().to_string(),
+            suppressed: false,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = Rpc::TrackEvents.method(), caller = tracing::field::Empty))]
@@ -121,7 +125,7 @@ impl AnalyticsApi for AnalyticsGrpc {
         let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let identity = IdentifyUser::try_from(request.into_inner()).map_err(ServiceError::from)?;
         self.service.identify_user(identity, caller.name(), deadline).await?;
-        Ok(Response::new(pb::IdentifyUserResponse { success: true }))
+        Ok(Response::new(pb::IdentifyUserResponse { success: true, suppressed: false }))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = Rpc::GetEventCount.method(), caller = tracing::field::Empty))]

@@ -1,8 +1,10 @@
-//! The edges of the service: the gRPC API (handlers, proto <-> domain conversion,
+//! The edges of the service: the gRPC API (handlers of AnalyticsService and
+//! AnalyticsAdminService, proto <-> domain conversion,
 //! status mapping, middleware, standard health) and the plain HTTP admin port.
 //! Only this module knows protobuf types.
 
 pub(crate) mod admin;
+pub(crate) mod admin_grpc;
 pub mod convert;
 pub(crate) mod grpc;
 pub(crate) mod health;

@@ -24,6 +24,8 @@ impl From<ServiceError> for Status {
             ServiceError::DeadlineExceeded { outcome_unknown: true } => Status::deadline_exceeded(
                 "deadline exceeded while the call was being committed; outcome unknown, retry with the same insert_id",
             ),
+            ServiceError::FailedPrecondition(reason) => Status::failed_precondition(reason),
+            ServiceError::NotFound(reason) => Status::not_found(reason),
             ServiceError::Internal => Status::internal("internal error"),
         }
     }

@@ -11,6 +11,7 @@ use super::postgres::RetryConfig;
 use super::values::{check_range, non_empty_path};
 use super::{read_section, ConfigError, Vars};
 use crate::security::pii::PiiKeys;
+use crate::security::subject::SubjectHasher;
 
 /// Which event times are accepted and how long events are kept.
 #[derive(Clone, Copy, Debug)]
@@ -150,6 +151,10 @@ pub struct PiiConfig {
     /// PII_KEYS_FILE: file of `KEY_ID:BASE64_32_BYTE_KEY` lines, the first encrypting
     /// new writes; `None` = encryption off.
     pub keys_file: Option<PathBuf>,
+    /// SUPPRESSION_KEY_FILE: the base64 of the 32-byte key of the user ids' keyed hash
+    /// (suppression list, erasure requests, audit); `None` = the administrative RPCs
+    /// answer FAILED_PRECONDITION and ingestion checks no suppression.
+    pub suppression_key_file: Option<PathBuf>,
 }
 
 impl PiiConfig {
@@ -160,6 +165,8 @@ impl PiiConfig {
             pii_fields: String,
             #[serde(default)]
             pii_keys_file: String,
+            #[serde(default)]
+            suppression_key_file: String,
         }
         let raw: Raw = read_section(vars)?;
         let fields = raw
@@ -169,7 +176,11 @@ impl PiiConfig {
             .filter(|field| !field.is_empty())
             .map(String::from)
             .collect();
-        Ok(Self { fields, keys_file: non_empty_path(&raw.pii_keys_file) })
+        Ok(Self {
+            fields,
+            keys_file: non_empty_path(&raw.pii_keys_file),
+            suppression_key_file: non_empty_path(&raw.suppression_key_file),
+        })
     }
 
     /// The keys from PII_KEYS_FILE; `None` when it is not set (encryption off). Reads
@@ -182,6 +193,18 @@ impl PiiConfig {
             ConfigError(format!("PII_KEYS_FILE: cannot read {}: {error}", path.display()))
         })?;
         PiiKeys::parse(&text, "PII_KEYS_FILE").map(Some).map_err(ConfigError)
+    }
+
+    /// The keyed hash of SUPPRESSION_KEY_FILE; `None` when it is not set. Reads the
+    /// file, so it is called at start-up, not while parsing.
+    pub fn subject_hasher(&self) -> Result<Option<SubjectHasher>, ConfigError> {
+        let Some(path) = &self.suppression_key_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            ConfigError(format!("SUPPRESSION_KEY_FILE: cannot read {}: {error}", path.display()))
+        })?;
+        SubjectHasher::parse(&text, "SUPPRESSION_KEY_FILE").map(Some).map_err(ConfigError)
     }
 }
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::values::{check_range, non_empty_path};
 use super::{read_section, ConfigError, Vars};
-use crate::security::authorization::CallerPolicy;
+use crate::security::authorization::{AdminAccess, CallerPolicy};
 use crate::security::tls::TlsFiles;
 
 /// mTLS and who may call what.
@@ -18,7 +18,9 @@ pub struct TlsConfig {
     pub files: Option<TlsFiles>,
     /// TLS_RELOAD_INTERVAL_SECONDS: how often the files are checked for a rotation.
     pub reload_interval: Duration,
-    /// TLS_ALLOWED_CALLERS and TLS_ALLOWED_CALLERS_PER_RPC; open when both are empty.
+    /// TLS_ALLOWED_CALLERS and TLS_ALLOWED_CALLERS_PER_RPC; open when both are empty,
+    /// except for the administrative RPCs: with mTLS only their per-RPC entries open
+    /// them, without mTLS ADMIN_RPCS_ENABLED=true opens them to every caller.
     pub callers: CallerPolicy,
     /// TLS_ALLOWED_CALLERS_COVER_REFLECTION: server reflection answers only callers on
     /// TLS_ALLOWED_CALLERS (true) or every verified caller (false).
@@ -41,6 +43,8 @@ struct Raw {
     tls_allowed_callers_per_rpc: String,
     #[serde(default = "super::default_enabled")]
     tls_allowed_callers_cover_reflection: bool,
+    #[serde(default)]
+    admin_rpcs_enabled: bool,
 }
 
 impl TlsConfig {
@@ -63,6 +67,12 @@ impl TlsConfig {
         check_range("TLS_RELOAD_INTERVAL_SECONDS", raw.tls_reload_interval_seconds, 1, 3_600)?;
         let callers = CallerPolicy::parse(&raw.tls_allowed_callers, &raw.tls_allowed_callers_per_rpc)
             .map_err(ConfigError)?;
+        let admin = match (&files, raw.admin_rpcs_enabled) {
+            (Some(_), _) => AdminAccess::ListedCallers,
+            (None, true) => AdminAccess::Everyone,
+            (None, false) => AdminAccess::Nobody,
+        };
+        let callers = callers.with_admin_access(admin);
         if !callers.is_open() && files.is_none() {
             return Err(ConfigError::variable(
                 "TLS_ALLOWED_CALLERS",

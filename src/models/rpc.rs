@@ -1,8 +1,8 @@
 //! The catalogue of gRPC methods served on the port: their service, method name and
 //! streaming kind. The middleware labels metrics and spans from it (anything else is
 //! "unknown", so arbitrary paths never create new metric series), the handlers name
-//! their RPC with it, and the caller allow-lists accept exactly its AnalyticsService
-//! methods.
+//! their RPC with it, and the caller allow-lists accept exactly its AnalyticsService and
+//! AnalyticsAdminService methods.
 
 /// One method served on the gRPC port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -13,6 +13,11 @@ pub(crate) enum Rpc {
     GetEventCount,
     GetUserCount,
     HealthCheck,
+    /// AnalyticsAdminService: closed by default (see [`Rpc::is_admin`]).
+    DeleteUser,
+    GetUserDeletion,
+    LiftSuppression,
+    ExportUser,
     /// grpc.health.v1.Health/Check.
     StandardHealthCheck,
     /// grpc.health.v1.Health/Watch.
@@ -23,15 +28,21 @@ pub(crate) enum Rpc {
 
 /// The fully-qualified name of our service.
 pub(crate) const ANALYTICS_SERVICE: &str = "analytics.v1.AnalyticsService";
+/// The fully-qualified name of the administrative service (erasure and access requests).
+pub(crate) const ADMIN_SERVICE: &str = "analytics.v1.AnalyticsAdminService";
 
 impl Rpc {
-    pub(crate) const ALL: [Rpc; 10] = [
+    pub(crate) const ALL: [Rpc; 14] = [
         Rpc::TrackEvent,
         Rpc::TrackEvents,
         Rpc::IdentifyUser,
         Rpc::GetEventCount,
         Rpc::GetUserCount,
         Rpc::HealthCheck,
+        Rpc::DeleteUser,
+        Rpc::GetUserDeletion,
+        Rpc::LiftSuppression,
+        Rpc::ExportUser,
         Rpc::StandardHealthCheck,
         Rpc::StandardHealthWatch,
         Rpc::ReflectionV1,
@@ -47,6 +58,7 @@ impl Rpc {
             | Rpc::GetEventCount
             | Rpc::GetUserCount
             | Rpc::HealthCheck => ANALYTICS_SERVICE,
+            Rpc::DeleteUser | Rpc::GetUserDeletion | Rpc::LiftSuppression | Rpc::ExportUser => ADMIN_SERVICE,
             Rpc::StandardHealthCheck | Rpc::StandardHealthWatch => "grpc.health.v1.Health",
             Rpc::ReflectionV1 => "grpc.reflection.v1.ServerReflection",
             Rpc::ReflectionV1Alpha => "grpc.reflection.v1alpha.ServerReflection",
@@ -62,6 +74,10 @@ impl Rpc {
             Rpc::GetEventCount => "GetEventCount",
             Rpc::GetUserCount => "GetUserCount",
             Rpc::HealthCheck => "HealthCheck",
+            Rpc::DeleteUser => "DeleteUser",
+            Rpc::GetUserDeletion => "GetUserDeletion",
+            Rpc::LiftSuppression => "LiftSuppression",
+            Rpc::ExportUser => "ExportUser",
             Rpc::StandardHealthCheck => "Check",
             Rpc::StandardHealthWatch => "Watch",
             Rpc::ReflectionV1 | Rpc::ReflectionV1Alpha => "ServerReflectionInfo",
@@ -71,15 +87,22 @@ impl Rpc {
     /// The go-grpc-prometheus `grpc_type`: unary, server_stream or bidi_stream.
     pub(crate) fn kind(self) -> &'static str {
         match self {
-            Rpc::StandardHealthWatch => "server_stream",
+            Rpc::StandardHealthWatch | Rpc::ExportUser => "server_stream",
             Rpc::ReflectionV1 | Rpc::ReflectionV1Alpha => "bidi_stream",
             _ => "unary",
         }
     }
 
-    /// An AnalyticsService method: what TLS_ALLOWED_CALLERS(_PER_RPC) restrict.
+    /// An AnalyticsService or AnalyticsAdminService method: what
+    /// TLS_ALLOWED_CALLERS(_PER_RPC) restrict.
     pub(crate) fn is_analytics(self) -> bool {
-        self.service() == ANALYTICS_SERVICE
+        self.service() == ANALYTICS_SERVICE || self.is_admin()
+    }
+
+    /// An AnalyticsAdminService method: refused unless allowed explicitly (a per-RPC
+    /// allow-list entry with mTLS, ADMIN_RPCS_ENABLED without).
+    pub(crate) fn is_admin(self) -> bool {
+        self.service() == ADMIN_SERVICE
     }
 
     /// The method of a request path `/{service}/{method}`; `None` for anything else.
@@ -126,7 +149,18 @@ mod tests {
         let names: Vec<&str> = Rpc::analytics_methods().map(Rpc::method).collect();
         assert_eq!(
             names,
-            ["TrackEvent", "TrackEvents", "IdentifyUser", "GetEventCount", "GetUserCount", "HealthCheck"]
+            [
+                "TrackEvent",
+                "TrackEvents",
+                "IdentifyUser",
+                "GetEventCount",
+                "GetUserCount",
+                "HealthCheck",
+                "DeleteUser",
+                "GetUserDeletion",
+                "LiftSuppression",
+                "ExportUser"
+            ]
         );
         assert_eq!(Rpc::analytics_method("GetUserCount"), Some(Rpc::GetUserCount));
         assert_eq!(Rpc::analytics_method("Check"), None);

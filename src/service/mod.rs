@@ -22,6 +22,7 @@ use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
+use crate::security::subject::SubjectHasher;
 pub use ingest::IngestQueue;
 pub(crate) use ingest::{EventResult, Stored};
 use rate_limit::RateLimiter;
@@ -49,6 +50,13 @@ pub enum ServiceError {
     /// were withdrawn before any was written.
     #[error("deadline exceeded")]
     DeadlineExceeded { outcome_unknown: bool },
+    /// The call needs something this replica is not configured with (e.g.
+    /// SUPPRESSION_KEY_FILE for the administrative RPCs); the message says what.
+    #[error("{0}")]
+    FailedPrecondition(&'static str),
+    /// What the call names does not exist (e.g. an unknown erasure request id).
+    #[error("{0}")]
+    NotFound(&'static str),
     /// A bug or unexpected failure; the details were logged, never shown.
     #[error("internal error")]
     Internal,
@@ -100,6 +108,9 @@ pub struct AnalyticsService {
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
     ingest: IngestQueue,
+    /// The keyed hash of user ids (SUPPRESSION_KEY_FILE); `None` = no suppression
+    /// checks, and the administrative RPCs answer FAILED_PRECONDITION.
+    subjects: Option<SubjectHasher>,
 }
 
 impl AnalyticsService {
@@ -125,7 +136,21 @@ impl AnalyticsService {
             event_max_age: events.max_age,
             event_retention: events.retention,
             ingest,
+            subjects: None,
         }
+    }
+
+    /// Names users by `subjects` (SUPPRESSION_KEY_FILE): turns on suppression checks and
+    /// the administrative RPCs.
+    pub fn with_subject_hasher(self, subjects: Option<SubjectHasher>) -> Self {
+        Self { subjects, ..self }
+    }
+
+    /// The keyed hash of user ids, or FAILED_PRECONDITION for the administrative RPCs.
+    pub(crate) fn subject_hasher(&self) -> Result<&SubjectHasher, ServiceError> {
+        self.subjects.as_ref().ok_or(ServiceError::FailedPrecondition(
+            "SUPPRESSION_KEY_FILE is not configured: erasure and access requests need it",
+        ))
     }
 
     /// The stored properties of a user, decrypted (the service's own read path).

@@ -17,6 +17,7 @@ use crate::config::{Config, PiiConfig, RateLimitConfig, RedisConfig};
 use crate::repository::postgres::{Database, EventRepository};
 use crate::repository::redis::{CountCache, SharedBudgets};
 use crate::security::pii::PiiCipher;
+use crate::security::subject::SubjectHasher;
 use crate::service::ingest::{self, IngestSettings, IngestWriter};
 use crate::service::rate_limit::RateLimiter;
 use crate::service::readiness::ReadinessMonitor;
@@ -93,23 +94,34 @@ pub struct Components {
 
 impl Components {
     /// Everything `serve` runs with: the Redis cache and shared budgets when Redis is
-    /// configured, PII encryption when PII_KEYS_FILE is set (the file is read now).
+    /// configured, PII encryption when PII_KEYS_FILE is set, the keyed hash of user ids when
+    /// SUPPRESSION_KEY_FILE is set (the files are read now).
     pub fn build(config: &Config) -> anyhow::Result<Self> {
         let cache = count_cache(config.redis.as_ref())?;
         let rate_limiter = rate_limiter(&config.rate_limit, config.redis.as_ref())?;
         let pii = pii_cipher(&config.pii)?;
-        Ok(Self::new(config, cache, rate_limiter, pii))
+        let subjects = config.pii.subject_hasher()?;
+        if subjects.is_none() {
+            tracing::info!("SUPPRESSION_KEY_FILE not set: erasure and access requests (AnalyticsAdminService) answer FAILED_PRECONDITION");
+        }
+        Ok(Self::new(config, cache, rate_limiter, pii, subjects))
     }
 
     /// The components of a one-shot command that records events of its own (`migrate`):
     /// no cache, no rate limit, no PII keys (its events hold no personal data).
     pub fn for_command(config: &Config) -> Self {
-        Self::new(config, CountCache::disabled(), RateLimiter::per_minute(0), PiiCipher::disabled())
+        Self::new(config, CountCache::disabled(), RateLimiter::per_minute(0), PiiCipher::disabled(), None)
     }
 
     /// The pools, readiness, the group-commit writer (started now) and the use cases,
-    /// over the given cache, rate limiter and PII cipher.
-    pub fn new(config: &Config, cache: CountCache, rate_limiter: RateLimiter, pii: PiiCipher) -> Self {
+    /// over the given cache, rate limiter, PII cipher and keyed hash of user ids.
+    pub fn new(
+        config: &Config,
+        cache: CountCache,
+        rate_limiter: RateLimiter,
+        pii: PiiCipher,
+        subjects: Option<SubjectHasher>,
+    ) -> Self {
         let tasks = BackgroundTasks::new();
         let database = Database::connect_lazy(&config.postgres);
         let readiness = ReadinessMonitor::new(database.clone(), config.server.readiness_requires_database);
@@ -121,14 +133,10 @@ impl Components {
             readiness.database_health(),
             tasks.tracker(),
         );
-        let service = Arc::new(AnalyticsService::new(
-            database.clone(),
-            ingest_queue,
-            cache,
-            rate_limiter,
-            pii,
-            &config.events,
-        ));
+        let service = Arc::new(
+            AnalyticsService::new(database.clone(), ingest_queue, cache, rate_limiter, pii, &config.events)
+                .with_subject_hasher(subjects),
+        );
         Self { database, readiness, service, tasks, ingest_writer }
     }
 

@@ -1,4 +1,5 @@
-//! The gRPC port: the services it carries (AnalyticsService, grpc.health, reflection
+//! The gRPC port: the services it carries (AnalyticsService, AnalyticsAdminService,
+//! grpc.health, reflection
 //! behind its caller guard), the connection limits of GRPC_*, and serving over mTLS or
 //! plaintext until the shutdown signal.
 
@@ -13,11 +14,13 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::pb::health_server::{Health, HealthServer};
 
+use crate::api::admin_grpc::AdminGrpc;
 use crate::api::grpc::{reflection_guard, AnalyticsGrpc};
 use crate::api::middleware::GrpcObservabilityLayer;
 use crate::api::preface::with_preface_deadline;
 use crate::config::{GrpcConfig, TlsConfig};
 use crate::pb;
+use crate::pb::analytics_admin_service_server::AnalyticsAdminServiceServer;
 use crate::pb::analytics_service_server::AnalyticsServiceServer;
 use crate::security::tls::{tls_incoming, HandshakeLimits, ReloadingTlsConfig};
 use crate::service::readiness::Readiness;
@@ -56,6 +59,9 @@ pub(super) async fn serve<H: Health>(
     let reflection_v1 = InterceptedService::new(reflection_v1, reflection_guard(reflection_callers.clone()));
     let reflection_v1alpha =
         InterceptedService::new(reflection_v1alpha, reflection_guard(reflection_callers));
+    let admin =
+        AnalyticsAdminServiceServer::new(AdminGrpc::new(services.service.clone(), callers.callers.clone()))
+            .max_decoding_message_size(grpc.max_message_bytes);
     let analytics = AnalyticsServiceServer::new(
         AnalyticsGrpc::new(services.service, services.readiness).with_caller_policy(callers.callers.clone()),
     )
@@ -76,7 +82,8 @@ pub(super) async fn serve<H: Health>(
         .add_service(services.health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(analytics);
+        .add_service(analytics)
+        .add_service(admin);
     let preface_timeout = grpc.handshake_timeout;
     match tls {
         Some(tls) => {

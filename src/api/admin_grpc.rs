@@ -1,0 +1,96 @@
+//! The AnalyticsAdminService gRPC handlers (erasure and access requests): authorize the
+//! caller (closed by default, see [`crate::security::authorization::AdminAccess`]),
+//! convert the request, call the service, convert the answer. No business rules here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::metrics;
+use crate::models::rpc::Rpc;
+use crate::pb;
+use crate::pb::analytics_admin_service_server::AnalyticsAdminService as AdminApi;
+use crate::security::authorization::CallerPolicy;
+use crate::security::caller::CallerIdentity;
+use crate::service::{AnalyticsService, ServiceError};
+
+/// Implements the generated admin server trait on top of [`AnalyticsService`].
+#[derive(Clone)]
+pub(crate) struct AdminGrpc {
+    service: Arc<AnalyticsService>,
+    callers: Arc<CallerPolicy>,
+}
+
+impl AdminGrpc {
+    pub(crate) fn new(service: Arc<AnalyticsService>, callers: CallerPolicy) -> Self {
+        Self { service, callers: Arc::new(callers) }
+    }
+
+    /// The caller of `request`, recorded on the handler span; PERMISSION_DENIED unless
+    /// the policy opens `rpc` to it.
+    fn authorize<T>(&self, request: &Request<T>, rpc: Rpc) -> Result<CallerIdentity, Status> {
+        let caller = CallerIdentity::of(request.extensions());
+        tracing::Span::current().record("caller", caller.name());
+        if self.callers.allows(rpc, caller.name()) {
+            return Ok(caller);
+        }
+        let rpc = rpc.method();
+        metrics::record_permission_denied(rpc);
+        tracing::warn!(
+            caller = caller.name(),
+            rpc,
+            "administrative rpc not allowed for this caller, permission denied"
+        );
+        Err(ServiceError::PermissionDenied.into())
+    }
+}
+
+/// The stream ExportUser answers with.
+pub(crate) type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportUserResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdminApi for AdminGrpc {
+    type ExportUserStream = ExportStream;
+
+    #[tracing::instrument(skip_all, fields(rpc.method = Rpc::DeleteUser.method(), caller = tracing::field::Empty))]
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let _caller = self.authorize(&request, Rpc::DeleteUser)?;
+        self.service.subject_hasher()?;
+        Err(Status::unimplemented("DeleteUser is not implemented yet"))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc.method = Rpc::GetUserDeletion.method(), caller = tracing::field::Empty))]
+    async fn get_user_deletion(
+        &self,
+        request: Request<pb::GetUserDeletionRequest>,
+    ) -> Result<Response<pb::GetUserDeletionResponse>, Status> {
+        let _caller = self.authorize(&request, Rpc::GetUserDeletion)?;
+        self.service.subject_hasher()?;
+        Err(Status::unimplemented("GetUserDeletion is not implemented yet"))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc.method = Rpc::LiftSuppression.method(), caller = tracing::field::Empty))]
+    async fn lift_suppression(
+        &self,
+        request: Request<pb::LiftSuppressionRequest>,
+    ) -> Result<Response<pb::LiftSuppressionResponse>, Status> {
+        let _caller = self.authorize(&request, Rpc::LiftSuppression)?;
+        self.service.subject_hasher()?;
+        Err(Status::unimplemented("LiftSuppression is not implemented yet"))
+    }
+
+    #[tracing::instrument(skip_all, fields(rpc.method = Rpc::ExportUser.method(), caller = tracing::field::Empty))]
+    async fn export_user(
+        &self,
+        request: Request<pb::ExportUserRequest>,
+    ) -> Result<Response<Self::ExportUserStream>, Status> {
+        let _caller = self.authorize(&request, Rpc::ExportUser)?;
+        self.service.subject_hasher()?;
+        Err(Status::unimplemented("ExportUser is not implemented yet"))
+    }
+}
