@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use analytics_service::config::Config;
+use analytics_service::pb::analytics_admin_service_client::AnalyticsAdminServiceClient;
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use analytics_service::pb::{self, PropertyValue};
 use analytics_service::repository::postgres::{connect_options, schema};
@@ -198,6 +199,21 @@ pub async fn start_server(config: Config, database_name: String, redis_prefix: S
     }
 }
 
+/// Environment of a server with the administrative RPCs open (plaintext with
+/// ADMIN_RPCS_ENABLED=true) and a fresh SUPPRESSION_KEY_FILE; the key file's path is
+/// returned too, so a second replica can share the key.
+pub fn admin_env() -> (Vec<(String, String)>, std::path::PathBuf) {
+    use base64::Engine as _;
+    let path = std::env::temp_dir().join(format!("suppression-key-{}", Uuid::now_v7().simple()));
+    let key: [u8; 32] = rand::random();
+    std::fs::write(&path, base64::engine::general_purpose::STANDARD.encode(key)).expect("key file writes");
+    let env = vec![
+        ("ADMIN_RPCS_ENABLED".to_string(), "true".to_string()),
+        ("SUPPRESSION_KEY_FILE".to_string(), path.display().to_string()),
+    ];
+    (env, path)
+}
+
 /// A TrackEvent request for "now", without properties or insert_id.
 pub fn track_request(name: &str, user_id: &str) -> pb::TrackEventRequest {
     keyed_track_request(name, user_id, "")
@@ -246,6 +262,13 @@ impl TestApp {
                 .expect("server task does not panic"),
             None => Ok(()),
         }
+    }
+
+    /// A client of the administrative service on this server's gRPC port (plaintext).
+    pub fn admin_client(&self) -> AnalyticsAdminServiceClient<Channel> {
+        AnalyticsAdminServiceClient::new(
+            Channel::from_shared(format!("http://{}", self.grpc_address)).unwrap().connect_lazy(),
+        )
     }
 
     pub async fn track(&self, name: &str, user_id: &str, timestamp: i64) -> pb::TrackEventResponse {
