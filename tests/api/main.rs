@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 mod helpers;
 
+mod admin_access;
 mod cache;
 mod certs;
 mod cli;
