@@ -28,6 +28,13 @@ CREATE TABLE erasure_requests (
     requested_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     completed_at TIMESTAMPTZ,
+    -- The transaction that recorded the request (and the suppression): the final pass
+    -- waits until no snapshot older than it is in use, so no write that missed the
+    -- suppression can land after the erasure.
+    recorded_xid XID8 NOT NULL DEFAULT pg_current_xact_id(),
+    -- The replica working on it holds it until then, renewing it every batch; a crashed
+    -- replica's request is taken over when it lapses.
+    leased_until TIMESTAMPTZ,
     CHECK ((state = 'running') = (user_id IS NOT NULL))
 );
 -- At most one running request per user: a second DeleteUser joins the first.
@@ -63,6 +70,12 @@ CREATE TABLE admin_audit (
     details JSONB NOT NULL DEFAULT '{}'
 );
 CREATE INDEX idx_admin_audit_at ON admin_audit (at);
+
+-- The stamp of the count cache must change with every fold into its hours. Counts
+-- only grew before deletions existed, so their sum served; with deletions a fold can
+-- leave the sum unchanged (minus 5 of one name, plus 5 of another), so each total row
+-- now carries a version the fold bumps, and the stamp sums versions.
+ALTER TABLE event_totals_hourly ADD COLUMN version BIGINT NOT NULL DEFAULT 1;
 
 -- Deleted events leave the rollups: per deleting statement, minus the events per (UTC
 -- hour, name), appended like the insert trigger's counts and folded the same way (the

@@ -103,12 +103,15 @@ impl EventCountPlan {
     }
 }
 
-/// A version of the rollup part of a range: (rows, sum) over the rows that a change to
-/// the part must touch. Equal stamps mean an unchanged part.
+/// A version of the rollup part of a range: (rows, sum of versions) over the rows that a
+/// change to the part must touch, and the erasure generation (every erasure batch bumps
+/// it, so an answer cached before an erasure is never reused after). Equal stamps mean
+/// an unchanged part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RollupStamp {
     pub rows: i64,
     pub sum: i64,
+    pub erasures: i64,
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The fold: what the `events` insert trigger appends moved into the count rollups.
 //! Pending users per UTC hour go into the per-hour and per-day bitmaps of active users
 //! (stored as `models::user_bitmap` encodes them); event-count deltas go into
-//! `event_counts_hourly`, `event_counts_daily` and `event_totals_hourly`.
+//! `event_counts_hourly`, `event_counts_daily` and `event_totals_hourly`. Deltas of
+//! deleted events are negative (the delete trigger of V6); a count row they bring to zero
+//! is deleted, and every fold into an hour bumps its total's `version` (the cache stamp).
 //!
 //! A pair or delta is always either pending or folded, never both and never neither: one
 //! transaction deletes what it folds, assigns user ordinals and rewrites the rollups.
@@ -62,10 +64,14 @@ pub async fn fold_pending(
             if !locked {
                 return Ok(FoldOutcome { lock_busy: true, ..FoldOutcome::default() });
             }
-            let folded_deltas: i64 = sqlx::query_scalar(FOLD_EVENT_COUNT_DELTAS)
-                .bind(delta_limit)
-                .fetch_one(&mut *transaction)
-                .await?;
+            let (folded_deltas, emptied_hours): (i64, Option<Vec<DateTime<Utc>>>) =
+                sqlx::query_as(FOLD_EVENT_COUNT_DELTAS)
+                    .bind(delta_limit)
+                    .fetch_one(&mut *transaction)
+                    .await?;
+            if let Some(hours) = emptied_hours {
+                sqlx::query(DROP_EMPTIED_COUNTS).bind(&hours).execute(&mut *transaction).await?;
+            }
             let folded_deltas = folded_deltas as usize;
             let user_rows: Vec<(DateTime<Utc>, Vec<String>)> = sqlx::query_as(
                 "DELETE FROM user_activity_pending
@@ -153,9 +159,19 @@ const FOLD_EVENT_COUNT_DELTAS: &str = "
         INSERT INTO event_totals_hourly AS totals (bucket_start, event_count)
         SELECT bucket_start, sum(event_count) FROM hourly GROUP BY 1 ORDER BY 1
         ON CONFLICT (bucket_start)
-        DO UPDATE SET event_count = totals.event_count + EXCLUDED.event_count
+        DO UPDATE SET event_count = totals.event_count + EXCLUDED.event_count, version = totals.version + 1
     )
-    SELECT count(*) FROM moved";
+    SELECT count(*), array_agg(DISTINCT bucket_start) FILTER (WHERE event_count < 0) FROM moved";
+
+/// Deletes the hourly and daily count rows that deltas of deleted events brought to zero,
+/// in the hours $1 (and their UTC days): a bucket without events has no row.
+const DROP_EMPTIED_COUNTS: &str = "
+    WITH hours AS (
+        DELETE FROM event_counts_hourly WHERE bucket_start = ANY($1) AND event_count = 0
+    )
+    DELETE FROM event_counts_daily
+     WHERE bucket_start = ANY(ARRAY(SELECT DISTINCT date_trunc('day', hour, 'UTC') FROM unnest($1::timestamptz[]) AS hour))
+       AND event_count = 0";
 
 /// ORs `additions` (bucket start in Unix seconds -> users) into `table`'s bitmaps,
 /// bumping `version` of every row that changes.

@@ -150,11 +150,13 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
 
 /// The stamp of the plan's whole hours as part 0, then `parts` of the plan numbered as
 /// given, as rows of (`part`, `event_name`, `bucket`, `count`); the stamp's row carries
-/// (rows, sum) of `event_totals_hourly` in `bucket` and `count`.
+/// (rows, sum of versions) of `event_totals_hourly` in `bucket` and `count`; part -1
+/// carries the erasure generation in `count`.
 fn push_stamped_parts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, parts: &[(i32, CountPart)]) {
     sql.push("SELECT 0 AS part, NULL::text AS event_name, count(*)::bigint AS bucket,");
-    sql.push(" coalesce(sum(event_count), 0)::bigint AS count FROM event_totals_hourly WHERE ");
+    sql.push(" coalesce(sum(version), 0)::bigint AS count FROM event_totals_hourly WHERE ");
     push_within(sql, "bucket_start", binds.rollup_start, binds.rollup_end);
+    sql.push(" UNION ALL SELECT -1, NULL::text, 0::bigint, generation FROM erasure_generation");
     let bucket = if binds.group_by.is_some() { "counts.bucket" } else { "0::bigint" };
     for (number, part) in parts {
         sql.push(format_args!(
@@ -171,7 +173,8 @@ fn push_stamped_parts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, parts: &
 pub struct EventCountParts {
     /// The folded part's counts, when asked for.
     pub folded: Option<Vec<EventCount>>,
-    /// `(rows, events)` of `event_totals_hourly` over the folded part's hours.
+    /// `(rows, sum of versions)` of `event_totals_hourly` over the folded part's hours,
+    /// and the erasure generation.
     pub stamp: RollupStamp,
     /// The fresh part's counts.
     pub fresh: Vec<EventCount>,
@@ -182,7 +185,7 @@ pub struct EventCountParts {
 pub struct UserCountParts {
     /// The union of the folded bitmaps, when asked for.
     pub folded: Option<RoaringBitmap>,
-    /// (rows, sum of versions) of those bitmaps.
+    /// (rows, sum of versions) of those bitmaps, and the erasure generation.
     pub stamp: RollupStamp,
     /// Ordinals of users in the pending pairs and the raw edges, each once.
     pub unfolded_ordinals: Vec<u32>,
@@ -242,6 +245,8 @@ impl RollupRepository {
                 let rows = sql.build().fetch_all(self.database.pool()).await?;
                 let mut counts =
                     event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())?;
+                // Deltas of deleted events not folded yet may cancel a bucket out.
+                counts.retain(|count| count.count != 0);
                 // Ordered here, not in SQL: PostgreSQL then groups by hashing, and the order
                 // is the same bytewise one the service's merge of cached and fresh parts gives,
                 // whatever the collation.
@@ -296,12 +301,27 @@ impl RollupRepository {
                         count,
                     };
                     match part {
-                        0 => parts.stamp = RollupStamp { rows: bucket, sum: count().count },
+                        0 => {
+                            parts.stamp.rows = bucket;
+                            parts.stamp.sum = count().count;
+                        }
+                        -1 => parts.stamp.erasures = count().count,
                         1 => parts.folded.iter_mut().for_each(|folded| folded.push(count())),
                         _ => parts.fresh.push(count()),
                     }
                 }
                 Ok(parts)
+            })
+            .await
+    }
+
+    /// The erasure generation: what an immutable cached answer is checked against.
+    pub async fn erasure_generation(&self) -> Result<i64, RepositoryError> {
+        self.database
+            .with_retry("erasure_generation", || async {
+                Ok(sqlx::query_scalar("SELECT generation FROM erasure_generation")
+                    .fetch_one(self.database.pool())
+                    .await?)
             })
             .await
     }
@@ -340,6 +360,8 @@ impl RollupRepository {
                     push_within(&mut sql, "bucket_start", from, to);
                     sql.push(" UNION ALL ");
                 }
+                // The erasure generation, as a row of (NULL, generation, -1).
+                sql.push("SELECT NULL::bytea, generation, -1 FROM erasure_generation UNION ALL ");
                 // An id without an ordinal has never been folded, so it is in no bitmap.
                 sql.push("SELECT NULL::bytea, NULL::bigint, ordinals.ordinal FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
                 push_within(&mut sql, "hour_start", rollup_start, rollup_end);
@@ -357,6 +379,7 @@ impl RollupRepository {
                 let mut unfolded_ordinals = Vec::new();
                 for (users, version, ordinal) in rows {
                     match (version, ordinal) {
+                        (Some(generation), Some(-1)) => stamp.erasures = generation,
                         (Some(version), _) => {
                             stamp.rows += 1;
                             stamp.sum += version;

@@ -18,6 +18,11 @@
 //! ends within REQUEST_TIMEOUT_SECONDS and its commit within the commit bound), so such an
 //! answer is immutable and cached whole, without a stamp, for [`IMMUTABLE_CACHE_TTL`].
 //! Ranges a retention drop may still shorten are not treated as closed.
+//!
+//! Erasure (DeleteUser) changes the past: every erasure batch bumps the erasure
+//! generation, which every stamp includes and every immutable answer is cached with, so
+//! no answer cached before an erasure is used after it. The immutable path reads the
+//! generation alongside its Redis lookup.
 
 pub mod plan;
 mod time;
@@ -94,22 +99,28 @@ impl AnalyticsService {
         }
         if self.cache_policy(filter.range) == CachePolicy::Immutable {
             let key =
-                event_count_cache_key("event_count:v2", filter.range.start(), filter.range.end(), &filter);
-            if let Some(cached) = self.cache.get::<Vec<EventCount>>(&key).await {
+                event_count_cache_key("event_count:v3", filter.range.start(), filter.range.end(), &filter);
+            let (generation, cached) = tokio::join!(
+                rollups.erasure_generation(),
+                self.cache.get::<ErasureStamped<Vec<EventCount>>>(&key)
+            );
+            let generation = generation.map_err(repository_failure)?;
+            if let Some(cached) = cached.filter(|cached| cached.erasures == generation) {
                 metrics::record_cache_lookup("event_count", true);
-                return Ok(cached);
+                return Ok(cached.value);
             }
             metrics::record_cache_lookup("event_count", false);
             let counts = uncached_event_counts(&rollups, &filter).await?;
-            self.cache.set(&key, &counts, Some(IMMUTABLE_CACHE_TTL)).await;
-            return Ok(counts);
+            let entry = ErasureStamped { erasures: generation, value: counts };
+            self.cache.set(&key, &entry, Some(IMMUTABLE_CACHE_TTL)).await;
+            return Ok(entry.value);
         }
         // The folded part (whole hours) is cached with its stamp and reused while the
         // stamp is unchanged; deltas not folded yet and the edges are always read fresh,
         // in the same snapshot as the stamp. The key depends on the range only, so the
         // cache lookup runs alongside the extent read the plan needs.
         let split = RangeSplit::hours(filter.range);
-        let key = event_count_cache_key("event_count:v4", split.rollup_start, split.rollup_end, &filter);
+        let key = event_count_cache_key("event_count:v5", split.rollup_start, split.rollup_end, &filter);
         let (plan, cached) = if split.has_rollup_part() {
             tokio::join!(event_count_plan(&rollups, &filter), self.cache.get::<StampedEventCounts>(&key))
         } else {
@@ -160,14 +171,18 @@ impl AnalyticsService {
             return rollups.unique_users(split).await.map_err(repository_failure);
         }
         if self.cache_policy(range) == CachePolicy::Immutable {
-            let key = format!("user_count:v2:{}:{}", range.start(), range.end());
-            if let Some(cached) = self.cache.get::<i64>(&key).await {
+            let key = format!("user_count:v4:{}:{}", range.start(), range.end());
+            let (generation, cached) =
+                tokio::join!(rollups.erasure_generation(), self.cache.get::<ErasureStamped<i64>>(&key));
+            let generation = generation.map_err(repository_failure)?;
+            if let Some(cached) = cached.filter(|cached| cached.erasures == generation) {
                 metrics::record_cache_lookup("user_count", true);
-                return Ok(cached);
+                return Ok(cached.value);
             }
             metrics::record_cache_lookup("user_count", false);
             let count = rollups.unique_users(split).await.map_err(repository_failure)?;
-            self.cache.set(&key, &count, Some(IMMUTABLE_CACHE_TTL)).await;
+            let entry = ErasureStamped { erasures: generation, value: count };
+            self.cache.set(&key, &entry, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(count);
         }
         if !split.has_rollup_part() {
@@ -176,7 +191,7 @@ impl AnalyticsService {
         }
         // The union of the folded bitmaps is cached with their stamp; the users not folded
         // yet are read fresh, in the same snapshot as the stamp they are checked against.
-        let key = format!("user_count:v3:{}:{}", split.rollup_start, split.rollup_end);
+        let key = format!("user_count:v5:{}:{}", split.rollup_start, split.rollup_end);
         let cached = self.cache.get::<StampedUsers>(&key).await;
         if let Some(cached) = cached {
             let parts = rollups.user_count_parts(split, false).await.map_err(repository_failure)?;
@@ -213,6 +228,13 @@ async fn uncached_event_counts(
 ) -> Result<Vec<EventCount>, ServiceError> {
     let plan = event_count_plan(rollups, filter).await?;
     rollups.event_counts(filter, &plan).await.map_err(repository_failure)
+}
+
+/// An immutable answer as cached: valid while the erasure generation is unchanged.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ErasureStamped<T> {
+    erasures: i64,
+    value: T,
 }
 
 /// The cached rollup part of a GetEventCount answer, in a compact form: each name once,
@@ -298,7 +320,7 @@ mod tests {
         };
         let counts =
             vec![count("b", 0, 3), count("a", 0, 1), count("b", 3_600, 7), count("a\u{0}:", 3_600, 2)];
-        let stamp = RollupStamp { rows: 2, sum: 13 };
+        let stamp = RollupStamp { rows: 2, sum: 13, erasures: 1 };
         let stored = serde_json::to_vec(&StampedEventCounts::new(stamp, &counts)).unwrap();
         let cached: StampedEventCounts = serde_json::from_slice(&stored).unwrap();
         assert_eq!(cached.stamp, stamp);

@@ -107,8 +107,11 @@ pub fn merge_event_counts(counts: Vec<EventCount>, more: Vec<EventCount>) -> Vec
     for count in counts.into_iter().chain(more) {
         *merged.entry((count.bucket_start, count.event_name)).or_default() += count.count;
     }
+    // Deltas of deleted events not folded yet are negative and may cancel a bucket out:
+    // a bucket without events is left out.
     merged
         .into_iter()
+        .filter(|(_, count)| *count != 0)
         .map(|((bucket_start, event_name), count)| EventCount { event_name, bucket_start, count })
         .collect()
 }
