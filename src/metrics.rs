@@ -109,6 +109,7 @@ fn describe_all() {
         "Calls refused because the caller is not on the allow-list, by method."
     );
     describe_ingest();
+    describe_erasure();
 }
 
 /// Uses the handle kept in `slot`, registering it with `register` on first use. Before
@@ -325,4 +326,30 @@ pub(crate) fn record_rollup_fold(deltas: usize, pairs: usize) {
     counter!(USER_ACTIVITY_FOLDED).increment(pairs as u64);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     gauge!(ROLLUP_FOLD_TIMESTAMP).set(now.as_secs_f64());
+}
+
+// Erasure (DeleteUser).
+pub(crate) const ERASURES_REQUESTED: &str = "analytics_erasures_requested_total";
+pub(crate) const ERASURES_COMPLETED: &str = "analytics_erasures_completed_total";
+pub(crate) const ERASED_EVENTS: &str = "analytics_erased_events_total";
+
+fn describe_erasure() {
+    describe_counter!(ERASURES_REQUESTED, "DeleteUser requests recorded, by whether they suppress the user.");
+    describe_counter!(ERASURES_COMPLETED, "User erasures this replica completed.");
+    describe_counter!(ERASED_EVENTS, "Events deleted by user erasures on this replica.");
+}
+
+/// A DeleteUser request recorded (or joined to the running one).
+pub(crate) fn record_erasure_requested(suppress: bool) {
+    counter!(ERASURES_REQUESTED, "suppress" => if suppress { "true" } else { "false" }).increment(1);
+}
+
+/// One erasure batch that deleted `events` events.
+pub(crate) fn record_erasure_batch(events: u64) {
+    counter!(ERASED_EVENTS).increment(events);
+}
+
+/// An erasure completed by this replica.
+pub(crate) fn record_erasure_completed() {
+    counter!(ERASURES_COMPLETED).increment(1);
 }

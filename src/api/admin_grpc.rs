@@ -8,13 +8,17 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::middleware::RequestDeadline;
 use crate::metrics;
 use crate::models::rpc::Rpc;
+use crate::models::UserId;
 use crate::pb;
 use crate::pb::analytics_admin_service_server::AnalyticsAdminService as AdminApi;
+use crate::repository::postgres::erasure::ErasureRequest;
 use crate::security::authorization::CallerPolicy;
 use crate::security::caller::CallerIdentity;
-use crate::service::{AnalyticsService, ServiceError};
+use crate::service::erasure::hex;
+use crate::service::{AnalyticsService, ServiceError, ValidationError};
 
 /// Implements the generated admin server trait on top of [`AnalyticsService`].
 #[derive(Clone)]
@@ -47,6 +51,29 @@ impl AdminGrpc {
     }
 }
 
+/// A call's deadline when no middleware set one (the server always does).
+const UNSET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An erasure request as the API shows it.
+fn user_deletion(erasure: ErasureRequest) -> pb::UserDeletion {
+    let state = if erasure.is_completed() {
+        pb::UserDeletionState::Completed
+    } else {
+        pb::UserDeletionState::Running
+    };
+    pb::UserDeletion {
+        request_id: erasure.id.to_string(),
+        state: state.into(),
+        subject_hash: hex(&erasure.subject_hash),
+        suppress: erasure.suppress,
+        events_deleted: erasure.events_deleted,
+        identity_deleted: erasure.identity_deleted,
+        insert_ids_deleted: erasure.insert_ids_deleted,
+        requested_at: erasure.requested_at.timestamp(),
+        completed_at: erasure.completed_at.map_or(0, |at| at.timestamp()),
+    }
+}
+
 /// The stream ExportUser answers with.
 pub(crate) type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportUserResponse, Status>> + Send>>;
 
@@ -61,7 +88,11 @@ impl AdminApi for AdminGrpc {
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let _caller = self.authorize(&request, Rpc::DeleteUser)?;
         self.service.subject_hasher()?;
-        Err(Status::unimplemented("DeleteUser is not implemented yet"))
+        let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
+        let request = request.into_inner();
+        let user_id = UserId::parse(request.user_id).map_err(ServiceError::from)?;
+        let erasure = self.service.delete_user(&user_id, request.suppress, deadline).await?;
+        Ok(Response::new(pb::DeleteUserResponse { deletion: Some(user_deletion(erasure)) }))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = Rpc::GetUserDeletion.method(), caller = tracing::field::Empty))]
@@ -71,7 +102,11 @@ impl AdminApi for AdminGrpc {
     ) -> Result<Response<pb::GetUserDeletionResponse>, Status> {
         let _caller = self.authorize(&request, Rpc::GetUserDeletion)?;
         self.service.subject_hasher()?;
-        Err(Status::unimplemented("GetUserDeletion is not implemented yet"))
+        let id = uuid::Uuid::parse_str(&request.get_ref().request_id).map_err(|_| {
+            ServiceError::from(ValidationError::new("request_id", "must be a request_id DeleteUser answered"))
+        })?;
+        let erasure = self.service.user_deletion(id).await?;
+        Ok(Response::new(pb::GetUserDeletionResponse { deletion: Some(user_deletion(erasure)) }))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = Rpc::LiftSuppression.method(), caller = tracing::field::Empty))]

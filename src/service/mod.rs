@@ -3,6 +3,7 @@
 //! `validation`); storage goes through `repository`.
 
 pub mod counts;
+pub(crate) mod erasure;
 pub(crate) mod fold_task;
 pub mod ingest;
 pub(crate) mod partition_maintenance;
@@ -111,6 +112,8 @@ pub struct AnalyticsService {
     /// The keyed hash of user ids (SUPPRESSION_KEY_FILE); `None` = no suppression
     /// checks, and the administrative RPCs answer FAILED_PRECONDITION.
     subjects: Option<SubjectHasher>,
+    /// Wakes this replica's erasure worker when a DeleteUser call records a request.
+    erasure_signal: erasure::ErasureSignal,
 }
 
 impl AnalyticsService {
@@ -137,6 +140,7 @@ impl AnalyticsService {
             event_retention: events.retention,
             ingest,
             subjects: None,
+            erasure_signal: erasure::ErasureSignal::default(),
         }
     }
 

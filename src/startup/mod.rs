@@ -104,6 +104,7 @@ impl Application {
             run_partition_maintenance(database.clone(), config.events.max_age, config.events.retention),
         );
         tasks.spawn_until(&after_drain, run_rollup_fold(database.clone()));
+        tasks.spawn_until(&after_drain, service.erasure_worker());
         if let Some(tls) = &tls {
             tasks.spawn_until(&after_drain, tls.clone().watch(config.tls.reload_interval));
         }

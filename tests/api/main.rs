@@ -12,6 +12,7 @@ mod cli;
 mod connections;
 mod counts;
 mod dependency_tls;
+mod erasure;
 mod failures;
 mod faults;
 mod health;

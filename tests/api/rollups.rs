@@ -14,7 +14,7 @@ use crate::helpers::{create_database, now, spawn_app, start_server, test_config,
 
 pub const HOUR: i64 = 3_600;
 pub const DAY: i64 = 86_400;
-const ZONES: [&str; 9] = [
+pub const ZONES: [&str; 9] = [
     "",
     "UTC",
     "Europe/Berlin",
@@ -28,7 +28,7 @@ const ZONES: [&str; 9] = [
 /// Offsets of 30 and 45 minutes, and Lord Howe's 30-minute DST shift.
 const ODD_OFFSET_ZONES: [&str; 5] =
     ["Australia/Lord_Howe", "Asia/Kathmandu", "Pacific/Chatham", "Asia/Kolkata", "America/St_Johns"];
-const NAMES: [&str; 5] = ["view", "click", "signup", "purchase", "logout"];
+pub const NAMES: [&str; 5] = ["view", "click", "signup", "purchase", "logout"];
 
 pub type Counts = Vec<(String, i64, i64)>;
 
@@ -45,7 +45,7 @@ pub async fn brute_force_counts(
     let zone = if zone.is_empty() { "UTC" } else { zone };
     let bucket = match group_by {
         "hour" => {
-            "EXTRACT(EPOCH FROM timestamp)::bigint
+            "floor(EXTRACT(EPOCH FROM timestamp))::bigint
                    - extract(minute FROM timestamp AT TIME ZONE $4)::bigint * 60
                    - floor(extract(second FROM timestamp AT TIME ZONE $4))::bigint"
         }
@@ -113,7 +113,7 @@ pub async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usi
     .unwrap();
 }
 
-async fn compare_random_queries(app: &TestApp, random: &mut StdRng, from: i64, to: i64, queries: usize) {
+pub async fn compare_random_queries(app: &TestApp, random: &mut StdRng, from: i64, to: i64, queries: usize) {
     compare_random_queries_in(app, random, from, to, queries, &ZONES, 45 * DAY).await;
 }
 

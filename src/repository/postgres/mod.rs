@@ -4,6 +4,7 @@
 //! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
 //! key rotation.
 
+pub mod erasure;
 pub(crate) mod events;
 pub mod fold;
 pub mod partitions;
