@@ -391,6 +391,8 @@ def test_every_contract_variable_can_be_set():
     everything = configured_env(render(values=["ci/production-values.yaml"]))
     # CA files and the OTLP headers are rendered only when their Secrets are named.
     everything |= configured_env(render(values=["ci/dependency-tls-values.yaml"]))
+    # The suppression key file is rendered only when its Secret is named.
+    everything |= configured_env(render(values=["ci/erasure-mtls-values.yaml"]))
     missing = [name for name in CONTRACT_ENV if name not in everything]
     assert not missing, f"not exposed by the chart: {missing}"
 
@@ -570,6 +572,47 @@ def test_per_rpc_allow_lists_render_in_the_binarys_syntax():
     assert "allowedCallersPerRpc" in render_error(
         "tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.NoSuchRpc={a}"
     )
+
+
+# --- Erasure and access requests (AnalyticsAdminService) ----------------------------------------
+
+ADMIN_RPCS = ("DeleteUser", "GetUserDeletion", "LiftSuppression", "ExportUser")
+
+
+def test_suppression_key_is_mounted_as_a_file_the_server_reads():
+    docs = render(values=["ci/erasure-plaintext-values.yaml"])
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert data["SUPPRESSION_KEY_FILE"] == "/etc/analytics-service/suppression/suppression.key"
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "suppression-key")
+    assert volume["secret"]["secretName"] == "analytics-suppression-key"
+    mounts = server_container(docs)["volumeMounts"]
+    assert next(m for m in mounts if m["name"] == "suppression-key")["readOnly"] is True
+    assert mounted_file_is_readable(data["SUPPRESSION_KEY_FILE"], mounts, pod["volumes"])
+    assert "SUPPRESSION_KEY_FILE" not in one(render(), "ConfigMap", RELEASE)["data"]
+
+
+def test_admin_rpcs_are_closed_by_default_and_opened_per_transport():
+    assert one(render(), "ConfigMap", RELEASE)["data"]["ADMIN_RPCS_ENABLED"] == "false"
+    plaintext = one(render(values=["ci/erasure-plaintext-values.yaml"]), "ConfigMap", RELEASE)["data"]
+    assert plaintext["ADMIN_RPCS_ENABLED"] == "true" and "TLS_ALLOWED_CALLERS_PER_RPC" not in plaintext
+    mtls = one(render(values=["ci/erasure-mtls-values.yaml"]), "ConfigMap", RELEASE)["data"]
+    assert mtls["ADMIN_RPCS_ENABLED"] == "false"
+    entries = dict(rule.split("=", 1) for rule in mtls["TLS_ALLOWED_CALLERS_PER_RPC"].split(";"))
+    assert set(entries) == set(ADMIN_RPCS)
+    erasure_caller = entries["DeleteUser"]
+    assert erasure_caller in mtls["TLS_ALLOWED_CALLERS"].split(","), "the global list applies to admin RPCs too"
+
+
+def test_admin_settings_without_effect_fail_the_render():
+    tls = ("tls.enabled=true", "tls.existingSecret=tls", "suppressionKey.existingSecret=key")
+    assert "admin.rpcsEnabled has no effect with tls.enabled" in render_error("admin.rpcsEnabled=true", *tls)
+    assert "suppressionKey.existingSecret" in render_error("admin.rpcsEnabled=true")
+    error = render_error("tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.ExportUser={a}")
+    assert "tls.allowedCallersPerRpc.ExportUser" in error and "FAILED_PRECONDITION" in error
+    # Non-admin entries and a key without opened RPCs (ingestion still honours suppressions) render.
+    render("tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.GetEventCount={a}")
+    render("suppressionKey.existingSecret=key")
 
 
 # --- Autoscaling, monitoring, NetworkPolicy ------------------------------------------------------
