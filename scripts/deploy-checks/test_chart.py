@@ -615,6 +615,43 @@ def test_admin_settings_without_effect_fail_the_render():
     render("suppressionKey.existingSecret=key")
 
 
+def test_erasure_job_example_calls_delete_user_on_the_releases_service():
+    docs = load_all((REPO_ROOT / "docs" / "erasure-job.yaml").read_text())
+    job = one(docs, "Job", "analytics-erasure")
+    assert job["metadata"]["namespace"] == NAMESPACE
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    image, _, tag = container["image"].partition(":")
+    assert image == "fullstorydev/grpcurl" and re.fullmatch(r"v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", tag)
+    args = container["args"]
+    assert args[-1] == "analytics.v1.AnalyticsAdminService/DeleteUser"
+    assert json.loads(args[args.index("-d") + 1]) == {"user_id": "$(USER_ID)", "suppress": True}
+    assert container["env"][0]["name"] == "USER_ID" and "secretKeyRef" in container["env"][0]["valueFrom"]
+    chart = render(values=["ci/erasure-mtls-values.yaml"])
+    port = next(p["port"] for p in one(chart, "Service", RELEASE)["spec"]["ports"] if p["name"] == "grpc")
+    assert args[-2] == f"{RELEASE}.{NAMESPACE}.svc:{port}"
+    # The name the chart's certificate carries (the helm test verifies the same one).
+    certificate = one(render(values=["ci/cert-manager-values.yaml"]), "Certificate", RELEASE)
+    assert args[-2].rsplit(":", 1)[0] in certificate["spec"]["dnsNames"]
+    mount = container["volumeMounts"][0]["mountPath"]
+    for flag, name in (("-cacert", "ca.crt"), ("-cert", "tls.crt"), ("-key", "tls.key")):
+        assert args[args.index(flag) + 1] == f"{mount}/{name}"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] > 0 and pod["automountServiceAccountToken"] is False
+    # Its own NetworkPolicy lets it reach exactly the release's server pods on the gRPC port.
+    policy = one(docs, "NetworkPolicy", "analytics-erasure")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    server_labels = deployment(chart)["spec"]["template"]["metadata"]["labels"]
+    to_server = next(rule for rule in policy["egress"] if ("TCP", port) in rule_ports(rule))
+    assert to_server["to"][0]["podSelector"]["matchLabels"].items() <= server_labels.items()
+    # The ci/ values that document the mTLS wiring admit exactly this Job's pods.
+    grpc_rule = one(chart, "NetworkPolicy", RELEASE)["spec"]["ingress"][0]
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= job_labels.items()
+               and "namespaceSelector" not in peer and peer.get("podSelector", {}).get("matchLabels")
+               for peer in grpc_rule["from"])
+
+
 # --- Autoscaling, monitoring, NetworkPolicy ------------------------------------------------------
 
 def test_hpa_with_cpu_target_custom_metrics_and_behavior():
