@@ -11,7 +11,7 @@
 #   render           helm template --kube-version V of each values file, for V the oldest
 #                    supported Kubernetes (Chart.yaml kubeVersion, the one place the range is
 #                    stated) and the newest kubernetes-validate knows; kubectl kustomize
-#                    k8s/overlays/{dev,prod}
+#                    k8s/overlays/{dev,prod}; the example manifests docs/*-job.yaml as written
 #   custom-resources ServiceMonitor, PrometheusRule, Certificate, GRPCRoute against the
 #                    upstream CRDs in ../shared/crds (or $DEPLOY_CRDS_DIR). Without them: a
 #                    failure when CI is set, SKIP in the summary otherwise (never PASS)
@@ -114,6 +114,11 @@ check_render() {
         echo "render: FAIL kubectl kustomize k8s/overlays/${overlay}"
         status=1
       fi
+    done
+    # Example manifests users apply as they are (e.g. docs/erasure-job.yaml): validated and
+    # scanned like the renders.
+    for file in docs/*-job.yaml; do
+      cp "${file}" "${rendered_dir}/${version}/docs-$(basename "${file}")"
     done
     for file in "${rendered_dir}/${version}"/*.yaml; do
       printf 'render: Kubernetes %-7s %-40s %3d resources\n' "${version}" "$(basename "${file}")" "$(grep -c '^kind:' "${file}")"

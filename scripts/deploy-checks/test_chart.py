@@ -391,6 +391,8 @@ def test_every_contract_variable_can_be_set():
     everything = configured_env(render(values=["ci/production-values.yaml"]))
     # CA files and the OTLP headers are rendered only when their Secrets are named.
     everything |= configured_env(render(values=["ci/dependency-tls-values.yaml"]))
+    # The suppression key file is rendered only when its Secret is named.
+    everything |= configured_env(render(values=["ci/erasure-mtls-values.yaml"]))
     missing = [name for name in CONTRACT_ENV if name not in everything]
     assert not missing, f"not exposed by the chart: {missing}"
 
@@ -570,6 +572,84 @@ def test_per_rpc_allow_lists_render_in_the_binarys_syntax():
     assert "allowedCallersPerRpc" in render_error(
         "tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.NoSuchRpc={a}"
     )
+
+
+# --- Erasure and access requests (AnalyticsAdminService) ----------------------------------------
+
+ADMIN_RPCS = ("DeleteUser", "GetUserDeletion", "LiftSuppression", "ExportUser")
+
+
+def test_suppression_key_is_mounted_as_a_file_the_server_reads():
+    docs = render(values=["ci/erasure-plaintext-values.yaml"])
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert data["SUPPRESSION_KEY_FILE"] == "/etc/analytics-service/suppression/suppression.key"
+    pod = deployment(docs)["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "suppression-key")
+    assert volume["secret"]["secretName"] == "analytics-suppression-key"
+    mounts = server_container(docs)["volumeMounts"]
+    assert next(m for m in mounts if m["name"] == "suppression-key")["readOnly"] is True
+    assert mounted_file_is_readable(data["SUPPRESSION_KEY_FILE"], mounts, pod["volumes"])
+    assert "SUPPRESSION_KEY_FILE" not in one(render(), "ConfigMap", RELEASE)["data"]
+
+
+def test_admin_rpcs_are_closed_by_default_and_opened_per_transport():
+    assert one(render(), "ConfigMap", RELEASE)["data"]["ADMIN_RPCS_ENABLED"] == "false"
+    plaintext = one(render(values=["ci/erasure-plaintext-values.yaml"]), "ConfigMap", RELEASE)["data"]
+    assert plaintext["ADMIN_RPCS_ENABLED"] == "true" and "TLS_ALLOWED_CALLERS_PER_RPC" not in plaintext
+    mtls = one(render(values=["ci/erasure-mtls-values.yaml"]), "ConfigMap", RELEASE)["data"]
+    assert mtls["ADMIN_RPCS_ENABLED"] == "false"
+    entries = dict(rule.split("=", 1) for rule in mtls["TLS_ALLOWED_CALLERS_PER_RPC"].split(";"))
+    assert set(entries) == set(ADMIN_RPCS)
+    erasure_caller = entries["DeleteUser"]
+    assert erasure_caller in mtls["TLS_ALLOWED_CALLERS"].split(","), "the global list applies to admin RPCs too"
+
+
+def test_admin_settings_without_effect_fail_the_render():
+    tls = ("tls.enabled=true", "tls.existingSecret=tls", "suppressionKey.existingSecret=key")
+    assert "admin.rpcsEnabled has no effect with tls.enabled" in render_error("admin.rpcsEnabled=true", *tls)
+    assert "suppressionKey.existingSecret" in render_error("admin.rpcsEnabled=true")
+    error = render_error("tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.ExportUser={a}")
+    assert "tls.allowedCallersPerRpc.ExportUser" in error and "FAILED_PRECONDITION" in error
+    # Non-admin entries and a key without opened RPCs (ingestion still honours suppressions) render.
+    render("tls.enabled=true", "tls.existingSecret=tls", "tls.allowedCallersPerRpc.GetEventCount={a}")
+    render("suppressionKey.existingSecret=key")
+
+
+def test_erasure_job_example_calls_delete_user_on_the_releases_service():
+    docs = load_all((REPO_ROOT / "docs" / "erasure-job.yaml").read_text())
+    job = one(docs, "Job", "analytics-erasure")
+    assert job["metadata"]["namespace"] == NAMESPACE
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    image, _, tag = container["image"].partition(":")
+    assert image == "fullstorydev/grpcurl" and re.fullmatch(r"v\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", tag)
+    args = container["args"]
+    assert args[-1] == "analytics.v1.AnalyticsAdminService/DeleteUser"
+    assert json.loads(args[args.index("-d") + 1]) == {"user_id": "$(USER_ID)", "suppress": True}
+    assert container["env"][0]["name"] == "USER_ID" and "secretKeyRef" in container["env"][0]["valueFrom"]
+    chart = render(values=["ci/erasure-mtls-values.yaml"])
+    port = next(p["port"] for p in one(chart, "Service", RELEASE)["spec"]["ports"] if p["name"] == "grpc")
+    assert args[-2] == f"{RELEASE}.{NAMESPACE}.svc:{port}"
+    # The name the chart's certificate carries (the helm test verifies the same one).
+    certificate = one(render(values=["ci/cert-manager-values.yaml"]), "Certificate", RELEASE)
+    assert args[-2].rsplit(":", 1)[0] in certificate["spec"]["dnsNames"]
+    mount = container["volumeMounts"][0]["mountPath"]
+    for flag, name in (("-cacert", "ca.crt"), ("-cert", "tls.crt"), ("-key", "tls.key")):
+        assert args[args.index(flag) + 1] == f"{mount}/{name}"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] > 0 and pod["automountServiceAccountToken"] is False
+    # Its own NetworkPolicy lets it reach exactly the release's server pods on the gRPC port.
+    policy = one(docs, "NetworkPolicy", "analytics-erasure")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    server_labels = deployment(chart)["spec"]["template"]["metadata"]["labels"]
+    to_server = next(rule for rule in policy["egress"] if ("TCP", port) in rule_ports(rule))
+    assert to_server["to"][0]["podSelector"]["matchLabels"].items() <= server_labels.items()
+    # The ci/ values that document the mTLS wiring admit exactly this Job's pods.
+    grpc_rule = one(chart, "NetworkPolicy", RELEASE)["spec"]["ingress"][0]
+    job_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert any(peer.get("podSelector", {}).get("matchLabels", {}).items() <= job_labels.items()
+               and "namespaceSelector" not in peer and peer.get("podSelector", {}).get("matchLabels")
+               for peer in grpc_rule["from"])
 
 
 # --- Autoscaling, monitoring, NetworkPolicy ------------------------------------------------------

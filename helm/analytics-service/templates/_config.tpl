@@ -70,6 +70,10 @@ PII_FIELDS: {{ join "," .Values.pii.fields | quote }}
 {{- if .Values.pii.keys.existingSecret }}
 PII_KEYS_FILE: {{ printf "%s/%s" .Values.pii.keys.mountPath .Values.pii.keys.secretKey | quote }}
 {{- end }}
+{{- if .Values.suppressionKey.existingSecret }}
+SUPPRESSION_KEY_FILE: {{ printf "%s/%s" .Values.suppressionKey.mountPath .Values.suppressionKey.secretKey | quote }}
+{{- end }}
+ADMIN_RPCS_ENABLED: {{ .Values.admin.rpcsEnabled | quote }}
 {{- if .Values.tls.enabled }}
 TLS_CERT_FILE: {{ printf "%s/tls.crt" .Values.tls.mountPath | quote }}
 TLS_KEY_FILE: {{ printf "%s/tls.key" .Values.tls.mountPath | quote }}

@@ -468,4 +468,19 @@ Egress to the OTLP collector, its port taken from config.otel.endpoint (scheme:/
 {{- if and .Values.redis.tls.ca.existingSecret (not .Values.redis.tls.enabled) -}}
 {{- fail "redis.tls.ca needs redis.tls.enabled" -}}
 {{- end -}}
+{{- if and .Values.admin.rpcsEnabled .Values.tls.enabled -}}
+{{- fail "admin.rpcsEnabled has no effect with tls.enabled: under mTLS the administrative RPCs answer only the identities of their own tls.allowedCallersPerRpc entries (DeleteUser, GetUserDeletion, LiftSuppression, ExportUser); set it to false" -}}
+{{- end -}}
+{{- $listedAdminRpcs := list -}}
+{{- if .Values.tls.enabled -}}
+{{- range $rpc := list "DeleteUser" "GetUserDeletion" "LiftSuppression" "ExportUser" -}}
+{{- if hasKey $.Values.tls.allowedCallersPerRpc $rpc -}}
+{{- $listedAdminRpcs = append $listedAdminRpcs (printf "tls.allowedCallersPerRpc.%s" $rpc) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $adminOpenedBy := ternary (list "admin.rpcsEnabled") $listedAdminRpcs (and .Values.admin.rpcsEnabled (not .Values.tls.enabled)) -}}
+{{- if and $adminOpenedBy (not .Values.suppressionKey.existingSecret) -}}
+{{- fail (printf "the administrative RPCs opened by %s would answer FAILED_PRECONDITION without SUPPRESSION_KEY_FILE: set suppressionKey.existingSecret" (join ", " $adminOpenedBy)) -}}
+{{- end -}}
 {{- end -}}
