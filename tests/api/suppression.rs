@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
 use analytics_service::pb::{self, TrackEventStatus};
 use analytics_service::security::subject::SubjectHasher;
@@ -12,9 +13,9 @@ use tonic::Code;
 
 use crate::helpers::{
     admin_env, keyed_track_request, metric_value, spawn_app_with, start_server, string_value, track_request,
-    TestApp, TestOptions,
+    wait_until, TestApp, TestOptions,
 };
-use crate::proxy::spawn_app_behind_postgres_proxy;
+use crate::proxy::{spawn_app_behind_postgres_proxy, TcpProxy};
 
 /// A server with the administrative RPCs open and a fresh suppression key, and the keyed
 /// hash it names users by.
@@ -300,6 +301,34 @@ async fn without_a_suppression_key_nothing_is_checked() {
     assert_eq!(refused.code(), Code::FailedPrecondition);
 }
 
+/// Cuts the server's connections while the commit storing `events` events of `user_id`
+/// runs (its trigger sleeps), waits until that commit is visible, then heals the network:
+/// the server never got the answer and retries.
+async fn lose_the_answer_of_the_commit_storing(app: &TestApp, proxy: &TcpProxy, user_id: &str, events: i64) {
+    let running = wait_until(Duration::from_secs(10), Duration::from_millis(10), async || {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep')",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(running, "the commit started");
+    proxy.cut();
+    let committed = wait_until(Duration::from_secs(10), Duration::from_millis(10), async || {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        stored == events
+    })
+    .await;
+    assert!(committed, "the commit went through although its connection was cut");
+    proxy.restore();
+}
+
 /// A commit whose answer is lost is retried; when its user was suppressed in between, the
 /// retry finds the events that first attempt stored and answers them as stored, with
 /// their ids, not as suppressed.
@@ -351,10 +380,7 @@ async fn a_retry_after_a_lost_answer_reports_events_stored_before_the_suppressio
             app_client.clone().track_events(pb::TrackEventsRequest { events }).await
         }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    proxy.cut();
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    proxy.restore();
+    lose_the_answer_of_the_commit_storing(&app, &proxy, "u-race-batch", 2).await;
     let results = batch.await.unwrap().expect("the retried batch succeeds").into_inner().results;
     let statuses: Vec<TrackEventStatus> = results.iter().map(status_of).collect();
     assert_eq!(statuses, [TrackEventStatus::Accepted, TrackEventStatus::Accepted]);
@@ -372,10 +398,7 @@ async fn a_retry_after_a_lost_answer_reports_events_stored_before_the_suppressio
         let mut client = app.client.clone();
         async move { client.track_event(track_request("race_event", "u-race-unary")).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    proxy.cut();
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    proxy.restore();
+    lose_the_answer_of_the_commit_storing(&app, &proxy, "u-race-unary", 1).await;
     let answer = unary.await.unwrap().expect("the retried call succeeds").into_inner();
     assert!(!answer.suppressed, "{answer:?}");
     let stored: String = sqlx::query_scalar("SELECT id::text FROM events WHERE user_id = 'u-race-unary'")
