@@ -267,6 +267,7 @@ pub(crate) const INGEST_COMMIT_SECONDS: &str = "analytics_ingest_commit_seconds"
 pub(crate) const INGEST_QUEUE_DEPTH: &str = "analytics_ingest_queue_depth";
 pub(crate) const INGEST_QUEUE_CAPACITY: &str = "analytics_ingest_queue_capacity";
 pub(crate) const DEDUP_HITS: &str = "analytics_dedup_hits_total";
+pub(crate) const SUPPRESSED: &str = "analytics_suppressed_total";
 pub(crate) const EVENT_COUNT_DELTAS_FOLDED: &str = "analytics_event_count_deltas_folded_total";
 pub(crate) const USER_ACTIVITY_FOLDED: &str = "analytics_user_activity_folded_pairs_total";
 pub(crate) const ROLLUP_FOLD_TIMESTAMP: &str = "analytics_rollup_fold_timestamp_seconds";
@@ -284,6 +285,10 @@ fn describe_ingest() {
     describe_gauge!(INGEST_QUEUE_DEPTH, "Events queued for or inside a group commit.");
     describe_gauge!(INGEST_QUEUE_CAPACITY, "Most events the ingest queue holds (INGEST_QUEUE_CAPACITY).");
     describe_counter!(DEDUP_HITS, "Events not stored because their insert_id was already stored.");
+    describe_counter!(
+        SUPPRESSED,
+        "Events and identities not stored because their user is suppressed, by rpc (TrackEvent, TrackEvents, IdentifyUser)."
+    );
     describe_counter!(EVENT_COUNT_DELTAS_FOLDED, "Event-count deltas folded into the count rollups.");
     describe_counter!(USER_ACTIVITY_FOLDED, "Pending (hour, user) pairs folded into the user bitmaps.");
     describe_gauge!(
@@ -313,6 +318,12 @@ pub(crate) fn set_ingest_queue(depth: usize, capacity: usize) {
 pub(crate) fn record_dedup_hits(count: u64) {
     counter!(DEDUP_HITS).increment(count);
     counter!(EVENTS_REJECTED, "reason" => "duplicate").increment(count);
+}
+
+/// Events (or an identity) of `rpc` answered as suppressed: their user is on the
+/// suppression list, so nothing was stored.
+pub(crate) fn record_suppressed(rpc: &'static str, count: u64) {
+    counter!(SUPPRESSED, "rpc" => rpc).increment(count);
 }
 
 /// Events not stored for `reason`, counted in one step (a failed group commit).

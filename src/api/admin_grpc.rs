@@ -116,7 +116,10 @@ impl AdminApi for AdminGrpc {
     ) -> Result<Response<pb::LiftSuppressionResponse>, Status> {
         let _caller = self.authorize(&request, Rpc::LiftSuppression)?;
         self.service.subject_hasher()?;
-        Err(Status::unimplemented("LiftSuppression is not implemented yet"))
+        let user_id = UserId::parse(request.into_inner().user_id).map_err(ServiceError::from)?;
+        let lifted = self.service.lift_suppression(&user_id).await?;
+        // audit: the caller, the user's keyed hash and `lifted` are this call's record.
+        Ok(Response::new(pb::LiftSuppressionResponse { lifted }))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = Rpc::ExportUser.method(), caller = tracing::field::Empty))]

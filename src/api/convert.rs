@@ -105,6 +105,11 @@ pub(crate) fn track_events_response(results: Vec<EventResult>) -> pb::TrackEvent
                     event_id: id.to_string(),
                     ..Default::default()
                 },
+                Ok(Stored::Suppressed) => pb::TrackEventResult {
+                    index,
+                    status: pb::TrackEventStatus::Suppressed.into(),
+                    ..Default::default()
+                },
                 Err(error) => {
                     let status = tonic::Status::from(error);
                     pb::TrackEventResult {
@@ -119,4 +124,26 @@ pub(crate) fn track_events_response(results: Vec<EventResult>) -> pb::TrackEvent
         })
         .collect();
     pb::TrackEventsResponse { results }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_suppressed_event_is_a_success_without_event_id_or_error() {
+        let stored = uuid::Uuid::now_v7();
+        let response = track_events_response(vec![
+            Ok(Stored::Suppressed),
+            Ok(Stored::Accepted(stored)),
+            Err(crate::service::ServiceError::Overloaded),
+        ]);
+        let suppressed = &response.results[0];
+        assert_eq!(suppressed.status, i32::from(pb::TrackEventStatus::Suppressed));
+        assert_eq!((suppressed.index, suppressed.event_id.as_str(), suppressed.error.as_str()), (0, "", ""));
+        assert_eq!(suppressed.code, 0, "not an error code");
+        assert_eq!(response.results[1].event_id, stored.to_string());
+        assert_eq!(response.results[2].status, i32::from(pb::TrackEventStatus::Rejected));
+        assert_eq!(Stored::Suppressed.event_id(), None);
+    }
 }

@@ -17,7 +17,7 @@ use crate::pb::analytics_service_server::AnalyticsService as AnalyticsApi;
 use crate::security::authorization::CallerPolicy;
 use crate::security::caller::CallerIdentity;
 use crate::service::readiness::Readiness;
-use crate::service::{validation, AnalyticsService, ServiceError};
+use crate::service::{validation, AnalyticsService, Identified, ServiceError, Stored};
 
 /// A call's deadline when no middleware set one (the server always does).
 const UNSET_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -94,8 +94,8 @@ impl AnalyticsApi for AnalyticsGrpc {
         let stored = self.service.track_event(event, &caller, deadline).await?;
         Ok(Response::new(pb::TrackEventResponse {
             success: true,
-            event_id: stored.event_id().to_string(),
-            suppressed: false,
+            event_id: stored.event_id().map(|id| id.to_string()).unwrap_or_default(),
+            suppressed: stored == Stored::Suppressed,
         }))
     }
 
@@ -124,8 +124,11 @@ impl AnalyticsApi for AnalyticsGrpc {
         let caller = self.authorize(&request, Rpc::IdentifyUser)?;
         let deadline = RequestDeadline::of(&request, UNSET_DEADLINE);
         let identity = IdentifyUser::try_from(request.into_inner()).map_err(ServiceError::from)?;
-        self.service.identify_user(identity, caller.name(), deadline).await?;
-        Ok(Response::new(pb::IdentifyUserResponse { success: true, suppressed: false }))
+        let identified = self.service.identify_user(identity, caller.name(), deadline).await?;
+        Ok(Response::new(pb::IdentifyUserResponse {
+            success: true,
+            suppressed: identified == Identified::Suppressed,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(rpc.method = Rpc::GetEventCount.method(), caller = tracing::field::Empty))]

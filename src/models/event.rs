@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Properties, UserId};
+use crate::security::subject::SubjectHash;
 
 /// A valid event name: 1-255 bytes, no control characters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -52,6 +53,10 @@ pub struct NewEvent {
     /// Whose insert_id it is (see [`Caller::key_scope`]): a key is unique per scope and
     /// user, never across senders.
     pub key_scope: String,
+    /// The keyed hash of `user_id` when the service checks the suppression list
+    /// (SUPPRESSION_KEY_FILE set and the event has a user); `None` otherwise. Computed
+    /// once, when the event is built, so a retried or split commit never hashes again.
+    pub subject_hash: Option<SubjectHash>,
 }
 
 /// Who sent a call, as the api layer established it.

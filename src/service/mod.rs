@@ -9,6 +9,7 @@ pub mod ingest;
 pub(crate) mod partition_maintenance;
 pub mod rate_limit;
 pub mod readiness;
+mod suppression;
 pub mod validation;
 
 use std::sync::Arc;
@@ -20,13 +21,17 @@ use uuid::Uuid;
 use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
-use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
+use crate::repository::postgres::{
+    Database, EventRepository, RepositoryError, SuppressionRepository, UpsertOutcome, UserRepository,
+    WriteError,
+};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
 use crate::security::subject::SubjectHasher;
 pub use ingest::IngestQueue;
 pub(crate) use ingest::{EventResult, Stored};
 use rate_limit::RateLimiter;
+pub(crate) use suppression::Identified;
 pub(crate) use validation::ValidationError;
 
 /// Everything a caller can be told. `api` maps each variant to one gRPC status.
@@ -104,13 +109,15 @@ pub struct AnalyticsService {
     database: Database,
     events: EventRepository,
     users: UserRepository,
+    suppressions: SuppressionRepository,
     cache: CountCache,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
     ingest: IngestQueue,
     /// The keyed hash of user ids (SUPPRESSION_KEY_FILE); `None` = no suppression
-    /// checks, and the administrative RPCs answer FAILED_PRECONDITION.
+    /// checks (the write paths run their plain statements), and the administrative RPCs
+    /// answer FAILED_PRECONDITION.
     subjects: Option<SubjectHasher>,
     /// Wakes this replica's erasure worker when a DeleteUser call records a request.
     erasure_signal: erasure::ErasureSignal,
@@ -133,6 +140,7 @@ impl AnalyticsService {
         Self {
             events: EventRepository::new(database.clone()).with_pii(pii.clone()),
             users: UserRepository::new(database.clone()).with_pii(pii),
+            suppressions: SuppressionRepository::new(database.clone()),
             database,
             cache,
             rate_limiter: Arc::new(rate_limiter),
@@ -169,7 +177,8 @@ impl AnalyticsService {
         self.events.properties(event_id).await.map_err(repository_failure)
     }
 
-    /// Fixes an event's id and time (checked against the accepted age window).
+    /// Fixes an event's id and time (checked against the accepted age window), and names
+    /// its user by the keyed hash the suppression check needs.
     fn new_event(
         &self,
         event: TrackEvent,
@@ -177,6 +186,7 @@ impl AnalyticsService {
         now: chrono::DateTime<Utc>,
     ) -> Result<NewEvent, ValidationError> {
         let timestamp = validation::event_timestamp(event.unix_seconds, now, self.event_max_age)?;
+        let subject_hash = event.user_id.as_ref().and_then(|user_id| self.suppression_subject(user_id));
         Ok(NewEvent {
             id: Uuid::now_v7(),
             name: event.name,
@@ -185,6 +195,7 @@ impl AnalyticsService {
             timestamp,
             key_scope: if event.insert_id.is_some() { caller.key_scope.clone() } else { String::new() },
             insert_id: event.insert_id,
+            subject_hash,
         })
     }
 
@@ -241,7 +252,8 @@ impl AnalyticsService {
     }
 
     /// Stores one event through the group commit; answers once it is committed, with its
-    /// id, or with the original id when its insert_id was stored before. `caller`
+    /// id, or with the original id when its insert_id was stored before, or as suppressed
+    /// (nothing stored) when its user is on the suppression list. `caller`
     /// identifies who sent it (budget of anonymous events).
     /// `deadline` is when the caller stops waiting (see [`ingest`] for what each answer
     /// then means).
@@ -257,7 +269,11 @@ impl AnalyticsService {
             .inspect_err(|_| metrics::record_event_rejected("invalid_argument"))?;
         self.check_rate_limit(&new_event, caller).await?;
         let mut results = self.ingest.submit(vec![new_event], deadline).await?;
-        results.pop().unwrap_or(Err(ServiceError::Internal))
+        let result = results.pop().unwrap_or(Err(ServiceError::Internal));
+        if let Ok(Stored::Suppressed) = result {
+            metrics::record_suppressed("TrackEvent", 1);
+        }
+        result
     }
 
     /// Stores the valid events of one TrackEvents call in one group commit and answers
@@ -309,6 +325,10 @@ impl AnalyticsService {
                     return Err(error.clone());
                 }
             }
+            let suppressed = stored.iter().filter(|result| matches!(result, Ok(Stored::Suppressed))).count();
+            if suppressed > 0 {
+                metrics::record_suppressed("TrackEvents", suppressed as u64);
+            }
             for (position, result) in positions.into_iter().zip(stored) {
                 results[position] = Some(result);
             }
@@ -316,17 +336,23 @@ impl AnalyticsService {
         Ok(results.into_iter().map(|result| result.unwrap_or(Err(ServiceError::Internal))).collect())
     }
 
-    /// Creates or updates a user identity and writes the audit record (never the
-    /// property values). The record's time is the log line's own `timestamp`.
+    /// Creates or updates a user identity, unless the user is suppressed (then nothing is
+    /// stored), and writes the audit record (never the property values). The record's
+    /// time is the log line's own `timestamp`.
     #[tracing::instrument(skip_all, fields(user_id = %identity.user_id.as_str()))]
     pub(crate) async fn identify_user(
         &self,
         identity: IdentifyUser,
         caller: &str,
         deadline: Instant,
-    ) -> Result<(), ServiceError> {
-        let result = self.users.upsert(&identity, deadline).await;
-        let outcome = if result.is_ok() { "ok" } else { "failed" };
+    ) -> Result<Identified, ServiceError> {
+        let subject_hash = self.suppression_subject(&identity.user_id);
+        let result = self.users.upsert(&identity, subject_hash.as_ref(), deadline).await;
+        let outcome = match result {
+            Ok(UpsertOutcome::Stored) => "ok",
+            Ok(UpsertOutcome::Suppressed) => "suppressed",
+            Err(_) => "failed",
+        };
         tracing::info!(
             target: "audit",
             action = "identify_user",
@@ -336,10 +362,17 @@ impl AnalyticsService {
             outcome,
             "identify user"
         );
-        result.map_err(|error| match error {
-            WriteError::NotStored(error) => repository_failure(error),
-            WriteError::OutcomeUnknown(_) => ServiceError::DeadlineExceeded { outcome_unknown: true },
-        })
+        match result {
+            Ok(UpsertOutcome::Stored) => Ok(Identified::Stored),
+            Ok(UpsertOutcome::Suppressed) => {
+                metrics::record_suppressed("IdentifyUser", 1);
+                Ok(Identified::Suppressed)
+            }
+            Err(WriteError::NotStored(error)) => Err(repository_failure(error)),
+            Err(WriteError::OutcomeUnknown(_)) => {
+                Err(ServiceError::DeadlineExceeded { outcome_unknown: true })
+            }
+        }
     }
 
     /// Forgets idle rate-limit buckets (called periodically to bound memory).
@@ -367,9 +400,11 @@ impl AnalyticsService {
         };
         let caller = Caller { name: SELF_CALLER.to_string(), key_scope: SELF_CALLER.to_string() };
         match self.track_event(event, &caller, Instant::now() + LIFECYCLE_EVENT_TIMEOUT).await {
-            Ok(stored) => {
-                tracing::info!(event = name, event_id = %stored.event_id(), "lifecycle event tracked")
-            }
+            Ok(stored) => tracing::info!(
+                event = name,
+                event_id = stored.event_id().map(tracing::field::display),
+                "lifecycle event tracked"
+            ),
             Err(error) => tracing::warn!(event = name, error = %error, "lifecycle event not tracked"),
         }
     }

@@ -34,6 +34,7 @@ mod readiness;
 mod rollups;
 mod rollups_fold;
 mod schema_squash;
+mod suppression;
 mod tls;
 mod track_event;
 mod validation;

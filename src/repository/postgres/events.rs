@@ -1,6 +1,12 @@
 //! The `events` table and its idempotency keys (`event_insert_ids`): inserting tracked
-//! events in one multi-row statement, deduplicating by insert_id, expiring old keys;
-//! and the rows of a count query read as [`EventCount`]s.
+//! events in one multi-row statement, deduplicating by insert_id, leaving out the events
+//! of suppressed users (read from `suppressed_users` inside that statement), expiring old
+//! keys; and the rows of a count query read as [`EventCount`]s.
+//!
+//! Suppression is exact at the inserting statement's snapshot: an event is left out when
+//! its user's suppression committed before the statement began. A statement that began
+//! earlier may still store the user's events after the suppression commits; DeleteUser
+//! closes that window by waiting for older snapshots to end before its last erasure pass.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -16,6 +22,7 @@ use super::{discard, query_span, Database, RepositoryError, WriteError};
 use crate::metrics;
 use crate::models::{EventCount, NewEvent};
 use crate::security::pii::PiiCipher;
+use crate::security::subject::SubjectHash;
 
 /// Multi-row insert through UNNEST: one statement and one round trip for any batch size.
 /// `ON CONFLICT DO NOTHING` makes a retry after an ambiguous commit (connection lost
@@ -24,6 +31,30 @@ const INSERT_EVENTS: &str = "
     INSERT INTO events (id, event_name, user_id, properties, timestamp)
     SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[])
     ON CONFLICT DO NOTHING";
+
+/// [`INSERT_EVENTS`] for a batch in which some events carry the keyed hash of their user
+/// ($6, NULL for the others): the suppression list is read for those hashes in one index
+/// scan (one probe per distinct hash), and the events of suppressed users are not stored.
+/// Answers one row per event of a suppressed user: (id, true) when it is not stored, or
+/// (id, false) when an earlier attempt of this very statement already stored it (a retry
+/// after an ambiguous commit whose user was suppressed in between: the event is ours).
+const INSERT_EVENTS_CHECKING_SUPPRESSION: &str = "
+    WITH input AS (
+        SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::bytea[])
+            AS input(id, event_name, user_id, properties, timestamp, subject_hash)
+    ), suppressed_hashes AS MATERIALIZED (
+        SELECT subject_hash FROM suppressed_users WHERE subject_hash = ANY($6::bytea[])
+    ), suppressed AS (
+        SELECT id, timestamp FROM input WHERE subject_hash IN (SELECT subject_hash FROM suppressed_hashes)
+    ), stored AS (
+        INSERT INTO events (id, event_name, user_id, properties, timestamp)
+        SELECT id, event_name, user_id, properties, timestamp FROM input
+        WHERE id NOT IN (SELECT id FROM suppressed)
+        ON CONFLICT DO NOTHING
+    )
+    SELECT id, NOT EXISTS (
+        SELECT 1 FROM events WHERE events.id = suppressed.id AND events.timestamp = suppressed.timestamp
+    ) FROM suppressed";
 
 /// The same insert for a batch in which some events carry an insert_id, as one atomic
 /// statement. A key is (sender scope $8, user id or '', insert_id): two senders, or two
@@ -51,6 +82,40 @@ const INSERT_EVENTS_WITH_KEYS: &str = "
         ON CONFLICT DO NOTHING
     )
     SELECT event_id FROM claimed";
+
+/// [`INSERT_EVENTS_WITH_KEYS`] checking the suppression list like
+/// [`INSERT_EVENTS_CHECKING_SUPPRESSION`] ($9: the keyed hashes, NULL for anonymous
+/// events): an event of a suppressed user is neither stored nor claims its key. Answers
+/// (event_id, false) per claimed key, and per event of a suppressed user (id, true) when it
+/// is not stored, or (id, false) when an earlier attempt of this statement stored it.
+const INSERT_EVENTS_WITH_KEYS_CHECKING_SUPPRESSION: &str = "
+    WITH input AS (
+        SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $8::text[], $9::bytea[])
+            AS input(id, event_name, user_id, properties, timestamp, insert_id, key_scope, subject_hash)
+    ), suppressed_hashes AS MATERIALIZED (
+        SELECT subject_hash FROM suppressed_users WHERE subject_hash = ANY($9::bytea[])
+    ), suppressed AS (
+        SELECT id, timestamp FROM input WHERE subject_hash IN (SELECT subject_hash FROM suppressed_hashes)
+    ), admitted AS (
+        SELECT * FROM input WHERE id NOT IN (SELECT id FROM suppressed)
+    ), claimed AS (
+        INSERT INTO event_insert_ids (scope, user_id, insert_id, event_id)
+        SELECT key_scope, coalesce(user_id, ''), insert_id, id FROM admitted WHERE insert_id IS NOT NULL
+        ORDER BY 1, 2, 3
+        ON CONFLICT (scope, user_id, insert_id) DO UPDATE SET event_id = EXCLUDED.event_id, created_at = now()
+            WHERE event_insert_ids.created_at < now() - make_interval(days => $7)
+        RETURNING event_id
+    ), stored AS (
+        INSERT INTO events (id, event_name, user_id, properties, timestamp)
+        SELECT id, event_name, user_id, properties, timestamp FROM admitted
+        WHERE insert_id IS NULL OR id IN (SELECT event_id FROM claimed)
+        ON CONFLICT DO NOTHING
+    )
+    SELECT event_id, false FROM claimed
+    UNION ALL
+    SELECT id, NOT EXISTS (
+        SELECT 1 FROM events WHERE events.id = suppressed.id AND events.timestamp = suppressed.timestamp
+    ) FROM suppressed";
 
 /// The events that keys seen within the window point at (read after the insert
 /// committed, so a key claimed concurrently by another replica is visible).
@@ -95,6 +160,8 @@ pub enum InsertOutcome {
     Inserted,
     /// Its insert_id was already stored within the window, for this event id.
     Duplicate { original: Uuid },
+    /// Not stored: its user is on the suppression list (and its insert_id not claimed).
+    Suppressed,
 }
 
 #[derive(Clone, Debug)]
@@ -133,7 +200,9 @@ impl EventRepository {
     /// One attempt to store events in one statement (and so one transaction): all or
     /// none commit. Events whose insert_id was stored within `window_days` are not
     /// stored again; a key repeated inside `events` is stored once, for its first event,
-    /// and the later ones answer as its duplicates. Returns one outcome per event, in
+    /// and the later ones answer as its duplicates. Events carrying a subject hash whose
+    /// user is suppressed are not stored (the statement reads the suppression list); a
+    /// batch without subject hashes runs the plain statements. Returns one outcome per event, in
     /// order. Not retried here: the error says whether anything may be stored (see
     /// [`WriteError`]); repeating the attempt is safe (the event ids are ours, and a key
     /// this statement claimed answers as ours). `answer_timeout` bounds the wait for
@@ -204,42 +273,85 @@ impl EventRepository {
         let properties: Vec<&serde_json::Value> = sealed.iter().map(|properties| &**properties).collect();
         let timestamps: Vec<_> = unique.iter().map(|event| event.timestamp).collect();
 
+        // Only events of users named by a subject hash can be suppressed: a batch with
+        // none (no SUPPRESSION_KEY_FILE, or only anonymous events) runs the plain statement.
+        let subject_hashes: Option<Vec<Option<&[u8]>>> =
+            unique.iter().any(|event| event.subject_hash.is_some()).then(|| {
+                unique.iter().map(|event| event.subject_hash.as_ref().map(SubjectHash::as_bytes)).collect()
+            });
+
         let mut outcomes = vec![InsertOutcome::Inserted; events.len()];
         if first_with_key.is_empty() {
-            sqlx::query(INSERT_EVENTS)
+            let Some(subject_hashes) = subject_hashes else {
+                sqlx::query(INSERT_EVENTS)
+                    .bind(&ids)
+                    .bind(&names)
+                    .bind(&user_ids)
+                    .bind(&properties)
+                    .bind(&timestamps)
+                    .execute(&mut *connection)
+                    .await
+                    .map_err(WriteError::from_statement)?;
+                return Ok(outcomes);
+            };
+            let answered: Vec<(Uuid, bool)> = sqlx::query_as(INSERT_EVENTS_CHECKING_SUPPRESSION)
                 .bind(&ids)
                 .bind(&names)
                 .bind(&user_ids)
                 .bind(&properties)
                 .bind(&timestamps)
-                .execute(&mut *connection)
+                .bind(&subject_hashes)
+                .fetch_all(&mut *connection)
                 .await
                 .map_err(WriteError::from_statement)?;
+            mark_suppressed(&mut outcomes, events, &answered);
             return Ok(outcomes);
         }
 
         let unique_keys: Vec<Option<&str>> =
             unique.iter().map(|event| event.insert_id.as_ref().map(|insert_id| insert_id.as_str())).collect();
         let key_scopes: Vec<&str> = unique.iter().map(|event| event.key_scope.as_str()).collect();
-        let claimed: Vec<Uuid> = sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
-            .bind(&ids)
-            .bind(&names)
-            .bind(&user_ids)
-            .bind(&properties)
-            .bind(&timestamps)
-            .bind(&unique_keys)
-            .bind(window_days)
-            .bind(&key_scopes)
-            .fetch_all(&mut *connection)
-            .await
-            .map_err(WriteError::from_statement)?;
-        if claimed.len() < first_with_key.len() {
-            let claimed: HashSet<Uuid> = claimed.into_iter().collect();
-            let seen: Vec<&IdempotencyKey<'_>> = first_with_key
-                .iter()
-                .filter(|(_, index)| !claimed.contains(&events[**index].id))
-                .map(|(key, _)| key)
-                .collect();
+        // Per event: (id, false) when this statement (or an earlier attempt of it) owns
+        // the event, (id, true) when its user is suppressed and it is not stored.
+        let answered: Vec<(Uuid, bool)> = match subject_hashes {
+            None => sqlx::query_scalar(INSERT_EVENTS_WITH_KEYS)
+                .bind(&ids)
+                .bind(&names)
+                .bind(&user_ids)
+                .bind(&properties)
+                .bind(&timestamps)
+                .bind(&unique_keys)
+                .bind(window_days)
+                .bind(&key_scopes)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(WriteError::from_statement)?
+                .into_iter()
+                .map(|claimed| (claimed, false))
+                .collect(),
+            Some(subject_hashes) => sqlx::query_as(INSERT_EVENTS_WITH_KEYS_CHECKING_SUPPRESSION)
+                .bind(&ids)
+                .bind(&names)
+                .bind(&user_ids)
+                .bind(&properties)
+                .bind(&timestamps)
+                .bind(&unique_keys)
+                .bind(window_days)
+                .bind(&key_scopes)
+                .bind(&subject_hashes)
+                .fetch_all(&mut *connection)
+                .await
+                .map_err(WriteError::from_statement)?,
+        };
+        mark_suppressed(&mut outcomes, events, &answered);
+        let answered: HashSet<Uuid> = answered.into_iter().map(|(id, _)| id).collect();
+        // Keys neither claimed now nor left out with a suppressed event: seen within the window.
+        let seen: Vec<&IdempotencyKey<'_>> = first_with_key
+            .iter()
+            .filter(|(_, index)| !answered.contains(&events[**index].id))
+            .map(|(key, _)| key)
+            .collect();
+        if !seen.is_empty() {
             let scopes: Vec<&str> = seen.iter().map(|key| key.scope).collect();
             let users: Vec<&str> = seen.iter().map(|key| key.user_id).collect();
             let insert_ids: Vec<&str> = seen.iter().map(|key| key.insert_id).collect();
@@ -271,6 +383,7 @@ impl EventRepository {
             outcomes[index] = match outcomes[first] {
                 InsertOutcome::Inserted => InsertOutcome::Duplicate { original: events[first].id },
                 duplicate @ InsertOutcome::Duplicate { .. } => duplicate,
+                InsertOutcome::Suppressed => InsertOutcome::Suppressed,
             };
         }
         Ok(outcomes)
@@ -300,6 +413,20 @@ impl EventRepository {
             if deleted < chunk.max(1) as u64 {
                 return Ok(total);
             }
+        }
+    }
+}
+
+/// Marks the events a statement answered (id, true) for as suppressed.
+fn mark_suppressed(outcomes: &mut [InsertOutcome], events: &[&NewEvent], answered: &[(Uuid, bool)]) {
+    let suppressed: HashSet<Uuid> =
+        answered.iter().filter(|(_, suppressed)| *suppressed).map(|(id, _)| *id).collect();
+    if suppressed.is_empty() {
+        return;
+    }
+    for (outcome, event) in outcomes.iter_mut().zip(events) {
+        if suppressed.contains(&event.id) {
+            *outcome = InsertOutcome::Suppressed;
         }
     }
 }

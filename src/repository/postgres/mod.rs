@@ -1,6 +1,6 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
-//! every repository call goes through. Tables live in `events`, `users`, `partitions` and
-//! `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
+//! every repository call goes through. Tables live in `events`, `users`, `suppression`,
+//! `partitions` and `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
 //! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
 //! key rotation.
 
@@ -11,6 +11,7 @@ pub mod partitions;
 pub mod pii;
 pub mod rollups;
 pub mod schema;
+pub(crate) mod suppression;
 pub(crate) mod users;
 
 use std::future::Future;
@@ -27,7 +28,8 @@ use crate::config::{PostgresConfig, PostgresSslMode};
 use crate::metrics;
 
 pub use events::{EventRepository, InsertOutcome};
-pub(crate) use users::UserRepository;
+pub(crate) use suppression::SuppressionRepository;
+pub(crate) use users::{UpsertOutcome, UserRepository};
 
 /// A database failure, classified by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,6 @@
-//! The `user_identities` table: one row per identified user.
+//! The `user_identities` table: one row per identified user. With a subject hash the
+//! upsert reads the suppression list (`suppressed_users`) in the same statement and stores
+//! nothing for a suppressed user.
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tokio::time::Instant;
@@ -9,6 +11,7 @@ use super::{discard, query_span, Database, RepositoryError, WriteError};
 use crate::metrics;
 use crate::models::{IdentifyUser, UserId};
 use crate::security::pii::PiiCipher;
+use crate::security::subject::SubjectHash;
 
 /// Properties merge (`||`: new keys overwrite, others stay); `first_seen` is written
 /// once; `last_seen` and `updated_at` only move forward.
@@ -19,6 +22,27 @@ const UPSERT_USER: &str = "
         properties = COALESCE(existing.properties, '{}'::jsonb) || EXCLUDED.properties,
         last_seen = GREATEST(existing.last_seen, EXCLUDED.last_seen),
         updated_at = GREATEST(existing.updated_at, EXCLUDED.updated_at)";
+
+/// [`UPSERT_USER`] unless the user's keyed hash ($3) is on the suppression list, decided
+/// at the statement's snapshot: no row is inserted or updated then, so the statement
+/// affects no row exactly when the user is suppressed.
+const UPSERT_USER_UNLESS_SUPPRESSED: &str = "
+    INSERT INTO user_identities AS existing (user_id, properties, first_seen, last_seen, updated_at)
+    SELECT $1, $2, now(), now(), now()
+    WHERE NOT EXISTS (SELECT 1 FROM suppressed_users WHERE subject_hash = $3)
+    ON CONFLICT (user_id) DO UPDATE SET
+        properties = COALESCE(existing.properties, '{}'::jsonb) || EXCLUDED.properties,
+        last_seen = GREATEST(existing.last_seen, EXCLUDED.last_seen),
+        updated_at = GREATEST(existing.updated_at, EXCLUDED.updated_at)";
+
+/// What an upsert did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UpsertOutcome {
+    /// The identity was created or merged into.
+    Stored,
+    /// Nothing was stored: the user is on the suppression list.
+    Suppressed,
+}
 
 #[derive(Clone, Debug)]
 pub(crate) struct UserRepository {
@@ -53,11 +77,21 @@ impl UserRepository {
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
     }
 
-    /// Creates the identity or merges into it. Failures that stored nothing are retried
+    /// Creates the identity or merges into it; with `subject_hash`, only when that user is
+    /// not suppressed. Failures that stored nothing are retried
     /// as DB_RETRY_* says; a failure of unknown outcome (connection lost, or no answer
     /// before `deadline`) is retried until `deadline`, since merging the same properties
     /// again changes nothing. The error says whether anything may be stored.
-    pub(crate) async fn upsert(&self, identity: &IdentifyUser, deadline: Instant) -> Result<(), WriteError> {
+    ///
+    /// A retry answers for the state at its own snapshot: when the user was suppressed
+    /// after an attempt of unknown outcome, the retry answers `Suppressed` although that
+    /// attempt may have stored the identity; DeleteUser's erasure removes such a row.
+    pub(crate) async fn upsert(
+        &self,
+        identity: &IdentifyUser,
+        subject_hash: Option<&SubjectHash>,
+        deadline: Instant,
+    ) -> Result<UpsertOutcome, WriteError> {
         let properties = self.pii.sealed(identity.properties.json());
         let retry = self.database.retry_policy();
         let mut delays = ExponentialBuilder::default()
@@ -73,12 +107,21 @@ impl UserRepository {
             let started = std::time::Instant::now();
             let result = async {
                 let mut connection = self.database.acquire_for_write().await?;
-                let upsert = sqlx::query(UPSERT_USER)
-                    .bind(identity.user_id.as_str())
-                    .bind(properties.as_ref())
-                    .execute(&mut *connection);
+                let upsert = match subject_hash {
+                    None => sqlx::query(UPSERT_USER)
+                        .bind(identity.user_id.as_str())
+                        .bind(properties.as_ref())
+                        .execute(&mut *connection),
+                    Some(subject_hash) => sqlx::query(UPSERT_USER_UNLESS_SUPPRESSED)
+                        .bind(identity.user_id.as_str())
+                        .bind(properties.as_ref())
+                        .bind(subject_hash.as_bytes())
+                        .execute(&mut *connection),
+                };
                 match tokio::time::timeout_at(deadline, upsert).await {
-                    Ok(result) => result.map(|_| ()).map_err(WriteError::from_statement),
+                    Ok(Ok(done)) if done.rows_affected() == 0 => Ok(UpsertOutcome::Suppressed),
+                    Ok(Ok(_)) => Ok(UpsertOutcome::Stored),
+                    Ok(Err(error)) => Err(WriteError::from_statement(error)),
                     Err(_) => {
                         discard(connection);
                         Err(WriteError::OutcomeUnknown(RepositoryError::TimedOut(started.elapsed())))
@@ -93,7 +136,7 @@ impl UserRepository {
                 result.as_ref().err().map(|error| error.error().kind()),
             );
             let error = match result {
-                Ok(()) => return Ok(()),
+                Ok(outcome) => return Ok(outcome),
                 Err(WriteError::OutcomeUnknown(error)) => {
                     outcome_unknown = true;
                     error

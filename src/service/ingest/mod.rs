@@ -102,18 +102,23 @@ impl IngestSettings {
     }
 }
 
-/// A committed event: stored now, or found stored earlier under its insert_id.
+/// A committed event: stored now, found stored earlier under its insert_id, or
+/// deliberately not stored because its user is suppressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stored {
     Accepted(Uuid),
     /// Not stored again; the id of the event stored for the same insert_id.
     Duplicate(Uuid),
+    /// Not stored: its user is on the suppression list. A success for the caller.
+    Suppressed,
 }
 
 impl Stored {
-    pub(crate) fn event_id(&self) -> Uuid {
+    /// The id of the stored event; `None` when suppressed.
+    pub(crate) fn event_id(&self) -> Option<Uuid> {
         match self {
-            Stored::Accepted(id) | Stored::Duplicate(id) => *id,
+            Stored::Accepted(id) | Stored::Duplicate(id) => Some(*id),
+            Stored::Suppressed => None,
         }
     }
 }

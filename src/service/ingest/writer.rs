@@ -283,6 +283,7 @@ fn stored(outcome: InsertOutcome, event: &NewEvent) -> Stored {
     match outcome {
         InsertOutcome::Inserted => Stored::Accepted(event.id),
         InsertOutcome::Duplicate { original } => Stored::Duplicate(original),
+        InsertOutcome::Suppressed => Stored::Suppressed,
     }
 }
 
@@ -303,6 +304,8 @@ fn record_results(results: &[EventResult]) {
         match result {
             Ok(Stored::Accepted(_)) => accepted += 1,
             Ok(Stored::Duplicate(_)) => duplicates += 1,
+            // Counted per RPC by the service (analytics_suppressed_total).
+            Ok(Stored::Suppressed) => {}
             Err(_) => failed += 1,
         }
     }
