@@ -233,7 +233,21 @@ async fn replicas_sharing_the_database_honour_one_suppression_list_and_its_lifti
     let (first, hasher) = spawn_app_with_suppression(Vec::new()).await;
     let second =
         start_server(first.config.clone(), first.database_name.clone(), first.redis_prefix.clone()).await;
-    suppress(&first, &hasher, "u-gone").await;
+    // Data stored through the second replica, then DeleteUser with suppress through the
+    // first: erased, and refused from then on by both.
+    assert!(!second.track("gone_event", "u-gone", 0).await.suppressed);
+    assert!(!identify(&second, "u-gone", "free").await.suppressed);
+    let deletion = first
+        .admin_client()
+        .delete_user(pb::DeleteUserRequest { user_id: "u-gone".into(), suppress: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .deletion
+        .unwrap();
+    assert_eq!(deletion.state, pb::UserDeletionState::Completed as i32, "{deletion:?}");
+    assert_eq!((deletion.events_deleted, deletion.identity_deleted, deletion.suppress), (1, true, true));
+    assert_eq!(deletion.subject_hash, hasher.hash("u-gone").to_hex());
 
     for replica in [&first, &second] {
         assert!(replica.track("gone_event", "u-gone", 0).await.suppressed);
