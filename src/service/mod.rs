@@ -2,7 +2,9 @@
 //! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
 //! `validation`); storage goes through `repository`.
 
+pub(crate) mod audit;
 pub mod counts;
+pub(crate) mod export;
 pub(crate) mod fold_task;
 pub mod ingest;
 pub(crate) mod partition_maintenance;
@@ -19,7 +21,9 @@ use uuid::Uuid;
 use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
-use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
+use crate::repository::postgres::{
+    AuditRepository, Database, EventRepository, ExportRepository, RepositoryError, UserRepository, WriteError,
+};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
 use crate::security::subject::SubjectHasher;
@@ -103,6 +107,10 @@ pub struct AnalyticsService {
     database: Database,
     events: EventRepository,
     users: UserRepository,
+    /// ExportUser's reads (see [`export`]).
+    exports: ExportRepository,
+    /// The audit trail of administrative calls (see [`audit`]).
+    audit: AuditRepository,
     cache: CountCache,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
@@ -129,7 +137,9 @@ impl AnalyticsService {
     ) -> Self {
         Self {
             events: EventRepository::new(database.clone()).with_pii(pii.clone()),
-            users: UserRepository::new(database.clone()).with_pii(pii),
+            users: UserRepository::new(database.clone()).with_pii(pii.clone()),
+            exports: ExportRepository::new(database.clone()).with_pii(pii),
+            audit: AuditRepository::new(database.clone()),
             database,
             cache,
             rate_limiter: Arc::new(rate_limiter),

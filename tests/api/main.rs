@@ -12,6 +12,7 @@ mod cli;
 mod connections;
 mod counts;
 mod dependency_tls;
+mod export_user;
 mod failures;
 mod faults;
 mod health;

@@ -1,10 +1,12 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
-//! every repository call goes through. Tables live in `events`, `users`, `partitions` and
-//! `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
-//! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
-//! key rotation.
+//! every repository call goes through. Tables live in `events`, `users`, `partitions`,
+//! `audit` and `schema`; `export` reads everything stored about one user; `rollups` runs
+//! the count plans the service builds, `fold` moves the insert trigger's output into the
+//! rollups; `pii` re-encrypts stored sensitive values after a key rotation.
 
+pub(crate) mod audit;
 pub(crate) mod events;
+pub(crate) mod export;
 pub mod fold;
 pub mod partitions;
 pub mod pii;
@@ -25,7 +27,9 @@ use tracing::Instrument;
 use crate::config::{PostgresConfig, PostgresSslMode};
 use crate::metrics;
 
+pub(crate) use audit::AuditRepository;
 pub use events::{EventRepository, InsertOutcome};
+pub(crate) use export::{ExportReader, ExportRepository};
 pub(crate) use users::UserRepository;
 
 /// A database failure, classified by what the caller can do about it.
