@@ -28,7 +28,7 @@ use crate::pb::analytics_admin_service_server::AnalyticsAdminService as AdminApi
 use crate::security::authorization::CallerPolicy;
 use crate::security::caller::CallerIdentity;
 use crate::security::subject::{SubjectHash, SubjectHasher};
-use crate::service::export::ExportItems;
+use crate::service::export::{ExportItems, ExportStep};
 use crate::service::{AnalyticsService, ServiceError};
 
 /// Implements the generated admin server trait on top of [`AnalyticsService`].
@@ -199,18 +199,23 @@ impl Stream for AuditedExport {
                 return Poll::Ready(None);
             }
             let Some(audit) = this.audit.as_mut() else { return Poll::Ready(None) };
-            match ready!(this.items.poll_recv(context)) {
-                Some(Ok(item)) => {
+            let failure = match ready!(this.items.poll_recv(context)) {
+                Some(ExportStep::Item(item)) => {
                     audit.count(&item);
                     return Poll::Ready(Some(Ok(item.into())));
                 }
-                Some(Err(error)) => {
-                    let status = Status::from(error);
-                    this.recording = this.audit.take().map(|audit| audit.record(status.code()));
-                    return Poll::Ready(Some(Err(status)));
+                Some(ExportStep::Complete) => {
+                    this.recording = this.audit.take().map(|audit| audit.record(Code::Ok));
+                    continue;
                 }
-                None => this.recording = this.audit.take().map(|audit| audit.record(Code::Ok)),
-            }
+                Some(ExportStep::Failed(error)) => Status::from(error),
+                None => {
+                    tracing::error!(rpc = Rpc::ExportUser.method(), "export ended without completing");
+                    Status::from(ServiceError::Internal)
+                }
+            };
+            this.recording = this.audit.take().map(|audit| audit.record(failure.code()));
+            return Poll::Ready(Some(Err(failure)));
         }
     }
 }

@@ -7,7 +7,10 @@
 //! [`EXPORT_CHANNEL_CAPACITY`] items that the response stream drains. A slow client
 //! fills the channel and the task waits, so PostgreSQL waits too; a client that goes
 //! away closes the channel and the task stops at once, closing its connection. Each
-//! running export holds one connection of the read pool until it ends.
+//! running export holds one connection of the read pool until it ends. An export still
+//! running when the pool closes (shutdown, once the drain is over) gives its connection
+//! up and ends UNAVAILABLE, so it never holds shutdown up. The task ends the channel
+//! with an explicit step, complete or failed: a truncated export never looks complete.
 
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
@@ -20,9 +23,19 @@ use crate::repository::postgres::ExportReader;
 /// Items buffered between the database and the client.
 pub(crate) const EXPORT_CHANNEL_CAPACITY: usize = 64;
 
-/// The items of one export as they are read. An error is the last item: the export
-/// ended there.
-pub(crate) type ExportItems = mpsc::Receiver<Result<ExportItem, ServiceError>>;
+/// What an export sends: its items, then exactly one end. A channel that closes
+/// without an end (the task was dropped) is not a complete export.
+#[derive(Debug)]
+pub(crate) enum ExportStep {
+    Item(ExportItem),
+    /// Every item was sent.
+    Complete,
+    /// The export stopped here.
+    Failed(ServiceError),
+}
+
+/// The steps of one export as they are read.
+pub(crate) type ExportItems = mpsc::Receiver<ExportStep>;
 
 impl AnalyticsService {
     /// Starts exporting `user_id`. The connection and the identity are had before this
@@ -32,46 +45,79 @@ impl AnalyticsService {
         let mut reader = self.exports.reader().await.map_err(repository_failure)?;
         let identity = reader.identity(&user_id).await.map_err(repository_failure)?;
         let (sender, receiver) = mpsc::channel(EXPORT_CHANNEL_CAPACITY);
-        tokio::spawn(send_export(reader, user_id, identity, sender).instrument(tracing::Span::current()));
+        let export = Export { reader, user_id, sender };
+        let pool_closed = self.exports.pool_closed();
+        tokio::spawn(export.send(identity, pool_closed).instrument(tracing::Span::current()));
         Ok(receiver)
     }
 }
 
-/// Sends the identity, then the events as they are read, until the last one, an error,
-/// or the receiver is gone. Only a complete export returns its connection to the pool.
-async fn send_export(
-    mut reader: ExportReader,
+/// One running export: its connection, its user, where its items go.
+struct Export {
+    reader: ExportReader,
     user_id: UserId,
-    identity: Option<ExportedIdentity>,
-    sender: mpsc::Sender<Result<ExportItem, ServiceError>>,
-) {
-    if let Some(identity) = identity {
-        if sender.send(Ok(ExportItem::Identity(identity))).await.is_err() {
-            return;
-        }
-    }
-    let mut events = reader.events(&user_id);
-    loop {
-        // The receiver may go away while PostgreSQL is still sorting: stop then too.
-        let next = tokio::select! {
-            biased;
-            () = sender.closed() => return,
-            next = events.next() => next,
-        };
-        match next {
-            None => break,
-            Some(Ok(event)) => {
-                if sender.send(Ok(ExportItem::Event(event))).await.is_err() {
-                    return;
+    sender: mpsc::Sender<ExportStep>,
+}
+
+/// Why an export stopped before its last event.
+enum Stopped {
+    /// The receiver is gone (the client went away): nobody to tell.
+    ReceiverGone,
+    /// The export failed; the receiver is told.
+    Failed(ServiceError),
+}
+
+impl Export {
+    /// Sends the identity, then the events as they are read, until the last one, an
+    /// error, the receiver going away, or the pool closing (shutdown after the drain:
+    /// the export ends UNAVAILABLE). Only a complete export returns its connection to
+    /// the pool; any other end closes it before telling the receiver.
+    async fn send(
+        self,
+        identity: Option<ExportedIdentity>,
+        mut pool_closed: impl std::future::Future<Output = ()> + Unpin,
+    ) {
+        let Export { mut reader, user_id, sender } = self;
+        let outcome = async {
+            if let Some(identity) = identity {
+                sender
+                    .send(ExportStep::Item(ExportItem::Identity(identity)))
+                    .await
+                    .map_err(|_| Stopped::ReceiverGone)?;
+            }
+            let mut events = reader.events(&user_id);
+            loop {
+                // The receiver may go away while PostgreSQL is still sorting: stop then too.
+                let next = tokio::select! {
+                    biased;
+                    () = sender.closed() => return Err(Stopped::ReceiverGone),
+                    () = &mut pool_closed => {
+                        return Err(Stopped::Failed(ServiceError::Unavailable("server shutting down")))
+                    }
+                    next = events.next() => next,
+                };
+                match next {
+                    None => return Ok(()),
+                    Some(Ok(event)) => {
+                        let item = ExportStep::Item(ExportItem::Event(event));
+                        sender.send(item).await.map_err(|_| Stopped::ReceiverGone)?
+                    }
+                    Some(Err(error)) => return Err(Stopped::Failed(repository_failure(error))),
                 }
             }
-            Some(Err(error)) => {
-                // The receiver may be gone already; the export ends either way.
-                sender.send(Err(repository_failure(error))).await.ok();
-                return;
+        }
+        .await;
+        // The receiver may be gone by now; the export ends either way.
+        match outcome {
+            Ok(()) => {
+                reader.finish();
+                sender.send(ExportStep::Complete).await.ok();
+            }
+            Err(Stopped::ReceiverGone) => {}
+            Err(Stopped::Failed(error)) => {
+                drop(reader);
+                sender.send(ExportStep::Failed(error)).await.ok();
             }
         }
     }
-    drop(events);
-    reader.finish();
 }

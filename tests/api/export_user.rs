@@ -510,3 +510,34 @@ async fn under_mtls_only_the_callers_of_the_export_user_entry_may_export() {
     let denied = export_over(tls_admin_client(app.grpc_address, &server_ca, &dpo).await, "someone").await;
     assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied, "no entry = nobody");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_still_running_after_the_drain_ends_unavailable_and_does_not_hold_up_shutdown() {
+    let (mut app, _) = spawn_admin_app(&[("SHUTDOWN_DRAIN_SECONDS", "1")]).await;
+    insert_events(&app, "whale", 20_000, 1_000).await;
+    let mut stream = app
+        .admin_client()
+        .export_user(pb::ExportUserRequest { user_id: "whale".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(stream.next().await, Some(Ok(_))));
+
+    // The client pauses; the server is asked to stop.
+    let stopping = std::time::Instant::now();
+    app.signal_shutdown();
+    app.wait_stopped().await.expect("the server stops cleanly");
+    assert!(stopping.elapsed() < Duration::from_secs(8), "stopped after {:?}", stopping.elapsed());
+
+    // The client never sees a clean end of a truncated export.
+    let mut received = 1;
+    let ended = loop {
+        match stream.next().await {
+            Some(Ok(_)) => received += 1,
+            Some(Err(status)) => break status,
+            None => panic!("a truncated export ended as if complete after {received} events"),
+        }
+    };
+    assert!(received < 20_000, "{received} events");
+    assert_eq!((ended.code(), ended.message()), (Code::Unavailable, "server shutting down"), "{ended:?}");
+}

@@ -54,6 +54,12 @@ impl ExportRepository {
         Self { pii, ..self }
     }
 
+    /// Resolves once the read pool closes (the end of shutdown, after the drain): an
+    /// export still running then must give its connection up, or closing waits for it.
+    pub(crate) fn pool_closed(&self) -> impl std::future::Future<Output = ()> + Send + Unpin + 'static {
+        self.database.pool().close_event()
+    }
+
     /// A reader on its own connection of the read pool (acquired with the usual
     /// retries), held until the reader is finished or dropped.
     pub(crate) async fn reader(&self) -> Result<ExportReader, RepositoryError> {
