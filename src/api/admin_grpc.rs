@@ -28,7 +28,7 @@ use crate::pb::analytics_admin_service_server::AnalyticsAdminService as AdminApi
 use crate::security::authorization::CallerPolicy;
 use crate::security::caller::CallerIdentity;
 use crate::security::subject::{SubjectHash, SubjectHasher};
-use crate::service::export::{ExportItems, ExportStep};
+use crate::service::export::{ExportStep, ExportSteps};
 use crate::service::{AnalyticsService, ServiceError};
 
 /// Implements the generated admin server trait on top of [`AnalyticsService`].
@@ -180,7 +180,7 @@ impl ExportAudit {
 /// record once they end (written before the end reaches the client) or the client goes
 /// away (written by a task of its own).
 struct AuditedExport {
-    items: ExportItems,
+    items: ExportSteps,
     /// Until the export ends.
     audit: Option<ExportAudit>,
     /// The audit record being written after the end.

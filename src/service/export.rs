@@ -35,13 +35,13 @@ pub(crate) enum ExportStep {
 }
 
 /// The steps of one export as they are read.
-pub(crate) type ExportItems = mpsc::Receiver<ExportStep>;
+pub(crate) type ExportSteps = mpsc::Receiver<ExportStep>;
 
 impl AnalyticsService {
     /// Starts exporting `user_id`. The connection and the identity are had before this
     /// answers, so an unreachable database is an error of the call, not of its stream.
     #[tracing::instrument(skip_all)]
-    pub(crate) async fn export_user(&self, user_id: UserId) -> Result<ExportItems, ServiceError> {
+    pub(crate) async fn export_user(&self, user_id: UserId) -> Result<ExportSteps, ServiceError> {
         let mut reader = self.exports.reader().await.map_err(repository_failure)?;
         let identity = reader.identity(&user_id).await.map_err(repository_failure)?;
         let (sender, receiver) = mpsc::channel(EXPORT_CHANNEL_CAPACITY);
