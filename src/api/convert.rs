@@ -1,8 +1,8 @@
 //! Protobuf messages to domain types (parse, don't validate) and back.
 
 use crate::models::{
-    EventCount, EventFilter, EventName, GroupBy, IdentifyUser, InsertId, Properties, PropertyValue,
-    TimeRange, TrackEvent, UserId,
+    EventCount, EventFilter, EventName, ExportItem, ExportedEvent, ExportedIdentity, GroupBy, IdentifyUser,
+    InsertId, Properties, PropertyValue, TimeRange, TrackEvent, UserId,
 };
 use crate::pb;
 use crate::service::{EventResult, Stored, ValidationError};
@@ -126,6 +126,66 @@ pub(crate) fn track_events_response(results: Vec<EventResult>) -> pb::TrackEvent
     pb::TrackEventsResponse { results }
 }
 
+/// A stored property value on the wire: the inverse of [`property_value`]. Values the
+/// API never stores (written by other means) still reach the caller: null as a value
+/// with nothing set, arrays and objects as their JSON text.
+fn wire_property_value(value: serde_json::Value) -> pb::PropertyValue {
+    let value = match value {
+        serde_json::Value::String(text) => Some(pb::property_value::Value::StringValue(text)),
+        serde_json::Value::Number(number) => {
+            Some(pb::property_value::Value::NumberValue(number.as_f64().unwrap_or(f64::NAN)))
+        }
+        serde_json::Value::Bool(flag) => Some(pb::property_value::Value::BoolValue(flag)),
+        serde_json::Value::Null => None,
+        other @ (serde_json::Value::Array(_) | serde_json::Value::Object(_)) => {
+            Some(pb::property_value::Value::StringValue(other.to_string()))
+        }
+    };
+    pb::PropertyValue { value }
+}
+
+/// A stored properties object on the wire (anything but an object has no properties).
+fn wire_properties(properties: serde_json::Value) -> std::collections::HashMap<String, pb::PropertyValue> {
+    match properties {
+        serde_json::Value::Object(object) => {
+            object.into_iter().map(|(key, value)| (key, wire_property_value(value))).collect()
+        }
+        _ => std::collections::HashMap::new(),
+    }
+}
+
+impl From<ExportedIdentity> for pb::ExportedIdentity {
+    fn from(identity: ExportedIdentity) -> Self {
+        pb::ExportedIdentity {
+            user_id: identity.user_id.as_str().to_string(),
+            properties: wire_properties(identity.properties),
+            first_seen: identity.first_seen.timestamp(),
+            last_seen: identity.last_seen.timestamp(),
+        }
+    }
+}
+
+impl From<ExportedEvent> for pb::ExportedEvent {
+    fn from(event: ExportedEvent) -> Self {
+        pb::ExportedEvent {
+            event_id: event.id.to_string(),
+            event_name: event.name,
+            timestamp: event.timestamp.timestamp(),
+            properties: wire_properties(event.properties),
+        }
+    }
+}
+
+impl From<ExportItem> for pb::ExportUserResponse {
+    fn from(item: ExportItem) -> Self {
+        let item = match item {
+            ExportItem::Identity(identity) => pb::export_user_response::Item::Identity(identity.into()),
+            ExportItem::Event(event) => pb::export_user_response::Item::Event(event.into()),
+        };
+        pb::ExportUserResponse { item: Some(item) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +205,38 @@ mod tests {
         assert_eq!(response.results[1].event_id, stored.to_string());
         assert_eq!(response.results[2].status, i32::from(pb::TrackEventStatus::Rejected));
         assert_eq!(Stored::Suppressed.event_id(), None);
+    }
+
+    #[test]
+    fn exported_properties_are_the_tracked_ones() {
+        let tracked = std::collections::HashMap::from([
+            (
+                "page".to_string(),
+                pb::PropertyValue { value: Some(pb::property_value::Value::StringValue("/a".into())) },
+            ),
+            (
+                "load_ms".to_string(),
+                pb::PropertyValue { value: Some(pb::property_value::Value::NumberValue(42.5)) },
+            ),
+            (
+                "logged_in".to_string(),
+                pb::PropertyValue { value: Some(pb::property_value::Value::BoolValue(true)) },
+            ),
+        ]);
+        let stored = properties(tracked.clone()).unwrap();
+        assert_eq!(wire_properties(stored.json().clone()), tracked);
+    }
+
+    #[test]
+    fn values_the_api_never_stores_still_reach_the_caller() {
+        let stored = serde_json::json!({"nothing": null, "list": [1, "a"], "nested": {"b": true}});
+        let wire = wire_properties(stored);
+        assert_eq!(wire["nothing"], pb::PropertyValue { value: None });
+        assert_eq!(wire["list"].value, Some(pb::property_value::Value::StringValue(r#"[1,"a"]"#.into())));
+        assert_eq!(
+            wire["nested"].value,
+            Some(pb::property_value::Value::StringValue(r#"{"b":true}"#.into()))
+        );
+        assert!(wire_properties(serde_json::json!("not an object")).is_empty());
     }
 }

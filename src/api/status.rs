@@ -31,6 +31,30 @@ impl From<ServiceError> for Status {
     }
 }
 
+/// How an administrative call ended, as its audit record says: `ok`, else the
+/// canonical name of its gRPC code (`PERMISSION_DENIED`, `CANCELLED`, ...).
+pub(crate) fn audit_outcome(code: Code) -> &'static str {
+    match code {
+        Code::Ok => crate::models::AUDIT_OUTCOME_OK,
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,5 +90,13 @@ mod tests {
         let internal: Status = ServiceError::Internal.into();
         assert_eq!(internal.code(), Code::Internal);
         assert_eq!(internal.message(), "internal error");
+    }
+
+    #[test]
+    fn audit_outcomes_are_ok_or_the_canonical_code_name() {
+        assert_eq!(audit_outcome(Code::Ok), "ok");
+        assert_eq!(audit_outcome(Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(audit_outcome(Code::FailedPrecondition), "FAILED_PRECONDITION");
+        assert_eq!(audit_outcome(Code::Cancelled), "CANCELLED");
     }
 }

@@ -4,17 +4,21 @@
 //! stored form of user sets (`user_bitmap`) and the UTC units of the rollups (`utc`) are
 //! shared by both.
 
+pub(crate) mod audit;
 pub mod count_plan;
 mod event;
+mod export;
 pub(crate) mod rpc;
 mod user;
 pub mod user_bitmap;
 pub mod utc;
 
+pub(crate) use audit::{AuditRecord, AUDIT_OUTCOME_OK};
 pub use count_plan::{EventCountPlan, RangeSplit, RollupStamp, Segments};
 pub use event::{
     Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
 };
+pub use export::{ExportItem, ExportedEvent, ExportedIdentity};
 pub use user::{IdentifyUser, UserId};
 
 use std::collections::BTreeMap;

@@ -2,8 +2,10 @@
 //! queries mean, independent of gRPC. Inputs arrive as validated domain types (see
 //! `validation`); storage goes through `repository`.
 
+pub(crate) mod audit;
 pub mod counts;
 pub(crate) mod erasure;
+pub(crate) mod export;
 pub(crate) mod fold_task;
 pub mod ingest;
 pub(crate) mod partition_maintenance;
@@ -22,8 +24,8 @@ use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::{
-    Database, EventRepository, RepositoryError, SuppressionRepository, UpsertOutcome, UserRepository,
-    WriteError,
+    AuditRepository, Database, EventRepository, ExportRepository, RepositoryError, SuppressionRepository,
+    UpsertOutcome, UserRepository, WriteError,
 };
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
@@ -110,6 +112,10 @@ pub struct AnalyticsService {
     events: EventRepository,
     users: UserRepository,
     suppressions: SuppressionRepository,
+    /// ExportUser's reads (see [`export`]).
+    exports: ExportRepository,
+    /// The audit trail of administrative calls (see [`audit`]).
+    audit: AuditRepository,
     cache: CountCache,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
@@ -139,8 +145,10 @@ impl AnalyticsService {
     ) -> Self {
         Self {
             events: EventRepository::new(database.clone()).with_pii(pii.clone()),
-            users: UserRepository::new(database.clone()).with_pii(pii),
+            users: UserRepository::new(database.clone()).with_pii(pii.clone()),
             suppressions: SuppressionRepository::new(database.clone()),
+            exports: ExportRepository::new(database.clone()).with_pii(pii),
+            audit: AuditRepository::new(database.clone()),
             database,
             cache,
             rate_limiter: Arc::new(rate_limiter),

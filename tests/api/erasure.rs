@@ -150,6 +150,19 @@ async fn delete_user_erases_every_trace_and_answers_what_it_removed() {
         traces_of(&app.pool, doomed).await
     );
 
+    // Audited under the keyed hash, with the request and what it removed.
+    let (outcome, subject_hash, request_id, details): (String, Vec<u8>, uuid::Uuid, serde_json::Value) =
+        sqlx::query_as(
+            "SELECT outcome, subject_hash, request_id, details FROM admin_audit WHERE rpc = 'DeleteUser' ORDER BY id LIMIT 1",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "ok");
+    assert_eq!(SubjectHasher::parse(&key, "key").unwrap().hash(doomed).as_bytes(), subject_hash.as_slice());
+    assert_eq!(request_id.to_string(), deletion.request_id);
+    assert_eq!(details["suppress"], false);
+
     // The answers cached before the erasure are not used after it.
     assert_eq!(app.unique_users(start, end).await, 1);
     let after = app.counts("", start, end, "day", "Europe/Berlin").await;

@@ -13,6 +13,7 @@ mod connections;
 mod counts;
 mod dependency_tls;
 mod erasure;
+mod export_user;
 mod failures;
 mod faults;
 mod health;

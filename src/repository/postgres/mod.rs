@@ -1,11 +1,14 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
 //! every repository call goes through. Tables live in `events`, `users`, `suppression`,
-//! `partitions` and `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
+//! `erasure`, `partitions`, `audit` and `schema`; `export` reads everything stored about
+//! one user; `rollups` runs the count plans the service builds, `fold` moves the insert
 //! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
 //! key rotation.
 
+pub(crate) mod audit;
 pub mod erasure;
 pub(crate) mod events;
+pub(crate) mod export;
 pub mod fold;
 pub mod partitions;
 pub mod pii;
@@ -27,7 +30,9 @@ use tracing::Instrument;
 use crate::config::{PostgresConfig, PostgresSslMode};
 use crate::metrics;
 
+pub(crate) use audit::AuditRepository;
 pub use events::{EventRepository, InsertOutcome};
+pub(crate) use export::{ExportReader, ExportRepository};
 pub(crate) use suppression::SuppressionRepository;
 pub(crate) use users::{UpsertOutcome, UserRepository};
 
