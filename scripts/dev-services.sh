@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure a local PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) are running,
 # installing them from Debian's packages when absent (needs root, as on the project's
-# machines). Idempotent: does nothing when both already answer.
+# machines), and that Debian's `pgbouncer` is installed (not started: the tests in
+# tests/api/pgbouncer.rs start their own). Idempotent: does nothing when all are there.
 #
 # On a machine where this script had to install PostgreSQL, local TCP logins are set to
 # `trust` for 127.0.0.1/::1 (a throwaway development database; never do this elsewhere),
@@ -72,5 +73,14 @@ ensure_redis() {
   wait_for_port redis 127.0.0.1 6379
 }
 
+ensure_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]]; then
+    return
+  fi
+  say "installing pgbouncer (apt-get)"
+  apt_install pgbouncer
+}
+
 ensure_postgres
 ensure_redis
+ensure_pgbouncer

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
 use analytics_service::repository::postgres::pii::reencrypt_all;
-use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
+use analytics_service::repository::postgres::{migration_connect_options, partitions, schema, Database};
 use analytics_service::security::pii::PiiCipher;
 use analytics_service::service::EVENT_MIGRATION_APPLIED;
 use analytics_service::startup::{Application, Components};
@@ -149,7 +149,7 @@ async fn shutdown_signal() {
 async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
     let (config, _telemetry) = load_config()?;
     if !check {
-        let report = schema::migrate(&connect_options(&config.postgres)).await?;
+        let report = schema::migrate(&migration_connect_options(&config.postgres)?).await?;
         tracing::info!(applied = ?report.applied, "migrations up to date");
         let created = partitions::ensure_accepted_partitions(
             &Database::connect_lazy(&config.postgres),
@@ -172,7 +172,7 @@ async fn migrate(check: bool, wait_seconds: u64) -> anyhow::Result<ExitCode> {
     let database = Database::connect_lazy(&config.postgres);
     let deadline = Instant::now() + Duration::from_secs(wait_seconds);
     loop {
-        match schema::status(database.pool()).await {
+        match schema::status(&database).await {
             Ok(status) if status.is_usable() => {
                 tracing::info!(status = ?status, "schema is current");
                 return Ok(ExitCode::SUCCESS);

@@ -393,6 +393,8 @@ def test_every_contract_variable_can_be_set():
     everything |= configured_env(render(values=["ci/dependency-tls-values.yaml"]))
     # The suppression key file is rendered only when its Secret is named.
     everything |= configured_env(render(values=["ci/erasure-mtls-values.yaml"]))
+    # The migration address is rendered only when set (behind a transaction pooler).
+    everything |= configured_env(render(values=["ci/pgbouncer-values.yaml"]))
     missing = [name for name in CONTRACT_ENV if name not in everything]
     assert not missing, f"not exposed by the chart: {missing}"
 

@@ -1,5 +1,7 @@
-//! The PostgreSQL section: where the database is (POSTGRES_*), how big the pools are,
-//! how connections negotiate TLS, and how retryable errors are retried (DB_RETRY_*).
+//! The PostgreSQL section: where the database is (POSTGRES_*), whether a transaction
+//! pooler sits in front of it (POSTGRES_POOLER) and where `migrate` connects instead
+//! (MIGRATION_POSTGRES_*), how big the pools are, how connections negotiate TLS, and how
+//! retryable errors are retried (DB_RETRY_*).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,6 +47,35 @@ impl std::str::FromStr for PostgresSslMode {
     }
 }
 
+/// What sits between the service and PostgreSQL (POSTGRES_POOLER).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PostgresPooler {
+    /// Nothing, or a pooler in session mode: a connection is one server session.
+    #[default]
+    None,
+    /// A pooler in transaction mode (PgBouncer `pool_mode = transaction`): consecutive
+    /// transactions of one connection may run on different server sessions, so no
+    /// session state (prepared statements, session settings, session locks) may outlive
+    /// a transaction.
+    Transaction,
+}
+
+impl std::str::FromStr for PostgresPooler {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        match raw.to_ascii_lowercase().as_str() {
+            "" | "none" => Ok(PostgresPooler::None),
+            "transaction" => Ok(PostgresPooler::Transaction),
+            _ => Err(format!("expected none or transaction, got {raw:?}")),
+        }
+    }
+}
+
+fn postgres_pooler<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PostgresPooler, D::Error> {
+    parse_named(deserializer, "POSTGRES_POOLER")
+}
+
 fn postgres_sslmode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PostgresSslMode, D::Error> {
     parse_named(deserializer, "POSTGRES_SSLMODE")
 }
@@ -83,6 +114,13 @@ impl RetryConfig {
 pub struct PostgresConfig {
     pub host: String,
     pub port: u16,
+    /// POSTGRES_POOLER: a transaction pooler in front of `host:port`, or none.
+    pub pooler: PostgresPooler,
+    /// MIGRATION_POSTGRES_HOST: where `migrate` connects instead of `host` (PostgreSQL
+    /// itself when `host` is a transaction pooler); `None` = `host`.
+    pub migration_host: Option<String>,
+    /// MIGRATION_POSTGRES_PORT: the port `migrate` connects to; `None` = `port`.
+    pub migration_port: Option<u16>,
     pub database: String,
     pub user: String,
     pub password: Secret,
@@ -111,6 +149,12 @@ struct Raw {
     postgres_host: String,
     #[serde(default = "default_port")]
     postgres_port: u16,
+    #[serde(default, deserialize_with = "postgres_pooler")]
+    postgres_pooler: PostgresPooler,
+    #[serde(default)]
+    migration_postgres_host: String,
+    #[serde(default)]
+    migration_postgres_port: String,
     #[serde(default = "default_db")]
     postgres_db: String,
     #[serde(default = "default_user")]
@@ -151,6 +195,13 @@ impl PostgresConfig {
                 "is used only with POSTGRES_SSLMODE verify-ca or verify-full",
             );
         }
+        let migration_port = match raw.migration_postgres_port.trim() {
+            "" => None,
+            port => match port.parse::<u16>() {
+                Ok(port) if port > 0 => Some(port),
+                _ => return fail("MIGRATION_POSTGRES_PORT", "must be a port number (1-65535) or empty"),
+            },
+        };
         let retry = RetryConfig::load(vars)?;
         if ingest.writers + 2 > raw.postgres_max_connections as usize {
             return fail(
@@ -161,6 +212,10 @@ impl PostgresConfig {
         Ok(Self {
             host: raw.postgres_host,
             port: raw.postgres_port,
+            pooler: raw.postgres_pooler,
+            migration_host: Some(raw.migration_postgres_host.trim().to_string())
+                .filter(|host| !host.is_empty()),
+            migration_port,
             database: raw.postgres_db,
             user: raw.postgres_user,
             password: raw.postgres_password,
@@ -173,6 +228,11 @@ impl PostgresConfig {
             ingest_pool_connections: u32::try_from(ingest.writers + 1).unwrap_or(u32::MAX),
             ingest_statement_timeout: ingest.commit_timeout,
         })
+    }
+
+    /// Whether `migrate` has an address of its own (MIGRATION_POSTGRES_HOST or _PORT).
+    pub fn has_migration_address(&self) -> bool {
+        self.migration_host.is_some() || self.migration_port.is_some()
     }
 
     /// Connections of the pool that serves everything but the group commits.

@@ -158,6 +158,29 @@ fn postgres_verify_modes_and_their_ca_file() {
 }
 
 #[test]
+fn postgres_pooler_and_the_migration_address() {
+    let config = Config::from_vars(vars(&[])).unwrap();
+    assert_eq!(config.postgres.pooler, PostgresPooler::None);
+    assert!(!config.postgres.has_migration_address());
+    let config = Config::from_vars(vars(&[
+        ("POSTGRES_POOLER", "Transaction"),
+        ("MIGRATION_POSTGRES_HOST", "analytics-rw"),
+        ("MIGRATION_POSTGRES_PORT", "5433"),
+    ]))
+    .unwrap();
+    assert_eq!(config.postgres.pooler, PostgresPooler::Transaction);
+    assert_eq!(config.postgres.migration_host.as_deref(), Some("analytics-rw"));
+    assert_eq!(config.postgres.migration_port, Some(5433));
+    let error = Config::from_vars(vars(&[("POSTGRES_POOLER", "session")])).unwrap_err();
+    assert!(error.to_string().contains("POSTGRES_POOLER"), "{error}");
+    let empty = Config::from_vars(vars(&[("MIGRATION_POSTGRES_HOST", " "), ("MIGRATION_POSTGRES_PORT", "")]))
+        .unwrap();
+    assert!(!empty.postgres.has_migration_address(), "empty means unset, as in k8s/base/config.env");
+    let error = Config::from_vars(vars(&[("MIGRATION_POSTGRES_PORT", "x")])).unwrap_err();
+    assert!(error.to_string().contains("MIGRATION_POSTGRES_PORT"), "{error}");
+}
+
+#[test]
 fn redis_tls_settings() {
     let config = Config::from_vars(vars(&[])).unwrap();
     assert!(!config.redis.as_ref().unwrap().tls);

@@ -146,7 +146,7 @@ impl ReadinessMonitor {
 
     /// Probes once and publishes the result (logging transitions, not repeats).
     pub async fn probe(&self) {
-        let probe = tokio::time::timeout(PROBE_TIMEOUT, schema::status(self.database.pool())).await;
+        let probe = tokio::time::timeout(PROBE_TIMEOUT, schema::status(&self.database)).await;
         let failure = match probe {
             Ok(Ok(status)) => {
                 if self.outage_logged.swap(false, Ordering::Relaxed) {

@@ -17,7 +17,7 @@ use crate::api::admin;
 use crate::api::health::follow_readiness;
 use crate::config::Config;
 use crate::metrics;
-use crate::repository::postgres::{connect_options, schema};
+use crate::repository::postgres::{migration_connect_options, schema};
 use crate::security::tls::ReloadingTlsConfig;
 use crate::service::fold_task::run_rollup_fold;
 use crate::service::partition_maintenance::run_partition_maintenance;
@@ -48,7 +48,11 @@ impl Application {
             .with_context(|| format!("binding the admin port {admin_address}"))?;
 
         if config.server.migrate_on_start {
-            match schema::migrate(&connect_options(&config.postgres)).await {
+            let migrated = match migration_connect_options(&config.postgres) {
+                Ok(options) => schema::migrate(&options).await,
+                Err(error) => Err(error),
+            };
+            match migrated {
                 Ok(report) => tracing::info!(applied = ?report.applied, "migrations applied on start"),
                 Err(error) => tracing::error!(error = %error, "MIGRATE_ON_START failed; serving not ready"),
             }

@@ -27,6 +27,7 @@ mod migrations;
 mod observability;
 mod otlp_tls;
 mod outage;
+mod pgbouncer;
 mod pii;
 mod proxy;
 mod rate_limit;

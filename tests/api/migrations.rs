@@ -16,7 +16,7 @@ async fn concurrent_migrations_apply_once_and_create_the_schema() {
     let pool = PgPoolOptions::new().max_connections(2).connect_with(options.clone()).await.unwrap();
     let latest = *schema::expected_versions().last().unwrap();
     assert_eq!(
-        schema::status(&pool).await.unwrap(),
+        schema::status(&pool.clone().into()).await.unwrap(),
         SchemaStatus::Behind { applied: None, expected: latest }
     );
 
@@ -27,7 +27,10 @@ async fn concurrent_migrations_apply_once_and_create_the_schema() {
     let history: i64 =
         sqlx::query_scalar("SELECT count(*) FROM refinery_schema_history").fetch_one(&pool).await.unwrap();
     assert_eq!(history, schema::expected_versions().len() as i64);
-    assert_eq!(schema::status(&pool).await.unwrap(), SchemaStatus::Current { version: latest });
+    assert_eq!(
+        schema::status(&pool.clone().into()).await.unwrap(),
+        SchemaStatus::Current { version: latest }
+    );
 
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT indexname::text FROM pg_indexes WHERE tablename IN ('events', 'user_identities', 'event_insert_ids') ORDER BY 1",
@@ -66,7 +69,7 @@ async fn migrate_succeeds_without_changes_when_the_database_is_ahead_of_the_bina
     .await
     .unwrap();
     assert_eq!(
-        schema::status(&pool).await.unwrap(),
+        schema::status(&pool.clone().into()).await.unwrap(),
         SchemaStatus::Ahead { applied: newer, expected: latest }
     );
 
@@ -92,7 +95,7 @@ async fn a_database_built_by_other_migrations_is_reported_and_refused() {
         .execute(&pool)
         .await
         .unwrap();
-    let status = schema::status(&pool).await.unwrap();
+    let status = schema::status(&pool.clone().into()).await.unwrap();
     assert_eq!(
         status,
         SchemaStatus::Diverged {
@@ -113,7 +116,10 @@ async fn a_database_built_by_other_migrations_is_reported_and_refused() {
     .execute(&pool)
     .await
     .unwrap();
-    assert!(matches!(schema::status(&pool).await.unwrap(), SchemaStatus::Diverged { version: 1, .. }));
+    assert!(matches!(
+        schema::status(&pool.clone().into()).await.unwrap(),
+        SchemaStatus::Diverged { version: 1, .. }
+    ));
     assert!(schema::migrate(&options).await.is_err());
     pool.close().await;
     drop_database(&database).await;

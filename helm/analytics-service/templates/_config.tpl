@@ -55,6 +55,13 @@ POSTGRES_SSL_ROOT_CERT: {{ printf "%s/%s" .mountPath .secretKey | quote }}
 {{- end }}
 POSTGRES_MAX_CONNECTIONS: {{ .Values.postgres.maxConnections | quote }}
 POSTGRES_ACQUIRE_TIMEOUT_MS: {{ .Values.postgres.acquireTimeoutMs | quote }}
+POSTGRES_POOLER: {{ include "analytics-service.postgresPooler" . | quote }}
+{{- with include "analytics-service.migrationPostgresHost" . }}
+MIGRATION_POSTGRES_HOST: {{ . | quote }}
+{{- end }}
+{{- with .Values.postgres.migration.port }}
+MIGRATION_POSTGRES_PORT: {{ . | quote }}
+{{- end }}
 REDIS_HOST: {{ .Values.redis.host | quote }}
 REDIS_PORT: {{ .Values.redis.port | quote }}
 REDIS_DB: {{ .Values.redis.db | quote }}

@@ -136,6 +136,37 @@ Service (or Pooler), database and CLUSTER-app Secret when cloudnativePG.enabled.
 {{- end -}}
 {{- end -}}
 
+{{/*
+POSTGRES_POOLER: transaction when postgres.pooler says so or the CloudNativePG Pooler runs
+in transaction mode; otherwise none.
+*/}}
+{{- define "analytics-service.postgresPooler" -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- if or (eq .Values.postgres.pooler "transaction") (and $cnpg.enabled $cnpg.pooler.enabled (eq $cnpg.pooler.mode "transaction")) -}}
+transaction
+{{- else -}}
+none
+{{- end -}}
+{{- end -}}
+
+{{/*
+MIGRATION_POSTGRES_HOST: postgres.migration.host, else CLUSTER-rw behind a CloudNativePG
+Pooler in transaction mode; empty = the server's host. Behind a transaction pooler the
+migration Job needs PostgreSQL itself (migrate holds a session-level advisory lock), so a
+transaction pooler without a migration address fails the render.
+*/}}
+{{- define "analytics-service.migrationPostgresHost" -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- $host := .Values.postgres.migration.host -}}
+{{- if and (not $host) $cnpg.enabled $cnpg.pooler.enabled (eq $cnpg.pooler.mode "transaction") -}}
+{{- $host = printf "%s-rw" $cnpg.clusterName -}}
+{{- end -}}
+{{- if and (eq (include "analytics-service.postgresPooler" .) "transaction") (not $host) (not .Values.postgres.migration.port) -}}
+{{- fail "postgres.pooler transaction: set postgres.migration.host (and port) to PostgreSQL itself; the migration Job holds a session-level advisory lock" -}}
+{{- end -}}
+{{- $host -}}
+{{- end -}}
+
 {{- define "analytics-service.postgresDatabase" -}}
 {{- ternary .Values.cloudnativePG.database .Values.postgres.database .Values.cloudnativePG.enabled -}}
 {{- end -}}
@@ -367,6 +398,30 @@ helm.sh/hook-delete-policy: {{ .deletePolicy }}
 - ports:
     - protocol: TCP
       port: {{ .Values.postgres.port }}
+  {{- with $peers }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/*
+Egress of the migration Job to PostgreSQL: its port is postgres.migration.port (when set),
+and with CloudNativePG it reaches the Pooler's pods only when the Job goes through the
+Pooler (session mode, no migration host); otherwise the Cluster's pods.
+*/}}
+{{- define "analytics-service.migrationPostgresEgressRule" -}}
+{{- $peers := .Values.networkPolicy.egress.postgresTo -}}
+{{- $cnpg := .Values.cloudnativePG -}}
+{{- if and (not $peers) $cnpg.enabled -}}
+{{- if and $cnpg.pooler.enabled (not (include "analytics-service.migrationPostgresHost" .)) -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/poolerName" (include "analytics-service.postgresHost" .)))) -}}
+{{- else -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/cluster" $cnpg.clusterName))) -}}
+{{- end -}}
+{{- end -}}
+- ports:
+    - protocol: TCP
+      port: {{ .Values.postgres.migration.port | default .Values.postgres.port }}
   {{- with $peers }}
   to:
     {{- toYaml . | nindent 4 }}

@@ -31,6 +31,7 @@ impl AuditRepository {
         let subject_hash = record.subject.as_ref().map(|subject| subject.as_bytes().to_vec());
         self.database
             .with_retry("insert_admin_audit", || async {
+                let mut session = self.database.session().await?;
                 sqlx::query(INSERT_AUDIT_RECORD)
                     .bind(record.rpc.method())
                     .bind(record.caller)
@@ -38,8 +39,9 @@ impl AuditRepository {
                     .bind(record.request_id)
                     .bind(record.outcome)
                     .bind(&record.details)
-                    .execute(self.database.pool())
+                    .execute(&mut *session)
                     .await?;
+                session.finish().await?;
                 Ok(())
             })
             .await

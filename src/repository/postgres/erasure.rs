@@ -104,7 +104,7 @@ impl ErasureRepository {
     ) -> Result<ErasureRequest, RepositoryError> {
         self.database
             .with_retry("record_erasure", || async {
-                let mut transaction = self.database.pool().begin().await?;
+                let mut transaction = self.database.begin().await?;
                 if suppress {
                     sqlx::query(
                         "INSERT INTO suppressed_users (subject_hash) VALUES ($1) ON CONFLICT (subject_hash) DO NOTHING",
@@ -154,10 +154,14 @@ impl ErasureRepository {
     pub async fn get(&self, id: Uuid) -> Result<Option<ErasureRequest>, RepositoryError> {
         self.database
             .with_retry("get_erasure", || async {
-                Ok(sqlx::query_as(&format!("SELECT {REQUEST_COLUMNS} FROM erasure_requests WHERE id = $1"))
-                    .bind(id)
-                    .fetch_optional(self.database.pool())
-                    .await?)
+                let mut session = self.database.session().await?;
+                let value =
+                    sqlx::query_as(&format!("SELECT {REQUEST_COLUMNS} FROM erasure_requests WHERE id = $1"))
+                        .bind(id)
+                        .fetch_optional(&mut *session)
+                        .await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await
     }
@@ -167,7 +171,8 @@ impl ErasureRepository {
     pub async fn lease(&self, id: Option<Uuid>) -> Result<Option<ErasureRequest>, RepositoryError> {
         self.database
             .with_retry("lease_erasure", || async {
-                Ok(sqlx::query_as(&format!(
+                let mut session = self.database.session().await?;
+                let value = sqlx::query_as(&format!(
                     "UPDATE erasure_requests SET leased_until = now() + make_interval(secs => $2), updated_at = now()
                       WHERE id = (
                           SELECT id FROM erasure_requests
@@ -180,8 +185,9 @@ impl ErasureRepository {
                 ))
                 .bind(id)
                 .bind(ERASURE_LEASE_SECONDS as f64)
-                .fetch_optional(self.database.pool())
-                .await?)
+                .fetch_optional(&mut *session).await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await
     }
@@ -190,12 +196,14 @@ impl ErasureRepository {
     pub async fn release(&self, id: Uuid) -> Result<(), RepositoryError> {
         self.database
             .with_retry("release_erasure", || async {
+                let mut session = self.database.session().await?;
                 sqlx::query(
                     "UPDATE erasure_requests SET leased_until = NULL WHERE id = $1 AND state = 'running'",
                 )
                 .bind(id)
-                .execute(self.database.pool())
+                .execute(&mut *session)
                 .await?;
+                session.finish().await?;
                 Ok(())
             })
             .await
@@ -213,7 +221,7 @@ impl ErasureRepository {
         };
         self.database
             .with_retry("erase_batch", || async {
-                let mut transaction = self.database.pool().begin().await?;
+                let mut transaction = self.database.begin().await?;
                 let events: i64 = sqlx::query_scalar(ERASE_EVENTS)
                     .bind(user_id)
                     .bind(limit)
@@ -264,10 +272,11 @@ impl ErasureRepository {
             let older: i64 = self
                 .database
                 .with_retry("erasure_snapshot_barrier", || async {
-                    Ok(sqlx::query_scalar(OLDER_SNAPSHOTS)
-                        .bind(request.id)
-                        .fetch_one(self.database.pool())
-                        .await?)
+                    let mut session = self.database.session().await?;
+                    let value =
+                        sqlx::query_scalar(OLDER_SNAPSHOTS).bind(request.id).fetch_one(&mut *session).await?;
+                    session.finish().await?;
+                    Ok(value)
                 })
                 .await?;
             if older == 0 {
@@ -285,7 +294,7 @@ impl ErasureRepository {
     pub async fn complete(&self, id: Uuid) -> Result<ErasureRequest, RepositoryError> {
         self.database
             .with_retry("complete_erasure", || async {
-                let mut transaction = self.database.pool().begin().await?;
+                let mut transaction = self.database.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock($1)")
                     .bind(ROLLUP_FOLD_LOCK_KEY)
                     .execute(&mut *transaction)

@@ -188,10 +188,13 @@ impl EventRepository {
         let stored: Option<Option<serde_json::Value>> = self
             .database
             .with_retry("select_event_properties", || async {
-                Ok(sqlx::query_scalar("SELECT properties FROM events WHERE id = $1")
+                let mut session = self.database.session().await?;
+                let value = sqlx::query_scalar("SELECT properties FROM events WHERE id = $1")
                     .bind(event_id)
-                    .fetch_optional(self.database.pool())
-                    .await?)
+                    .fetch_optional(&mut *session)
+                    .await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await?;
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
@@ -215,14 +218,19 @@ impl EventRepository {
     ) -> Result<Vec<InsertOutcome>, WriteError> {
         let started = Instant::now();
         let result = async {
-            let mut connection = self.database.acquire_for_write().await?;
-            let written =
-                tokio::time::timeout(answer_timeout, self.insert_on(&mut connection, events, window_days))
-                    .await;
+            let mut session = self.database.session_for_write().await?;
+            let written = tokio::time::timeout(answer_timeout, async {
+                let outcomes = self.insert_on(&mut session, events, window_days).await?;
+                // Behind a pooler the statements above ran in a transaction: its commit
+                // may land even when its answer does not come back.
+                session.finish().await.map_err(|error| WriteError::OutcomeUnknown(error.into()))?;
+                Ok(outcomes)
+            })
+            .await;
             match written {
                 Ok(result) => result,
                 Err(_) => {
-                    discard(connection);
+                    discard(session);
                     Err(WriteError::OutcomeUnknown(RepositoryError::TimedOut(answer_timeout)))
                 }
             }
@@ -355,8 +363,8 @@ impl EventRepository {
             let scopes: Vec<&str> = seen.iter().map(|key| key.scope).collect();
             let users: Vec<&str> = seen.iter().map(|key| key.user_id).collect();
             let insert_ids: Vec<&str> = seen.iter().map(|key| key.insert_id).collect();
-            // The insert has committed: whatever fails from here leaves its outcome to be
-            // found out by repeating the attempt.
+            // The insert has committed (behind a pooler: commits with the session): whatever
+            // fails from here leaves its outcome to be found out by repeating the attempt.
             let originals: Vec<(String, String, String, Uuid)> = sqlx::query_as(SELECT_KEYED_EVENTS)
                 .bind(&scopes)
                 .bind(&users)
@@ -401,11 +409,13 @@ impl EventRepository {
             let deleted = self
                 .database
                 .with_retry("expire_insert_ids", || async {
+                    let mut session = self.database.session().await?;
                     let result = sqlx::query(EXPIRE_INSERT_IDS)
                         .bind(window_days)
                         .bind(chunk)
-                        .execute(self.database.pool())
+                        .execute(&mut *session)
                         .await?;
+                    session.finish().await?;
                     Ok(result.rows_affected())
                 })
                 .await?;

@@ -15,12 +15,11 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt as _};
-use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
+
 use uuid::Uuid;
 
 use super::pii::open_properties;
-use super::{query_span, Database, RepositoryError};
+use super::{query_span, Database, RepositoryError, Session};
 use crate::metrics;
 use crate::models::{ExportedEvent, ExportedIdentity, UserId};
 use crate::security::pii::PiiCipher;
@@ -65,7 +64,7 @@ impl ExportRepository {
     pub(crate) async fn reader(&self) -> Result<ExportReader, RepositoryError> {
         let connection = self
             .database
-            .with_retry("acquire_export_connection", || async { Ok(self.database.pool().acquire().await?) })
+            .with_retry("acquire_export_connection", || async { Ok(self.database.session().await?) })
             .await?;
         Ok(ExportReader { connection, pii: self.pii.clone(), finished: false })
     }
@@ -75,7 +74,9 @@ impl ExportRepository {
 /// early or failed), it closes the connection instead of returning it to the pool: a
 /// query may still be sending rows on it.
 pub(crate) struct ExportReader {
-    connection: PoolConnection<Postgres>,
+    /// Behind a transaction pooler, a read-only transaction that pins one server
+    /// connection for the whole export; rolled back when the reader is dropped.
+    connection: Session,
     pii: PiiCipher,
     finished: bool,
 }

@@ -56,7 +56,7 @@ pub async fn fold_pending(
 ) -> Result<FoldOutcome, RepositoryError> {
     database
         .with_retry("fold_rollups", || async {
-            let mut transaction = database.pool().begin().await?;
+            let mut transaction = database.begin().await?;
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
                 .bind(ROLLUP_FOLD_LOCK_KEY)
                 .fetch_one(&mut *transaction)

@@ -4,6 +4,11 @@
 //! one user; `rollups` runs the count plans the service builds, `fold` moves the insert
 //! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
 //! key rotation.
+//!
+//! Behind a transaction pooler (POSTGRES_POOLER=transaction) every statement runs inside
+//! an explicit transaction ([`Session`]): sqlx sends a statement's Parse and its Bind in
+//! two protocol round trips, and only an open transaction keeps the pooler from handing
+//! the second one to another server session.
 
 pub(crate) mod audit;
 pub mod erasure;
@@ -18,16 +23,17 @@ pub(crate) mod suppression;
 pub(crate) mod users;
 
 use std::future::Future;
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::ConnectOptions;
-use sqlx::Postgres;
+use sqlx::{Postgres, TransactionManager};
 use tracing::Instrument;
 
-use crate::config::{PostgresConfig, PostgresSslMode};
+use crate::config::{PostgresConfig, PostgresPooler, PostgresSslMode};
 use crate::metrics;
 
 pub(crate) use audit::AuditRepository;
@@ -162,10 +168,68 @@ pub(crate) fn query_span(operation_name: &'static str) -> tracing::Span {
     )
 }
 
-/// Drops a connection whose statement did not answer in time, without returning it to
-/// the pool (it may still carry the statement, or sit on a dead socket).
-pub(crate) fn discard(connection: PoolConnection<Postgres>) {
-    drop(connection.detach());
+/// Drops a session whose statement did not answer in time, without returning its
+/// connection to the pool (it may still carry the statement, or sit on a dead socket).
+pub(crate) fn discard(mut session: Session) {
+    if let Some(connection) = session.connection.take() {
+        drop(connection.detach());
+    }
+}
+
+/// One unit of work's hold on PostgreSQL: a pooled connection, and behind a transaction
+/// pooler a transaction on it. Statements run on `&mut *session`; [`Session::finish`]
+/// commits that transaction (directly, each statement has already committed on its own).
+/// Dropped unfinished, the transaction rolls back.
+pub(crate) struct Session {
+    /// `None` only after [`discard`].
+    connection: Option<PoolConnection<Postgres>>,
+    in_transaction: bool,
+}
+
+impl Session {
+    /// Commits the transaction a pooled session runs in; nothing to do directly.
+    pub(crate) async fn finish(&mut self) -> Result<(), sqlx::Error> {
+        if self.in_transaction {
+            <Postgres as sqlx::Database>::TransactionManager::commit(&mut **self).await?;
+            self.in_transaction = false;
+        }
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Closes the connection when the session is dropped instead of returning it to the
+    /// pool (a query may still be sending rows on it).
+    pub(crate) fn close_on_drop(&mut self) {
+        if let Some(connection) = self.connection.as_mut() {
+            connection.close_on_drop();
+        }
+    }
+}
+
+impl Deref for Session {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.connection.as_ref().expect("session used after discard")
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.connection.as_mut().expect("session used after discard")
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.in_transaction {
+            if let Some(connection) = self.connection.as_mut() {
+                // Queued; sent before the connection serves anyone else.
+                <Postgres as sqlx::Database>::TransactionManager::start_rollback(connection);
+            }
+        }
+    }
 }
 
 /// How often and how patiently retryable failures are retried.
@@ -182,6 +246,32 @@ pub(crate) struct RetryPolicy {
 pub struct Database {
     pool: PgPool,
     retry: RetryPolicy,
+    /// Behind a transaction pooler: how each [`Session`]'s transaction starts (see
+    /// [`pooled_begin_statement`]); `None` = direct sessions.
+    pooled_begin: Option<String>,
+}
+
+/// A database on an existing pool, reached directly (no pooler), whose calls are tried
+/// once.
+impl From<PgPool> for Database {
+    fn from(pool: PgPool) -> Self {
+        Self { pool, retry: RetryPolicy { max_attempts: 1, base_delay: Duration::ZERO }, pooled_begin: None }
+    }
+}
+
+/// The statement that opens a transaction behind a transaction pooler. `DEALLOCATE ALL`
+/// drops the prepared statements other clients left on the server session the pooler
+/// picked: with the statement cache off, sqlx still names each statement it prepares
+/// (`sqlx_s_N`, numbered per client connection, never closed), and a name another
+/// client left there would collide. A session setting is `SET LOCAL`, so it ends with
+/// the transaction instead of staying with a server session others use.
+fn pooled_begin_statement(statement_timeout: Option<Duration>) -> String {
+    match statement_timeout {
+        Some(timeout) => {
+            format!("BEGIN; SET LOCAL statement_timeout = {}; DEALLOCATE ALL", timeout.as_millis())
+        }
+        None => "BEGIN; DEALLOCATE ALL".to_string(),
+    }
 }
 
 impl Database {
@@ -197,26 +287,37 @@ impl Database {
             .connect_lazy_with(connect_options(config));
         let retry =
             RetryPolicy { max_attempts: config.retry.max_attempts, base_delay: config.retry.base_delay };
-        Self { pool, retry }
+        let pooled_begin =
+            (config.pooler == PostgresPooler::Transaction).then(|| pooled_begin_statement(None));
+        Self { pool, retry, pooled_begin }
     }
 
     /// The group-commit writers' pool: INGEST_WRITERS + 1 connections on which
     /// PostgreSQL cancels any statement after INGEST_COMMIT_TIMEOUT_MS, so a commit
-    /// delayed by a lock or a stalled disk can never land later than that.
+    /// delayed by a lock or a stalled disk can never land later than that. Directly the
+    /// timeout is a setting of the connections (a start-up parameter); behind a
+    /// transaction pooler, which refuses that parameter and shares server sessions, each
+    /// session's transaction sets it locally.
     pub fn connect_lazy_for_ingest(config: &impl AsRef<PostgresConfig>) -> Self {
         let config = config.as_ref();
         let statement_timeout = config.ingest_statement_timeout.as_millis().to_string();
+        let options = match config.pooler {
+            PostgresPooler::None => {
+                connect_options(config).options([("statement_timeout", statement_timeout.as_str())])
+            }
+            PostgresPooler::Transaction => connect_options(config),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(config.ingest_pool_connections)
             .min_connections(0)
             .acquire_timeout(config.acquire_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
-            .connect_lazy_with(
-                connect_options(config).options([("statement_timeout", statement_timeout.as_str())]),
-            );
+            .connect_lazy_with(options);
         let retry =
             RetryPolicy { max_attempts: config.retry.max_attempts, base_delay: config.retry.base_delay };
-        Self { pool, retry }
+        let pooled_begin = (config.pooler == PostgresPooler::Transaction)
+            .then(|| pooled_begin_statement(Some(config.ingest_statement_timeout)));
+        Self { pool, retry, pooled_begin }
     }
 
     pub(crate) fn retry_policy(&self) -> RetryPolicy {
@@ -266,9 +367,28 @@ impl Database {
         result
     }
 
-    /// A connection for one attempt of a write: failing to get one stores nothing.
-    pub(crate) async fn acquire_for_write(&self) -> Result<PoolConnection<Postgres>, WriteError> {
-        self.pool.acquire().await.map_err(|error| WriteError::NotStored(error.into()))
+    /// A session for one unit of work (see [`Session`]).
+    pub(crate) async fn session(&self) -> Result<Session, sqlx::Error> {
+        let mut connection = self.pool.acquire().await?;
+        let Some(begin) = &self.pooled_begin else {
+            return Ok(Session { connection: Some(connection), in_transaction: false });
+        };
+        <Postgres as sqlx::Database>::TransactionManager::begin(&mut connection, Some(begin.clone().into()))
+            .await?;
+        Ok(Session { connection: Some(connection), in_transaction: true })
+    }
+
+    /// A transaction on a pooled connection, begun the way this database's sessions are.
+    pub(crate) async fn begin(&self) -> Result<sqlx::Transaction<'static, Postgres>, sqlx::Error> {
+        match &self.pooled_begin {
+            Some(begin) => self.pool.begin_with(begin.clone()).await,
+            None => self.pool.begin().await,
+        }
+    }
+
+    /// A session for one attempt of a write: failing to get one stores nothing.
+    pub(crate) async fn session_for_write(&self) -> Result<Session, WriteError> {
+        self.session().await.map_err(|error| WriteError::NotStored(error.into()))
     }
 
     /// Closes every connection; calls after this fail as unavailable.
@@ -297,9 +417,36 @@ pub fn connect_options(config: &impl AsRef<PostgresConfig>) -> PgConnectOptions 
         .ssl_mode(ssl_mode)
         .application_name(&config.application_name)
         .disable_statement_logging();
+    if config.pooler == PostgresPooler::Transaction {
+        // A cached statement is prepared on one server session and used later on
+        // whichever session the pooler picks, where it does not exist.
+        options = options.statement_cache_capacity(0);
+    }
     // Without a root certificate sqlx trusts the system roots.
     if let Some(root_cert) = &config.ssl_root_cert {
         options = options.ssl_root_cert(root_cert);
     }
     options
+}
+
+/// Connection options of `migrate`: those of [`connect_options`] at
+/// MIGRATION_POSTGRES_HOST / MIGRATION_POSTGRES_PORT when set. Behind a transaction
+/// pooler `migrate` needs PostgreSQL itself (its advisory lock lasts the whole session),
+/// so without either setting there it is refused.
+pub fn migration_connect_options(
+    config: &impl AsRef<PostgresConfig>,
+) -> Result<PgConnectOptions, schema::MigrationError> {
+    let config = config.as_ref();
+    if config.pooler == PostgresPooler::Transaction && !config.has_migration_address() {
+        return Err(schema::MigrationError::NeedsDirectConnection);
+    }
+    let mut direct = config.clone();
+    direct.pooler = PostgresPooler::None;
+    if let Some(host) = &config.migration_host {
+        direct.host = host.clone();
+    }
+    if let Some(port) = config.migration_port {
+        direct.port = port;
+    }
+    Ok(connect_options(&direct))
 }

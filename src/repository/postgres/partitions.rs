@@ -34,11 +34,13 @@ pub async fn ensure_partitions(
 ) -> Result<i32, RepositoryError> {
     database
         .with_retry("ensure_event_partitions", || async {
+            let mut session = database.session().await?;
             let created: i32 = sqlx::query_scalar("SELECT analytics_ensure_event_partitions($1, $2)")
                 .bind(from)
                 .bind(to)
-                .fetch_one(database.pool())
+                .fetch_one(&mut *session)
                 .await?;
+            session.finish().await?;
             Ok(created)
         })
         .await
@@ -52,11 +54,13 @@ pub(crate) async fn drop_partitions_before(
 ) -> Result<Vec<String>, RepositoryError> {
     database
         .with_retry("drop_event_partitions", || async {
+            let mut session = database.session().await?;
             let dropped: Vec<String> =
                 sqlx::query_scalar("SELECT analytics_drop_event_partitions_before($1)")
                     .bind(cutoff)
-                    .fetch_all(database.pool())
+                    .fetch_all(&mut *session)
                     .await?;
+            session.finish().await?;
             Ok(dropped)
         })
         .await

@@ -102,13 +102,16 @@ where
     loop {
         let rows: Vec<(K, Value)> = database
             .with_retry(table.select_operation, || async {
-                Ok(sqlx::query_as(table.candidates)
+                let mut session = database.session().await?;
+                let value = sqlx::query_as(table.candidates)
                     .bind(&after)
                     .bind(fields)
                     .bind(CIPHERTEXT_PREFIX)
                     .bind(REENCRYPT_BATCH_ROWS)
-                    .fetch_all(database.pool())
-                    .await?)
+                    .fetch_all(&mut *session)
+                    .await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await?;
         let Some((last_key, _)) = rows.last() else { return Ok(report) };
@@ -118,12 +121,14 @@ where
             let Some(rewritten) = reseal(pii, &stored, &mut report) else { continue };
             database
                 .with_retry(table.update_operation, || async {
+                    let mut session = database.session().await?;
                     sqlx::query(table.update)
                         .bind(&key)
                         .bind(&rewritten)
                         .bind(&stored)
-                        .execute(database.pool())
+                        .execute(&mut *session)
                         .await?;
+                    session.finish().await?;
                     Ok(())
                 })
                 .await?;

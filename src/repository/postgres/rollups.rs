@@ -221,9 +221,12 @@ impl RollupRepository {
         let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = self
             .database
             .with_retry("event_extent", || async {
-                Ok(sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
-                    .fetch_one(self.database.pool())
-                    .await?)
+                let mut session = self.database.session().await?;
+                let value = sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
+                    .fetch_one(&mut *session)
+                    .await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await?;
         Ok(first.zip(last).map(|(first, last)| (first.timestamp(), last.timestamp() + 1)))
@@ -242,7 +245,9 @@ impl RollupRepository {
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_event_counts(&mut sql, &binds, CountPart::Whole);
-                let rows = sql.build().fetch_all(self.database.pool()).await?;
+                let mut session = self.database.session().await?;
+                let rows = sql.build().fetch_all(&mut *session).await?;
+                session.finish().await?;
                 let mut counts =
                     event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())?;
                 // Deltas of deleted events not folded yet may cancel a bucket out.
@@ -278,10 +283,10 @@ impl RollupRepository {
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_stamped_parts(&mut sql, &binds, parts);
-                let rows: Vec<(i32, Option<String>, i64, i64)> = sql
-                    .build()
-                    .fetch_all(self.database.pool())
-                    .await?
+                let mut session = self.database.session().await?;
+                let rows = sql.build().fetch_all(&mut *session).await?;
+                session.finish().await?;
+                let rows: Vec<(i32, Option<String>, i64, i64)> = rows
                     .iter()
                     .map(|row| {
                         Ok((
@@ -319,9 +324,12 @@ impl RollupRepository {
     pub async fn erasure_generation(&self) -> Result<i64, RepositoryError> {
         self.database
             .with_retry("erasure_generation", || async {
-                Ok(sqlx::query_scalar("SELECT generation FROM erasure_generation")
-                    .fetch_one(self.database.pool())
-                    .await?)
+                let mut session = self.database.session().await?;
+                let value = sqlx::query_scalar("SELECT generation FROM erasure_generation")
+                    .fetch_one(&mut *session)
+                    .await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await
     }
@@ -371,8 +379,10 @@ impl RollupRepository {
                     sql.push(" AND user_id IS NOT NULL AND user_id <> ''");
                 }
                 sql.push(") unfolded LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id");
-                let rows: Vec<UserCountRow> =
-                    sql.build_query_as().fetch_all(self.database.pool()).await?;
+                let mut session = self.database.session().await?;
+let rows: Vec<UserCountRow> =
+                    sql.build_query_as().fetch_all(&mut *session).await?;
+session.finish().await?;
                 let mut stamp = RollupStamp::default();
                 let mut bitmaps = Vec::new();
                 let mut never_folded = 0;

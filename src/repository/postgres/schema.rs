@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use refinery::{AsyncMigrate, Migration};
 use refinery_core::traits::r#async::{AsyncQuery, AsyncTransaction};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Row};
 
-use super::RepositoryError;
+use super::{Database, RepositoryError};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -163,10 +163,12 @@ fn diverged(history: &BTreeMap<i32, String>) -> Option<SchemaStatus> {
 }
 
 /// Compares the applied versions with the embedded ones.
-pub async fn status(pool: &PgPool) -> Result<SchemaStatus, RepositoryError> {
+pub async fn status(database: &Database) -> Result<SchemaStatus, RepositoryError> {
     let expected = expected_versions();
     let expected_latest = expected.last().copied().unwrap_or(0);
-    let history = applied_history(&mut *pool.acquire().await?).await?;
+    let mut session = database.session().await?;
+    let history = applied_history(&mut session).await?;
+    session.finish().await?;
     if history.is_empty() {
         return Ok(SchemaStatus::Behind { applied: None, expected: expected_latest });
     }
@@ -194,6 +196,8 @@ pub enum MigrationError {
     Refinery(Box<refinery::Error>),
     #[error("the database was built by other migrations ({0:?}): recreate it, then migrate")]
     Diverged(SchemaStatus),
+    #[error("POSTGRES_POOLER=transaction: migrate holds a session-level advisory lock and needs PostgreSQL itself; set MIGRATION_POSTGRES_HOST and/or MIGRATION_POSTGRES_PORT to it")]
+    NeedsDirectConnection,
 }
 
 /// refinery drives migrations through its own traits; this adapter lets it use the

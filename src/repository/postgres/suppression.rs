@@ -22,10 +22,12 @@ impl SuppressionRepository {
     pub(crate) async fn lift(&self, subject_hash: &SubjectHash) -> Result<bool, RepositoryError> {
         self.database
             .with_retry("lift_suppression", || async {
+                let mut session = self.database.session().await?;
                 let deleted = sqlx::query("DELETE FROM suppressed_users WHERE subject_hash = $1")
                     .bind(subject_hash.as_bytes())
-                    .execute(self.database.pool())
+                    .execute(&mut *session)
                     .await?;
+                session.finish().await?;
                 Ok(deleted.rows_affected() > 0)
             })
             .await

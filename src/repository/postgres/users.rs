@@ -68,10 +68,13 @@ impl UserRepository {
         let stored: Option<Option<serde_json::Value>> = self
             .database
             .with_retry("select_user_properties", || async {
-                Ok(sqlx::query_scalar("SELECT properties FROM user_identities WHERE user_id = $1")
+                let mut session = self.database.session().await?;
+                let value = sqlx::query_scalar("SELECT properties FROM user_identities WHERE user_id = $1")
                     .bind(user_id.as_str())
-                    .fetch_optional(self.database.pool())
-                    .await?)
+                    .fetch_optional(&mut *session)
+                    .await?;
+                session.finish().await?;
+                Ok(value)
             })
             .await?;
         stored.map(|properties| open_properties(&self.pii, properties.unwrap_or_default())).transpose()
@@ -106,24 +109,39 @@ impl UserRepository {
             attempt += 1;
             let started = std::time::Instant::now();
             let result = async {
-                let mut connection = self.database.acquire_for_write().await?;
-                let upsert = match subject_hash {
-                    None => sqlx::query(UPSERT_USER)
-                        .bind(identity.user_id.as_str())
-                        .bind(properties.as_ref())
-                        .execute(&mut *connection),
-                    Some(subject_hash) => sqlx::query(UPSERT_USER_UNLESS_SUPPRESSED)
-                        .bind(identity.user_id.as_str())
-                        .bind(properties.as_ref())
-                        .bind(subject_hash.as_bytes())
-                        .execute(&mut *connection),
+                let mut session = self.database.session_for_write().await?;
+                let upsert = async {
+                    let done = match subject_hash {
+                        None => {
+                            sqlx::query(UPSERT_USER)
+                                .bind(identity.user_id.as_str())
+                                .bind(properties.as_ref())
+                                .execute(&mut *session)
+                                .await
+                        }
+                        Some(subject_hash) => {
+                            sqlx::query(UPSERT_USER_UNLESS_SUPPRESSED)
+                                .bind(identity.user_id.as_str())
+                                .bind(properties.as_ref())
+                                .bind(subject_hash.as_bytes())
+                                .execute(&mut *session)
+                                .await
+                        }
+                    }
+                    .map_err(WriteError::from_statement)?;
+                    // Behind a pooler the upsert ran in a transaction: its commit may
+                    // land even when its answer does not come back.
+                    session.finish().await.map_err(|error| WriteError::OutcomeUnknown(error.into()))?;
+                    Ok(if done.rows_affected() == 0 {
+                        UpsertOutcome::Suppressed
+                    } else {
+                        UpsertOutcome::Stored
+                    })
                 };
                 match tokio::time::timeout_at(deadline, upsert).await {
-                    Ok(Ok(done)) if done.rows_affected() == 0 => Ok(UpsertOutcome::Suppressed),
-                    Ok(Ok(_)) => Ok(UpsertOutcome::Stored),
-                    Ok(Err(error)) => Err(WriteError::from_statement(error)),
+                    Ok(result) => result,
                     Err(_) => {
-                        discard(connection);
+                        discard(session);
                         Err(WriteError::OutcomeUnknown(RepositoryError::TimedOut(started.elapsed())))
                     }
                 }
