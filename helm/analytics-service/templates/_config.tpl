@@ -55,6 +55,13 @@ POSTGRES_SSL_ROOT_CERT: {{ printf "%s/%s" .mountPath .secretKey | quote }}
 {{- end }}
 POSTGRES_MAX_CONNECTIONS: {{ .Values.postgres.maxConnections | quote }}
 POSTGRES_ACQUIRE_TIMEOUT_MS: {{ .Values.postgres.acquireTimeoutMs | quote }}
+REDIS_MODE: {{ .Values.redis.mode | quote }}
+{{- if ne .Values.redis.mode "standalone" }}
+REDIS_NODES: {{ join "," .Values.redis.nodes | quote }}
+{{- end }}
+{{- if eq .Values.redis.mode "sentinel" }}
+REDIS_SENTINEL_MASTER: {{ .Values.redis.sentinelMaster | quote }}
+{{- end }}
 REDIS_HOST: {{ .Values.redis.host | quote }}
 REDIS_PORT: {{ .Values.redis.port | quote }}
 REDIS_DB: {{ .Values.redis.db | quote }}
