@@ -58,6 +58,11 @@ ensure_postgres() {
 }
 
 ensure_redis() {
+  # tests/api/redis_topologies.rs builds its Redis Cluster with redis-cli (redis-tools).
+  if ! command -v redis-cli >/dev/null 2>&1; then
+    say "installing redis-cli (apt-get)"
+    apt_install redis-tools
+  fi
   if port_open 127.0.0.1 6379; then
     say "redis is running on 127.0.0.1:6379"
     return

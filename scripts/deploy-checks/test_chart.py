@@ -395,6 +395,8 @@ def test_every_contract_variable_can_be_set():
     everything |= configured_env(render(values=["ci/erasure-mtls-values.yaml"]))
     # The migration address is rendered only when set (behind a transaction pooler).
     everything |= configured_env(render(values=["ci/pgbouncer-values.yaml"]))
+    # The sentinel settings are rendered only in sentinel mode.
+    everything |= configured_env(render(values=["ci/redis-sentinel-values.yaml"]))
     missing = [name for name in CONTRACT_ENV if name not in everything]
     assert not missing, f"not exposed by the chart: {missing}"
 
@@ -403,6 +405,27 @@ def test_redis_disabled_by_empty_host_drops_its_password():
     docs = render("redis.host=")
     assert one(docs, "ConfigMap", RELEASE)["data"]["REDIS_HOST"] == ""
     assert "REDIS_PASSWORD" not in {e["name"] for e in server_container(docs)["env"]}
+
+
+def test_redis_topologies_render_their_variables_and_open_their_ports():
+    sentinel = render(values=["ci/redis-sentinel-values.yaml"])
+    data = one(sentinel, "ConfigMap", RELEASE)["data"]
+    assert data["REDIS_MODE"] == "sentinel" and data["REDIS_SENTINEL_MASTER"] == "analytics"
+    assert data["REDIS_NODES"].count(":26379") == 3
+    assert "REDIS_PASSWORD" in {e["name"] for e in server_container(sentinel)["env"]}
+    redis_rule = one(sentinel, "NetworkPolicy", RELEASE)["spec"]["egress"][2]
+    assert {port["port"] for port in redis_rule["ports"]} == {6379, 26379}
+    cluster = one(render(values=["ci/redis-cluster-values.yaml"]), "ConfigMap", RELEASE)["data"]
+    assert cluster["REDIS_MODE"] == "cluster" and "REDIS_SENTINEL_MASTER" not in cluster
+    assert "REDIS_NODES" not in one(render(), "ConfigMap", RELEASE)["data"]
+
+
+def test_redis_topology_mistakes_fail_the_render():
+    assert "redis.nodes" in render_error("redis.mode=cluster")
+    assert "redis.sentinelMaster" in render_error("redis.mode=sentinel", "redis.nodes[0]=s:26379")
+    assert "redis.nodes" in render_error("redis.nodes[0]=s:26379")
+    assert "redis.db" in render_error("redis.mode=cluster", "redis.nodes[0]=n:6379", "redis.db=1")
+    assert "mode" in render_error("redis.mode=replicated")
 
 
 def test_existing_secret_key_names_are_configurable_and_no_chart_secret_is_made():

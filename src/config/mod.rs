@@ -19,7 +19,7 @@ mod tests;
 
 pub use events::{EventsConfig, IngestConfig, PiiConfig, RateLimitConfig};
 pub use postgres::{PostgresConfig, PostgresPooler, PostgresSslMode, RetryConfig};
-pub use redis::RedisConfig;
+pub use redis::{NodeAddress, RedisConfig, RedisTopology};
 pub use server::{GrpcConfig, ServerConfig};
 pub use telemetry::{LogFormat, OtlpConfig, OtlpHeaders, TelemetryConfig};
 pub use tls::TlsConfig;

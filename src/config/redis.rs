@@ -1,6 +1,7 @@
-//! The Redis section (REDIS_*): where Redis is, how to authenticate and encrypt, the
-//! key namespace, timeouts and the count cache's lifetime. An empty REDIS_HOST turns
-//! Redis off (no section).
+//! The Redis section (REDIS_*): the topology (one server, a Sentinel-managed master or a
+//! Cluster) and where it is, how to authenticate and encrypt, the key namespace, timeouts
+//! and the count cache's lifetime. In standalone mode an empty REDIS_HOST turns Redis off
+//! (no section).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,17 +14,18 @@ use super::{read_section, ConfigError, Vars};
 /// How to reach Redis and what to keep there.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    pub host: String,
-    pub port: u16,
+    /// REDIS_MODE and the addresses it uses.
+    pub topology: RedisTopology,
     /// REDIS_USERNAME: Redis ACL user (Redis 6+); `None` = the `default` user.
     pub username: Option<String>,
     pub password: Secret,
-    /// REDIS_TLS: connect over TLS (`rediss`), the certificate checked against
-    /// `tls_ca_file` or the system roots and the name REDIS_HOST.
+    /// REDIS_TLS: connect over TLS (`rediss`) to every node (and to the sentinels), each
+    /// certificate checked against `tls_ca_file` or the system roots and the node's name
+    /// (REDIS_HOST, a REDIS_NODES entry, or the address a sentinel or the cluster gives).
     pub tls: bool,
     /// REDIS_TLS_CA_FILE: PEM bundle of the CAs trusted for Redis' certificate.
     pub tls_ca_file: Option<PathBuf>,
-    /// REDIS_DB, 0 to 15.
+    /// REDIS_DB, 0 to 15 (only 0 in cluster mode).
     pub db: i64,
     /// REDIS_CACHE_TTL (seconds): lifetime of cached count answers; `None` = no caching.
     pub cache_ttl: Option<Duration>,
@@ -33,8 +35,55 @@ pub struct RedisConfig {
     pub timeout: Duration,
 }
 
+/// How Redis is deployed (REDIS_MODE), with the addresses of that mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// `standalone`: one server at REDIS_HOST:REDIS_PORT.
+    Standalone { host: String, port: u16 },
+    /// `sentinel`: the master named REDIS_SENTINEL_MASTER, asked of the sentinels at
+    /// REDIS_NODES, and asked again after a failover.
+    Sentinel { sentinels: Vec<NodeAddress>, master_name: String },
+    /// `cluster`: a Redis Cluster discovered from the seed nodes at REDIS_NODES.
+    Cluster { seed_nodes: Vec<NodeAddress> },
+}
+
+/// One `host:port` of REDIS_NODES.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for RedisTopology {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |nodes: &[NodeAddress]| {
+            nodes.iter().map(|node| format!("{}:{}", node.host, node.port)).collect::<Vec<_>>().join(",")
+        };
+        match self {
+            Self::Standalone { host, port } => write!(formatter, "standalone {host}:{port}"),
+            Self::Sentinel { sentinels, master_name } => {
+                write!(formatter, "sentinel master {master_name} via {}", list(sentinels))
+            }
+            Self::Cluster { seed_nodes } => write!(formatter, "cluster via {}", list(seed_nodes)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Standalone,
+    Sentinel,
+    Cluster,
+}
+
 #[derive(Deserialize)]
 struct Raw {
+    #[serde(default)]
+    redis_mode: String,
+    #[serde(default)]
+    redis_nodes: String,
+    #[serde(default)]
+    redis_sentinel_master: String,
     #[serde(default = "default_host")]
     redis_host: String,
     #[serde(default = "default_port")]
@@ -58,7 +107,8 @@ struct Raw {
 }
 
 impl RedisConfig {
-    /// Reads REDIS_*; `None` when REDIS_HOST is empty. The values are checked either way.
+    /// Reads REDIS_*; `None` when REDIS_MODE is standalone and REDIS_HOST is empty. The
+    /// values are checked either way.
     pub(super) fn load(vars: &Vars) -> Result<Option<Self>, ConfigError> {
         let raw: Raw = read_section(vars)?;
         let fail = |variable: &str, reason: &str| Err(ConfigError::variable(variable, reason));
@@ -75,12 +125,60 @@ impl RedisConfig {
         if raw.redis_key_prefix.is_empty() || raw.redis_key_prefix.contains(char::is_whitespace) {
             return fail("REDIS_KEY_PREFIX", "must be non-empty and contain no white space");
         }
-        if raw.redis_host.trim().is_empty() {
-            return Ok(None);
+        let mode = match raw.redis_mode.trim() {
+            "" | "standalone" => Mode::Standalone,
+            "sentinel" => Mode::Sentinel,
+            "cluster" => Mode::Cluster,
+            _ => return fail("REDIS_MODE", "must be standalone, sentinel or cluster"),
+        };
+        let nodes = parse_nodes(&raw.redis_nodes)?;
+        let master_name = raw.redis_sentinel_master.trim().to_string();
+        if mode != Mode::Sentinel && !master_name.is_empty() {
+            return fail("REDIS_SENTINEL_MASTER", "is used only with REDIS_MODE=sentinel");
         }
+        let topology = match mode {
+            Mode::Standalone => {
+                if !nodes.is_empty() {
+                    return fail("REDIS_NODES", "is used only with REDIS_MODE=cluster or sentinel");
+                }
+                if raw.redis_host.trim().is_empty() {
+                    return Ok(None);
+                }
+                RedisTopology::Standalone { host: raw.redis_host, port: raw.redis_port }
+            }
+            Mode::Sentinel => {
+                if nodes.is_empty() {
+                    return fail(
+                        "REDIS_NODES",
+                        "must list the sentinels (host:port,...) with REDIS_MODE=sentinel",
+                    );
+                }
+                if master_name.is_empty() || master_name.contains(char::is_whitespace) {
+                    return fail(
+                        "REDIS_SENTINEL_MASTER",
+                        "must name the master (no white space) with REDIS_MODE=sentinel",
+                    );
+                }
+                RedisTopology::Sentinel { sentinels: nodes, master_name }
+            }
+            Mode::Cluster => {
+                if nodes.is_empty() {
+                    return fail(
+                        "REDIS_NODES",
+                        "must list seed nodes (host:port,...) with REDIS_MODE=cluster",
+                    );
+                }
+                if raw.redis_db != 0 {
+                    return fail(
+                        "REDIS_DB",
+                        "must be 0 with REDIS_MODE=cluster (a cluster has one database)",
+                    );
+                }
+                RedisTopology::Cluster { seed_nodes: nodes }
+            }
+        };
         Ok(Some(Self {
-            host: raw.redis_host,
-            port: raw.redis_port,
+            topology,
             username: (!raw.redis_username.is_empty()).then_some(raw.redis_username),
             password: raw.redis_password,
             tls: raw.redis_tls,
@@ -91,6 +189,26 @@ impl RedisConfig {
             timeout: Duration::from_millis(raw.redis_timeout_ms),
         }))
     }
+}
+
+/// REDIS_NODES: `host:port` entries separated by commas (`[v6]:port` for IPv6).
+fn parse_nodes(list: &str) -> Result<Vec<NodeAddress>, ConfigError> {
+    let invalid = |entry: &str| {
+        ConfigError::variable("REDIS_NODES", format!("{entry:?} is not host:port (comma-separated list)"))
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (host, port) = entry.rsplit_once(':').ok_or_else(|| invalid(entry))?;
+            let host = host.strip_prefix('[').and_then(|host| host.strip_suffix(']')).unwrap_or(host);
+            let port: u16 = port.parse().map_err(|_| invalid(entry))?;
+            if host.is_empty() || host.contains(char::is_whitespace) || port == 0 {
+                return Err(invalid(entry));
+            }
+            Ok(NodeAddress { host: host.to_string(), port })
+        })
+        .collect()
 }
 
 fn default_host() -> String {

@@ -246,3 +246,56 @@ fn secrets_never_print() {
     assert!(!printed.contains("\"pw\""));
     assert_eq!(config.postgres.password.expose(), "hunter2");
 }
+
+#[test]
+fn redis_topologies() {
+    let standalone = Config::from_vars(vars(&[("REDIS_HOST", "cache"), ("REDIS_PORT", "6380")])).unwrap();
+    assert_eq!(
+        standalone.redis.unwrap().topology,
+        RedisTopology::Standalone { host: "cache".into(), port: 6380 }
+    );
+    let sentinel = Config::from_vars(vars(&[
+        ("REDIS_MODE", "sentinel"),
+        ("REDIS_NODES", "s1:26379, s2:26379,[::1]:26380"),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+    ]))
+    .unwrap();
+    let node = |host: &str, port| NodeAddress { host: host.into(), port };
+    assert_eq!(
+        sentinel.redis.unwrap().topology,
+        RedisTopology::Sentinel {
+            sentinels: vec![node("s1", 26379), node("s2", 26379), node("::1", 26380)],
+            master_name: "mymaster".into()
+        }
+    );
+    let cluster =
+        Config::from_vars(vars(&[("REDIS_MODE", "cluster"), ("REDIS_NODES", "n1:7000,n2:7001")])).unwrap();
+    assert_eq!(
+        cluster.redis.unwrap().topology,
+        RedisTopology::Cluster { seed_nodes: vec![node("n1", 7000), node("n2", 7001)] }
+    );
+    // Outside standalone mode REDIS_HOST plays no part: an empty one keeps Redis on.
+    let cluster_without_host =
+        Config::from_vars(vars(&[("REDIS_MODE", "cluster"), ("REDIS_NODES", "n1:7000"), ("REDIS_HOST", "")]))
+            .unwrap();
+    assert!(cluster_without_host.redis.is_some());
+}
+
+#[test]
+fn redis_topology_errors_name_the_variable() {
+    let cases: [(&[(&str, &str)], &str); 9] = [
+        (&[("REDIS_MODE", "replicated")], "REDIS_MODE"),
+        (&[("REDIS_MODE", "cluster")], "REDIS_NODES"),
+        (&[("REDIS_MODE", "sentinel"), ("REDIS_SENTINEL_MASTER", "m")], "REDIS_NODES"),
+        (&[("REDIS_MODE", "sentinel"), ("REDIS_NODES", "s1:26379")], "REDIS_SENTINEL_MASTER"),
+        (&[("REDIS_NODES", "n1:7000")], "REDIS_NODES"),
+        (&[("REDIS_SENTINEL_MASTER", "mymaster")], "REDIS_SENTINEL_MASTER"),
+        (&[("REDIS_MODE", "cluster"), ("REDIS_NODES", "n1")], "REDIS_NODES"),
+        (&[("REDIS_MODE", "cluster"), ("REDIS_NODES", "n1:70000")], "REDIS_NODES"),
+        (&[("REDIS_MODE", "cluster"), ("REDIS_NODES", "n1:7000"), ("REDIS_DB", "1")], "REDIS_DB"),
+    ];
+    for (pairs, variable) in cases {
+        let error = Config::from_vars(vars(pairs)).unwrap_err();
+        assert!(error.to_string().contains(variable), "{pairs:?}: {error}");
+    }
+}

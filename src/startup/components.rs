@@ -153,11 +153,12 @@ impl Components {
 
 /// The count cache: on when Redis is configured and REDIS_CACHE_TTL is not 0.
 fn count_cache(redis: Option<&RedisConfig>) -> anyhow::Result<CountCache> {
-    let cache = CountCache::from_config(redis)
-        .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?;
+    let cache = CountCache::from_config(redis).context(
+        "invalid redis settings (REDIS_MODE, REDIS_HOST, REDIS_PORT, REDIS_NODES, REDIS_TLS_CA_FILE)",
+    )?;
     match redis {
         Some(redis) if cache.is_enabled() => {
-            tracing::info!(host = %redis.host, port = redis.port, tls = redis.tls, ttl_seconds = redis.cache_ttl.unwrap_or_default().as_secs(), "redis cache on")
+            tracing::info!(topology = %redis.topology, tls = redis.tls, ttl_seconds = redis.cache_ttl.unwrap_or_default().as_secs(), "redis cache on")
         }
         _ => tracing::info!("redis not configured (REDIS_HOST empty or REDIS_CACHE_TTL=0): count cache off"),
     }
@@ -167,8 +168,9 @@ fn count_cache(redis: Option<&RedisConfig>) -> anyhow::Result<CountCache> {
 /// The rate limiter: Redis-shared when Redis is configured, per replica otherwise.
 fn rate_limiter(limits: &RateLimitConfig, redis: Option<&RedisConfig>) -> anyhow::Result<RateLimiter> {
     let per_minute = limits.events_per_user_per_minute;
-    let shared = SharedBudgets::from_config(redis)
-        .context("invalid redis settings (REDIS_HOST, REDIS_PORT, REDIS_TLS_CA_FILE)")?;
+    let shared = SharedBudgets::from_config(redis).context(
+        "invalid redis settings (REDIS_MODE, REDIS_HOST, REDIS_PORT, REDIS_NODES, REDIS_TLS_CA_FILE)",
+    )?;
     Ok(match shared {
         Some(shared) => {
             tracing::info!(per_minute, "rate limits shared through redis, local fallback");

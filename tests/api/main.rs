@@ -33,6 +33,7 @@ mod proxy;
 mod rate_limit;
 mod rate_limit_batch;
 mod readiness;
+mod redis_topologies;
 mod rollups;
 mod rollups_fold;
 mod schema_squash;

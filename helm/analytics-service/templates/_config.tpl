@@ -62,6 +62,13 @@ MIGRATION_POSTGRES_HOST: {{ . | quote }}
 {{- with .Values.postgres.migration.port }}
 MIGRATION_POSTGRES_PORT: {{ . | quote }}
 {{- end }}
+REDIS_MODE: {{ .Values.redis.mode | quote }}
+{{- if ne .Values.redis.mode "standalone" }}
+REDIS_NODES: {{ join "," .Values.redis.nodes | quote }}
+{{- end }}
+{{- if eq .Values.redis.mode "sentinel" }}
+REDIS_SENTINEL_MASTER: {{ .Values.redis.sentinelMaster | quote }}
+{{- end }}
 REDIS_HOST: {{ .Values.redis.host | quote }}
 REDIS_PORT: {{ .Values.redis.port | quote }}
 REDIS_DB: {{ .Values.redis.db | quote }}

@@ -190,10 +190,30 @@ transaction pooler without a migration address fails the render.
 {{- default (printf "%s-credentials" (include "analytics-service.fullname" .)) .Values.redis.auth.existingSecret -}}
 {{- end -}}
 
+{{/* Is Redis on? Standalone: redis.host set; sentinel and cluster: redis.nodes listed. */}}
+{{- define "analytics-service.redisEnabled" -}}
+{{- if eq .Values.redis.mode "standalone" -}}
+{{- if .Values.redis.host }}true{{ end -}}
+{{- else if .Values.redis.nodes -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The TCP ports the service opens to Redis: redis.port and those of redis.nodes. */}}
+{{- define "analytics-service.redisPorts" -}}
+{{- $ports := list (int .Values.redis.port) -}}
+{{- if ne .Values.redis.mode "standalone" -}}
+{{- range .Values.redis.nodes -}}
+{{- $ports = append $ports (int (last (splitList ":" .))) -}}
+{{- end -}}
+{{- end -}}
+{{- $ports | uniq | toJson -}}
+{{- end -}}
+
 {{/* Does the chart create the runtime credentials Secret? */}}
 {{- define "analytics-service.createCredentialsSecret" -}}
 {{- $auth := include "analytics-service.postgresAuth" . | fromYaml -}}
-{{- if or (not $auth.existingSecret) (and .Values.redis.host (not .Values.redis.auth.existingSecret)) -}}
+{{- if or (not $auth.existingSecret) (and (include "analytics-service.redisEnabled" .) (not .Values.redis.auth.existingSecret)) -}}
 true
 {{- end -}}
 {{- end -}}
@@ -286,7 +306,7 @@ AUTH holding username, usernameKey (empty: username is a plain value) and passwo
 {{/* Runtime credentials of the server and its schema-wait init container. */}}
 {{- define "analytics-service.runtimeCredentialEnv" -}}
 {{ include "analytics-service.postgresCredentialEnv" (dict "secretName" (include "analytics-service.postgresSecretName" .) "auth" (include "analytics-service.postgresAuth" . | fromYaml)) }}
-{{- if .Values.redis.host }}
+{{- if include "analytics-service.redisEnabled" . }}
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
@@ -522,6 +542,21 @@ Egress to the OTLP collector, its port taken from config.otel.endpoint (scheme:/
 {{- end -}}
 {{- if and .Values.redis.tls.ca.existingSecret (not .Values.redis.tls.enabled) -}}
 {{- fail "redis.tls.ca needs redis.tls.enabled" -}}
+{{- end -}}
+{{- if and (eq .Values.redis.mode "standalone") .Values.redis.nodes -}}
+{{- fail "redis.nodes is used only with redis.mode sentinel or cluster" -}}
+{{- end -}}
+{{- if and (ne .Values.redis.mode "standalone") (not .Values.redis.nodes) -}}
+{{- fail (printf "redis.mode %s needs redis.nodes (host:port of the %s)" .Values.redis.mode (ternary "sentinels" "cluster's seed nodes" (eq .Values.redis.mode "sentinel"))) -}}
+{{- end -}}
+{{- if and (eq .Values.redis.mode "sentinel") (not .Values.redis.sentinelMaster) -}}
+{{- fail "redis.mode sentinel needs redis.sentinelMaster (the master's name in the sentinels)" -}}
+{{- end -}}
+{{- if and (ne .Values.redis.mode "sentinel") .Values.redis.sentinelMaster -}}
+{{- fail "redis.sentinelMaster is used only with redis.mode sentinel" -}}
+{{- end -}}
+{{- if and (eq .Values.redis.mode "cluster") (ne (int .Values.redis.db) 0) -}}
+{{- fail "redis.mode cluster needs redis.db 0 (a cluster has one database)" -}}
 {{- end -}}
 {{- if and .Values.admin.rpcsEnabled .Values.tls.enabled -}}
 {{- fail "admin.rpcsEnabled has no effect with tls.enabled: under mTLS the administrative RPCs answer only the identities of their own tls.allowedCallersPerRpc entries (DeleteUser, GetUserDeletion, LiftSuppression, ExportUser); set it to false" -}}

@@ -8,12 +8,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::{ErrorKind, RedisError, RedisResult, ServerErrorKind};
-use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use super::budget_batch::Checker;
+use super::connection::{LazyConnection, RedisConnection};
 use crate::config::RedisConfig;
 use crate::metrics;
 
@@ -70,10 +69,8 @@ pub(crate) struct SharedBudgets {
 
 /// The connection to Redis and the script; runs the pipelines the checker sends.
 pub(super) struct BudgetStore {
-    client: ::redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    connection: LazyConnection,
     key_prefix: String,
-    timeout: Duration,
     script: ::redis::Script,
 }
 
@@ -85,10 +82,8 @@ impl SharedBudgets {
         };
         Ok(Some(Self {
             store: Arc::new(BudgetStore {
-                client: super::client(config)?,
-                connection: OnceCell::new(),
+                connection: LazyConnection::new(config)?,
                 key_prefix: config.key_prefix.clone(),
-                timeout: config.timeout,
                 script: ::redis::Script::new(GCRA_SCRIPT),
             }),
             checker: Arc::new(OnceLock::new()),
@@ -107,11 +102,13 @@ impl SharedBudgets {
 }
 
 impl BudgetStore {
-    /// Runs the script once per spend in one pipeline (one round trip). Should Redis not
-    /// know the script (first use, restart, SCRIPT FLUSH), loads it and runs again only
-    /// the calls that failed for that reason (they spent nothing): two more round trips.
+    /// Runs the script once per spend, in one pipeline (one round trip) on one server, as
+    /// concurrent single calls in a cluster (see [`RedisConnection::query_each`]). Should
+    /// Redis not know the script (first use, restart, failover, SCRIPT FLUSH), loads it
+    /// (on every node of a cluster) and runs again only the calls that failed for that
+    /// reason (they spent nothing): two more round trips.
     pub(super) async fn spend_all(&self, spends: &[Spend]) -> Result<Vec<Grant>, RedisError> {
-        let mut connection = self.connection().await?;
+        let mut connection = self.connection.get().await?;
         let mut results = self.run_pipeline(&mut connection, spends.iter()).await?;
         let missing: Vec<usize> = (0..results.len()).filter(|&index| is_no_script(&results[index])).collect();
         if !missing.is_empty() {
@@ -136,22 +133,23 @@ impl BudgetStore {
 
     async fn run_pipeline(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut RedisConnection,
         spends: impl Iterator<Item = &Spend>,
     ) -> Result<Vec<RedisResult<(i64, i64)>>, RedisError> {
-        let mut pipeline = ::redis::pipe();
-        pipeline.ignore_errors();
-        for spend in spends {
-            pipeline
-                .cmd("EVALSHA")
-                .arg(self.script.get_hash())
-                .arg(1)
-                .arg(format!("{}:ratelimit:{}", self.key_prefix, spend.key))
-                .arg(spend.interval.as_micros().max(1) as u64)
-                .arg(spend.capacity)
-                .arg(spend.tokens);
-        }
-        self.round_trip(pipeline.query_async(connection)).await
+        let calls = spends
+            .map(|spend| {
+                // One key per call: the script never crosses a Cluster hash slot.
+                let mut call = ::redis::cmd("EVALSHA");
+                call.arg(self.script.get_hash())
+                    .arg(1)
+                    .arg(format!("{}:ratelimit:{}", self.key_prefix, spend.key))
+                    .arg(spend.interval.as_micros().max(1) as u64)
+                    .arg(spend.capacity)
+                    .arg(spend.tokens);
+                call
+            })
+            .collect();
+        self.round_trip(connection.query_each(calls)).await
     }
 
     /// One round trip to Redis, timed and counted.
@@ -161,20 +159,6 @@ impl BudgetStore {
         metrics::record_redis_call("rate_limit", started.elapsed(), result.is_err());
         metrics::record_rate_limit_round_trip();
         result
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, RedisError> {
-        Ok(self
-            .connection
-            .get_or_try_init(|| async {
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(self.client.clone(), manager_config).await
-            })
-            .await?
-            .clone())
     }
 }
 

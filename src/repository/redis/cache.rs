@@ -7,14 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::AsyncCommands;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use super::breaker::RedisBreaker;
+use super::connection::{LazyConnection, RedisConnection};
 use crate::config::RedisConfig;
 use crate::metrics;
 
@@ -26,11 +25,9 @@ pub struct CountCache {
 }
 
 struct CacheInner {
-    client: ::redis::Client,
-    connection: OnceCell<ConnectionManager>,
+    connection: LazyConnection,
     key_prefix: String,
     ttl: Duration,
-    timeout: Duration,
     breaker: RedisBreaker,
 }
 
@@ -40,14 +37,11 @@ impl CountCache {
         let Some((config, ttl)) = config.and_then(|config| Some((config, config.cache_ttl?))) else {
             return Ok(Self::disabled());
         };
-        let client = super::client(config)?;
         Ok(Self {
             inner: Some(Arc::new(CacheInner {
-                client,
-                connection: OnceCell::new(),
+                connection: LazyConnection::new(config)?,
                 key_prefix: config.key_prefix.clone(),
                 ttl,
-                timeout: config.timeout,
                 breaker: RedisBreaker::default(),
             })),
         })
@@ -128,21 +122,11 @@ impl CacheInner {
         format!("{}:cache:{key}", self.key_prefix)
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, CacheFailure> {
+    async fn connection(&self) -> Result<RedisConnection, CacheFailure> {
         if self.breaker.is_cooling_down() {
             return Err(CacheFailure::CoolingDown);
         }
-        let manager = self
-            .connection
-            .get_or_try_init(|| async {
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(self.client.clone(), manager_config).await
-            })
-            .await?;
-        Ok(manager.clone())
+        Ok(self.connection.get().await?)
     }
 
     /// Records latency and errors; on failure starts the cool-down and warns once per
