@@ -1,6 +1,9 @@
-//! analytics-bench: what the benchmark binaries (`loadgen`, `countbench`) share: the
-//! raw-SQL baselines of the service's count queries and a scrape of the server's
-//! Prometheus page. README "Benchmarks" says how to run them.
+//! analytics-bench: what the benchmark binaries (`loadgen`, `countbench`, `erasebench`)
+//! share: the raw-SQL baselines of the service's count queries, a scrape of the server's
+//! Prometheus page, the load loops and the server processes they start. README
+//! "Benchmarks" says how to run them.
 
 pub mod baseline;
+pub mod loops;
 pub mod scrape;
+pub mod server;

@@ -15,12 +15,10 @@
 //! cargo build --release --bins && target/release/loadgen
 //! ```
 
-mod loops;
 mod phases;
 mod probe;
 mod raw;
 mod report;
-mod server;
 mod summary;
 mod workload;
 
@@ -29,6 +27,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use analytics_bench::server::{
+    connect, delete_redis_keys, load_average, sibling, spawn_bare, Backends, ServerProcess, ServiceLauncher,
+};
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use anyhow::{bail, Context as _};
 use clap::Parser;
@@ -39,7 +40,6 @@ use uuid::Uuid;
 use crate::phases::{noop, Service};
 use crate::raw::{insert_floor, raw_limit, truncate, RawMethod};
 use crate::report::{print_table, Row};
-use crate::server::{connect, delete_redis_keys, spawn_bare, ServerProcess, ServiceLauncher};
 use crate::summary::print_summary;
 use crate::workload::{rate_limit_headroom, set_users};
 
@@ -102,31 +102,11 @@ pub(crate) struct Args {
         default_value = "raw,noop,conn64,one,rate,capped,unary,batch,redis-off"
     )]
     pub(crate) phases: Vec<String>,
-    /// Redis the service uses (REDIS_HOST); empty = Redis off for the whole run. Each
-    /// run uses its own REDIS_KEY_PREFIX and deletes its keys afterwards.
-    #[arg(long, env = "TEST_REDIS_HOST", default_value = "127.0.0.1")]
-    pub(crate) redis_host: String,
-    #[arg(long, env = "TEST_REDIS_PORT", default_value_t = 6379)]
-    pub(crate) redis_port: u16,
-    #[arg(long, env = "TEST_POSTGRES_HOST", default_value = "127.0.0.1")]
-    pub(crate) postgres_host: String,
-    #[arg(long, env = "TEST_POSTGRES_PORT", default_value_t = 5432)]
-    pub(crate) postgres_port: u16,
-    #[arg(long, env = "TEST_POSTGRES_USER", default_value = "postgres")]
-    pub(crate) postgres_user: String,
-    #[arg(long, env = "TEST_POSTGRES_PASSWORD", default_value = "")]
-    pub(crate) postgres_password: String,
+    #[command(flatten)]
+    pub(crate) backends: Backends,
 }
 
 const PHASES: &[&str] = &["raw", "noop", "conn64", "one", "rate", "capped", "unary", "batch", "redis-off"];
-
-/// A binary next to this one unless given.
-fn sibling(given: &Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
-    Ok(match given {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?.with_file_name(name),
-    })
-}
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -152,25 +132,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let run_id = Uuid::now_v7().simple().to_string();
     let redis_prefix = format!("loadgen-{run_id}");
-    if !args.redis_host.is_empty() {
-        delete_redis_keys(&args, &redis_prefix).await.with_context(|| {
-            format!("Redis at {}:{} (--redis-host '' runs without)", args.redis_host, args.redis_port)
+    let backends = &args.backends;
+    if backends.redis_on() {
+        delete_redis_keys(backends, &redis_prefix).await.with_context(|| {
+            format!("Redis at {}:{} (--redis-host '' runs without)", backends.redis_host, backends.redis_port)
         })?;
     }
     let database = format!("analytics_bench_{run_id}");
-    let admin = PgConnectOptions::new()
-        .host(&args.postgres_host)
-        .port(args.postgres_port)
-        .username(&args.postgres_user)
-        .password(&args.postgres_password)
-        .database("postgres")
-        .disable_statement_logging();
+    let admin = backends.postgres("postgres");
     let mut admin_connection = admin.connect().await.context("connecting to postgres")?;
     sqlx::query(&format!("CREATE DATABASE {database}")).execute(&mut admin_connection).await?;
     eprintln!("database {database}; redis key prefix {redis_prefix}");
 
     let launcher = ServiceLauncher {
-        args: &args,
+        backends,
+        server_env: &args.server_env,
         binary: &server_binary,
         database: &database,
         redis_prefix: &redis_prefix,
@@ -183,8 +159,8 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin_connection)
         .await
         .ok();
-    if !args.redis_host.is_empty() {
-        match delete_redis_keys(&args, &redis_prefix).await {
+    if backends.redis_on() {
+        match delete_redis_keys(backends, &redis_prefix).await {
             Ok(deleted) => eprintln!("deleted {deleted} redis keys under {redis_prefix}"),
             Err(error) => eprintln!("could not delete the redis keys under {redis_prefix}: {error:#}"),
         }
@@ -223,7 +199,7 @@ async fn run(
     }
     let duration = Duration::from_secs(args.seconds);
     let sequence = Arc::new(AtomicU64::new(0));
-    let redis_on = !args.redis_host.is_empty();
+    let redis_on = args.backends.redis_on();
 
     let bare = if phases.contains(&"noop") || phases.contains(&"conn64") {
         let bare = spawn_bare(&sibling(&args.bare_server, "bare-noop-server")?)?;
@@ -322,10 +298,4 @@ async fn report_stored(database: &PgConnectOptions) -> anyhow::Result<()> {
         sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut database.connect().await?).await?;
     eprintln!("rows in events after the last Redis-on phase: {stored}");
     Ok(())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }

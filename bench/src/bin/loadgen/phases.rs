@@ -16,10 +16,10 @@ use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use crate::loops::{capped_open_loop, closed_loop, open_loop};
 use crate::probe::{Probe, Usage};
 use crate::report::{commit_stats, service_row, CommitStats, Cost, Row, ServicePhase};
 use crate::workload::synthetic;
+use analytics_bench::loops::{capped_open_loop, closed_loop, open_loop};
 
 type Client = AnalyticsServiceClient<Channel>;
 

@@ -12,10 +12,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 use uuid::Uuid;
 
-use crate::loops::new_histogram;
 use crate::report::Row;
 use crate::workload::{synthetic, synthetic_json};
 use crate::Args;
+use analytics_bench::loops::new_histogram;
 
 #[derive(Clone, Copy)]
 pub(crate) enum RawMethod {

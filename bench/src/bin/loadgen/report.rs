@@ -160,10 +160,10 @@ pub(crate) fn print_table(args: &Args, rows: &[Row]) {
         "{} s per phase; {} connections; Redis {}; server env: {}",
         args.seconds,
         args.connections,
-        if args.redis_host.is_empty() {
-            "off".to_string()
+        if args.backends.redis_on() {
+            format!("on ({}:{})", args.backends.redis_host, args.backends.redis_port)
         } else {
-            format!("on ({}:{})", args.redis_host, args.redis_port)
+            "off".to_string()
         },
         if args.server_env.is_empty() { "defaults".to_string() } else { args.server_env.join(" ") }
     );
