@@ -11,7 +11,7 @@ mod user;
 pub mod user_bitmap;
 pub mod utc;
 
-pub use count_plan::{EventCountPlan, RangeSplit, RollupStamp, Segments};
+pub use count_plan::{EventCountPlan, PartialHour, RangeSplit, RollupStamp, Segments};
 pub use event::{
     Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
 };
