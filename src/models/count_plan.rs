@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::utc::time;
+use super::utc::{floor_to, time, HOUR_SECONDS};
 
 /// How a range splits between the rollups and the raw events:
 /// raw rows `[start, rollup_start)`, hour rows `[rollup_start, day_start)`, day rows
@@ -29,6 +29,36 @@ impl RangeSplit {
     /// Whether any whole hour comes from the rollups.
     pub fn has_rollup_part(&self) -> bool {
         self.rollup_start < self.rollup_end
+    }
+
+    /// The partial hours at the range's edges, `[start, rollup_start)` and
+    /// `[rollup_end, end)` when not empty; a range inside one hour has one.
+    pub fn partial_hours(&self) -> impl Iterator<Item = PartialHour> {
+        [(self.start, self.rollup_start), (self.rollup_end, self.end)]
+            .into_iter()
+            .filter(|(start, end)| start < end)
+            .map(|(start, end)| PartialHour { start, end })
+    }
+}
+
+/// The part `[start, end)` of one UTC hour that a range covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartialHour {
+    pub start: i64,
+    pub end: i64,
+}
+
+impl PartialHour {
+    /// The whole hour `[start, end)` this part lies in.
+    pub fn hour(&self) -> (i64, i64) {
+        let hour_start = floor_to(self.start, HOUR_SECONDS);
+        (hour_start, hour_start + HOUR_SECONDS)
+    }
+
+    /// The rest of the hour, before and after the part (either may be empty).
+    pub fn outside(&self) -> [(i64, i64); 2] {
+        let (hour_start, hour_end) = self.hour();
+        [(hour_start, self.start), (self.end, hour_end)]
     }
 }
 
@@ -77,7 +107,8 @@ impl Segments {
 /// How one GetEventCount is read. Each segment lies inside one bucket of the caller's
 /// zone, so a row read is labelled by its own start; whole UTC days come from the day
 /// rows, other whole UTC hours from the hour rows (plus their deltas not folded yet), and
-/// the rest from the raw events.
+/// the rest from the raw events, except that an hour cut by the range's edge may be read
+/// whole, minus the raw events of its part outside the range.
 #[derive(Clone, Debug, Default)]
 pub struct EventCountPlan {
     /// The whole UTC hours of the range: the cached folded part is keyed by them, and
@@ -88,6 +119,12 @@ pub struct EventCountPlan {
     /// The day and hour segments together: where the deltas not folded yet are read.
     pub folded: Segments,
     pub raw: Segments,
+    /// Hours cut by the range's edges that are read whole, always fresh: their hour rows
+    /// and deltas, minus the raw events of `raw_outside`. Chosen when fewer events lie in
+    /// the part outside the range than inside it (an open end hour has none after now).
+    pub edge_hours: Segments,
+    /// The parts of `edge_hours` outside the range, whose raw events are subtracted.
+    pub raw_outside: Segments,
 }
 
 impl EventCountPlan {
@@ -97,9 +134,24 @@ impl EventCountPlan {
     }
 
     /// Index range scans the plan costs: one per segment of each source (the deltas
-    /// read over the folded segments).
+    /// read over the folded segments and the edge hours).
     pub fn segment_count(&self) -> usize {
-        self.days.len() + self.hours.len() + self.folded.len() + self.raw.len()
+        self.days.len()
+            + self.hours.len()
+            + self.delta_segments().len()
+            + self.raw.len()
+            + self.edge_hours.len()
+            + self.raw_outside.len()
+    }
+
+    /// Where the deltas not folded yet are read: the folded segments and the edge hours.
+    pub fn delta_segments(&self) -> Segments {
+        let mut intervals: Vec<(i64, i64)> =
+            self.folded.intervals().chain(self.edge_hours.intervals()).collect();
+        intervals.sort_unstable();
+        let mut segments = Segments::default();
+        intervals.into_iter().for_each(|(start, end)| segments.push(start, end));
+        segments
     }
 }
 

@@ -14,7 +14,7 @@ pub mod user_bitmap;
 pub mod utc;
 
 pub(crate) use audit::{AuditRecord, AUDIT_OUTCOME_OK};
-pub use count_plan::{EventCountPlan, RangeSplit, RollupStamp, Segments};
+pub use count_plan::{EventCountPlan, PartialHour, RangeSplit, RollupStamp, Segments};
 pub use event::{
     Caller, EventCount, EventFilter, EventName, GroupBy, InsertId, NewEvent, TimeRange, TrackEvent,
 };

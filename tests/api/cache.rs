@@ -228,3 +228,117 @@ async fn redis_on_a_closed_port_degrades_to_postgresql() {
 async fn without_redis_configured_the_cache_is_off() {
     counts_stay_correct_without_a_cache(RedisMode::Disabled).await;
 }
+
+/// Adds `(name, user, seconds)` rows in one statement, behind the service's back.
+async fn insert_rows(app: &TestApp, rows: &[(&str, &str, f64)]) {
+    let names: Vec<&str> = rows.iter().map(|(name, _, _)| *name).collect();
+    let users: Vec<&str> = rows.iter().map(|(_, user, _)| *user).collect();
+    let seconds: Vec<f64> = rows.iter().map(|(_, _, seconds)| *seconds).collect();
+    sqlx::query(
+        "INSERT INTO events (event_name, user_id, timestamp)
+         SELECT name, user_id, to_timestamp(seconds)
+           FROM unnest($1::text[], $2::text[], $3::float8[]) AS batch(name, user_id, seconds)",
+    )
+    .bind(&names)
+    .bind(&users)
+    .bind(&seconds)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+}
+
+/// The partial hours at a range's edges may be read whole (the hour's rollups and deltas
+/// minus the raw events after or before the range; for users the hour's bitmap and
+/// pending users when nothing lies outside the range): every answer, cached or not,
+/// pending or folded, equals raw SQL around the end hour. Covered: an event exactly at
+/// the range's end, a user and a name whose only event in the end hour lies after the
+/// end, an event dated in the future inside the current hour, late events into both edge
+/// hours, and zones offset by 30 and 45 minutes.
+#[tokio::test]
+async fn edge_hours_read_whole_equal_raw_sql_around_the_range_end() {
+    use crate::rollups::{brute_force_counts, brute_force_unique_users};
+    let app = spawn_app_with(TestOptions::default()).await;
+    // An hour two days ago: inside the late-event window, so answers use the stamped cache.
+    let hour = (crate::helpers::now() - 2 * 86_400).div_euclid(HOUR) * HOUR;
+    let end = hour + 1_800;
+    let start = hour - 3 * HOUR + 1_200;
+    insert_rows(
+        &app,
+        &[
+            ("view", "erin", (start - 300) as f64),
+            ("view", "erin", (start + 60) as f64),
+            ("click", "frank", (hour - 2 * HOUR) as f64),
+            ("view", "alice", (hour + 10) as f64),
+            ("click", "alice", end as f64 - 0.75),
+            ("view", "bob", (hour + 600) as f64),
+            // Exactly at the end: outside [start, end).
+            ("view", "carol", end as f64),
+            // Dave's only event and the only signup of the hour, after the end.
+            ("signup", "dave", (end + 900) as f64),
+        ],
+    )
+    .await;
+    // The current hour, as a dashboard asking up to now sees it: one event dated 10
+    // minutes in the future (its own user), which may fall into the next hour.
+    let now = crate::helpers::now();
+    app.track("view", "alice", now - 5).await;
+    app.track("view", "future-gus", now + 600).await;
+
+    let zones = ["", "Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham"];
+    let check = async |stage: &str| {
+        let ranges = [
+            (start, end),
+            (start, end + 1),
+            (hour + 5, end),
+            (start, end + 900),
+            (start, end + 901),
+            (start - HOUR, hour + HOUR),
+            (hour + 5, hour + HOUR - 5),
+            (now - 2 * HOUR - 1_000, now + 1),
+            (now - 1_000, now + 1),
+        ];
+        for (range_start, range_end) in ranges {
+            for zone in zones {
+                for group_by in ["", "hour", "day"] {
+                    for name in ["", "view", "signup"] {
+                        // Twice: computed (or from the cache), then from the cache.
+                        for _ in 0..2 {
+                            let answer = app.counts(name, range_start, range_end, group_by, zone).await;
+                            let expected =
+                                brute_force_counts(&app.pool, name, range_start, range_end, group_by, zone)
+                                    .await;
+                            assert_eq!(
+                                answer, expected,
+                                "{stage}: {name:?} [{range_start}, {range_end}) by {group_by:?} in {zone:?}"
+                            );
+                        }
+                    }
+                }
+            }
+            for _ in 0..2 {
+                assert_eq!(
+                    app.unique_users(range_start, range_end).await,
+                    brute_force_unique_users(&app.pool, range_start, range_end).await,
+                    "{stage}: users in [{range_start}, {range_end})"
+                );
+            }
+        }
+    };
+    check("pending").await;
+    wait_for_the_fold(&app).await;
+    check("folded").await;
+    // Late events into both edge hours, inside and outside the ranges, one of a new user.
+    insert_rows(
+        &app,
+        &[
+            ("view", "hana", (start - 100) as f64),
+            ("signup", "ivan", (hour + 100) as f64),
+            ("signup", "bob", (end + 100) as f64),
+            ("view", "dave", end as f64 - 1.0),
+        ],
+    )
+    .await;
+    check("late events pending").await;
+    wait_for_the_fold(&app).await;
+    check("late events folded").await;
+}

@@ -13,16 +13,26 @@ use super::events::event_counts_from_rows;
 use super::{Database, RepositoryError};
 use crate::models::user_bitmap::decode_users;
 use crate::models::utc::time;
-use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, RangeSplit, RollupStamp};
+use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, PartialHour, RangeSplit, RollupStamp};
 
 type Sql<'a> = QueryBuilder<'a, Postgres>;
 
 /// The start and end arrays of a set of segments, as a query unnests them.
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
-/// A row of the unique-user statement: a folded bitmap (when asked for) and its version,
-/// or the ordinal of a user not folded yet (`NULL` when the user has none).
-type UserCountRow = (Option<Vec<u8>>, Option<i64>, Option<i32>);
+/// A row of the unique-user statement: its kind ([`FOLDED_BITMAP`], [`EDGE_BITMAP`],
+/// [`UNFOLDED_USER`] or [`ERASURE_GENERATION`]), a bitmap (a folded one only when asked
+/// for) and a folded bitmap's version (or the erasure generation), or the ordinal of a
+/// user not folded yet (`NULL` when the user has none).
+type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<i32>);
+
+/// Kinds of [`UserCountRow`]: a bitmap of the whole hours (stamped and cached), the
+/// bitmap of a partial edge hour read whole (always fresh), a user not folded yet, the
+/// erasure generation (part of the stamp).
+const FOLDED_BITMAP: i32 = 0;
+const EDGE_BITMAP: i32 = 1;
+const UNFOLDED_USER: i32 = 2;
+const ERASURE_GENERATION: i32 = 3;
 
 /// Which part of an [`EventCountPlan`] a count query reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,8 +50,13 @@ enum CountPart {
 struct CountBinds<'a> {
     days: Bounds,
     hours: Bounds,
-    folded: Bounds,
+    /// The folded segments and the edge hours: where the deltas are read.
+    deltas: Bounds,
+    edge_hours: Bounds,
+    /// The raw segments inside the range, then those outside it, with the sign their
+    /// events count with (1 inside, -1 outside).
     raw: Bounds,
+    raw_signs: Vec<i32>,
     /// The whole hours the stamp covers.
     rollup_start: DateTime<Utc>,
     rollup_end: DateTime<Utc>,
@@ -52,11 +67,19 @@ struct CountBinds<'a> {
 
 impl<'a> CountBinds<'a> {
     fn new(filter: &'a EventFilter, plan: &EventCountPlan) -> Self {
+        let (mut raw_starts, mut raw_ends) = plan.raw.bounds();
+        let (outside_starts, outside_ends) = plan.raw_outside.bounds();
+        raw_starts.extend(outside_starts);
+        raw_ends.extend(outside_ends);
         Self {
             days: plan.days.bounds(),
             hours: plan.hours.bounds(),
-            folded: plan.folded.bounds(),
-            raw: plan.raw.bounds(),
+            deltas: plan.delta_segments().bounds(),
+            edge_hours: plan.edge_hours.bounds(),
+            raw: (raw_starts, raw_ends),
+            raw_signs: std::iter::repeat_n(1, plan.raw.len())
+                .chain(std::iter::repeat_n(-1, plan.raw_outside.len()))
+                .collect(),
             rollup_start: time(plan.split.rollup_start),
             rollup_end: time(plan.split.rollup_end),
             event_name: filter.event_name.as_ref().map(|name| name.as_str()),
@@ -111,9 +134,10 @@ fn push_bucket<'a>(sql: &mut Sql<'a>, group_by: Option<GroupBy>, column: &str, z
     };
 }
 
-/// `(event_name, bucket, count)` of `part` of the plan (bucket 0 when ungrouped). Every
-/// row read lies inside one bucket (see [`EventCountPlan`]), so it is labelled by its own
-/// start; raw events are counted per label right away.
+/// `(event_name, bucket, count)` of `part` of the plan (bucket 0 when ungrouped), counts
+/// that add up to zero left out. Every row read lies inside one bucket (see
+/// [`EventCountPlan`]), so it is labelled by its own start; raw events are counted per
+/// label right away, those outside the range (of the edge hours read whole) negatively.
 fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: CountPart) {
     sql.push("SELECT counted.event_name::text AS event_name, counted.bucket,");
     sql.push(" sum(counted.event_count)::bigint AS count FROM (SELECT slices.event_name, ");
@@ -125,7 +149,8 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
         sources.push(("event_counts_hourly", &binds.hours));
     }
     if part != CountPart::Folded {
-        sources.push(("event_count_deltas", &binds.folded));
+        sources.push(("event_counts_hourly", &binds.edge_hours));
+        sources.push(("event_count_deltas", &binds.deltas));
     }
     for (index, (table, segments)) in sources.into_iter().enumerate() {
         if index > 0 {
@@ -137,15 +162,18 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
     if part != CountPart::Folded {
         sql.push(" UNION ALL SELECT event.event_name, ");
         push_bucket(sql, binds.group_by, "event.timestamp", binds.zone);
-        sql.push(" AS bucket, count(*) AS event_count");
-        push_segments(sql, &binds.raw);
+        sql.push(" AS bucket, sum(segment.sign)::bigint AS event_count FROM unnest(");
+        sql.push_bind(&binds.raw.0).push("::timestamptz[], ").push_bind(&binds.raw.1);
+        sql.push("::timestamptz[], ")
+            .push_bind(&binds.raw_signs)
+            .push("::integer[]) AS segment(low, high, sign)");
         sql.push(" JOIN events event ON event.timestamp >= segment.low AND event.timestamp < segment.high");
         if let Some(name) = binds.event_name {
             sql.push(" AND event.event_name = ").push_bind(name);
         }
         sql.push(" GROUP BY 1, 2");
     }
-    sql.push(") counted GROUP BY 1, 2");
+    sql.push(") counted GROUP BY 1, 2 HAVING sum(counted.event_count) <> 0");
 }
 
 /// The stamp of the plan's whole hours as part 0, then `parts` of the plan numbered as
@@ -187,6 +215,8 @@ pub struct UserCountParts {
     pub folded: Option<RoaringBitmap>,
     /// (rows, sum of versions) of those bitmaps, and the erasure generation.
     pub stamp: RollupStamp,
+    /// The users of the partial edge hours read whole: their hour bitmaps.
+    pub edge_users: RoaringBitmap,
     /// Ordinals of users in the pending pairs and the raw edges, each once.
     pub unfolded_ordinals: Vec<u32>,
     /// Users in the pending pairs and the raw edges that have no ordinal yet.
@@ -197,10 +227,14 @@ impl UserCountParts {
     /// The exact count, given the union of the folded bitmaps (read now or cached with an
     /// equal stamp).
     pub fn count(&self, folded: &RoaringBitmap) -> i64 {
-        // The unfolded users come from one `UNION` of ids, so their ordinals are distinct:
-        // the ones outside the folded users add one each, without copying the bitmap.
-        let added = self.unfolded_ordinals.iter().filter(|ordinal| !folded.contains(**ordinal)).count();
-        (folded.len() + added as u64 + self.never_folded) as i64
+        // The unfolded users are distinct ids, so their ordinals are distinct:
+        // the ones outside the bitmaps add one each, without copying the folded bitmap.
+        let added = self
+            .unfolded_ordinals
+            .iter()
+            .filter(|ordinal| !folded.contains(**ordinal) && !self.edge_users.contains(**ordinal))
+            .count();
+        (folded.union_len(&self.edge_users) + added as u64 + self.never_folded) as i64
     }
 }
 
@@ -342,61 +376,99 @@ impl RollupRepository {
 
     /// Reads, in one statement (so one snapshot, one round trip), the stamp of the folded
     /// bitmaps of the whole UTC days and hours of `split` (and, `with_bitmaps`, their
-    /// union), the ordinals of the users not folded yet: the pending pairs of those hours
-    /// and the raw events of the partial hours at the edges.
+    /// union), and the users not folded yet: the ordinals of the pending pairs of those
+    /// hours and of the partial hours at the edges. An edge hour with no event in its part
+    /// outside the range (an open end hour, nearly always) is read whole from its hour
+    /// bitmap and pending pairs; any other from the raw events of the part inside.
     pub async fn user_count_parts(
         &self,
         split: RangeSplit,
         with_bitmaps: bool,
     ) -> Result<UserCountParts, RepositoryError> {
-        let [start, rollup_start, day_start, day_end, rollup_end, end] = split.instants();
+        let [_, rollup_start, day_start, day_end, rollup_end, _] = split.instants();
         let users_column = if with_bitmaps { "users" } else { "NULL::bytea" };
         let bitmap_sources = [
             ("user_activity_daily", day_start, day_end),
             ("user_activity_hourly", rollup_start, day_start),
             ("user_activity_hourly", day_end, rollup_end),
         ];
+        let partial_hours: Vec<PartialHour> = split.partial_hours().collect();
         self.database
             .with_retry("count_unique_users_rollup", || async {
-                // Rows of (bitmap, version, NULL) for the folded bitmaps, then rows of
-                // (NULL, NULL, ordinal) for the users not folded yet.
+                // Whether each partial hour is read whole: no event in its part outside the
+                // range, checked in the statement's own snapshot (one index probe each).
                 let mut sql = Sql::new("");
+                for (index, part) in partial_hours.iter().enumerate() {
+                    sql.push(if index == 0 { "WITH edges AS MATERIALIZED (SELECT true" } else { ", true" });
+                    for (from, to) in part.outside().into_iter().filter(|(from, to)| from < to) {
+                        sql.push(" AND NOT EXISTS (SELECT 1 FROM events WHERE ");
+                        push_within(&mut sql, "timestamp", time(from), time(to));
+                        sql.push(")");
+                    }
+                    sql.push(format_args!(" AS whole_{index}"));
+                }
+                if !partial_hours.is_empty() {
+                    sql.push(") ");
+                }
                 for (table, from, to) in bitmap_sources {
                     sql.push(format_args!(
-                        "SELECT {users_column} AS users, version, NULL::integer AS ordinal FROM {table} WHERE "
+                        "SELECT {FOLDED_BITMAP} AS kind, {users_column} AS users, version, NULL::integer AS ordinal FROM {table} WHERE "
                     ));
                     push_within(&mut sql, "bucket_start", from, to);
                     sql.push(" UNION ALL ");
                 }
-                // The erasure generation, as a row of (NULL, generation, -1).
-                sql.push("SELECT NULL::bytea, generation, -1 FROM erasure_generation UNION ALL ");
-                // An id without an ordinal has never been folded, so it is in no bitmap.
-                sql.push("SELECT NULL::bytea, NULL::bigint, ordinals.ordinal FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
-                push_within(&mut sql, "hour_start", rollup_start, rollup_end);
-                for (from, to) in [(start, rollup_start), (rollup_end, end)] {
-                    sql.push(" UNION SELECT user_id FROM events WHERE ");
-                    push_within(&mut sql, "timestamp", from, to);
-                    sql.push(" AND user_id IS NOT NULL AND user_id <> ''");
+                for (index, part) in partial_hours.iter().enumerate() {
+                    sql.push(format_args!(
+                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer FROM user_activity_hourly WHERE bucket_start = "
+                    ));
+                    sql.push_bind(time(part.hour().0));
+                    sql.push(format_args!(" AND (SELECT whole_{index} FROM edges) UNION ALL "));
                 }
-                sql.push(") unfolded LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id");
+                // One index probe per distinct id not folded yet (never a pass over every
+                // ordinal); an id without an ordinal has never been folded, so it is in no bitmap.
+                sql.push(format_args!(
+                    "SELECT {UNFOLDED_USER}, NULL::bytea, NULL::bigint, (SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = unfolded.user_id)"
+                ));
+                sql.push(" FROM (SELECT DISTINCT user_id FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
+                push_within(&mut sql, "hour_start", rollup_start, rollup_end);
+                for (index, part) in partial_hours.iter().enumerate() {
+                    sql.push(" UNION ALL SELECT unnest(user_ids) FROM user_activity_pending WHERE hour_start = ");
+                    sql.push_bind(time(part.hour().0));
+                    sql.push(format_args!(" AND (SELECT whole_{index} FROM edges)"));
+                    sql.push(" UNION ALL SELECT user_id FROM events WHERE ");
+                    push_within(&mut sql, "timestamp", time(part.start), time(part.end));
+                    sql.push(format_args!(
+                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} FROM edges)"
+                    ));
+                }
+                sql.push(") ids) unfolded");
+                // The erasure generation, part of the stamp.
+                sql.push(format_args!(
+                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer FROM erasure_generation"
+                ));
                 let mut session = self.database.session().await?;
-let rows: Vec<UserCountRow> =
-                    sql.build_query_as().fetch_all(&mut *session).await?;
-session.finish().await?;
+                let rows: Vec<UserCountRow> = sql.build_query_as().fetch_all(&mut *session).await?;
+                session.finish().await?;
                 let mut stamp = RollupStamp::default();
                 let mut bitmaps = Vec::new();
+                let mut edge_users = RoaringBitmap::new();
                 let mut never_folded = 0;
                 let mut unfolded_ordinals = Vec::new();
-                for (users, version, ordinal) in rows {
-                    match (version, ordinal) {
-                        (Some(generation), Some(-1)) => stamp.erasures = generation,
-                        (Some(version), _) => {
+                for (kind, users, version, ordinal) in rows {
+                    match kind {
+                        ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
+                        FOLDED_BITMAP => {
                             stamp.rows += 1;
-                            stamp.sum += version;
+                            stamp.sum += version.unwrap_or_default();
                             bitmaps.extend(users);
                         }
-                        (None, Some(ordinal)) => unfolded_ordinals.push(ordinal as u32),
-                        (None, None) => never_folded += 1,
+                        EDGE_BITMAP => {
+                            edge_users |= decode_users(&users.unwrap_or_default()).map_err(RepositoryError::corrupt)?;
+                        }
+                        _ => match ordinal {
+                            Some(ordinal) => unfolded_ordinals.push(ordinal as u32),
+                            None => never_folded += 1,
+                        },
                     }
                 }
                 let folded = if with_bitmaps {
@@ -409,7 +481,7 @@ session.finish().await?;
                 } else {
                     None
                 };
-                Ok(UserCountParts { folded, stamp, unfolded_ordinals, never_folded })
+                Ok(UserCountParts { folded, stamp, edge_users, unfolded_ordinals, never_folded })
             })
             .await
     }

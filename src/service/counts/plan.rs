@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::time::next_bucket_boundary;
 use crate::models::utc::{ceil_to, floor_to, DAY_SECONDS, HOUR_SECONDS};
-use crate::models::{EventCount, EventCountPlan, EventFilter, RangeSplit, TimeRange};
+use crate::models::{EventCount, EventCountPlan, EventFilter, PartialHour, RangeSplit, TimeRange};
 
 impl RangeSplit {
     /// The whole hours inside `range` come from the hour rows, no day rows.
@@ -65,6 +65,10 @@ impl EventCountPlan {
         };
         let start = filter.range.start().max(floor_to(first, HOUR_SECONDS));
         let end = filter.range.end().min(ceil_to(last, HOUR_SECONDS));
+        if start >= end {
+            return plan;
+        }
+        let (start, end) = plan.add_edge_hours(filter, start, end, (first, last));
         let Some(group_by) = filter.group_by else {
             plan.add_piece(start, end);
             return plan;
@@ -76,6 +80,44 @@ impl EventCountPlan {
             piece_start = piece_end;
         }
         plan
+    }
+
+    /// Reads the partial hours at the edges of `[start, end)` whole, minus the raw events
+    /// of their part outside the range, where that part holds fewer events (judged by its
+    /// length within `extent`, the span of the stored events: an end hour reaching past
+    /// the newest event is nearly empty after the range) and the whole hour lies inside
+    /// one bucket, so its hour rows carry the label of the part inside. Returns what is
+    /// left for the walk over the buckets.
+    fn add_edge_hours(
+        &mut self,
+        filter: &EventFilter,
+        start: i64,
+        end: i64,
+        extent: (i64, i64),
+    ) -> (i64, i64) {
+        let (first, last) = extent;
+        let within_extent = |from: i64, to: i64| (to.min(last) - from.max(first)).max(0);
+        let read_whole = |part: PartialHour| {
+            let outside: i64 = part.outside().iter().map(|&(from, to)| within_extent(from, to)).sum();
+            outside < within_extent(part.start, part.end) && hour_in_one_bucket(filter, part.hour().0)
+        };
+        let split = RangeSplit::hours(TimeRange { start, end });
+        let mut walk = (start, end);
+        for part in split.partial_hours() {
+            if !read_whole(part) {
+                continue;
+            }
+            let (hour_start, hour_end) = part.hour();
+            self.edge_hours.push(hour_start, hour_end);
+            part.outside().into_iter().for_each(|(from, to)| self.raw_outside.push(from, to));
+            if part.start == start {
+                walk.0 = hour_end.min(end);
+            }
+            if part.end == end {
+                walk.1 = hour_start.max(walk.0);
+            }
+        }
+        walk
     }
 
     /// Adds `[start, end)`, which lies inside one bucket.
@@ -101,7 +143,16 @@ impl EventCountPlan {
     }
 }
 
-/// Adds `more` into `counts`; the result is ordered by bucket, then name (bytewise).
+/// Whether the UTC hour starting at `hour_start` lies inside one bucket of `filter`.
+fn hour_in_one_bucket(filter: &EventFilter, hour_start: i64) -> bool {
+    filter.group_by.is_none_or(|group_by| {
+        next_bucket_boundary(group_by, filter.time_zone, hour_start) >= hour_start + HOUR_SECONDS
+    })
+}
+
+/// Adds `more` into `counts`; the result is ordered by bucket, then name (bytewise), and
+/// leaves out counts that add up to zero (events subtracted by deletions or by an edge
+/// hour's part outside the range), as an empty bucket is left out.
 pub fn merge_event_counts(counts: Vec<EventCount>, more: Vec<EventCount>) -> Vec<EventCount> {
     let mut merged: BTreeMap<(i64, String), i64> = BTreeMap::new();
     for count in counts.into_iter().chain(more) {
@@ -168,12 +219,56 @@ mod tests {
         assert_eq!(user_count_split(short), RangeSplit::hours(short));
     }
 
-    /// Checks that the plan's sources cover `range` exactly, without overlap, that the
-    /// folded segments are the day and hour segments, and that rollup segments are whole
-    /// UTC days or hours.
-    fn assert_covers(plan: &EventCountPlan, range: TimeRange) {
+    /// The plan for `filter` when events lie a day before and after its range, so an edge
+    /// hour's part outside the range holds as many events as its length says.
+    fn with_events_around(filter: &EventFilter) -> EventCountPlan {
+        EventCountPlan::within(
+            filter,
+            Some((filter.range.start() - DAY_SECONDS, filter.range.end() + DAY_SECONDS)),
+        )
+    }
+
+    /// The parts of the edge hours inside the range: each edge hour minus its raw rows
+    /// outside the range, which must lie inside it.
+    fn edge_parts_inside(plan: &EventCountPlan) -> Vec<(i64, i64)> {
+        let mut inside = Vec::new();
+        for (hour_start, hour_end) in plan.edge_hours.intervals() {
+            let mut covered = hour_start;
+            for (start, end) in
+                plan.raw_outside.intervals().filter(|(start, _)| (hour_start..hour_end).contains(start))
+            {
+                assert!(end <= hour_end, "outside rows [{start}, {end}) leave their edge hour");
+                inside.push((covered, start));
+                covered = end;
+            }
+            inside.push((covered, hour_end));
+        }
+        inside.retain(|(start, end)| start < end);
+        inside
+    }
+
+    /// Checks that the plan's sources cover `range` exactly, without overlap (the edge
+    /// hours counting for their part inside the range), that the folded segments are the
+    /// day and hour segments, that rollup segments are whole UTC days or hours, and that
+    /// every edge hour lies inside one bucket.
+    fn assert_covers(plan: &EventCountPlan, filter: &EventFilter) {
+        let range = filter.range;
         let mut pieces: Vec<(i64, i64)> =
             plan.days.intervals().chain(plan.hours.intervals()).chain(plan.raw.intervals()).collect();
+        pieces.extend(edge_parts_inside(plan));
+        let outside: i64 = plan.raw_outside.intervals().map(|(start, end)| end - start).sum();
+        let edges: i64 = plan.edge_hours.intervals().map(|(start, end)| end - start).sum();
+        let inside: i64 = edge_parts_inside(plan).iter().map(|(start, end)| end - start).sum();
+        assert_eq!(outside + inside, edges, "outside rows overlap");
+        assert!(plan
+            .edge_hours
+            .intervals()
+            .all(|(start, end)| start % HOUR_SECONDS == 0 && end % HOUR_SECONDS == 0));
+        for (start, end) in plan.edge_hours.intervals() {
+            for hour_start in (start..end).step_by(HOUR_SECONDS as usize) {
+                assert!(hour_in_one_bucket(filter, hour_start), "edge hour {hour_start} spans two buckets");
+            }
+        }
         pieces.sort_unstable();
         let mut covered = range.start();
         for (start, end) in pieces {
@@ -196,9 +291,10 @@ mod tests {
     #[test]
     fn an_ungrouped_plan_reads_raw_edges_hours_and_days() {
         // 2024-01-30 22:30 UTC to 2024-02-02 01:15 UTC.
-        let span = range(1_706_653_800, 1_706_836_500);
-        let plan = EventCountPlan::of(&filter(span.start(), span.end(), None, chrono_tz::UTC));
-        assert_covers(&plan, span);
+        let span = filter(1_706_653_800, 1_706_836_500, None, chrono_tz::UTC);
+        let plan = with_events_around(&span);
+        assert_covers(&plan, &span);
+        assert!(plan.edge_hours.is_empty(), "as many events outside each edge as inside or more");
         assert_eq!(
             plan.raw.intervals().collect::<Vec<_>>(),
             vec![(1_706_653_800, 1_706_655_600), (1_706_835_600, 1_706_836_500)]
@@ -212,9 +308,91 @@ mod tests {
         assert!(plan.has_rollup_part());
         assert_eq!(plan.segment_count(), 6);
         // Inside one hour: raw rows only, nothing to cache.
-        let plan = EventCountPlan::of(&filter(100, 200, None, chrono_tz::UTC));
+        let plan = with_events_around(&filter(100, 200, None, chrono_tz::UTC));
         assert_eq!(plan.raw.intervals().collect::<Vec<_>>(), vec![(100, 200)]);
         assert!(!plan.has_rollup_part());
+    }
+
+    #[test]
+    fn an_edge_hour_is_read_whole_when_fewer_events_lie_outside_the_range() {
+        // 2024-01-30 22:30 UTC to 2024-02-02 01:15 UTC, the newest event at 01:20: the end
+        // hour holds 5 minutes of events after the range and 15 inside, the start hour 30
+        // minutes on each side.
+        let span = filter(1_706_653_800, 1_706_836_500, None, chrono_tz::UTC);
+        let plan =
+            EventCountPlan::within(&span, Some((span.range.start() - DAY_SECONDS, span.range.end() + 300)));
+        assert_covers(&plan, &span);
+        assert_eq!(plan.edge_hours.intervals().collect::<Vec<_>>(), vec![(1_706_835_600, 1_706_839_200)]);
+        assert_eq!(plan.raw_outside.intervals().collect::<Vec<_>>(), vec![(1_706_836_500, 1_706_839_200)]);
+        assert_eq!(plan.raw.intervals().collect::<Vec<_>>(), vec![(1_706_653_800, 1_706_655_600)]);
+        assert_eq!(plan.folded.intervals().collect::<Vec<_>>(), vec![(1_706_655_600, 1_706_835_600)]);
+        assert_eq!(
+            plan.delta_segments().intervals().collect::<Vec<_>>(),
+            vec![(1_706_655_600, 1_706_839_200)]
+        );
+        assert_eq!(plan.split, RangeSplit::hours(span.range), "edge hours stay out of the cached part");
+        // A start at 22:20: 20 minutes of events before it, 40 inside.
+        let earlier_start = filter(1_706_653_200, 1_706_836_500, None, chrono_tz::UTC);
+        let plan = with_events_around(&earlier_start);
+        assert_covers(&plan, &earlier_start);
+        assert_eq!(plan.edge_hours.intervals().collect::<Vec<_>>(), vec![(1_706_652_000, 1_706_655_600)]);
+        assert_eq!(plan.raw_outside.intervals().collect::<Vec<_>>(), vec![(1_706_652_000, 1_706_653_200)]);
+        assert_eq!(plan.raw.intervals().collect::<Vec<_>>(), vec![(1_706_835_600, 1_706_836_500)]);
+        // A range inside one hour, no event after it: the hour minus its first 10 minutes.
+        let recent = filter(1_706_652_600, 1_706_655_000, None, chrono_tz::UTC);
+        let plan = EventCountPlan::within(&recent, Some((0, 1_706_655_000)));
+        assert_covers(&plan, &recent);
+        assert_eq!(plan.edge_hours.intervals().collect::<Vec<_>>(), vec![(1_706_652_000, 1_706_655_600)]);
+        assert_eq!(
+            plan.raw_outside.intervals().collect::<Vec<_>>(),
+            vec![(1_706_652_000, 1_706_652_600), (1_706_655_000, 1_706_655_600)]
+        );
+        assert!(plan.raw.is_empty() && plan.folded.is_empty());
+        // Two edge hours that touch merge; the deltas are read over both.
+        let two_hours = filter(1_706_655_000, 1_706_655_600 + 600, None, chrono_tz::UTC);
+        let plan = EventCountPlan::of(&two_hours);
+        assert_covers(&plan, &two_hours);
+        assert_eq!(plan.edge_hours.intervals().collect::<Vec<_>>(), vec![(1_706_652_000, 1_706_659_200)]);
+        assert_eq!(plan.raw_outside.len(), 2);
+    }
+
+    #[test]
+    fn an_edge_hour_across_a_bucket_boundary_stays_raw() {
+        // Kolkata (+5:30): local hours start at :30 UTC, so no UTC hour is inside one hour
+        // bucket; its days start at 18:30 UTC, so only the 18:00 UTC hour spans two days.
+        let kolkata = chrono_tz::Asia::Kolkata;
+        let evening = 1_706_637_600; // 2024-01-30 18:00 UTC
+        for (group_by, start, whole) in [
+            (Some(GroupBy::Hour), evening - 2 * HOUR_SECONDS + 600, false),
+            (Some(GroupBy::Day), evening + 600, false),
+            (Some(GroupBy::Day), evening - HOUR_SECONDS + 600, true),
+            (None, evening + 600, true),
+        ] {
+            // A day from 10 minutes past an hour, no event after it: each edge hour holds
+            // fewer events outside the range than inside.
+            let span = filter(start, start + DAY_SECONDS, group_by, kolkata);
+            let plan = EventCountPlan::within(&span, Some((0, span.range.end())));
+            assert_covers(&plan, &span);
+            let start_hour = floor_to(start, HOUR_SECONDS);
+            let edges: Vec<(i64, i64)> = plan.edge_hours.intervals().collect();
+            assert_eq!(
+                edges.iter().any(|(hour_start, _)| *hour_start == start_hour),
+                whole,
+                "{group_by:?} {start}"
+            );
+            let end_hour = start_hour + DAY_SECONDS;
+            assert_eq!(
+                edges.iter().any(|(_, hour_end)| *hour_end == end_hour + HOUR_SECONDS),
+                whole,
+                "{group_by:?} {start}"
+            );
+        }
+        // Kathmandu (+5:45) days start at 18:15 UTC.
+        let span =
+            filter(evening + 600, evening + 3 * HOUR_SECONDS, Some(GroupBy::Day), chrono_tz::Asia::Kathmandu);
+        let plan = EventCountPlan::within(&span, Some((span.range.start(), span.range.end())));
+        assert_covers(&plan, &span);
+        assert!(plan.edge_hours.is_empty(), "{plan:?}");
     }
 
     #[test]
@@ -233,17 +411,17 @@ mod tests {
     #[test]
     fn lord_howe_boundaries_after_the_shift_need_no_raw_rows() {
         // 2026-10-04 09:56:19 UTC; Lord Howe moves from +10:30 to +11 at 02:00 that day.
-        let plan = EventCountPlan::of(&filter(
+        let plan = with_events_around(&filter(
             1_791_107_779,
             1_791_107_779 + 3 * DAY_SECONDS,
             Some(GroupBy::Day),
             chrono_tz::Australia::Lord_Howe,
         ));
-        // 13:00 UTC is a whole hour: only the range's edges are raw.
-        assert_eq!(
-            plan.raw.intervals().collect::<Vec<_>>(),
-            vec![(1_791_107_779, 1_791_108_000), (1_791_363_600, 1_791_366_979)]
-        );
+        // 13:00 UTC is a whole hour: only the range's edges are raw, the end hour (56
+        // minutes inside the range, 4 after it) read whole minus its last 4 minutes.
+        assert_eq!(plan.raw.intervals().collect::<Vec<_>>(), vec![(1_791_107_779, 1_791_108_000)]);
+        assert_eq!(plan.edge_hours.intervals().collect::<Vec<_>>(), vec![(1_791_363_600, 1_791_367_200)]);
+        assert_eq!(plan.raw_outside.intervals().collect::<Vec<_>>(), vec![(1_791_366_979, 1_791_367_200)]);
         assert_eq!(plan.days.len(), 0);
     }
 
@@ -257,7 +435,7 @@ mod tests {
                 let span = range(start, end);
                 assert!(group_by.bucket_count(span) <= MAX_BUCKETS);
                 let plan = EventCountPlan::of(&filter(start, end, Some(group_by), zone));
-                assert_covers(&plan, span);
+                assert_covers(&plan, &filter(start, end, Some(group_by), zone));
                 // Each bucket adds at most one run of days, raw rows and folded rows, and
                 // two of hours (around its days, split by raw rows where a boundary is not
                 // a whole UTC hour).
@@ -292,9 +470,13 @@ mod tests {
         assert_eq!(EventCountPlan::within(&weeks, None).segment_count(), 0);
         // Ungrouped over 190 years: one run of days, whole hours and raw only at the edges.
         let later = end + 3 * HOUR_SECONDS;
-        let plan =
-            EventCountPlan::of(&filter(later - 190 * 365 * DAY_SECONDS - 7, later, None, chrono_tz::UTC));
-        assert_eq!((plan.days.len(), plan.hours.len(), plan.raw.len()), (1, 2, 2));
+        let centuries = filter(later - 190 * 365 * DAY_SECONDS - 7, later, None, chrono_tz::UTC);
+        let plan = with_events_around(&centuries);
+        // The end hour holds less of the range than of what follows: read whole.
+        assert_eq!((plan.days.len(), plan.hours.len(), plan.raw.len(), plan.edge_hours.len()), (1, 2, 1, 1));
+        // With events only inside the range, both edge hours are read whole.
+        let plan = EventCountPlan::of(&centuries);
+        assert_eq!((plan.days.len(), plan.hours.len(), plan.raw.len(), plan.edge_hours.len()), (1, 2, 0, 2));
     }
 
     #[test]
@@ -302,13 +484,9 @@ mod tests {
         // Monday 2026-01-05 00:00 CET is Sunday 23:00 UTC; two whole weeks.
         let monday = 1_767_567_600;
         let span = range(monday, monday + 2 * WEEK_SECONDS);
-        let plan = EventCountPlan::of(&filter(
-            span.start(),
-            span.end(),
-            Some(GroupBy::Week),
-            chrono_tz::Europe::Berlin,
-        ));
-        assert_covers(&plan, span);
+        let weeks = filter(span.start(), span.end(), Some(GroupBy::Week), chrono_tz::Europe::Berlin);
+        let plan = EventCountPlan::of(&weeks);
+        assert_covers(&plan, &weeks);
         assert!(plan.raw.is_empty());
         let day = monday + HOUR_SECONDS;
         assert_eq!(
@@ -316,13 +494,9 @@ mod tests {
             vec![(day, day + 6 * DAY_SECONDS), (day + WEEK_SECONDS, day + WEEK_SECONDS + 6 * DAY_SECONDS)]
         );
         // Kolkata (+5:30) days: boundaries at 18:30 UTC, one raw hour around each.
-        let plan = EventCountPlan::of(&filter(
-            span.start(),
-            span.end(),
-            Some(GroupBy::Day),
-            chrono_tz::Asia::Kolkata,
-        ));
-        assert_covers(&plan, span);
+        let days = filter(span.start(), span.end(), Some(GroupBy::Day), chrono_tz::Asia::Kolkata);
+        let plan = EventCountPlan::of(&days);
+        assert_covers(&plan, &days);
         assert_eq!(plan.raw.len(), 14);
         assert!(plan
             .raw
