@@ -18,7 +18,7 @@ mod values;
 mod tests;
 
 pub use events::{EventsConfig, IngestConfig, PiiConfig, RateLimitConfig};
-pub use postgres::{PostgresConfig, PostgresSslMode, RetryConfig};
+pub use postgres::{PostgresConfig, PostgresSslMode, ReadReplicaConfig, RetryConfig};
 pub use redis::RedisConfig;
 pub use server::{GrpcConfig, ServerConfig};
 pub use telemetry::{LogFormat, OtlpConfig, OtlpHeaders, TelemetryConfig};

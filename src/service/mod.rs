@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
+use crate::repository::postgres::replica::ReadReplica;
 use crate::repository::postgres::{Database, EventRepository, RepositoryError, UserRepository, WriteError};
 use crate::repository::redis::CountCache;
 use crate::security::pii::PiiCipher;
@@ -102,6 +103,9 @@ pub const EVENT_MIGRATION_APPLIED: &str = "analytics_service.migration_applied";
 #[derive(Clone)]
 pub struct AnalyticsService {
     database: Database,
+    /// The hot standby counts may read (POSTGRES_READ_HOST); `None` = counts read the
+    /// primary.
+    read_replica: Option<ReadReplica>,
     events: EventRepository,
     users: UserRepository,
     cache: CountCache,
@@ -134,6 +138,7 @@ impl AnalyticsService {
             events: EventRepository::new(database.clone()).with_pii(pii.clone()),
             users: UserRepository::new(database.clone()).with_pii(pii),
             database,
+            read_replica: None,
             cache,
             rate_limiter: Arc::new(rate_limiter),
             event_max_age: events.max_age,
@@ -148,6 +153,12 @@ impl AnalyticsService {
     /// the administrative RPCs.
     pub fn with_subject_hasher(self, subjects: Option<SubjectHasher>) -> Self {
         Self { subjects, ..self }
+    }
+
+    /// Lets count calls read `read_replica` when it proves it holds every write
+    /// acknowledged before the call (see `counts::routing`).
+    pub fn with_read_replica(self, read_replica: Option<ReadReplica>) -> Self {
+        Self { read_replica, ..self }
     }
 
     /// The keyed hash of user ids, or FAILED_PRECONDITION for the administrative RPCs.

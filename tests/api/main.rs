@@ -30,6 +30,7 @@ mod pii;
 mod proxy;
 mod rate_limit;
 mod rate_limit_batch;
+mod read_replica;
 mod readiness;
 mod rollups;
 mod rollups_fold;

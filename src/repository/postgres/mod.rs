@@ -1,14 +1,16 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
 //! every repository call goes through. Tables live in `events`, `users`, `partitions` and
 //! `schema`; `rollups` runs the count plans the service builds, `fold` moves the insert
-//! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
-//! key rotation.
+//! trigger's output into the rollups, on the primary or on a standby `replica` checked to
+//! have replayed what the primary had committed; `pii` re-encrypts stored sensitive values
+//! after a key rotation.
 
 pub mod erasure;
 pub(crate) mod events;
 pub mod fold;
 pub mod partitions;
 pub mod pii;
+pub mod replica;
 pub mod rollups;
 pub mod schema;
 pub(crate) mod users;

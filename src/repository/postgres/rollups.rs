@@ -10,7 +10,8 @@ use roaring::{MultiOps, RoaringBitmap};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::events::event_counts_from_rows;
-use super::{Database, RepositoryError};
+use super::replica::CountSource;
+use super::RepositoryError;
 use crate::models::user_bitmap::decode_users;
 use crate::models::utc::time;
 use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, RangeSplit, RollupStamp};
@@ -207,12 +208,14 @@ impl UserCountParts {
 /// Runs count plans against the rollups.
 #[derive(Clone, Debug)]
 pub struct RollupRepository {
-    database: Database,
+    /// Where the statements run: the primary, or a standby checked for this call (every
+    /// statement takes its connection from here, never from a pool directly).
+    database: CountSource,
 }
 
 impl RollupRepository {
-    pub fn new(database: Database) -> Self {
-        Self { database }
+    pub fn new(source: impl Into<CountSource>) -> Self {
+        Self { database: source.into() }
     }
 
     /// `[first, last)` of the stored events: the first event's second and the second after
@@ -222,7 +225,7 @@ impl RollupRepository {
             .database
             .with_retry("event_extent", || async {
                 Ok(sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
-                    .fetch_one(self.database.pool())
+                    .fetch_one(&mut *self.database.connection().await?)
                     .await?)
             })
             .await?;
@@ -242,7 +245,7 @@ impl RollupRepository {
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_event_counts(&mut sql, &binds, CountPart::Whole);
-                let rows = sql.build().fetch_all(self.database.pool()).await?;
+                let rows = sql.build().fetch_all(&mut *self.database.connection().await?).await?;
                 let mut counts =
                     event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())?;
                 // Deltas of deleted events not folded yet may cancel a bucket out.
@@ -280,7 +283,7 @@ impl RollupRepository {
                 push_stamped_parts(&mut sql, &binds, parts);
                 let rows: Vec<(i32, Option<String>, i64, i64)> = sql
                     .build()
-                    .fetch_all(self.database.pool())
+                    .fetch_all(&mut *self.database.connection().await?)
                     .await?
                     .iter()
                     .map(|row| {
@@ -320,7 +323,7 @@ impl RollupRepository {
         self.database
             .with_retry("erasure_generation", || async {
                 Ok(sqlx::query_scalar("SELECT generation FROM erasure_generation")
-                    .fetch_one(self.database.pool())
+                    .fetch_one(&mut *self.database.connection().await?)
                     .await?)
             })
             .await
@@ -372,7 +375,7 @@ impl RollupRepository {
                 }
                 sql.push(") unfolded LEFT JOIN user_ordinals ordinals ON ordinals.user_id = unfolded.user_id");
                 let rows: Vec<UserCountRow> =
-                    sql.build_query_as().fetch_all(self.database.pool()).await?;
+                    sql.build_query_as().fetch_all(&mut *self.database.connection().await?).await?;
                 let mut stamp = RollupStamp::default();
                 let mut bitmaps = Vec::new();
                 let mut never_folded = 0;
