@@ -55,6 +55,9 @@ POSTGRES_SSL_ROOT_CERT: {{ printf "%s/%s" .mountPath .secretKey | quote }}
 {{- end }}
 POSTGRES_MAX_CONNECTIONS: {{ .Values.postgres.maxConnections | quote }}
 POSTGRES_ACQUIRE_TIMEOUT_MS: {{ .Values.postgres.acquireTimeoutMs | quote }}
+POSTGRES_READ_HOST: {{ .Values.postgres.readHost | quote }}
+POSTGRES_READ_PORT: {{ .Values.postgres.readPort | default "" | toString | quote }}
+POSTGRES_READ_MAX_CONNECTIONS: {{ .Values.postgres.readMaxConnections | quote }}
 REDIS_HOST: {{ .Values.redis.host | quote }}
 REDIS_PORT: {{ .Values.redis.port | quote }}
 REDIS_DB: {{ .Values.redis.db | quote }}
