@@ -432,6 +432,8 @@ async fn a_stopped_replica_sends_counts_to_the_primary_without_waiting_on_each_c
     assert!(elapsed < Duration::from_secs(3), "20 calls took {elapsed:?}");
     let (served, lagging, unavailable) = app.replica_metrics().await;
     assert_eq!((served, lagging, unavailable), (3.0, 0.0, 20.0), "every call fell back as unavailable");
+    let (status, body) = http_get(app.admin_address, "/readyz").await;
+    assert_eq!(status, 200, "readiness does not depend on the read replica: {body}");
 
     // Back up: after the cool-down (5 s) a call probes it, and it answers again (its
     // pooled connections, broken by the restart, are replaced).
