@@ -25,6 +25,8 @@ pub(crate) const DATABASE_UP: &str = "analytics_database_up";
 pub(crate) const REDIS_COMMAND_SECONDS: &str = "analytics_redis_command_seconds";
 pub(crate) const REDIS_ERRORS: &str = "analytics_redis_errors_total";
 pub(crate) const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
+pub(crate) const READ_REPLICA_QUERIES: &str = "analytics_read_replica_queries_total";
+pub(crate) const READ_REPLICA_FALLBACKS: &str = "analytics_read_replica_fallbacks_total";
 pub(crate) const READY: &str = "analytics_ready";
 pub(crate) const RATE_LIMITED: &str = "analytics_rate_limited_total";
 pub(crate) const BUILD_INFO: &str = "analytics_build_info";
@@ -89,6 +91,11 @@ fn describe_all() {
     describe_counter!(
         CACHE_REQUESTS,
         "Count-cache lookups, by query and result (hit, miss, or fresh for answers over open buckets)."
+    );
+    describe_counter!(READ_REPLICA_QUERIES, "Count calls answered from the read replica.");
+    describe_counter!(
+        READ_REPLICA_FALLBACKS,
+        "Count calls answered from the primary although a read replica is configured, by reason (lagging, unavailable)."
     );
     describe_gauge!(READY, "1 when the service is ready to serve, else 0.");
     describe_counter!(RATE_LIMITED, "Events refused because their budget was spent.");
@@ -192,6 +199,18 @@ pub(crate) fn record_redis_call(operation: &'static str, elapsed: Duration, fail
 pub(crate) fn record_cache_lookup(query: &'static str, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     counter!(CACHE_REQUESTS, "query" => query, "result" => result).increment(1);
+}
+
+/// A count call answered from the read replica.
+pub(crate) fn record_read_replica_query() {
+    counter!(READ_REPLICA_QUERIES).increment(1);
+}
+
+/// A count call sent to the primary although a read replica is configured: `lagging`
+/// (not replayed up to the primary's position) or `unavailable` (down, failing, skipped
+/// during its cool-down, or not a standby).
+pub(crate) fn record_read_replica_fallback(reason: &'static str) {
+    counter!(READ_REPLICA_FALLBACKS, "reason" => reason).increment(1);
 }
 
 /// An answer that touches open buckets: computed fresh, never cached (`result="fresh"`).

@@ -745,6 +745,27 @@ def test_network_policy_limits_ingress_and_egress():
     one(docs, "NetworkPolicy", f"{RELEASE}-test")
 
 
+def test_read_replica_is_configured_and_reachable_from_the_server_only():
+    docs = render(values=["ci/read-replica-values.yaml"])
+    data = one(docs, "ConfigMap", RELEASE)["data"]
+    assert (data["POSTGRES_READ_HOST"], data["POSTGRES_READ_PORT"], data["POSTGRES_READ_MAX_CONNECTIONS"]) == (
+        "postgresql-read", "5433", "8")
+    server_ports = [rule_ports(rule) for rule in one(docs, "NetworkPolicy", RELEASE)["spec"]["egress"]]
+    assert {("TCP", 5432)} in server_ports and {("TCP", 5433)} in server_ports
+    migrate_ports = [rule_ports(rule) for rule in one(docs, "NetworkPolicy", f"{RELEASE}-migrate")["spec"]["egress"]]
+    assert {("TCP", 5433)} not in migrate_ports, "the migration Job never reads the replica"
+    # Off by default: empty host and port (the binary then uses POSTGRES_PORT), no extra egress.
+    defaults = render("networkPolicy.enabled=true")
+    data = one(defaults, "ConfigMap", RELEASE)["data"]
+    assert (data["POSTGRES_READ_HOST"], data["POSTGRES_READ_PORT"]) == ("", "")
+    assert len([rule for rule in one(defaults, "NetworkPolicy", RELEASE)["spec"]["egress"]
+                if ("TCP", 5432) in rule_ports(rule)]) == 1
+    # CloudNativePG: the standbys are the Cluster's pods, not the Pooler's.
+    cnpg = render("postgres.readHost=analytics-db-ro", values=["ci/cloudnativepg-values.yaml"])
+    read_rule = one(cnpg, "NetworkPolicy", RELEASE)["spec"]["egress"][2]
+    assert read_rule["to"] == [{"podSelector": {"matchLabels": {"cnpg.io/cluster": "analytics-db"}}}]
+
+
 def test_network_policy_without_peers_allows_the_port_from_anywhere():
     docs = render("networkPolicy.enabled=true", set_json=["networkPolicy.ingress.grpcFrom=[]"])
     grpc_rule = one(docs, "NetworkPolicy", RELEASE)["spec"]["ingress"][0]

@@ -18,7 +18,7 @@ mod values;
 mod tests;
 
 pub use events::{EventsConfig, IngestConfig, PiiConfig, RateLimitConfig};
-pub use postgres::{PostgresConfig, PostgresPooler, PostgresSslMode, RetryConfig};
+pub use postgres::{PostgresConfig, PostgresPooler, PostgresSslMode, ReadReplicaConfig, RetryConfig};
 pub use redis::{NodeAddress, RedisConfig, RedisTopology};
 pub use server::{GrpcConfig, ServerConfig};
 pub use telemetry::{LogFormat, OtlpConfig, OtlpHeaders, TelemetryConfig};

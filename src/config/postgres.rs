@@ -1,6 +1,7 @@
 //! The PostgreSQL section: where the database is (POSTGRES_*), whether a transaction
 //! pooler sits in front of it (POSTGRES_POOLER) and where `migrate` connects instead
-//! (MIGRATION_POSTGRES_*), how big the pools are, how connections negotiate TLS, and how
+//! (MIGRATION_POSTGRES_*), the optional hot standby counts may read from
+//! (POSTGRES_READ_*), how big the pools are, how connections negotiate TLS, and how
 //! retryable errors are retried (DB_RETRY_*).
 
 use std::path::PathBuf;
@@ -109,6 +110,18 @@ impl RetryConfig {
     }
 }
 
+/// A hot standby of the primary that counts may read from (POSTGRES_READ_*). It is
+/// reached with the primary's database, user, password and TLS settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadReplicaConfig {
+    /// POSTGRES_READ_HOST.
+    pub host: String,
+    /// POSTGRES_READ_PORT, POSTGRES_PORT when empty.
+    pub port: u16,
+    /// POSTGRES_READ_MAX_CONNECTIONS: size of the replica's own pool.
+    pub max_connections: u32,
+}
+
 /// Connection and pool settings of PostgreSQL.
 #[derive(Clone, Debug)]
 pub struct PostgresConfig {
@@ -141,6 +154,9 @@ pub struct PostgresConfig {
     pub ingest_pool_connections: u32,
     /// INGEST_COMMIT_TIMEOUT_MS, the statement_timeout of the writers' connections.
     pub ingest_statement_timeout: Duration,
+    /// The hot standby for counts; `None` when POSTGRES_READ_HOST is empty (every count
+    /// reads the primary).
+    pub read_replica: Option<ReadReplicaConfig>,
 }
 
 #[derive(Deserialize)]
@@ -171,6 +187,12 @@ struct Raw {
     postgres_acquire_timeout_ms: u64,
     #[serde(default = "super::server::default_service_name")]
     service_name: String,
+    #[serde(default)]
+    postgres_read_host: String,
+    #[serde(default)]
+    postgres_read_port: String,
+    #[serde(default = "default_read_max_connections")]
+    postgres_read_max_connections: u32,
 }
 
 impl PostgresConfig {
@@ -203,6 +225,26 @@ impl PostgresConfig {
             },
         };
         let retry = RetryConfig::load(vars)?;
+        let read_host = raw.postgres_read_host.trim();
+        let read_replica = if read_host.is_empty() {
+            None
+        } else {
+            if raw.postgres_read_max_connections == 0 {
+                return fail("POSTGRES_READ_MAX_CONNECTIONS", "must be at least 1");
+            }
+            let read_port = match raw.postgres_read_port.trim() {
+                "" => raw.postgres_port,
+                port => match port.parse::<u16>() {
+                    Ok(port) if port > 0 => port,
+                    _ => return fail("POSTGRES_READ_PORT", "must be a port number (1-65535) or empty"),
+                },
+            };
+            Some(ReadReplicaConfig {
+                host: read_host.to_string(),
+                port: read_port,
+                max_connections: raw.postgres_read_max_connections,
+            })
+        };
         if ingest.writers + 2 > raw.postgres_max_connections as usize {
             return fail(
                 "INGEST_WRITERS",
@@ -227,6 +269,7 @@ impl PostgresConfig {
             retry,
             ingest_pool_connections: u32::try_from(ingest.writers + 1).unwrap_or(u32::MAX),
             ingest_statement_timeout: ingest.commit_timeout,
+            read_replica,
         })
     }
 
@@ -258,6 +301,9 @@ fn default_password() -> Secret {
 }
 fn default_max_connections() -> u32 {
     25
+}
+fn default_read_max_connections() -> u32 {
+    10
 }
 fn default_acquire_timeout_ms() -> u64 {
     1_000

@@ -181,6 +181,39 @@ fn postgres_pooler_and_the_migration_address() {
 }
 
 #[test]
+fn read_replica_is_off_unless_its_host_is_set() {
+    assert_eq!(Config::from_vars(vars(&[])).unwrap().postgres.read_replica, None);
+    assert_eq!(Config::from_vars(vars(&[("POSTGRES_READ_HOST", " ")])).unwrap().postgres.read_replica, None);
+    let config = Config::from_vars(vars(&[
+        ("POSTGRES_PORT", "6432"),
+        ("POSTGRES_READ_HOST", "standby"),
+        ("POSTGRES_READ_PORT", ""),
+    ]))
+    .unwrap();
+    assert_eq!(
+        config.postgres.read_replica,
+        Some(ReadReplicaConfig { host: "standby".into(), port: 6432, max_connections: 10 })
+    );
+    let config = Config::from_vars(vars(&[
+        ("POSTGRES_READ_HOST", "standby"),
+        ("POSTGRES_READ_PORT", "5433"),
+        ("POSTGRES_READ_MAX_CONNECTIONS", "4"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        config.postgres.read_replica,
+        Some(ReadReplicaConfig { host: "standby".into(), port: 5433, max_connections: 4 })
+    );
+    for (variable, value) in
+        [("POSTGRES_READ_MAX_CONNECTIONS", "0"), ("POSTGRES_READ_PORT", "x"), ("POSTGRES_READ_PORT", "0")]
+    {
+        let error =
+            Config::from_vars(vars(&[("POSTGRES_READ_HOST", "standby"), (variable, value)])).unwrap_err();
+        assert!(error.to_string().contains(variable), "{error}");
+    }
+}
+
+#[test]
 fn redis_tls_settings() {
     let config = Config::from_vars(vars(&[])).unwrap();
     assert!(!config.redis.as_ref().unwrap().tls);

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
+use crate::repository::postgres::replica::ReadReplica;
 use crate::repository::postgres::{
     AuditRepository, Database, EventRepository, ExportRepository, RepositoryError, SuppressionRepository,
     UpsertOutcome, UserRepository, WriteError,
@@ -109,6 +110,9 @@ pub const EVENT_MIGRATION_APPLIED: &str = "analytics_service.migration_applied";
 #[derive(Clone)]
 pub struct AnalyticsService {
     database: Database,
+    /// The hot standby counts may read (POSTGRES_READ_HOST); `None` = counts read the
+    /// primary.
+    read_replica: Option<ReadReplica>,
     events: EventRepository,
     users: UserRepository,
     suppressions: SuppressionRepository,
@@ -150,6 +154,7 @@ impl AnalyticsService {
             exports: ExportRepository::new(database.clone()).with_pii(pii),
             audit: AuditRepository::new(database.clone()),
             database,
+            read_replica: None,
             cache,
             rate_limiter: Arc::new(rate_limiter),
             event_max_age: events.max_age,
@@ -164,6 +169,12 @@ impl AnalyticsService {
     /// the administrative RPCs.
     pub fn with_subject_hasher(self, subjects: Option<SubjectHasher>) -> Self {
         Self { subjects, ..self }
+    }
+
+    /// Lets count calls read `read_replica` when it proves it holds every write
+    /// acknowledged before the call (see `counts::routing`).
+    pub fn with_read_replica(self, read_replica: Option<ReadReplica>) -> Self {
+        Self { read_replica, ..self }
     }
 
     /// The keyed hash of user ids, or FAILED_PRECONDITION for the administrative RPCs.

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, PiiConfig, RateLimitConfig, RedisConfig};
+use crate::repository::postgres::replica::ReadReplica;
 use crate::repository::postgres::{Database, EventRepository};
 use crate::repository::redis::{CountCache, SharedBudgets};
 use crate::security::pii::PiiCipher;
@@ -86,6 +87,8 @@ impl BackgroundTasks {
 pub struct Components {
     /// The read pool (counts, identities, readiness, partitions, folding).
     pub database: Database,
+    /// The hot standby counts may read (POSTGRES_READ_HOST), when configured.
+    pub read_replica: Option<ReadReplica>,
     pub readiness: ReadinessMonitor,
     pub service: Arc<AnalyticsService>,
     pub tasks: BackgroundTasks,
@@ -124,6 +127,10 @@ impl Components {
     ) -> Self {
         let tasks = BackgroundTasks::new();
         let database = Database::connect_lazy(&config.postgres);
+        let read_replica = config.postgres.read_replica.as_ref().map(|replica| {
+            tracing::info!(host = %replica.host, port = replica.port, max_connections = replica.max_connections, "read replica on: counts read it when it has replayed the primary's position");
+            ReadReplica::connect_lazy(&config.postgres, replica)
+        });
         let readiness = ReadinessMonitor::new(database.clone(), config.server.readiness_requires_database);
         let events =
             EventRepository::new(Database::connect_lazy_for_ingest(&config.postgres)).with_pii(pii.clone());
@@ -135,19 +142,23 @@ impl Components {
         );
         let service = Arc::new(
             AnalyticsService::new(database.clone(), ingest_queue, cache, rate_limiter, pii, &config.events)
-                .with_subject_hasher(subjects),
+                .with_subject_hasher(subjects)
+                .with_read_replica(read_replica.clone()),
         );
-        Self { database, readiness, service, tasks, ingest_writer }
+        Self { database, read_replica, readiness, service, tasks, ingest_writer }
     }
 
     /// Stops the background tasks, writes what is still queued for a group commit
-    /// (within `drain`), then closes the pool.
+    /// (within `drain`), then closes the pools.
     pub async fn shutdown(self, drain: Duration) {
-        let Components { database, readiness: _, service: _, tasks, ingest_writer } = self;
+        let Components { database, read_replica, readiness: _, service: _, tasks, ingest_writer } = self;
         tasks.cancel();
         ingest_writer.stop(drain).await;
         tasks.stop().await;
         database.close().await;
+        if let Some(read_replica) = read_replica {
+            read_replica.close().await;
+        }
     }
 }
 

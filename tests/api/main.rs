@@ -32,6 +32,7 @@ mod pii;
 mod proxy;
 mod rate_limit;
 mod rate_limit_batch;
+mod read_replica;
 mod readiness;
 mod redis_topologies;
 mod rollups;

@@ -69,6 +69,9 @@ REDIS_NODES: {{ join "," .Values.redis.nodes | quote }}
 {{- if eq .Values.redis.mode "sentinel" }}
 REDIS_SENTINEL_MASTER: {{ .Values.redis.sentinelMaster | quote }}
 {{- end }}
+POSTGRES_READ_HOST: {{ .Values.postgres.readHost | quote }}
+POSTGRES_READ_PORT: {{ .Values.postgres.readPort | default "" | toString | quote }}
+POSTGRES_READ_MAX_CONNECTIONS: {{ .Values.postgres.readMaxConnections | quote }}
 REDIS_HOST: {{ .Values.redis.host | quote }}
 REDIS_PORT: {{ .Values.redis.port | quote }}
 REDIS_DB: {{ .Values.redis.db | quote }}

@@ -449,6 +449,27 @@ Pooler (session mode, no migration host); otherwise the Cluster's pods.
 {{- end -}}
 
 {{/*
+Egress to the read replica (postgres.readHost) on postgres.readPort (postgres.port when
+empty), to the postgresTo peers or, with CloudNativePG, the Cluster's pods (its standbys,
+never the Pooler's). Empty without a read replica. Only the server reads it.
+*/}}
+{{- define "analytics-service.postgresReadEgressRule" -}}
+{{- if .Values.postgres.readHost -}}
+{{- $peers := .Values.networkPolicy.egress.postgresTo -}}
+{{- if and (not $peers) .Values.cloudnativePG.enabled -}}
+{{- $peers = list (dict "podSelector" (dict "matchLabels" (dict "cnpg.io/cluster" .Values.cloudnativePG.clusterName))) -}}
+{{- end -}}
+- ports:
+    - protocol: TCP
+      port: {{ .Values.postgres.readPort | default .Values.postgres.port }}
+  {{- with $peers }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Egress to the OTLP collector, its port taken from config.otel.endpoint (scheme://host:port;
 4317, the OTLP gRPC port, when the endpoint names none). Empty when tracing is off.
 */}}

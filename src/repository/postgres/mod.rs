@@ -1,9 +1,10 @@
 //! PostgreSQL access: the connection pool, error classification and the retry policy
 //! every repository call goes through. Tables live in `events`, `users`, `suppression`,
 //! `erasure`, `partitions`, `audit` and `schema`; `export` reads everything stored about
-//! one user; `rollups` runs the count plans the service builds, `fold` moves the insert
-//! trigger's output into the rollups; `pii` re-encrypts stored sensitive values after a
-//! key rotation.
+//! one user; `rollups` runs the count plans the service builds, on the primary or on a
+//! standby (`replica`) checked to have replayed what the primary had committed; `fold`
+//! moves the insert trigger's output into the rollups; `pii` re-encrypts stored sensitive
+//! values after a key rotation.
 //!
 //! Behind a transaction pooler (POSTGRES_POOLER=transaction) every statement runs inside
 //! an explicit transaction ([`Session`]): sqlx sends a statement's Parse and its Bind in
@@ -17,6 +18,7 @@ pub(crate) mod export;
 pub mod fold;
 pub mod partitions;
 pub mod pii;
+pub mod replica;
 pub mod rollups;
 pub mod schema;
 pub(crate) mod suppression;

@@ -10,7 +10,8 @@ use roaring::{MultiOps, RoaringBitmap};
 use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::events::event_counts_from_rows;
-use super::{Database, RepositoryError};
+use super::replica::CountSource;
+use super::RepositoryError;
 use crate::models::user_bitmap::decode_users;
 use crate::models::utc::time;
 use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, PartialHour, RangeSplit, RollupStamp};
@@ -241,12 +242,14 @@ impl UserCountParts {
 /// Runs count plans against the rollups.
 #[derive(Clone, Debug)]
 pub struct RollupRepository {
-    database: Database,
+    /// Where the statements run: the primary, or a standby checked for this call (every
+    /// statement takes its connection from here, never from a pool directly).
+    database: CountSource,
 }
 
 impl RollupRepository {
-    pub fn new(database: Database) -> Self {
-        Self { database }
+    pub fn new(source: impl Into<CountSource>) -> Self {
+        Self { database: source.into() }
     }
 
     /// `[first, last)` of the stored events: the first event's second and the second after
@@ -255,11 +258,11 @@ impl RollupRepository {
         let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = self
             .database
             .with_retry("event_extent", || async {
-                let mut session = self.database.session().await?;
+                let mut connection = self.database.connection().await?;
                 let value = sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
-                    .fetch_one(&mut *session)
+                    .fetch_one(&mut *connection)
                     .await?;
-                session.finish().await?;
+                connection.finish().await?;
                 Ok(value)
             })
             .await?;
@@ -279,9 +282,9 @@ impl RollupRepository {
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_event_counts(&mut sql, &binds, CountPart::Whole);
-                let mut session = self.database.session().await?;
-                let rows = sql.build().fetch_all(&mut *session).await?;
-                session.finish().await?;
+                let mut connection = self.database.connection().await?;
+                let rows = sql.build().fetch_all(&mut *connection).await?;
+                connection.finish().await?;
                 let mut counts =
                     event_counts_from_rows(&rows, filter.group_by.is_some(), filter.range.start())?;
                 // Deltas of deleted events not folded yet may cancel a bucket out.
@@ -317,9 +320,9 @@ impl RollupRepository {
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_stamped_parts(&mut sql, &binds, parts);
-                let mut session = self.database.session().await?;
-                let rows = sql.build().fetch_all(&mut *session).await?;
-                session.finish().await?;
+                let mut connection = self.database.connection().await?;
+                let rows = sql.build().fetch_all(&mut *connection).await?;
+                connection.finish().await?;
                 let rows: Vec<(i32, Option<String>, i64, i64)> = rows
                     .iter()
                     .map(|row| {
@@ -358,11 +361,11 @@ impl RollupRepository {
     pub async fn erasure_generation(&self) -> Result<i64, RepositoryError> {
         self.database
             .with_retry("erasure_generation", || async {
-                let mut session = self.database.session().await?;
+                let mut connection = self.database.connection().await?;
                 let value = sqlx::query_scalar("SELECT generation FROM erasure_generation")
-                    .fetch_one(&mut *session)
+                    .fetch_one(&mut *connection)
                     .await?;
-                session.finish().await?;
+                connection.finish().await?;
                 Ok(value)
             })
             .await
@@ -446,9 +449,9 @@ impl RollupRepository {
                 sql.push(format_args!(
                     " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer FROM erasure_generation"
                 ));
-                let mut session = self.database.session().await?;
-                let rows: Vec<UserCountRow> = sql.build_query_as().fetch_all(&mut *session).await?;
-                session.finish().await?;
+                let mut connection = self.database.connection().await?;
+                let rows: Vec<UserCountRow> = sql.build_query_as().fetch_all(&mut *connection).await?;
+                connection.finish().await?;
                 let mut stamp = RollupStamp::default();
                 let mut bitmaps = Vec::new();
                 let mut edge_users = RoaringBitmap::new();

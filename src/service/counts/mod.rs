@@ -1,6 +1,8 @@
 //! GetEventCount and GetUserCount: answers from the rollups, and the cache that keeps
 //! them never stale. `plan` decides what each answer reads (`time` finds the bucket
-//! boundaries of the caller's zone); the repository runs the plans.
+//! boundaries of the caller's zone); `routing` picks the server a call reads (the read
+//! replica when it proves it holds every acknowledged write, else the primary); the
+//! repository runs the plans.
 //!
 //! An answer splits into a folded part (the rollups of its whole UTC hours) and a fresh
 //! part (what the fold has not moved into those rollups yet, and the raw events of the
@@ -25,6 +27,7 @@
 //! generation alongside its Redis lookup.
 
 pub mod plan;
+mod routing;
 mod time;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -87,15 +90,15 @@ impl AnalyticsService {
         cache_policy(range, Utc::now(), self.event_max_age, self.event_retention)
     }
 
-    /// Event counts per name (per bucket of the caller's time zone when grouped).
-    #[tracing::instrument(skip_all)]
-    pub(crate) async fn event_counts(&self, filter: EventFilter) -> Result<Vec<EventCount>, ServiceError> {
-        if let Some(group_by) = filter.group_by {
-            group_by.check_bucket_count(filter.range)?;
-        }
-        let rollups = RollupRepository::new(self.database.clone());
+    /// Event counts per name (per bucket of the caller's time zone when grouped), read
+    /// through `rollups` (see `routing`).
+    async fn event_counts_from(
+        &self,
+        rollups: &RollupRepository,
+        filter: EventFilter,
+    ) -> Result<Vec<EventCount>, ServiceError> {
         if !self.cache.is_enabled() {
-            return uncached_event_counts(&rollups, &filter).await;
+            return uncached_event_counts(rollups, &filter).await;
         }
         if self.cache_policy(filter.range) == CachePolicy::Immutable {
             let key =
@@ -110,7 +113,7 @@ impl AnalyticsService {
                 return Ok(cached.value);
             }
             metrics::record_cache_lookup("event_count", false);
-            let counts = uncached_event_counts(&rollups, &filter).await?;
+            let counts = uncached_event_counts(rollups, &filter).await?;
             let entry = ErasureStamped { erasures: generation, value: counts };
             self.cache.set(&key, &entry, Some(IMMUTABLE_CACHE_TTL)).await;
             return Ok(entry.value);
@@ -122,9 +125,9 @@ impl AnalyticsService {
         let split = RangeSplit::hours(filter.range);
         let key = event_count_cache_key("event_count:v5", split.rollup_start, split.rollup_end, &filter);
         let (plan, cached) = if split.has_rollup_part() {
-            tokio::join!(event_count_plan(&rollups, &filter), self.cache.get::<StampedEventCounts>(&key))
+            tokio::join!(event_count_plan(rollups, &filter), self.cache.get::<StampedEventCounts>(&key))
         } else {
-            (event_count_plan(&rollups, &filter).await, None)
+            (event_count_plan(rollups, &filter).await, None)
         };
         let plan = plan?;
         debug_assert_eq!(plan.split, split);
@@ -162,10 +165,13 @@ impl AnalyticsService {
         Ok(merge_event_counts(folded, parts.fresh))
     }
 
-    /// Exact distinct identified users with events in the range.
-    #[tracing::instrument(skip_all)]
-    pub(crate) async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
-        let rollups = RollupRepository::new(self.database.clone());
+    /// Exact distinct identified users with events in the range, read through `rollups`
+    /// (see `routing`).
+    async fn unique_users_from(
+        &self,
+        rollups: &RollupRepository,
+        range: TimeRange,
+    ) -> Result<i64, ServiceError> {
         let split = user_count_split(range);
         if !self.cache.is_enabled() {
             return rollups.unique_users(split).await.map_err(repository_failure);
