@@ -208,3 +208,17 @@ async fn a_count_up_to_now_includes_every_event_acknowledged_before_it() {
         assert_eq!(app.unique_users(start, 0).await, round, "round {round}: GetUserCount up to now");
     }
 }
+
+/// The read pool's sessions run without JIT (see READ_SESSION_SETTINGS): a count's
+/// estimate can pass jit_above_cost on a large table while the query reads a few rows.
+#[tokio::test]
+async fn count_sessions_run_without_jit() {
+    let app = crate::helpers::spawn_app().await;
+    let database = analytics_service::repository::postgres::Database::connect_lazy(&app.config);
+    let jit: String =
+        sqlx::query_scalar("SELECT current_setting('jit')").fetch_one(database.pool()).await.unwrap();
+    assert_eq!(jit, "off");
+    let server_default: String =
+        sqlx::query_scalar("SELECT current_setting('jit')").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(server_default, "on", "the server's default, so the setting is the pool's doing");
+}

@@ -108,7 +108,10 @@ impl ReadReplica {
     /// TLS settings at POSTGRES_READ_HOST:POSTGRES_READ_PORT. Statements on it are not
     /// retried: a failure sends the call to the primary.
     pub fn connect_lazy(config: &PostgresConfig, replica: &ReadReplicaConfig) -> Self {
-        let options = connect_options(config).host(&replica.host).port(replica.port);
+        let options = connect_options(config)
+            .host(&replica.host)
+            .port(replica.port)
+            .options(super::READ_SESSION_SETTINGS);
         let pool = PgPoolOptions::new()
             .max_connections(replica.max_connections)
             .min_connections(0)
