@@ -247,7 +247,7 @@ async fn time_until_budget_on(app: &TestApp, new_master_port: u16, started: Inst
     let mut attempt = 0;
     let resumed = wait_until(Duration::from_secs(30), Duration::from_millis(20), async || {
         attempt += 1;
-        let user = format!("probe-{attempt}");
+        let user = format!("probe-{}-{attempt}", app.grpc_address.port());
         let promoted = is_master(new_master_port).await;
         app.client.clone().track_event(event(&user)).await.expect("served during the failover");
         promoted
@@ -370,6 +370,8 @@ async fn through_sentinel_replicas_share_budgets_and_the_cache_and_survive_a_fai
     })
     .await;
     assert!(demoted, "the sentinels turn the old master into a replica");
+    // The second replica too writes to the new master (see the cluster test).
+    time_until_budget_on(&second, setup.replica_port, Instant::now()).await;
     assert_one_budget_across_replicas(&first, &second, "after-failover", &[setup.replica_port]).await;
     assert_cache_hits(&second, base + HOUR).await;
     let cached = keys_on(&[setup.replica_port], &format!("{}:cache:*", first.redis_prefix)).await;
@@ -478,8 +480,15 @@ async fn in_a_cluster_replicas_share_budgets_and_the_cache_and_survive_a_failove
     assert_eq!(distinct.len(), 30, "every budget of the batch is in the cluster: {distinct:?}");
 
     let key = format!("{}:ratelimit:user:after-failover", first.redis_prefix);
-    let (old_master, replica) = setup.master_and_replica_of(&key).await;
-    let replica = replica.expect("the master of the key has a replica");
+    // Replicas attach to their masters a moment after `--cluster create` returns.
+    let mut roles = setup.master_and_replica_of(&key).await;
+    let attached = wait_until(Duration::from_secs(20), Duration::from_millis(100), async || {
+        roles = setup.master_and_replica_of(&key).await;
+        roles.1.is_some()
+    })
+    .await;
+    assert!(attached, "the master of the key has a replica");
+    let (old_master, replica) = (roles.0, roles.1.unwrap());
     let load = Load::start([first.client.clone(), second.client.clone()], base);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let failover_started = Instant::now();
@@ -503,6 +512,10 @@ async fn in_a_cluster_replicas_share_budgets_and_the_cache_and_survive_a_failove
     assert!(resumed_after < FAILOVER_BOUND, "budgets off redis for {resumed_after:?}");
 
     assert_eq!(setup.master_and_replica_of(&key).await.0, replica, "the failed-over master serves the key");
+    // The second replica too may have fallen back to its local budget during the
+    // failover (an error opens its breaker for a moment): wait until it writes to the new
+    // master before asking for one budget across both.
+    time_until_budget_on(&second, replica, Instant::now()).await;
     assert_one_budget_across_replicas(&first, &second, "after-failover", &[replica]).await;
     assert_cache_hits(&second, base + HOUR).await;
     drop(setup.processes);
