@@ -31,7 +31,6 @@ use crate::repository::postgres::erasure::ErasureRequest;
 use crate::security::authorization::CallerPolicy;
 use crate::security::caller::CallerIdentity;
 use crate::security::subject::{SubjectHash, SubjectHasher};
-use crate::service::erasure::hex;
 use crate::service::export::{ExportStep, ExportSteps};
 use crate::service::{AnalyticsService, ServiceError, ValidationError};
 
@@ -157,7 +156,7 @@ fn user_deletion(erasure: ErasureRequest) -> pb::UserDeletion {
     pb::UserDeletion {
         request_id: erasure.id.to_string(),
         state: state.into(),
-        subject_hash: hex(&erasure.subject_hash),
+        subject_hash: erasure.subject_hash.to_hex(),
         suppress: erasure.suppress,
         events_deleted: erasure.events_deleted,
         identity_deleted: erasure.identity_deleted,
@@ -337,11 +336,7 @@ impl AdminApi for AdminGrpc {
             Err(_) => serde_json::json!({}),
         };
         // The erasure's keyed hash names the user of the request read.
-        let subject = result
-            .as_ref()
-            .ok()
-            .and_then(|erasure| erasure.subject_hash.clone().try_into().ok())
-            .map(SubjectHash);
+        let subject = result.as_ref().ok().map(|erasure| erasure.subject_hash);
         let result = result.map_err(Status::from);
         self.audit_answer(Rpc::GetUserDeletion, &caller, subject, request_id, &result, details).await;
         Ok(Response::new(pb::GetUserDeletionResponse { deletion: Some(user_deletion(result?)) }))

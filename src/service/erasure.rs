@@ -116,7 +116,7 @@ async fn run_erasure_worker(database: Database, signal: ErasureSignal) {
                     tracing::info!(
                         target: "audit",
                         request_id = %completed.id,
-                        subject_hash = %hex(&completed.subject_hash),
+                        subject_hash = %completed.subject_hash.to_hex(),
                         events_deleted = completed.events_deleted,
                         insert_ids_deleted = completed.insert_ids_deleted,
                         identity_deleted = completed.identity_deleted,
@@ -177,9 +177,4 @@ async fn erase(
         }
     }
     erasures.complete(request.id).await
-}
-
-/// Lower-case hex of a hash.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }

@@ -36,7 +36,7 @@ pub(crate) const ERASURE_LEASE_SECONDS: i64 = 10;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErasureRequest {
     pub id: Uuid,
-    pub subject_hash: Vec<u8>,
+    pub subject_hash: SubjectHash,
     /// In clear only while running.
     pub user_id: Option<String>,
     pub suppress: bool,
@@ -52,7 +52,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for ErasureRequest {
     fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: row.try_get("id")?,
-            subject_hash: row.try_get("subject_hash")?,
+            subject_hash: subject_hash(row.try_get("subject_hash")?)?,
             user_id: row.try_get("user_id")?,
             suppress: row.try_get("suppress")?,
             state: row.try_get("state")?,
@@ -63,6 +63,14 @@ impl<'r> sqlx::FromRow<'r, PgRow> for ErasureRequest {
             completed_at: row.try_get("completed_at")?,
         })
     }
+}
+
+/// A stored keyed hash (32 bytes) as a [`SubjectHash`].
+fn subject_hash(bytes: Vec<u8>) -> Result<SubjectHash, sqlx::Error> {
+    let bytes: [u8; 32] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+        sqlx::Error::Decode(format!("subject_hash of {} bytes", bytes.len()).into())
+    })?;
+    Ok(SubjectHash(bytes))
 }
 
 impl ErasureRequest {
