@@ -21,34 +21,17 @@ use tonic::Code;
 
 use crate::certs::{CertDir, Leaf, TestCa};
 use crate::helpers::{
-    channel, closed_port, http_get, metric_value, monday_two_weeks_ago, spawn_app_with, test_config,
-    track_request, wait_until, CapturedLogs, RedisMode, TestOptions,
+    as_postgres_user, channel, closed_port, http_get, metric_value, monday_two_weeks_ago, spawn_app_with,
+    stop_private_postgres, test_config, track_request, wait_until, CapturedLogs, RedisMode, TestOptions,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
-const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 /// A private PostgreSQL with TLS on, listening on 127.0.0.1 at a free port. It runs as
 /// the `postgres` OS user (the tests run as root); stopped and deleted when dropped.
 struct TlsPostgres {
     directory: PathBuf,
     port: u16,
-}
-
-/// Runs a PostgreSQL program as the `postgres` OS user; panics with its output on failure.
-fn as_postgres_user(program: &str, args: &[&str]) {
-    let output = Command::new("runuser")
-        .args(["-u", "postgres", "--", &format!("{POSTGRES_BIN}/{program}")])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("runuser runs");
-    assert!(
-        output.status.success(),
-        "{program} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 impl TlsPostgres {
@@ -99,23 +82,7 @@ impl TlsPostgres {
 
 impl Drop for TlsPostgres {
     fn drop(&mut self) {
-        let data = self.directory.join("data").display().to_string();
-        Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{POSTGRES_BIN}/pg_ctl"),
-                "-D",
-                &data,
-                "-m",
-                "immediate",
-                "stop",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .ok();
+        stop_private_postgres(&self.directory.join("data").display().to_string());
         std::fs::remove_dir_all(&self.directory).ok();
     }
 }

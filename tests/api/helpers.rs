@@ -450,3 +450,44 @@ pub fn metric_value(metrics: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or(0.0)
 }
+
+/// Where Debian's PostgreSQL 15 programs are (tests that run a private cluster).
+pub const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Runs a PostgreSQL program as the `postgres` OS user (the tests run as root, and
+/// PostgreSQL refuses root); panics with its output on failure.
+pub fn as_postgres_user(program: &str, args: &[&str]) {
+    let output = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{POSTGRES_BIN}/{program}")])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runuser runs");
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Stops the private cluster in `data` at once (`pg_ctl -m immediate`), ignoring
+/// failures: for `Drop`, where it may already be stopped.
+pub fn stop_private_postgres(data: &str) {
+    std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            &format!("{POSTGRES_BIN}/pg_ctl"),
+            "-D",
+            data,
+            "-m",
+            "immediate",
+            "stop",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok();
+}

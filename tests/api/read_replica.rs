@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
@@ -22,27 +22,11 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 use crate::helpers::{
-    channel, closed_port, http_get, metric_value, now, test_config, track_request, TestOptions,
+    as_postgres_user, channel, closed_port, http_get, metric_value, now, stop_private_postgres, test_config,
+    track_request, TestOptions,
 };
 
-const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
 const HOUR: i64 = 3_600;
-
-/// Runs a PostgreSQL program as the `postgres` OS user; panics with its output on failure.
-fn as_postgres_user(program: &str, args: &[&str]) {
-    let output = Command::new("runuser")
-        .args(["-u", "postgres", "--", &format!("{POSTGRES_BIN}/{program}")])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("runuser runs");
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// A primary and its hot standby on free 127.0.0.1 ports in one temporary directory,
 /// stopped and deleted when dropped.
@@ -159,13 +143,7 @@ impl StreamingPair {
 impl Drop for StreamingPair {
     fn drop(&mut self) {
         for cluster in ["replica", "primary"] {
-            Command::new("runuser")
-                .args(["-u", "postgres", "--", &format!("{POSTGRES_BIN}/pg_ctl")])
-                .args(["-D", &self.path(cluster), "-m", "immediate", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .ok();
+            stop_private_postgres(&self.path(cluster));
         }
         std::fs::remove_dir_all(&self.directory).ok();
     }
