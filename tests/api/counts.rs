@@ -209,16 +209,16 @@ async fn a_count_up_to_now_includes_every_event_acknowledged_before_it() {
     }
 }
 
-/// The read pool's sessions run without JIT (see READ_SESSION_SETTINGS): a count's
-/// estimate can pass jit_above_cost on a large table while the query reads a few rows.
+/// The read pool's sessions run without JIT or parallel workers (see
+/// READ_SESSION_SETTINGS): a count's estimate can pass jit_above_cost and favour a
+/// parallel plan on a large table while the query reads a few rows.
 #[tokio::test]
-async fn count_sessions_run_without_jit() {
+async fn count_sessions_run_without_jit_or_parallel_workers() {
     let app = crate::helpers::spawn_app().await;
     let database = analytics_service::repository::postgres::Database::connect_lazy(&app.config);
-    let jit: String =
-        sqlx::query_scalar("SELECT current_setting('jit')").fetch_one(database.pool()).await.unwrap();
-    assert_eq!(jit, "off");
-    let server_default: String =
-        sqlx::query_scalar("SELECT current_setting('jit')").fetch_one(&app.pool).await.unwrap();
-    assert_eq!(server_default, "on", "the server's default, so the setting is the pool's doing");
+    let settings = "SELECT current_setting('jit') || ' ' || current_setting('max_parallel_workers_per_gather')";
+    let pool_settings: String = sqlx::query_scalar(settings).fetch_one(database.pool()).await.unwrap();
+    assert_eq!(pool_settings, "off 0");
+    let server_default: String = sqlx::query_scalar(settings).fetch_one(&app.pool).await.unwrap();
+    assert_eq!(server_default, "on 2", "the server's defaults, so the settings are the pool's doing");
 }

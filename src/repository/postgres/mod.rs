@@ -272,17 +272,27 @@ fn pooled_begin_statement(statement_timeout: Option<Duration>) -> String {
         Some(timeout) => {
             format!("BEGIN; SET LOCAL statement_timeout = {}; DEALLOCATE ALL", timeout.as_millis())
         }
-        None => "BEGIN; SET LOCAL jit = off; DEALLOCATE ALL".to_string(),
+        None => {
+            let settings: String = READ_SESSION_SETTINGS
+                .iter()
+                .map(|(name, value)| format!("SET LOCAL {name} = {value}; "))
+                .collect();
+            format!("BEGIN; {settings}DEALLOCATE ALL")
+        }
     }
 }
 
-/// JIT compilation off for the read pool's sessions. Count statements read a few
-/// thousand rows, but their raw-edge branches are estimated at a share of all of
-/// `events`; at 10M events that estimate passes `jit_above_cost`, and PostgreSQL then
-/// spends seconds compiling functions for a query that runs in a few hundred
-/// milliseconds without (measured with EXPLAIN ANALYZE on a countbench database: 2.8-5 s
-/// with JIT, 150-300 ms without). Nothing the service runs benefits from JIT.
-pub(crate) const READ_SESSION_SETTINGS: [(&str, &str); 1] = [("jit", "off")];
+/// JIT compilation and parallel workers off for the read pool's sessions. Count
+/// statements read a few thousand rows, but their raw-edge branches are estimated at a
+/// share of all of `events` (the segment bounds are parameters the planner cannot see).
+/// At 10M events that estimate passes `jit_above_cost`, and PostgreSQL then spends
+/// seconds compiling functions for a query that runs in a few hundred milliseconds
+/// without (EXPLAIN ANALYZE on a countbench database: 2.8-5 s with JIT, 150-300 ms
+/// without). It also plans a Gather with two parallel workers, whose start-up cost
+/// about 10 ms of a cached event count's 12 ms (auto_explain in the 10M dashboard mix:
+/// the workers read 20 rows). Nothing the service reads benefits from either.
+pub(crate) const READ_SESSION_SETTINGS: [(&str, &str); 2] =
+    [("jit", "off"), ("max_parallel_workers_per_gather", "0")];
 
 impl Database {
     /// Creates the pool without connecting, so the service starts (not ready) while
