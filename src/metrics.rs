@@ -26,6 +26,8 @@ pub(crate) const REDIS_COMMAND_SECONDS: &str = "analytics_redis_command_seconds"
 pub(crate) const REDIS_ERRORS: &str = "analytics_redis_errors_total";
 pub(crate) const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
 pub(crate) const READ_REPLICA_QUERIES: &str = "analytics_read_replica_queries_total";
+pub(crate) const USER_ORDINAL_LOOKUPS: &str = "analytics_user_ordinal_lookups_total";
+pub(crate) const USER_COUNT_REREADS: &str = "analytics_user_count_rereads_total";
 pub(crate) const READ_REPLICA_FALLBACKS: &str = "analytics_read_replica_fallbacks_total";
 pub(crate) const READY: &str = "analytics_ready";
 pub(crate) const RATE_LIMITED: &str = "analytics_rate_limited_total";
@@ -93,6 +95,14 @@ fn describe_all() {
         "Count-cache lookups, by query and result (hit, miss, or fresh for answers over open buckets)."
     );
     describe_counter!(READ_REPLICA_QUERIES, "Count calls answered from the read replica.");
+    describe_counter!(
+        USER_ORDINAL_LOOKUPS,
+        "Ordinals of users not folded yet that unique-user counts needed, by result (hit: remembered by this replica, miss: read from PostgreSQL)."
+    );
+    describe_counter!(
+        USER_COUNT_REREADS,
+        "Unique-user counts read again with the ordinals probed in one statement, because an erasure committed between their two statements."
+    );
     describe_counter!(
         READ_REPLICA_FALLBACKS,
         "Count calls answered from the primary although a read replica is configured, by reason (lagging, unavailable)."
@@ -199,6 +209,28 @@ pub(crate) fn record_redis_call(operation: &'static str, elapsed: Duration, fail
 pub(crate) fn record_cache_lookup(query: &'static str, hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     counter!(CACHE_REQUESTS, "query" => query, "result" => result).increment(1);
+}
+
+/// The ordinals a unique-user count took from this replica's memory (`hits`) and had
+/// to read from PostgreSQL (`misses`).
+pub(crate) fn record_user_ordinals_lookups(hits: usize, misses: usize) {
+    static HITS: OnceLock<Counter> = OnceLock::new();
+    static MISSES: OnceLock<Counter> = OnceLock::new();
+    cached(
+        &HITS,
+        || counter!(USER_ORDINAL_LOOKUPS, "result" => "hit"),
+        |counter| counter.increment(hits as u64),
+    );
+    cached(
+        &MISSES,
+        || counter!(USER_ORDINAL_LOOKUPS, "result" => "miss"),
+        |counter| counter.increment(misses as u64),
+    );
+}
+
+/// A unique-user count read again because an erasure committed between its statements.
+pub(crate) fn record_user_ordinals_reread() {
+    counter!(USER_COUNT_REREADS).increment(1);
 }
 
 /// A count call answered from the read replica.

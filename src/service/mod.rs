@@ -24,6 +24,7 @@ use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::replica::ReadReplica;
+use crate::repository::postgres::user_ordinals::UserOrdinals;
 use crate::repository::postgres::{
     AuditRepository, Database, EventRepository, ExportRepository, RepositoryError, SuppressionRepository,
     UpsertOutcome, UserRepository, WriteError,
@@ -121,6 +122,9 @@ pub struct AnalyticsService {
     /// The audit trail of administrative calls (see [`audit`]).
     audit: AuditRepository,
     cache: CountCache,
+    /// This replica's memory of the users' bitmap ordinals, shared by the unique-user
+    /// counts on the primary and on the read replica (see [`UserOrdinals`]).
+    user_ordinals: UserOrdinals,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
@@ -156,6 +160,7 @@ impl AnalyticsService {
             database,
             read_replica: None,
             cache,
+            user_ordinals: UserOrdinals::default(),
             rate_limiter: Arc::new(rate_limiter),
             event_max_age: events.max_age,
             event_retention: events.retention,

@@ -216,7 +216,8 @@ async fn a_count_up_to_now_includes_every_event_acknowledged_before_it() {
 async fn count_sessions_run_without_jit_or_parallel_workers() {
     let app = crate::helpers::spawn_app().await;
     let database = analytics_service::repository::postgres::Database::connect_lazy(&app.config);
-    let settings = "SELECT current_setting('jit') || ' ' || current_setting('max_parallel_workers_per_gather')";
+    let settings =
+        "SELECT current_setting('jit') || ' ' || current_setting('max_parallel_workers_per_gather')";
     let pool_settings: String = sqlx::query_scalar(settings).fetch_one(database.pool()).await.unwrap();
     assert_eq!(pool_settings, "off 0");
     let server_default: String = sqlx::query_scalar(settings).fetch_one(&app.pool).await.unwrap();

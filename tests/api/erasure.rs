@@ -21,8 +21,9 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::helpers::{
-    admin_env, closed_port, create_database, drop_database, keyed_track_request, now, postgres_host,
-    postgres_port, postgres_user, spawn_app_with, string_value, wait_until, TestApp, TestOptions,
+    admin_env, closed_port, create_database, drop_database, keyed_track_request, metric_value, now,
+    postgres_host, postgres_port, postgres_user, spawn_app_with, string_value, wait_until, TestApp,
+    TestOptions,
 };
 use crate::rollups::{
     brute_force_counts, brute_force_unique_users, insert_random_events, DAY, HOUR, NAMES, ZONES,
@@ -278,7 +279,19 @@ async fn counts_after_erasing_random_users_equal_raw_sql_for_every_grouping_zone
     }
     assert_queries_equal_raw_sql(&app, &queries, "after every erasure").await;
     // Once everything is folded too.
-    wait_until(Duration::from_secs(10), Duration::from_millis(100), async || {
+    wait_folded(&app).await;
+    assert_queries_equal_raw_sql(&app, &queries, "folded").await;
+    let emptied: i64 =
+        sqlx::query_scalar("SELECT (SELECT count(*) FROM event_counts_hourly WHERE event_count <= 0) + (SELECT count(*) FROM event_counts_daily WHERE event_count <= 0)")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(emptied, 0, "a rollup row brought to zero is deleted");
+}
+
+/// Waits until the fold has taken every pending delta and pair into the rollups.
+async fn wait_folded(app: &TestApp) {
+    let folded = wait_until(Duration::from_secs(10), Duration::from_millis(100), async || {
         let pending: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM event_count_deltas) + (SELECT count(*) FROM user_activity_pending)",
         )
@@ -288,13 +301,59 @@ async fn counts_after_erasing_random_users_equal_raw_sql_for_every_grouping_zone
         pending == 0
     })
     .await;
-    assert_queries_equal_raw_sql(&app, &queries, "folded").await;
-    let emptied: i64 =
-        sqlx::query_scalar("SELECT (SELECT count(*) FROM event_counts_hourly WHERE event_count <= 0) + (SELECT count(*) FROM event_counts_daily WHERE event_count <= 0)")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(emptied, 0, "a rollup row brought to zero is deleted");
+    assert!(folded, "the fold took everything pending");
+}
+
+/// A replica remembers the bitmap ordinals of the users its unique-user counts read raw
+/// (see UserOrdinals). An erased user who comes back gets a new ordinal; the remembered
+/// old one must not be used, or the user is counted twice: once under the old ordinal
+/// (raw, at the range's edge) and once under the new one (in a folded hour's bitmap).
+#[tokio::test]
+async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
+    let app = spawn_admin_app(&[]).await;
+    let hour = (now() - 5 * HOUR).div_euclid(HOUR) * HOUR;
+    // [hour + 30 min, hour + 3 h 30 min): its first and last hours are partial; an event in
+    // the start hour before the range keeps that hour from being read whole, so the users
+    // of its part inside are read raw and looked up by ordinal.
+    let (start, end) = (hour + 30 * 60, hour + 3 * HOUR + 30 * 60);
+    app.track("view", "early", hour + 10 * 60).await;
+    for user in ["returner", "other"] {
+        app.track("view", user, hour + 40 * 60).await;
+        app.track("view", user, hour + HOUR + 5 * 60).await;
+    }
+    wait_folded(&app).await;
+    let lookups = |result: &'static str| {
+        let app = &app;
+        async move {
+            let metrics = app.admin_get("/metrics").await.1;
+            metric_value(&metrics, &format!("analytics_user_ordinal_lookups_total{{result=\"{result}\"}}"))
+        }
+    };
+    assert_eq!(app.unique_users(start, end).await, 2);
+    let read = lookups("miss").await;
+    assert!(read >= 2.0, "the edge users' ordinals were read ({read})");
+    // Another range with the same raw edge: the ordinals come from memory now.
+    assert_eq!(app.unique_users(start, end + HOUR).await, 2);
+    assert!(lookups("hit").await >= 2.0, "remembered ordinals were used");
+    let before: i32 = sqlx::query_scalar("SELECT ordinal FROM user_ordinals WHERE user_id = 'returner'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+
+    erase(&app, "returner").await;
+    assert_eq!(app.unique_users(start, end).await, 1);
+    app.track("view", "returner", hour + 40 * 60).await;
+    app.track("view", "returner", hour + HOUR + 5 * 60).await;
+    wait_folded(&app).await;
+    let after: i32 = sqlx::query_scalar("SELECT ordinal FROM user_ordinals WHERE user_id = 'returner'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_ne!(before, after, "the user came back under a new ordinal");
+    for (from, to) in [(start, end), (start, end + HOUR)] {
+        assert_eq!(app.unique_users(from, to).await, brute_force_unique_users(&app.pool, from, to).await);
+        assert_eq!(app.unique_users(from, to).await, 2, "returner and other, once each");
+    }
 }
 
 /// After an erasure, a data-only pg_dump of the database holds the user id nowhere

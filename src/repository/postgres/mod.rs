@@ -22,6 +22,7 @@ pub mod replica;
 pub mod rollups;
 pub mod schema;
 pub(crate) mod suppression;
+pub(crate) mod user_ordinals;
 pub(crate) mod users;
 
 use std::future::Future;

@@ -11,7 +11,9 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::events::event_counts_from_rows;
 use super::replica::CountSource;
+use super::user_ordinals::UserOrdinals;
 use super::RepositoryError;
+use crate::metrics;
 use crate::models::user_bitmap::decode_users;
 use crate::models::utc::time;
 use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, PartialHour, RangeSplit, RollupStamp};
@@ -23,9 +25,17 @@ type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
 /// A row of the unique-user statement: its kind ([`FOLDED_BITMAP`], [`EDGE_BITMAP`],
 /// [`UNFOLDED_USER`] or [`ERASURE_GENERATION`]), a bitmap (a folded one only when asked
-/// for) and a folded bitmap's version (or the erasure generation), or the ordinal of a
-/// user not folded yet (`NULL` when the user has none).
-type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<i32>);
+/// for) and a folded bitmap's version (or the erasure generation), or a user not folded
+/// yet: the id, and its ordinal when the statement probes for it (`NULL` when the user
+/// has none, or when the ordinals are looked up after the statement).
+type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<i32>, Option<String>);
+
+/// The ordinals of ids this replica does not remember, and the erasure generation, for
+/// the ids of a unique-user count (see [`UserOrdinals`]). A row with a `NULL` id carries
+/// the generation.
+const USER_ORDINALS_AND_GENERATION: &str = "
+    SELECT user_id::text, ordinal::bigint FROM user_ordinals WHERE user_id = ANY($1::text[])
+    UNION ALL SELECT NULL, generation FROM erasure_generation";
 
 /// Kinds of [`UserCountRow`]: a bitmap of the whole hours (stamped and cached), the
 /// bitmap of a partial edge hour read whole (always fresh), a user not folded yet, the
@@ -245,11 +255,21 @@ pub struct RollupRepository {
     /// Where the statements run: the primary, or a standby checked for this call (every
     /// statement takes its connection from here, never from a pool directly).
     database: CountSource,
+    /// This replica's remembered user ordinals; without them a unique-user count probes
+    /// `user_ordinals` for every user not folded yet.
+    ordinals: Option<UserOrdinals>,
 }
 
 impl RollupRepository {
     pub fn new(source: impl Into<CountSource>) -> Self {
-        Self { database: source.into() }
+        Self { database: source.into(), ordinals: None }
+    }
+
+    /// Unique-user counts look up the ordinals of users not folded yet in `ordinals`
+    /// first, and read only the others from PostgreSQL.
+    pub fn with_user_ordinals(mut self, ordinals: UserOrdinals) -> Self {
+        self.ordinals = Some(ordinals);
+        self
     }
 
     /// `[first, last)` of the stored events: the first event's second and the second after
@@ -383,11 +403,39 @@ impl RollupRepository {
     /// hours and of the partial hours at the edges. An edge hour with no event in its part
     /// outside the range (an open end hour, nearly always) is read whole from its hour
     /// bitmap and pending pairs; any other from the raw events of the part inside.
+    ///
+    /// With remembered ordinals ([`Self::with_user_ordinals`]) the statement returns the
+    /// unfolded users' ids; those this replica does not remember are read by a second
+    /// statement on the same connection, which also reads the erasure generation. An equal
+    /// generation means no erasure committed in between, so no ordinal the first
+    /// statement could see was deleted, and an ordinal assigned since belongs to a user in
+    /// none of the first statement's bitmaps: the union is the same. Should an erasure
+    /// have committed in between, the count is read again with the probes in the one
+    /// statement.
     pub async fn user_count_parts(
         &self,
         split: RangeSplit,
         with_bitmaps: bool,
     ) -> Result<UserCountParts, RepositoryError> {
+        if let Some(ordinals) = &self.ordinals {
+            if let Some(parts) = self.read_user_count_parts(split, with_bitmaps, Some(ordinals)).await? {
+                return Ok(parts);
+            }
+            metrics::record_user_ordinals_reread();
+        }
+        let parts = self.read_user_count_parts(split, with_bitmaps, None).await?;
+        Ok(parts.expect("a count probing its ordinals in its own statement is always consistent"))
+    }
+
+    /// One attempt of [`Self::user_count_parts`]: with `ordinals`, `None` when an erasure
+    /// committed between its two statements; without, the ordinals are probed in the
+    /// statement.
+    async fn read_user_count_parts(
+        &self,
+        split: RangeSplit,
+        with_bitmaps: bool,
+        ordinals: Option<&UserOrdinals>,
+    ) -> Result<Option<UserCountParts>, RepositoryError> {
         let [_, rollup_start, day_start, day_end, rollup_end, _] = split.instants();
         let users_column = if with_bitmaps { "users" } else { "NULL::bytea" };
         let bitmap_sources = [
@@ -415,22 +463,28 @@ impl RollupRepository {
                 }
                 for (table, from, to) in bitmap_sources {
                     sql.push(format_args!(
-                        "SELECT {FOLDED_BITMAP} AS kind, {users_column} AS users, version, NULL::integer AS ordinal FROM {table} WHERE "
+                        "SELECT {FOLDED_BITMAP} AS kind, {users_column} AS users, version, NULL::integer AS ordinal, NULL::text AS user_id FROM {table} WHERE "
                     ));
                     push_within(&mut sql, "bucket_start", from, to);
                     sql.push(" UNION ALL ");
                 }
                 for (index, part) in partial_hours.iter().enumerate() {
                     sql.push(format_args!(
-                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer FROM user_activity_hourly WHERE bucket_start = "
+                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer, NULL::text FROM user_activity_hourly WHERE bucket_start = "
                     ));
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(" AND (SELECT whole_{index} FROM edges) UNION ALL "));
                 }
-                // One index probe per distinct id not folded yet (never a pass over every
-                // ordinal); an id without an ordinal has never been folded, so it is in no bitmap.
+                // Without remembered ordinals, one index probe per distinct id not folded yet
+                // (never a pass over every ordinal); an id without an ordinal has never been
+                // folded, so it is in no bitmap.
+                let ordinal = if ordinals.is_some() {
+                    "NULL::integer"
+                } else {
+                    "(SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = unfolded.user_id)"
+                };
                 sql.push(format_args!(
-                    "SELECT {UNFOLDED_USER}, NULL::bytea, NULL::bigint, (SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = unfolded.user_id)"
+                    "SELECT {UNFOLDED_USER}, NULL::bytea, NULL::bigint, {ordinal}, unfolded.user_id::text"
                 ));
                 sql.push(" FROM (SELECT DISTINCT user_id FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
                 push_within(&mut sql, "hour_start", rollup_start, rollup_end);
@@ -447,17 +501,17 @@ impl RollupRepository {
                 sql.push(") ids) unfolded");
                 // The erasure generation, part of the stamp.
                 sql.push(format_args!(
-                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer FROM erasure_generation"
+                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer, NULL::text FROM erasure_generation"
                 ));
                 let mut connection = self.database.connection().await?;
                 let rows: Vec<UserCountRow> = sql.build_query_as().fetch_all(&mut *connection).await?;
-                connection.finish().await?;
                 let mut stamp = RollupStamp::default();
                 let mut bitmaps = Vec::new();
                 let mut edge_users = RoaringBitmap::new();
                 let mut never_folded = 0;
                 let mut unfolded_ordinals = Vec::new();
-                for (kind, users, version, ordinal) in rows {
+                let mut unfolded_ids = Vec::new();
+                for (kind, users, version, ordinal, user_id) in rows {
                     match kind {
                         ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
                         FOLDED_BITMAP => {
@@ -468,12 +522,60 @@ impl RollupRepository {
                         EDGE_BITMAP => {
                             edge_users |= decode_users(&users.unwrap_or_default()).map_err(RepositoryError::corrupt)?;
                         }
-                        _ => match ordinal {
-                            Some(ordinal) => unfolded_ordinals.push(ordinal as u32),
-                            None => never_folded += 1,
+                        _ => match (ordinal, ordinals.is_some()) {
+                            (Some(ordinal), _) => {
+                                unfolded_ordinals.push(ordinal as u32);
+                                unfolded_ids.push((user_id.unwrap_or_default(), ordinal as u32));
+                            }
+                            (None, false) => never_folded += 1,
+                            (None, true) => unfolded_ids.push((user_id.unwrap_or_default(), u32::MAX)),
                         },
                     }
                 }
+                match ordinals {
+                    // The statement probed: remember what it read.
+                    None => {
+                        if let Some(remembered) = &self.ordinals {
+                            for (user_id, ordinal) in unfolded_ids {
+                                remembered.remember(user_id, ordinal, stamp.erasures);
+                            }
+                        }
+                    }
+                    Some(remembered) => {
+                        let mut unknown = Vec::new();
+                        for (user_id, _) in unfolded_ids {
+                            match remembered.get(&user_id, stamp.erasures) {
+                                Some(ordinal) => unfolded_ordinals.push(ordinal),
+                                None => unknown.push(user_id),
+                            }
+                        }
+                        metrics::record_user_ordinals_lookups(unfolded_ordinals.len(), unknown.len());
+                        if !unknown.is_empty() {
+                            let found: Vec<(Option<String>, i64)> = sqlx::query_as(USER_ORDINALS_AND_GENERATION)
+                                .bind(&unknown)
+                                .fetch_all(&mut *connection)
+                                .await?;
+                            let generation = found.iter().find(|(user_id, _)| user_id.is_none()).map(|row| row.1);
+                            let Some(generation) = generation else {
+                                return Err(RepositoryError::corrupt(std::io::Error::other("erasure_generation has no row")));
+                            };
+                            let mut with_ordinal = 0;
+                            for (user_id, ordinal) in found {
+                                if let Some(user_id) = user_id {
+                                    with_ordinal += 1;
+                                    unfolded_ordinals.push(ordinal as u32);
+                                    remembered.remember(user_id, ordinal as u32, generation);
+                                }
+                            }
+                            if generation != stamp.erasures {
+                                connection.finish().await?;
+                                return Ok(None);
+                            }
+                            never_folded += (unknown.len() - with_ordinal) as u64;
+                        }
+                    }
+                }
+                connection.finish().await?;
                 let folded = if with_bitmaps {
                     let decoded = bitmaps
                         .iter()
@@ -484,7 +586,7 @@ impl RollupRepository {
                 } else {
                     None
                 };
-                Ok(UserCountParts { folded, stamp, edge_users, unfolded_ordinals, never_folded })
+                Ok(Some(UserCountParts { folded, stamp, edge_users, unfolded_ordinals, never_folded }))
             })
             .await
     }

@@ -45,18 +45,24 @@ impl AnalyticsService {
     pub(crate) async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
         let source = self.count_source().await;
         if !source.is_replica() {
-            return self.unique_users_from(&RollupRepository::new(source), range).await;
+            return self.unique_users_from(&self.user_rollups(source), range).await;
         }
-        match self.unique_users_from(&RollupRepository::new(source), range).await {
+        match self.unique_users_from(&self.user_rollups(source), range).await {
             Ok(count) => {
                 metrics::record_read_replica_query();
                 Ok(count)
             }
             Err(error) => {
                 self.replica_failed(&error);
-                self.unique_users_from(&self.primary_rollups(), range).await
+                self.unique_users_from(&self.user_rollups(self.database.clone().into()), range).await
             }
         }
+    }
+
+    /// The rollups of `source` for unique-user counts: with this replica's remembered
+    /// user ordinals.
+    fn user_rollups(&self, source: CountSource) -> RollupRepository {
+        RollupRepository::new(source).with_user_ordinals(self.user_ordinals.clone())
     }
 
     fn primary_rollups(&self) -> RollupRepository {
