@@ -123,20 +123,6 @@ async fn an_edge_event_committing_late_is_never_missing_from_a_cached_answer() {
     assert_eq!(app.unique_users(start, end).await, 1, "the committed edge event is counted");
 }
 
-/// Waits until the fold task has moved every delta and (hour, user) pair into the rollups.
-async fn wait_for_the_fold(app: &TestApp) {
-    let all_folded = crate::helpers::wait_until(Duration::from_secs(10), Duration::from_millis(50), async || {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT NOT EXISTS (SELECT 1 FROM event_count_deltas) AND NOT EXISTS (SELECT 1 FROM user_activity_pending)",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-    })
-    .await;
-    assert!(all_folded, "the fold task empties event_count_deltas and user_activity_pending");
-}
-
 #[tokio::test]
 async fn a_late_event_into_a_cached_hour_is_in_the_next_answer() {
     let app = spawn_app_with(TestOptions::default()).await;
@@ -147,7 +133,7 @@ async fn a_late_event_into_a_cached_hour_is_in_the_next_answer() {
     let (start, end) = (hour - 1_800, hour + HOUR + 600);
     app.track("view", "alice", hour + 10).await;
     app.track("view", "carol", hour + HOUR + 100).await;
-    wait_for_the_fold(&app).await;
+    app.wait_for_the_fold().await;
     assert_eq!(view_count(&app, start, end).await, 2, "computed, then cached");
     assert_eq!(view_count(&app, start, end).await, 2, "from the cache");
     assert_eq!(view_count(&app, start + 10, end + 10).await, 2, "a sliding range reuses the same whole hour");
@@ -170,7 +156,7 @@ async fn a_late_event_into_a_cached_hour_is_in_the_next_answer() {
     app.track("view", "bob", hour + 20).await;
     assert_eq!(view_count(&app, start, end).await, 3, "never stale");
     assert_eq!(app.unique_users(start, end).await, 3, "never stale");
-    wait_for_the_fold(&app).await;
+    app.wait_for_the_fold().await;
     assert_eq!(view_count(&app, start, end).await, 3, "never stale, after the fold");
     app.track("view", "dave", hour + HOUR + 200).await; // into the fresh edge
     assert_eq!(view_count(&app, start, end).await, 4, "edges are read fresh");
@@ -184,7 +170,7 @@ async fn a_late_event_into_a_cached_hour_is_in_the_next_answer() {
 
     // Users: once everything is folded the union is cached and reused while no fold
     // touches those hours.
-    wait_for_the_fold(&app).await;
+    app.wait_for_the_fold().await;
     assert_eq!(app.unique_users(start, end).await, 4);
     let (_, before) = app.admin_get("/metrics").await;
     assert_eq!(app.unique_users(start, end).await, 4);
@@ -325,7 +311,7 @@ async fn edge_hours_read_whole_equal_raw_sql_around_the_range_end() {
         }
     };
     check("pending").await;
-    wait_for_the_fold(&app).await;
+    app.wait_for_the_fold().await;
     check("folded").await;
     // Late events into both edge hours, inside and outside the ranges, one of a new user.
     insert_rows(
@@ -339,6 +325,6 @@ async fn edge_hours_read_whole_equal_raw_sql_around_the_range_end() {
     )
     .await;
     check("late events pending").await;
-    wait_for_the_fold(&app).await;
+    app.wait_for_the_fold().await;
     check("late events folded").await;
 }

@@ -279,7 +279,7 @@ async fn counts_after_erasing_random_users_equal_raw_sql_for_every_grouping_zone
     }
     assert_queries_equal_raw_sql(&app, &queries, "after every erasure").await;
     // Once everything is folded too.
-    wait_folded(&app).await;
+    app.wait_for_the_fold().await;
     assert_queries_equal_raw_sql(&app, &queries, "folded").await;
     let emptied: i64 =
         sqlx::query_scalar("SELECT (SELECT count(*) FROM event_counts_hourly WHERE event_count <= 0) + (SELECT count(*) FROM event_counts_daily WHERE event_count <= 0)")
@@ -287,21 +287,6 @@ async fn counts_after_erasing_random_users_equal_raw_sql_for_every_grouping_zone
             .await
             .unwrap();
     assert_eq!(emptied, 0, "a rollup row brought to zero is deleted");
-}
-
-/// Waits until the fold has taken every pending delta and pair into the rollups.
-async fn wait_folded(app: &TestApp) {
-    let folded = wait_until(Duration::from_secs(10), Duration::from_millis(100), async || {
-        let pending: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM event_count_deltas) + (SELECT count(*) FROM user_activity_pending)",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        pending == 0
-    })
-    .await;
-    assert!(folded, "the fold took everything pending");
 }
 
 /// A replica remembers the bitmap ordinals of the users its unique-user counts read raw
@@ -321,7 +306,7 @@ async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
         app.track("view", user, hour + 40 * 60).await;
         app.track("view", user, hour + HOUR + 5 * 60).await;
     }
-    wait_folded(&app).await;
+    app.wait_for_the_fold().await;
     let lookups = |result: &'static str| {
         let app = &app;
         async move {
@@ -344,7 +329,7 @@ async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
     assert_eq!(app.unique_users(start, end).await, 1);
     app.track("view", "returner", hour + 40 * 60).await;
     app.track("view", "returner", hour + HOUR + 5 * 60).await;
-    wait_folded(&app).await;
+    app.wait_for_the_fold().await;
     let after: i32 = sqlx::query_scalar("SELECT ordinal FROM user_ordinals WHERE user_id = 'returner'")
         .fetch_one(&app.pool)
         .await

@@ -248,6 +248,21 @@ pub async fn channel(address: SocketAddr) -> Channel {
 }
 
 impl TestApp {
+    /// Waits until the fold task has moved every delta and (hour, user) pair into the
+    /// rollups.
+    pub async fn wait_for_the_fold(&self) {
+        let all_folded = wait_until(Duration::from_secs(10), Duration::from_millis(50), async || {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT NOT EXISTS (SELECT 1 FROM event_count_deltas) AND NOT EXISTS (SELECT 1 FROM user_activity_pending)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+        })
+        .await;
+        assert!(all_folded, "the fold task empties event_count_deltas and user_activity_pending");
+    }
+
     pub fn signal_shutdown(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             shutdown.send(()).ok();
