@@ -217,20 +217,7 @@ async fn without_redis_configured_the_cache_is_off() {
 
 /// Adds `(name, user, seconds)` rows in one statement, behind the service's back.
 async fn insert_rows(app: &TestApp, rows: &[(&str, &str, f64)]) {
-    let names: Vec<&str> = rows.iter().map(|(name, _, _)| *name).collect();
-    let users: Vec<&str> = rows.iter().map(|(_, user, _)| *user).collect();
-    let seconds: Vec<f64> = rows.iter().map(|(_, _, seconds)| *seconds).collect();
-    sqlx::query(
-        "INSERT INTO events (event_name, user_id, timestamp)
-         SELECT name, user_id, to_timestamp(seconds)
-           FROM unnest($1::text[], $2::text[], $3::float8[]) AS batch(name, user_id, seconds)",
-    )
-    .bind(&names)
-    .bind(&users)
-    .bind(&seconds)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    crate::rollups::insert_rows(&app.pool, rows).await;
 }
 
 /// The partial hours at a range's edges may be read whole (the hour's rollups and deltas

@@ -4,24 +4,10 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::helpers::{
-    closed_port, create_database, drop_database, postgres_host, postgres_port, postgres_user, spawn_app,
-};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
+use crate::helpers::{binary_command, closed_port, create_database, drop_database, spawn_app, BINARY};
 
 fn command(database: &str) -> Command {
-    let mut command = Command::new(BINARY);
-    command
-        .env("POSTGRES_HOST", postgres_host())
-        .env("POSTGRES_PORT", postgres_port().to_string())
-        .env("POSTGRES_USER", postgres_user())
-        .env("POSTGRES_PASSWORD", "")
-        .env("POSTGRES_DB", database)
-        .env("POSTGRES_SSLMODE", "disable")
-        .env("LOG_FORMAT", "text")
-        .stdin(Stdio::null());
-    command
+    binary_command(database)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -3,26 +3,21 @@
 //! `verify-ca`, by `serve` and by `migrate`; a Redis with a TLS port and an ACL user that
 //! serves the count cache and the shared rate limiter.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use analytics_service::config::Config;
-use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use analytics_service::repository::postgres::connect_options;
-use analytics_service::startup::Application;
 use analytics_service::telemetry;
 use sqlx::{ConnectOptions, Connection};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::certs::{CertDir, Leaf, TestCa};
 use crate::helpers::{
-    as_postgres_user, channel, closed_port, http_get, metric_value, monday_two_weeks_ago, spawn_app_with,
-    stop_private_postgres, test_config, track_request, wait_until, CapturedLogs, RedisMode, TestOptions,
+    as_postgres_user, closed_port, http_get, metric_value, monday_two_weeks_ago, spawn_app_with,
+    stop_private_postgres, test_config, track_request, wait_until, CapturedLogs, InProcessServer, RedisMode,
+    TestOptions,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
@@ -87,28 +82,9 @@ impl Drop for TlsPostgres {
     }
 }
 
-/// A server started from a configuration, without the shared-database helpers.
-struct Running {
-    grpc_address: SocketAddr,
-    admin_address: SocketAddr,
-    client: AnalyticsServiceClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
+type Running = InProcessServer;
 
-impl Running {
-    async fn start(config: Config) -> Self {
-        let application = Application::build(config).await.expect("application builds");
-        let grpc_address = application.grpc_address();
-        let admin_address = application.admin_address();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(application.run_until_stopped(async move {
-            stopped.await.ok();
-        }));
-        let client = AnalyticsServiceClient::new(channel(grpc_address).await);
-        Self { grpc_address, admin_address, client, stop: Some(stop), task }
-    }
-
+impl InProcessServer {
     async fn readyz(&self) -> (u16, String) {
         http_get(self.admin_address, "/readyz").await
     }
@@ -124,19 +100,6 @@ impl Running {
         .await;
         assert!(answered, "/readyz never answered {status} (grpc {}): {body}", self.grpc_address);
         body
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.send(()).ok();
-        }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await.ok();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

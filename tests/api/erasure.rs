@@ -21,15 +21,13 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::helpers::{
-    admin_env, closed_port, create_database, drop_database, keyed_track_request, metric_value, now,
-    postgres_host, postgres_port, postgres_user, spawn_app_with, string_value, wait_until, TestApp,
-    TestOptions,
+    admin_env, binary_command, closed_port, create_database, drop_database, keyed_track_request,
+    metric_value, now, postgres_host, postgres_port, postgres_user, spawn_app_with, string_value,
+    wait_serving, wait_until, TestApp, TestOptions,
 };
 use crate::rollups::{
     brute_force_counts, brute_force_unique_users, insert_random_events, DAY, HOUR, NAMES, ZONES,
 };
-
-const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
 
 async fn spawn_admin_app(extra: &[(&str, &str)]) -> TestApp {
     let (mut env, _key) = admin_env();
@@ -441,13 +439,7 @@ struct Server {
 impl Server {
     async fn start(database: &str, key_file: &std::path::Path) -> Self {
         let port = closed_port();
-        let process = Command::new(BINARY)
-            .env("POSTGRES_HOST", postgres_host())
-            .env("POSTGRES_PORT", postgres_port().to_string())
-            .env("POSTGRES_USER", postgres_user())
-            .env("POSTGRES_PASSWORD", "")
-            .env("POSTGRES_DB", database)
-            .env("POSTGRES_SSLMODE", "disable")
+        let process = binary_command(database)
             .env("REDIS_HOST", "")
             .env("SERVICE_BIND_ADDRESS", "127.0.0.1")
             .env("SERVICE_PORT", port.to_string())
@@ -455,23 +447,12 @@ impl Server {
             .env("ADMIN_RPCS_ENABLED", "true")
             .env("SUPPRESSION_KEY_FILE", key_file)
             .env("SELF_TRACKING", "false")
-            .env("LOG_FORMAT", "text")
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .arg("serve")
             .spawn()
             .unwrap();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let up = wait_until(Duration::from_secs(20), Duration::from_millis(50), async || {
-            let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await
-            else {
-                return false;
-            };
-            let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
-            health.is_ok_and(|health| health.into_inner().status == "SERVING")
-        })
-        .await;
-        assert!(up, "the server came up");
+        assert!(wait_serving(address, Duration::from_secs(20)).await, "the server came up");
         Self { process, address }
     }
 
@@ -500,15 +481,8 @@ impl Drop for Server {
 async fn an_erasure_killed_mid_way_completes_after_restart_with_exact_counts() {
     let database = create_database().await;
     let (_, key_file) = admin_env();
-    let migrate = Command::new(BINARY)
-        .env("POSTGRES_HOST", postgres_host())
-        .env("POSTGRES_PORT", postgres_port().to_string())
-        .env("POSTGRES_USER", postgres_user())
-        .env("POSTGRES_PASSWORD", "")
-        .env("POSTGRES_DB", &database)
-        .env("POSTGRES_SSLMODE", "disable")
+    let migrate = binary_command(&database)
         .env("REDIS_HOST", "")
-        .env("LOG_FORMAT", "text")
         .stdout(Stdio::null())
         .arg("migrate")
         .status()

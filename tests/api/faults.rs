@@ -16,12 +16,10 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::helpers::{
-    closed_port, create_database, keyed_track_request, postgres_host, postgres_port, postgres_user,
-    track_request, wait_until,
+    binary_command, closed_port, create_database, keyed_track_request, postgres_host, postgres_port,
+    postgres_user, track_request, wait_serving, wait_until,
 };
 use crate::proxy::spawn_app_behind_postgres_proxy;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
 
 /// Clients that write until told to stop, remembering every acknowledged event id.
 struct Load {
@@ -127,27 +125,14 @@ async fn stored(database: &str, ids: &[String]) -> i64 {
 /// A migrated database and the real binary serving it on a known port.
 async fn start_binary() -> (String, Child, SocketAddr) {
     let database = create_database().await;
-    let base = |command: &mut Command| {
+    let base = || {
+        let mut command = binary_command(&database);
+        command.env("POSTGRES_MAX_CONNECTIONS", "8").env("REDIS_HOST", "").stdout(Stdio::null());
         command
-            .env("POSTGRES_HOST", postgres_host())
-            .env("POSTGRES_PORT", postgres_port().to_string())
-            .env("POSTGRES_USER", postgres_user())
-            .env("POSTGRES_PASSWORD", "")
-            .env("POSTGRES_DB", &database)
-            .env("POSTGRES_SSLMODE", "disable")
-            .env("POSTGRES_MAX_CONNECTIONS", "8")
-            .env("REDIS_HOST", "")
-            .env("LOG_FORMAT", "text")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
     };
-    let mut migrate = Command::new(BINARY);
-    base(&mut migrate);
-    assert!(migrate.arg("migrate").status().unwrap().success());
+    assert!(base().arg("migrate").status().unwrap().success());
     let grpc_port = closed_port();
-    let mut serve = Command::new(BINARY);
-    base(&mut serve);
-    let server = serve
+    let server = base()
         .env("SERVICE_BIND_ADDRESS", "127.0.0.1")
         .env("SERVICE_PORT", grpc_port.to_string())
         .env("PROMETHEUS_PORT", "0")
@@ -156,14 +141,7 @@ async fn start_binary() -> (String, Child, SocketAddr) {
         .spawn()
         .unwrap();
     let address: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
-    let serving = wait_until(Duration::from_secs(10), Duration::from_millis(50), async || {
-        let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await else {
-            return false;
-        };
-        let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
-        health.is_ok_and(|health| health.into_inner().status == "SERVING")
-    })
-    .await;
+    let serving = wait_serving(address, Duration::from_secs(10)).await;
     if serving {
         return (database, server, address);
     }

@@ -466,6 +466,77 @@ pub fn metric_value(metrics: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The service started in-process from a configuration of its own (its own PostgreSQL
+/// cluster, say), without the shared-database set-up of [`spawn_app_with`]. Tests add
+/// their own methods in their modules.
+pub struct InProcessServer {
+    pub grpc_address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub client: AnalyticsServiceClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcessServer {
+    pub async fn start(config: Config) -> Self {
+        let application = Application::build(config).await.expect("application builds");
+        let grpc_address = application.grpc_address();
+        let admin_address = application.admin_address();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(application.run_until_stopped(async move {
+            stopped.await.ok();
+        }));
+        let client = AnalyticsServiceClient::new(channel(grpc_address).await);
+        Self { grpc_address, admin_address, client, stop: Some(stop), task }
+    }
+
+    /// Stops it as SIGTERM would, waiting up to 30 s for the drain.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await.ok();
+    }
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The service binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_analytics-service");
+
+/// The service binary set up for the test PostgreSQL's `database` (no password, no TLS),
+/// text logs, stdin closed; callers add the verb and anything else.
+pub fn binary_command(database: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(BINARY);
+    command
+        .env("POSTGRES_HOST", postgres_host())
+        .env("POSTGRES_PORT", postgres_port().to_string())
+        .env("POSTGRES_USER", postgres_user())
+        .env("POSTGRES_PASSWORD", "")
+        .env("POSTGRES_DB", database)
+        .env("POSTGRES_SSLMODE", "disable")
+        .env("LOG_FORMAT", "text")
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// Waits up to `timeout` until the gRPC server at `address` answers HealthCheck with
+/// SERVING; false when it never did.
+pub async fn wait_serving(address: SocketAddr, timeout: Duration) -> bool {
+    wait_until(timeout, Duration::from_millis(50), async || {
+        let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await else {
+            return false;
+        };
+        let health = AnalyticsServiceClient::new(channel).health_check(pb::HealthCheckRequest {}).await;
+        health.is_ok_and(|health| health.into_inner().status == "SERVING")
+    })
+    .await
+}
+
 /// Where Debian's PostgreSQL 15 programs are (tests that run a private cluster).
 pub const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
 

@@ -5,25 +5,19 @@
 //! primary at once, so an acknowledged event is always counted, through the Redis cache
 //! too.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use analytics_service::config::Config;
 use analytics_service::pb;
-use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use analytics_service::repository::postgres::{connect_options, schema};
-use analytics_service::startup::Application;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use crate::helpers::{
-    as_postgres_user, channel, closed_port, http_get, metric_value, now, stop_private_postgres, test_config,
-    track_request, TestOptions,
+    as_postgres_user, closed_port, http_get, metric_value, now, stop_private_postgres, test_config,
+    track_request, InProcessServer, TestOptions,
 };
 
 const HOUR: i64 = 3_600;
@@ -149,28 +143,16 @@ impl Drop for StreamingPair {
     }
 }
 
-/// The service over the pair, in-process.
-struct Running {
-    admin_address: SocketAddr,
-    client: AnalyticsServiceClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
+type Running = InProcessServer;
+
+/// The service over the pair, in-process, after migrating the primary.
+async fn start_over(pair: &StreamingPair) -> Running {
+    let config = pair.config();
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply on the primary");
+    InProcessServer::start(config).await
 }
 
-impl Running {
-    async fn start(config: Config) -> Self {
-        schema::migrate(&connect_options(&config)).await.expect("migrations apply on the primary");
-        let application = Application::build(config).await.expect("application builds");
-        let grpc_address = application.grpc_address();
-        let admin_address = application.admin_address();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(application.run_until_stopped(async move {
-            stopped.await.ok();
-        }));
-        let client = AnalyticsServiceClient::new(channel(grpc_address).await);
-        Self { admin_address, client, stop: Some(stop), task }
-    }
-
+impl InProcessServer {
     async fn track_at(&self, name: &str, user_id: &str, timestamp: i64) {
         self.client
             .clone()
@@ -224,19 +206,6 @@ impl Running {
             fallbacks("lagging"),
             fallbacks("unavailable"),
         )
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.send(()).ok();
-        }
-        tokio::time::timeout(Duration::from_secs(30), &mut self.task).await.ok();
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -325,7 +294,7 @@ async fn wait_for_fold(primary: &PgPool) {
 #[tokio::test(flavor = "multi_thread")]
 async fn counts_come_from_the_replica_when_it_caught_up_and_from_the_primary_while_it_lags() {
     let pair = StreamingPair::start();
-    let app = Running::start(pair.config()).await;
+    let app = start_over(&pair).await;
     let primary = pair.primary_pool().await;
     let replica = pair.replica_pool().await;
 
@@ -379,7 +348,7 @@ async fn counts_come_from_the_replica_when_it_caught_up_and_from_the_primary_whi
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_replica_sends_counts_to_the_primary_without_waiting_on_each_call() {
     let pair = StreamingPair::start();
-    let app = Running::start(pair.config()).await;
+    let app = start_over(&pair).await;
     let primary = pair.primary_pool().await;
     let replica = pair.replica_pool().await;
     let current_hour = now().div_euclid(HOUR) * HOUR;

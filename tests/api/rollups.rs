@@ -87,19 +87,28 @@ pub async fn brute_force_unique_users(pool: &PgPool, start: i64, end: i64) -> i6
 /// One multi-row INSERT (one trigger run) of `count` random events in `[from, to)`;
 /// some fall exactly on hour starts to exercise bucket edges.
 pub async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usize, from: i64, to: i64) {
-    let mut names = Vec::new();
-    let mut users = Vec::new();
-    let mut timestamps = Vec::new();
+    let mut events = Vec::new();
     for _ in 0..count {
-        names.push(NAMES[random.random_range(0..NAMES.len())].to_string());
+        let name = NAMES[random.random_range(0..NAMES.len())].to_string();
         let user = random.random_range(0..60);
-        users.push(if user < 5 { String::new() } else { format!("user-{user}") });
+        let user = if user < 5 { String::new() } else { format!("user-{user}") };
         let mut timestamp = random.random_range(from..to);
         if random.random_bool(0.1) {
             timestamp = timestamp.div_euclid(HOUR) * HOUR;
         }
-        timestamps.push(timestamp as f64 + if random.random_bool(0.2) { 0.25 } else { 0.0 });
+        events.push((name, user, timestamp as f64 + if random.random_bool(0.2) { 0.25 } else { 0.0 }));
     }
+    let rows: Vec<(&str, &str, f64)> =
+        events.iter().map(|(name, user, seconds)| (name.as_str(), user.as_str(), *seconds)).collect();
+    insert_rows(pool, &rows).await;
+}
+
+/// Adds `(name, user, seconds)` rows in one statement (one trigger run), behind the
+/// service's back.
+pub async fn insert_rows(pool: &PgPool, rows: &[(&str, &str, f64)]) {
+    let names: Vec<&str> = rows.iter().map(|(name, _, _)| *name).collect();
+    let users: Vec<&str> = rows.iter().map(|(_, user, _)| *user).collect();
+    let seconds: Vec<f64> = rows.iter().map(|(_, _, seconds)| *seconds).collect();
     sqlx::query(
         "INSERT INTO events (event_name, user_id, timestamp)
          SELECT name, user_id, to_timestamp(seconds)
@@ -107,7 +116,7 @@ pub async fn insert_random_events(pool: &PgPool, random: &mut StdRng, count: usi
     )
     .bind(&names)
     .bind(&users)
-    .bind(&timestamps)
+    .bind(&seconds)
     .execute(pool)
     .await
     .unwrap();
