@@ -250,20 +250,13 @@ impl CountSource {
         matches!(self, CountSource::Replica(_))
     }
 
-    /// Runs `operation` under the source's retry policy (none on the standby, whose
+    /// The database whose retry policy the source's statements run under
+    /// ([`Database::with_retry`]): the primary's, or the standby's (which has none: its
     /// failures send the call to the primary).
-    pub(crate) async fn with_retry<T, F, Fut>(
-        &self,
-        operation_name: &'static str,
-        operation: F,
-    ) -> Result<T, RepositoryError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, RepositoryError>>,
-    {
+    pub(crate) fn retry_policy(&self) -> &Database {
         match self {
-            CountSource::Primary(database) => database.with_retry(operation_name, operation).await,
-            CountSource::Replica(session) => session.database.with_retry(operation_name, operation).await,
+            CountSource::Primary(database) => database,
+            CountSource::Replica(session) => &session.database,
         }
     }
 

@@ -277,6 +277,7 @@ impl RollupRepository {
     pub async fn event_extent(&self) -> Result<Option<(i64, i64)>, RepositoryError> {
         let (first, last): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = self
             .database
+            .retry_policy()
             .with_retry("event_extent", || async {
                 let mut connection = self.database.connection().await?;
                 let value = sqlx::query_as("SELECT min(timestamp), max(timestamp) FROM events")
@@ -299,6 +300,7 @@ impl RollupRepository {
     ) -> Result<Vec<EventCount>, RepositoryError> {
         let binds = CountBinds::new(filter, plan);
         self.database
+            .retry_policy()
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_event_counts(&mut sql, &binds, CountPart::Whole);
@@ -337,6 +339,7 @@ impl RollupRepository {
             &[(2, CountPart::Fresh)]
         };
         self.database
+            .retry_policy()
             .with_retry("count_events_rollup", || async {
                 let mut sql = Sql::new("");
                 push_stamped_parts(&mut sql, &binds, parts);
@@ -380,6 +383,7 @@ impl RollupRepository {
     /// The erasure generation: what an immutable cached answer is checked against.
     pub async fn erasure_generation(&self) -> Result<i64, RepositoryError> {
         self.database
+            .retry_policy()
             .with_retry("erasure_generation", || async {
                 let mut connection = self.database.connection().await?;
                 let value = sqlx::query_scalar("SELECT generation FROM erasure_generation")
@@ -445,6 +449,7 @@ impl RollupRepository {
         ];
         let partial_hours: Vec<PartialHour> = split.partial_hours().collect();
         self.database
+            .retry_policy()
             .with_retry("count_unique_users_rollup", || async {
                 // Whether each partial hour is read whole: no event in its part outside the
                 // range, checked in the statement's own snapshot (one index probe each).
