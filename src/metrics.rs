@@ -28,6 +28,8 @@ pub(crate) const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
 pub(crate) const READ_REPLICA_QUERIES: &str = "analytics_read_replica_queries_total";
 pub(crate) const USER_ORDINAL_LOOKUPS: &str = "analytics_user_ordinal_lookups_total";
 pub(crate) const USER_COUNT_REREADS: &str = "analytics_user_count_rereads_total";
+pub(crate) const EDGE_HOURS: &str = "analytics_edge_hours_total";
+pub(crate) const EDGE_HOUR_SUMMARIES_BUILT: &str = "analytics_edge_hour_summaries_built_total";
 pub(crate) const READ_REPLICA_FALLBACKS: &str = "analytics_read_replica_fallbacks_total";
 pub(crate) const READY: &str = "analytics_ready";
 pub(crate) const RATE_LIMITED: &str = "analytics_rate_limited_total";
@@ -102,6 +104,14 @@ fn describe_all() {
     describe_counter!(
         USER_COUNT_REREADS,
         "Unique-user counts read again with the ordinals probed in one statement, because an erasure committed between their two statements."
+    );
+    describe_counter!(
+        EDGE_HOURS,
+        "Partial hours at the edges of counts that could not be read whole, by query and source (summary: a kept summary of the folded hour, raw: the raw events)."
+    );
+    describe_counter!(
+        EDGE_HOUR_SUMMARIES_BUILT,
+        "Summaries of folded hours built and kept for the partial hours at the edges of counts."
     );
     describe_counter!(
         READ_REPLICA_FALLBACKS,
@@ -231,6 +241,22 @@ pub(crate) fn record_user_ordinals_lookups(hits: usize, misses: usize) {
 /// A unique-user count read again because an erasure committed between its statements.
 pub(crate) fn record_user_ordinals_reread() {
     counter!(USER_COUNT_REREADS).increment(1);
+}
+
+/// The partial edge hours a count (`query`) could not read whole: those answered from a
+/// kept summary, and those read from the raw events.
+pub(crate) fn record_edge_hours(query: &'static str, summarised: usize, raw: usize) {
+    if summarised > 0 {
+        counter!(EDGE_HOURS, "query" => query, "source" => "summary").increment(summarised as u64);
+    }
+    if raw > 0 {
+        counter!(EDGE_HOURS, "query" => query, "source" => "raw").increment(raw as u64);
+    }
+}
+
+/// A summary of a folded hour was built and kept.
+pub(crate) fn record_edge_hour_summary_built() {
+    counter!(EDGE_HOUR_SUMMARIES_BUILT).increment(1);
 }
 
 /// A count call answered from the read replica.

@@ -125,6 +125,10 @@ pub struct EventCountPlan {
     pub edge_hours: Segments,
     /// The parts of `edge_hours` outside the range, whose raw events are subtracted.
     pub raw_outside: Segments,
+    /// The range's partial UTC hours that lie inside one bucket: raw rows in them all carry
+    /// one label, so a summary of the hour may stand in for them (see
+    /// `repository::postgres::edge_hours`).
+    pub labelled_edge_hours: Vec<i64>,
 }
 
 impl EventCountPlan {

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
+use crate::repository::postgres::edge_hours::EdgeHourMemory;
 use crate::repository::postgres::replica::ReadReplica;
 use crate::repository::postgres::user_ordinals::UserOrdinals;
 use crate::repository::postgres::{
@@ -125,6 +126,9 @@ pub struct AnalyticsService {
     /// This replica's memory of the users' bitmap ordinals, shared by the unique-user
     /// counts on the primary and on the read replica (see [`UserOrdinals`]).
     user_ordinals: UserOrdinals,
+    /// Summaries of folded hours for the partial hours at the edges of counts, on the
+    /// primary and on the read replica (see [`EdgeHourMemory`]).
+    edge_hours: EdgeHourMemory,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
@@ -161,6 +165,7 @@ impl AnalyticsService {
             read_replica: None,
             cache,
             user_ordinals: UserOrdinals::default(),
+            edge_hours: EdgeHourMemory::default(),
             rate_limiter: Arc::new(rate_limiter),
             event_max_age: events.max_age,
             event_retention: events.retention,

@@ -339,6 +339,93 @@ async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
     }
 }
 
+/// A partial edge hour read raw twice gets a summary (each user's first and last second
+/// in the hour, each name's events per second), and counts take the hour's part from it
+/// while the count's own snapshot shows the hour unchanged. A late event that moves a
+/// user's last second into the range, the fold that follows, and an erasure each change
+/// the hour under a kept summary: every answer still equals raw SQL, unique users (the
+/// start hour's part by last second, the end hour's by first second) and event counts
+/// (ungrouped, by hour and by day in zones whole hours and half hours off UTC, one name).
+#[tokio::test]
+async fn a_kept_summary_of_an_edge_hour_never_outlives_a_late_event_or_an_erasure() {
+    let app = spawn_admin_app(&[]).await;
+    let hour = (now() - 8 * HOUR).div_euclid(HOUR) * HOUR;
+    let end_hour = hour + 3 * HOUR;
+    let metric = |name: &'static str| {
+        let app = &app;
+        async move { metric_value(&app.admin_get("/metrics").await.1, name) }
+    };
+    let summarised = async |query: &str| {
+        let name = format!("analytics_edge_hours_total{{query=\"{query}\",source=\"summary\"}}");
+        metric_value(&app.admin_get("/metrics").await.1, &name)
+    };
+    let built = async || metric("analytics_edge_hour_summaries_built_total").await;
+    // [hour + 30 min, end_hour + 25 min): an event before the range's start and one after
+    // its end keep both partial hours from being read whole.
+    let (start, end) = (hour + 30 * 60, end_hour + 25 * 60);
+    app.track("view", "early", hour + 10 * 60).await;
+    app.track("view", "mover", hour + 20 * 60).await;
+    app.track("view", "stayer", hour + 40 * 60).await;
+    app.track("view", "gone", hour + 50 * 60).await;
+    app.track("view", "stayer", end_hour + 5 * 60).await;
+    app.track("view", "late-starter", end_hour + 30 * 60).await;
+    app.track("view", "gone", end_hour + 20 * 60).await;
+    app.wait_for_the_fold().await;
+    let exact = async |stage: &str| {
+        for (from, to) in [(start, end), (start, end_hour), (hour + 2 * HOUR, end)] {
+            let expected = brute_force_unique_users(&app.pool, from, to).await;
+            assert_eq!(app.unique_users(from, to).await, expected, "{stage}: users in [{from}, {to})");
+            for (name, group_by, zone) in [
+                ("", "", ""),
+                ("", "hour", "Asia/Kolkata"),
+                ("view", "day", "America/New_York"),
+                ("", "hour", ""),
+            ] {
+                let answer = app.counts(name, from, to, group_by, zone).await;
+                let expected = brute_force_counts(&app.pool, name, from, to, group_by, zone).await;
+                let context = format!("{stage}: counts by {group_by:?} in {zone:?} over [{from}, {to})");
+                assert_same_counts(&answer, &expected, &context);
+            }
+        }
+    };
+    let summaries_built = async |more_than: f64| {
+        let wait = wait_until(Duration::from_secs(10), Duration::from_millis(50), async || {
+            exact("building").await;
+            built().await > more_than
+        });
+        let done = wait.await;
+        let metrics = app.admin_get("/metrics").await.1;
+        let edge_lines: Vec<&str> =
+            metrics.lines().filter(|line| line.starts_with("analytics_edge_hour")).collect();
+        assert!(done, "summaries of the edge hours were built (more than {more_than}): {edge_lines:?}");
+    };
+
+    assert_eq!(app.unique_users(start, end).await, 2, "stayer and gone");
+    summaries_built(0.0).await;
+    let before = (summarised("user_count").await, summarised("event_count").await);
+    exact("summaries kept").await;
+    assert!(summarised("user_count").await > before.0, "the kept summaries were used for users");
+    assert!(summarised("event_count").await > before.1, "the kept summaries were used for events");
+
+    // mover's last second in the start hour moves into the range: a summary that missed
+    // the change would leave mover out. The start hour is counted whole minus its part
+    // before the range, whose events a stale summary would not hold: one too many.
+    let built_before_late_events = built().await;
+    app.track("view", "mover", hour + 45 * 60).await;
+    app.track("view", "early", hour + 15 * 60).await;
+    exact("late event, maybe not folded yet").await;
+    app.wait_for_the_fold().await;
+    exact("late event folded").await;
+    assert_eq!(app.unique_users(start, end).await, 3, "mover, stayer and gone");
+
+    // The start hour's summary is built again; the erasure then changes both hours under
+    // their kept summaries.
+    summaries_built(built_before_late_events).await;
+    erase(&app, "gone").await;
+    exact("after the erasure").await;
+    assert_eq!(app.unique_users(start, end).await, 2, "mover and stayer");
+}
+
 /// A unique-user count reads the ordinals it does not remember in a second statement; if an
 /// erasure committed between its two statements (the erasure generation moved), it is read
 /// again with the ordinals probed in one statement. Bumping the generation as fast as

@@ -2,9 +2,10 @@
 //! the rollups, read straight from the repository with plans the service builds.
 
 use analytics_service::models::{EventCountPlan, EventFilter, GroupBy, TimeRange};
+use analytics_service::repository::postgres::edge_hours::EdgeHourMemory;
 use analytics_service::repository::postgres::rollups::RollupRepository;
 use analytics_service::repository::postgres::{connect_options, fold, schema, Database};
-use analytics_service::service::counts::plan::user_count_split;
+use analytics_service::service::counts::plan::{merge_event_counts, user_count_split};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -13,7 +14,8 @@ use crate::rollups::{brute_force_counts, brute_force_unique_users, insert_random
 
 /// Counts are exact whatever share of the trigger's output the fold has moved into the
 /// rollups (event-count deltas, (hour, user) pairs): all pending, some folded, all folded,
-/// and late events and new users after a fold.
+/// and late events and new users after a fold; also through kept summaries of the edge
+/// hours (built from the second raw read of an hour on), which those late events change.
 #[tokio::test]
 async fn counts_are_exact_before_during_and_after_the_fold() {
     let database_name = create_database().await;
@@ -21,7 +23,8 @@ async fn counts_are_exact_before_during_and_after_the_fold() {
     schema::migrate(&connect_options(&config)).await.expect("migrations apply");
     let database = Database::connect_lazy(&config);
     let pool = database.pool().clone();
-    let rollups = RollupRepository::new(database.clone());
+    let edge_hours = EdgeHourMemory::default();
+    let rollups = RollupRepository::new(database.clone()).with_edge_hours(edge_hours.clone());
     let seed = rand::random::<u64>();
     println!("seed {seed}");
     let mut random = StdRng::seed_from_u64(seed);
@@ -63,6 +66,19 @@ async fn counts_are_exact_before_during_and_after_the_fold() {
                     .collect();
                 let expected = brute_force_counts(&pool, "", start, end, group_by, "").await;
                 assert_eq!(counts, expected, "{stage}: counts by {group_by:?} in [{start}, {end})");
+                // The cached path's two parts, which read edge hours from kept summaries.
+                let parts = rollups.event_counts_parts(&filter, &plan, true).await.unwrap();
+                let mut cached: Counts = merge_event_counts(parts.folded.unwrap(), parts.fresh)
+                    .into_iter()
+                    .map(|count| (count.event_name, count.bucket_start, count.count))
+                    .collect();
+                if group_by.is_empty() {
+                    cached.iter_mut().for_each(|count| count.1 = start);
+                }
+                assert_eq!(
+                    cached, expected,
+                    "{stage}: cached-path counts by {group_by:?} in [{start}, {end})"
+                );
             }
         }
     };
@@ -96,6 +112,14 @@ async fn counts_are_exact_before_during_and_after_the_fold() {
     fold::fold_all_pending(&database).await.unwrap();
     assert_eq!((pending().await, pending_deltas().await), (0, 0));
     check("all folded").await;
+    check("all folded, summaries building").await;
+    let built = crate::helpers::wait_until(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(50),
+        async || edge_hours.summarised_hours() >= 10,
+    );
+    assert!(built.await, "the edge hours read raw twice were summarised");
+    check("all folded, from summaries").await;
 
     // Late events of known and brand-new users into folded hours, then folded again.
     insert_random_events(&pool, &mut random, 400, from, to).await;

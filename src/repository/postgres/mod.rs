@@ -12,6 +12,7 @@
 //! the second one to another server session.
 
 pub(crate) mod audit;
+pub mod edge_hours;
 pub mod erasure;
 pub(crate) mod events;
 pub(crate) mod export;

@@ -5,17 +5,20 @@
 //! query reads is a plan the service built ([`EventCountPlan`], [`RangeSplit`]); this
 //! module turns plans into SQL and runs them.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use roaring::{MultiOps, RoaringBitmap};
 use sqlx::{Postgres, QueryBuilder, Row};
 
+use super::edge_hours::{EdgeHourMemory, HourStamp, HourSummary, MAX_SUMMARY_EVENTS};
 use super::events::event_counts_from_rows;
 use super::replica::CountSource;
 use super::user_ordinals::UserOrdinals;
 use super::RepositoryError;
 use crate::metrics;
 use crate::models::user_bitmap::decode_users;
-use crate::models::utc::time;
+use crate::models::utc::{floor_to, time, HOUR_SECONDS};
 use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, PartialHour, RangeSplit, RollupStamp};
 
 type Sql<'a> = QueryBuilder<'a, Postgres>;
@@ -24,10 +27,11 @@ type Sql<'a> = QueryBuilder<'a, Postgres>;
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
 /// A row of the unique-user statement: its kind ([`FOLDED_BITMAP`], [`EDGE_BITMAP`],
-/// [`UNFOLDED_USER`] or [`ERASURE_GENERATION`]), a bitmap (a folded one only when asked
-/// for) and a folded bitmap's version (or the erasure generation), or a user not folded
-/// yet: the id, and its ordinal when the statement probes for it (`NULL` when the user
-/// has none, or when the ordinals are looked up after the statement).
+/// [`UNFOLDED_USER`], [`ERASURE_GENERATION`], [`EDGE_SUMMARY`] or [`EDGE_RAW`]), a bitmap
+/// (a folded one only when asked for) and a folded bitmap's version (or the erasure
+/// generation, or a partial hour's index), or a user not folded yet: the id, and its
+/// ordinal when the statement probes for it (`NULL` when the user has none, or when the
+/// ordinals are looked up after the statement).
 type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<i32>, Option<String>);
 
 /// The ordinals of ids this replica does not remember, and the erasure generation, for
@@ -39,11 +43,67 @@ const USER_ORDINALS_AND_GENERATION: &str = "
 
 /// Kinds of [`UserCountRow`]: a bitmap of the whole hours (stamped and cached), the
 /// bitmap of a partial edge hour read whole (always fresh), a user not folded yet, the
-/// erasure generation (part of the stamp).
+/// erasure generation (part of the stamp), a partial hour whose kept summary holds (its
+/// users come from its [`HourSummary`]), a partial hour whose users were read raw.
 const FOLDED_BITMAP: i32 = 0;
 const EDGE_BITMAP: i32 = 1;
 const UNFOLDED_USER: i32 = 2;
 const ERASURE_GENERATION: i32 = 3;
+const EDGE_SUMMARY: i32 = 4;
+const EDGE_RAW: i32 = 5;
+
+/// One folded hour as an [`HourSummary`] reads it, in one snapshot: a row of kind 0 with
+/// (version, events, erasure generation, settled), then, only if the hour is settled (no
+/// deltas or pending users) and holds at most $2 events, a row of kind 1 per user
+/// (ordinal, first second, last second into the hour) and one of kind 2 per event name
+/// and second (second, events, name). An ordinal is `NULL` only for a user not folded
+/// yet, which a settled hour cannot have.
+const HOUR_SUMMARY: &str = "
+    WITH state AS MATERIALIZED (
+        SELECT totals.version, totals.event_count,
+               (SELECT generation FROM erasure_generation) AS generation,
+               NOT EXISTS (SELECT 1 FROM event_count_deltas WHERE bucket_start = $1)
+                 AND NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = $1) AS settled
+          FROM event_totals_hourly totals WHERE totals.bucket_start = $1
+    ), wanted AS MATERIALIZED (
+        SELECT settled AND event_count <= $2 AS wanted FROM state
+    )
+    SELECT 0 AS kind, version AS a, event_count AS b, generation AS c, settled, NULL::text AS name FROM state
+    UNION ALL
+    SELECT 1, ordinals.ordinal::bigint, hour_users.first, hour_users.last, NULL, NULL
+      FROM (SELECT user_id,
+                   floor(extract(epoch FROM min(timestamp) - $1))::bigint AS first,
+                   floor(extract(epoch FROM max(timestamp) - $1))::bigint AS last
+              FROM events
+             WHERE timestamp >= $1 AND timestamp < $1 + interval '1 hour'
+               AND user_id IS NOT NULL AND user_id <> ''
+               AND (SELECT wanted FROM wanted)
+             GROUP BY user_id) hour_users
+      LEFT JOIN user_ordinals ordinals ON ordinals.user_id = hour_users.user_id
+    UNION ALL
+    SELECT 2, NULL, floor(extract(epoch FROM timestamp - $1))::bigint, count(*), NULL, event_name::text
+      FROM events
+     WHERE timestamp >= $1 AND timestamp < $1 + interval '1 hour' AND (SELECT wanted FROM wanted)
+     GROUP BY event_name, 3";
+
+/// A row of [`HOUR_SUMMARY`]: kind, then (version, events, erasure generation, settled),
+/// (ordinal, first second, last second) or (second, events, name).
+type HourSummaryRow = (i32, Option<i64>, Option<i64>, Option<i64>, Option<bool>, Option<String>);
+
+/// In a count statement, whether a kept summary of a partial hour still holds: the hour's
+/// total row is the one it was read from, nothing of the hour is pending, and no erasure
+/// committed since.
+fn push_summary_holds<'a>(sql: &mut Sql<'a>, hour_start: DateTime<Utc>, stamp: HourStamp) {
+    sql.push("(EXISTS (SELECT 1 FROM event_totals_hourly WHERE bucket_start = ").push_bind(hour_start);
+    sql.push(" AND version = ").push_bind(stamp.version);
+    sql.push(" AND event_count = ").push_bind(stamp.events);
+    sql.push(") AND NOT EXISTS (SELECT 1 FROM event_count_deltas WHERE bucket_start = ")
+        .push_bind(hour_start);
+    sql.push(") AND NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ")
+        .push_bind(hour_start);
+    sql.push(") AND (SELECT generation FROM erasure_generation) = ").push_bind(stamp.erasures);
+    sql.push(")");
+}
 
 /// Which part of an [`EventCountPlan`] a count query reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,9 +125,14 @@ struct CountBinds<'a> {
     deltas: Bounds,
     edge_hours: Bounds,
     /// The raw segments inside the range, then those outside it, with the sign their
-    /// events count with (1 inside, -1 outside).
+    /// events count with (1 inside, -1 outside), but for those in `summarised`.
     raw: Bounds,
     raw_signs: Vec<i32>,
+    /// Raw segments in edge hours this replica keeps a summary of: their counts come from
+    /// the summary when the statement finds it holding, else from the raw rows.
+    summarised: Vec<SummarisedPart>,
+    /// Edge hours whose raw segments a summary could have answered, had one been kept.
+    unsummarised_hours: Vec<i64>,
     /// The whole hours the stamp covers.
     rollup_start: DateTime<Utc>,
     rollup_end: DateTime<Utc>,
@@ -76,24 +141,70 @@ struct CountBinds<'a> {
     zone: &'static str,
 }
 
+/// A raw segment of an edge hour with a kept summary, and the summary's counts for it.
+struct SummarisedPart {
+    hour_start: i64,
+    stamp: HourStamp,
+    low: DateTime<Utc>,
+    high: DateTime<Utc>,
+    /// 1 inside the range, -1 outside (already applied to `counts`).
+    sign: i32,
+    names: Vec<String>,
+    counts: Vec<i64>,
+}
+
 impl<'a> CountBinds<'a> {
-    fn new(filter: &'a EventFilter, plan: &EventCountPlan) -> Self {
-        let (mut raw_starts, mut raw_ends) = plan.raw.bounds();
-        let (outside_starts, outside_ends) = plan.raw_outside.bounds();
-        raw_starts.extend(outside_starts);
-        raw_ends.extend(outside_ends);
+    /// The binds of `plan`; with `edge_hours`, the raw segments of edge hours that have a
+    /// kept summary are read from it (see [`SummarisedPart`]).
+    fn new(filter: &'a EventFilter, plan: &EventCountPlan, edge_hours: Option<&EdgeHourMemory>) -> Self {
+        let event_name = filter.event_name.as_ref().map(|name| name.as_str());
+        let (mut raw, mut raw_signs) = ((Vec::new(), Vec::new()), Vec::new());
+        let (mut summarised, mut unsummarised_hours) = (Vec::new(), Vec::new());
+        let segments = plan.raw.intervals().map(|segment| (segment, 1));
+        for ((start, end), sign) in segments.chain(plan.raw_outside.intervals().map(|segment| (segment, -1)))
+        {
+            let hour_start = floor_to(start, HOUR_SECONDS);
+            let labelled = end <= hour_start + HOUR_SECONDS && plan.labelled_edge_hours.contains(&hour_start);
+            if let Some(memory) = edge_hours.filter(|_| labelled) {
+                let Some(summary) = memory.get(hour_start) else {
+                    unsummarised_hours.push(hour_start);
+                    raw.0.push(time(start));
+                    raw.1.push(time(end));
+                    raw_signs.push(sign);
+                    continue;
+                };
+                let (names, counts) = (summary.events_within(&PartialHour { start, end }, event_name))
+                    .into_iter()
+                    .map(|(name, count)| (name, count * i64::from(sign)))
+                    .unzip();
+                summarised.push(SummarisedPart {
+                    hour_start,
+                    stamp: summary.stamp,
+                    low: time(start),
+                    high: time(end),
+                    sign,
+                    names,
+                    counts,
+                });
+                continue;
+            }
+            raw.0.push(time(start));
+            raw.1.push(time(end));
+            raw_signs.push(sign);
+        }
+        unsummarised_hours.dedup();
         Self {
             days: plan.days.bounds(),
             hours: plan.hours.bounds(),
             deltas: plan.delta_segments().bounds(),
             edge_hours: plan.edge_hours.bounds(),
-            raw: (raw_starts, raw_ends),
-            raw_signs: std::iter::repeat_n(1, plan.raw.len())
-                .chain(std::iter::repeat_n(-1, plan.raw_outside.len()))
-                .collect(),
+            raw,
+            raw_signs,
+            summarised,
+            unsummarised_hours,
             rollup_start: time(plan.split.rollup_start),
             rollup_end: time(plan.split.rollup_end),
-            event_name: filter.event_name.as_ref().map(|name| name.as_str()),
+            event_name,
             group_by: filter.group_by,
             zone: filter.time_zone.name(),
         }
@@ -183,6 +294,29 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
             sql.push(" AND event.event_name = ").push_bind(name);
         }
         sql.push(" GROUP BY 1, 2");
+        for part in &binds.summarised {
+            // The part's raw rows unless its summary holds, and the summary's counts if it does.
+            sql.push(" UNION ALL SELECT event.event_name, ");
+            push_bucket(sql, binds.group_by, "event.timestamp", binds.zone);
+            sql.push(format_args!(
+                " AS bucket, {}::bigint * count(*) AS event_count FROM events event WHERE ",
+                part.sign
+            ));
+            push_within(sql, "event.timestamp", part.low, part.high);
+            if let Some(name) = binds.event_name {
+                sql.push(" AND event.event_name = ").push_bind(name);
+            }
+            sql.push(" AND NOT ");
+            push_summary_holds(sql, time(part.hour_start), part.stamp);
+            sql.push(" GROUP BY 1, 2 UNION ALL SELECT held.event_name, ");
+            push_bucket(sql, binds.group_by, "held.label", binds.zone);
+            sql.push(" AS bucket, held.event_count FROM (SELECT counts.event_name, counts.event_count, ");
+            sql.push_bind(part.low).push("::timestamptz AS label FROM unnest(").push_bind(&part.names);
+            sql.push("::text[], ")
+                .push_bind(&part.counts)
+                .push("::bigint[]) AS counts(event_name, event_count)) held WHERE ");
+            push_summary_holds(sql, time(part.hour_start), part.stamp);
+        }
     }
     sql.push(") counted GROUP BY 1, 2 HAVING sum(counted.event_count) <> 0");
 }
@@ -190,12 +324,17 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
 /// The stamp of the plan's whole hours as part 0, then `parts` of the plan numbered as
 /// given, as rows of (`part`, `event_name`, `bucket`, `count`); the stamp's row carries
 /// (rows, sum of versions) of `event_totals_hourly` in `bucket` and `count`; part -1
-/// carries the erasure generation in `count`.
+/// carries the erasure generation in `count`; a row of part -2 names in `bucket` a
+/// summarised part whose summary no longer holds (read raw).
 fn push_stamped_parts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, parts: &[(i32, CountPart)]) {
     sql.push("SELECT 0 AS part, NULL::text AS event_name, count(*)::bigint AS bucket,");
     sql.push(" coalesce(sum(version), 0)::bigint AS count FROM event_totals_hourly WHERE ");
     push_within(sql, "bucket_start", binds.rollup_start, binds.rollup_end);
     sql.push(" UNION ALL SELECT -1, NULL::text, 0::bigint, generation FROM erasure_generation");
+    for (index, part) in binds.summarised.iter().enumerate() {
+        sql.push(format_args!(" UNION ALL SELECT -2, NULL::text, {index}::bigint, 0::bigint WHERE NOT "));
+        push_summary_holds(sql, time(part.hour_start), part.stamp);
+    }
     let bucket = if binds.group_by.is_some() { "counts.bucket" } else { "0::bigint" };
     for (number, part) in parts {
         sql.push(format_args!(
@@ -258,17 +397,29 @@ pub struct RollupRepository {
     /// This replica's remembered user ordinals; without them a unique-user count probes
     /// `user_ordinals` for every user not folded yet.
     ordinals: Option<UserOrdinals>,
+    /// This replica's summaries of folded hours; without them a count reads the part of a
+    /// partial edge hour it cannot read whole from the raw events.
+    edge_hours: Option<EdgeHourMemory>,
 }
 
 impl RollupRepository {
     pub fn new(source: impl Into<CountSource>) -> Self {
-        Self { database: source.into(), ordinals: None }
+        Self { database: source.into(), ordinals: None, edge_hours: None }
     }
 
     /// Unique-user counts look up the ordinals of users not folded yet in `ordinals`
     /// first, and read only the others from PostgreSQL.
     pub fn with_user_ordinals(mut self, ordinals: UserOrdinals) -> Self {
         self.ordinals = Some(ordinals);
+        self
+    }
+
+    /// Counts take a partial edge hour's part from `memory` when it holds a summary of
+    /// the hour that the count's snapshot shows unchanged, and have one built for an hour
+    /// they keep reading raw (see [`EdgeHourMemory`]). Event counts use it on the cached
+    /// path ([`Self::event_counts_parts`]), where dashboards repeat their edge hours.
+    pub fn with_edge_hours(mut self, memory: EdgeHourMemory) -> Self {
+        self.edge_hours = Some(memory);
         self
     }
 
@@ -298,7 +449,7 @@ impl RollupRepository {
         filter: &EventFilter,
         plan: &EventCountPlan,
     ) -> Result<Vec<EventCount>, RepositoryError> {
-        let binds = CountBinds::new(filter, plan);
+        let binds = CountBinds::new(filter, plan, None);
         self.database
             .retry_policy()
             .with_retry("count_events_rollup", || async {
@@ -330,7 +481,7 @@ impl RollupRepository {
         plan: &EventCountPlan,
         with_folded: bool,
     ) -> Result<EventCountParts, RepositoryError> {
-        let binds = CountBinds::new(filter, plan);
+        let binds = CountBinds::new(filter, plan, self.edge_hours.as_ref());
         let grouped = filter.group_by.is_some();
         let range_start = filter.range.start();
         let parts: &[(i32, CountPart)] = if with_folded {
@@ -359,6 +510,7 @@ impl RollupRepository {
                     .collect::<Result<_, sqlx::Error>>()?;
                 let mut parts =
                     EventCountParts { folded: with_folded.then(Vec::new), ..EventCountParts::default() };
+                let mut raw_hours = binds.unsummarised_hours.clone();
                 for (part, event_name, bucket, count) in rows {
                     let count = || EventCount {
                         event_name: event_name.clone().unwrap_or_default(),
@@ -371,10 +523,20 @@ impl RollupRepository {
                             parts.stamp.sum = count().count;
                         }
                         -1 => parts.stamp.erasures = count().count,
+                        -2 => raw_hours
+                            .extend(binds.summarised.get(bucket as usize).map(|part| part.hour_start)),
                         1 => parts.folded.iter_mut().for_each(|folded| folded.push(count())),
                         _ => parts.fresh.push(count()),
                     }
                 }
+                raw_hours.sort_unstable();
+                raw_hours.dedup();
+                let mut summarised_hours: Vec<i64> =
+                    binds.summarised.iter().map(|part| part.hour_start).collect();
+                summarised_hours.dedup();
+                summarised_hours.retain(|hour_start| !raw_hours.contains(hour_start));
+                metrics::record_edge_hours("event_count", summarised_hours.len(), raw_hours.len());
+                self.note_raw_edge_hours(raw_hours);
                 Ok(parts)
             })
             .await
@@ -448,11 +610,20 @@ impl RollupRepository {
             ("user_activity_hourly", day_end, rollup_end),
         ];
         let partial_hours: Vec<PartialHour> = split.partial_hours().collect();
+        // The kept summaries of the partial hours that one can answer.
+        let summaries: Vec<Option<Arc<HourSummary>>> = partial_hours
+            .iter()
+            .map(|part| {
+                let memory = self.edge_hours.as_ref().filter(|_| HourSummary::answers_users(part))?;
+                memory.get(part.hour().0)
+            })
+            .collect();
         self.database
             .retry_policy()
             .with_retry("count_unique_users_rollup", || async {
                 // Whether each partial hour is read whole: no event in its part outside the
-                // range, checked in the statement's own snapshot (one index probe each).
+                // range, checked in the statement's own snapshot (one index probe each); if
+                // not, whether its kept summary still holds (a few index probes).
                 let mut sql = Sql::new("");
                 for (index, part) in partial_hours.iter().enumerate() {
                     sql.push(if index == 0 { "WITH edges AS MATERIALIZED (SELECT true" } else { ", true" });
@@ -461,7 +632,14 @@ impl RollupRepository {
                         push_within(&mut sql, "timestamp", time(from), time(to));
                         sql.push(")");
                     }
-                    sql.push(format_args!(" AS whole_{index}"));
+                    sql.push(format_args!(" AS whole_{index}, "));
+                    match &summaries[index] {
+                        Some(summary) => push_summary_holds(&mut sql, time(part.hour().0), summary.stamp),
+                        None => {
+                            sql.push("false");
+                        }
+                    }
+                    sql.push(format_args!(" AS summary_{index}"));
                 }
                 if !partial_hours.is_empty() {
                     sql.push(") ");
@@ -479,6 +657,11 @@ impl RollupRepository {
                     ));
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(" AND (SELECT whole_{index} FROM edges) UNION ALL "));
+                    for (kind, summary) in [(EDGE_SUMMARY, ""), (EDGE_RAW, "NOT ")] {
+                        sql.push(format_args!(
+                            "SELECT {kind}, NULL::bytea, {index}::bigint, NULL::integer, NULL::text WHERE {summary}(SELECT summary_{index} FROM edges) AND NOT (SELECT whole_{index} FROM edges) UNION ALL "
+                        ));
+                    }
                 }
                 // Without remembered ordinals, one index probe per distinct id not folded yet
                 // (never a pass over every ordinal); an id without an ordinal has never been
@@ -500,7 +683,7 @@ impl RollupRepository {
                     sql.push(" UNION ALL SELECT user_id FROM events WHERE ");
                     push_within(&mut sql, "timestamp", time(part.start), time(part.end));
                     sql.push(format_args!(
-                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} FROM edges)"
+                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} FROM edges) AND NOT (SELECT summary_{index} FROM edges)"
                     ));
                 }
                 sql.push(") ids) unfolded");
@@ -516,6 +699,8 @@ impl RollupRepository {
                 let mut never_folded = 0;
                 let mut unfolded_ordinals = Vec::new();
                 let mut unfolded_ids = Vec::new();
+                let mut raw_hours = Vec::new();
+                let mut summarised_hours = 0;
                 for (kind, users, version, ordinal, user_id) in rows {
                     match kind {
                         ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
@@ -526,6 +711,16 @@ impl RollupRepository {
                         }
                         EDGE_BITMAP => {
                             edge_users |= decode_users(&users.unwrap_or_default()).map_err(RepositoryError::corrupt)?;
+                        }
+                        EDGE_SUMMARY | EDGE_RAW => {
+                            let index = version.unwrap_or_default() as usize;
+                            match (&summaries[index], kind) {
+                                (Some(summary), EDGE_SUMMARY) => {
+                                    edge_users |= summary.users_within(&partial_hours[index]);
+                                    summarised_hours += 1;
+                                }
+                                _ => raw_hours.push(partial_hours[index]),
+                            }
                         }
                         _ => match (ordinal, ordinals.is_some()) {
                             (Some(ordinal), _) => {
@@ -581,6 +776,8 @@ impl RollupRepository {
                     }
                 }
                 connection.finish().await?;
+                metrics::record_edge_hours("user_count", summarised_hours, raw_hours.len());
+                self.note_raw_edge_hours(raw_hours.iter().filter(|part| HourSummary::answers_users(part)).map(|part| part.hour().0));
                 let folded = if with_bitmaps {
                     let decoded = bitmaps
                         .iter()
@@ -595,4 +792,71 @@ impl RollupRepository {
             })
             .await
     }
+
+    /// Notes the partial edge hours a count read raw although a summary could have
+    /// answered, and builds in the background the summary of each one read raw often
+    /// enough (see [`EdgeHourMemory`]).
+    fn note_raw_edge_hours(&self, hour_starts: impl IntoIterator<Item = i64>) {
+        let Some(memory) = &self.edge_hours else {
+            return;
+        };
+        let now = chrono::Utc::now().timestamp();
+        for hour_start in hour_starts {
+            if !memory.note_raw_read(hour_start, now) {
+                continue;
+            }
+            // On the database this call reads (the primary, or the standby's pool): any
+            // consistent snapshot will do, as each use checks the summary's stamp.
+            let (database, memory) = (self.database.retry_policy().clone(), memory.clone());
+            tokio::spawn(async move {
+                match read_hour_summary(&database, hour_start).await {
+                    Ok(Some(summary)) => {
+                        memory.keep(hour_start, summary);
+                        metrics::record_edge_hour_summary_built();
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::debug!(%error, hour_start, "summarising an edge hour failed"),
+                }
+            });
+        }
+    }
+}
+
+/// The summary of the hour starting at `hour_start` ([`HourSummary`]), read in one
+/// snapshot; `None` when the hour has no events, is not settled (deltas or users not
+/// folded yet) or holds more than [`MAX_SUMMARY_EVENTS`] events.
+pub(crate) async fn read_hour_summary(
+    database: &super::Database,
+    hour_start: i64,
+) -> Result<Option<HourSummary>, RepositoryError> {
+    let source = CountSource::Primary(database.clone());
+    let mut connection = source.connection().await?;
+    let rows: Vec<HourSummaryRow> = sqlx::query_as(HOUR_SUMMARY)
+        .bind(time(hour_start))
+        .bind(MAX_SUMMARY_EVENTS)
+        .fetch_all(&mut *connection)
+        .await?;
+    connection.finish().await?;
+    let mut stamp = None;
+    let mut users = Vec::new();
+    let mut events = Vec::new();
+    for (kind, first, second, third, settled, name) in rows {
+        match (kind, first, second, third) {
+            (0, Some(version), Some(events), Some(erasures)) => {
+                if settled != Some(true) || events > MAX_SUMMARY_EVENTS {
+                    return Ok(None);
+                }
+                stamp = Some(HourStamp { version, events, erasures });
+            }
+            (1, Some(ordinal), Some(first_second), Some(last_second)) => {
+                users.push((ordinal as u32, first_second as u16, last_second as u16));
+            }
+            (2, None, Some(second), Some(count)) => {
+                events.push((name.unwrap_or_default(), second as u16, count))
+            }
+            // A user without an ordinal (not settled after all), or a malformed row.
+            _ => return Ok(None),
+        }
+    }
+    Ok(stamp.map(|stamp| HourSummary::new(stamp, users, events)))
 }

@@ -60,6 +60,10 @@ impl EventCountPlan {
     /// whole range.
     pub fn within(filter: &EventFilter, extent: Option<(i64, i64)>) -> Self {
         let mut plan = Self { split: RangeSplit::hours(filter.range), ..Self::default() };
+        plan.labelled_edge_hours = (plan.split.partial_hours())
+            .map(|part| part.hour().0)
+            .filter(|&hour_start| hour_in_one_bucket(filter, hour_start))
+            .collect();
         let Some((first, last)) = extent else {
             return plan;
         };

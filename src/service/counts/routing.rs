@@ -26,16 +26,16 @@ impl AnalyticsService {
         }
         let source = self.count_source().await;
         if !source.is_replica() {
-            return self.event_counts_from(&RollupRepository::new(source), filter).await;
+            return self.event_counts_from(&self.rollups(source), filter).await;
         }
-        match self.event_counts_from(&RollupRepository::new(source), filter.clone()).await {
+        match self.event_counts_from(&self.rollups(source), filter.clone()).await {
             Ok(counts) => {
                 metrics::record_read_replica_query();
                 Ok(counts)
             }
             Err(error) => {
                 self.replica_failed(&error);
-                self.event_counts_from(&self.primary_rollups(), filter).await
+                self.event_counts_from(&self.rollups(self.database.clone().into()), filter).await
             }
         }
     }
@@ -45,28 +45,26 @@ impl AnalyticsService {
     pub(crate) async fn unique_users(&self, range: TimeRange) -> Result<i64, ServiceError> {
         let source = self.count_source().await;
         if !source.is_replica() {
-            return self.unique_users_from(&self.user_rollups(source), range).await;
+            return self.unique_users_from(&self.rollups(source), range).await;
         }
-        match self.unique_users_from(&self.user_rollups(source), range).await {
+        match self.unique_users_from(&self.rollups(source), range).await {
             Ok(count) => {
                 metrics::record_read_replica_query();
                 Ok(count)
             }
             Err(error) => {
                 self.replica_failed(&error);
-                self.unique_users_from(&self.user_rollups(self.database.clone().into()), range).await
+                self.unique_users_from(&self.rollups(self.database.clone().into()), range).await
             }
         }
     }
 
-    /// The rollups of `source` for unique-user counts: with this replica's remembered
-    /// user ordinals.
-    fn user_rollups(&self, source: CountSource) -> RollupRepository {
-        RollupRepository::new(source).with_user_ordinals(self.user_ordinals.clone())
-    }
-
-    fn primary_rollups(&self) -> RollupRepository {
-        RollupRepository::new(self.database.clone())
+    /// The rollups of `source`, with this replica's remembered user ordinals and
+    /// summaries of folded edge hours.
+    fn rollups(&self, source: CountSource) -> RollupRepository {
+        RollupRepository::new(source)
+            .with_user_ordinals(self.user_ordinals.clone())
+            .with_edge_hours(self.edge_hours.clone())
     }
 
     /// Where this call's statements run: a replica connection that has replayed the
