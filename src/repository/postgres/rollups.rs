@@ -274,6 +274,13 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
         sources.push(("event_counts_hourly", &binds.edge_hours));
         sources.push(("event_count_deltas", &binds.deltas));
     }
+    // A source without segments is left out, and so is the raw branch without segments:
+    // PostgreSQL would still plan them (the raw branch's join with `events` plans every
+    // partition, about a millisecond per call).
+    sources.retain(|(_, segments)| !segments.0.is_empty());
+    if sources.is_empty() {
+        sql.push("SELECT NULL::timestamptz AS slice_start, NULL::text AS event_name, 0::bigint AS event_count WHERE false");
+    }
     for (index, (table, segments)) in sources.into_iter().enumerate() {
         if index > 0 {
             sql.push(" UNION ALL ");
@@ -281,7 +288,7 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
         push_segment_rows(sql, table, segments, binds.event_name);
     }
     sql.push(") slices");
-    if part != CountPart::Folded {
+    if part != CountPart::Folded && !binds.raw.0.is_empty() {
         sql.push(" UNION ALL SELECT event.event_name, ");
         push_bucket(sql, binds.group_by, "event.timestamp", binds.zone);
         sql.push(" AS bucket, sum(segment.sign)::bigint AS event_count FROM unnest(");
@@ -294,6 +301,8 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
             sql.push(" AND event.event_name = ").push_bind(name);
         }
         sql.push(" GROUP BY 1, 2");
+    }
+    if part != CountPart::Folded {
         for part in &binds.summarised {
             // The part's raw rows unless its summary holds, and the summary's counts if it does.
             sql.push(" UNION ALL SELECT event.event_name, ");
