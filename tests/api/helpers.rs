@@ -232,6 +232,12 @@ pub fn keyed_track_request(name: &str, user_id: &str, insert_id: &str) -> pb::Tr
 
 /// Checks `condition` every `poll` until it holds, `timeout / poll` times at the most (so
 /// for at least `timeout`, the checks not counted); whether it held. The caller asserts.
+/// Polls the boolean query `sql` every `poll` until it answers true, for at most `timeout`.
+pub async fn wait_for_sql(pool: &PgPool, sql: &str, timeout: Duration, poll: Duration) -> bool {
+    wait_until(timeout, poll, async || sqlx::query_scalar::<_, bool>(sql).fetch_one(pool).await.unwrap())
+        .await
+}
+
 pub async fn wait_until(timeout: Duration, poll: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
     let attempts = timeout.as_millis().div_ceil(poll.as_millis().max(1));
     for _ in 0..attempts {
@@ -251,14 +257,12 @@ impl TestApp {
     /// Waits until the fold task has moved every delta and (hour, user) pair into the
     /// rollups.
     pub async fn wait_for_the_fold(&self) {
-        let all_folded = wait_until(Duration::from_secs(10), Duration::from_millis(50), async || {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT NOT EXISTS (SELECT 1 FROM event_count_deltas) AND NOT EXISTS (SELECT 1 FROM user_activity_pending)",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
-        })
+        let all_folded = wait_for_sql(
+            &self.pool,
+            "SELECT NOT EXISTS (SELECT 1 FROM event_count_deltas) AND NOT EXISTS (SELECT 1 FROM user_activity_pending)",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+        )
         .await;
         assert!(all_folded, "the fold task empties event_count_deltas and user_activity_pending");
     }

@@ -13,7 +13,7 @@ use tonic::Code;
 
 use crate::helpers::{
     admin_env, keyed_track_request, metric_value, spawn_app_with, start_server, string_value, track_request,
-    wait_until, TestApp, TestOptions,
+    wait_for_sql, wait_until, TestApp, TestOptions,
 };
 use crate::proxy::{spawn_app_behind_postgres_proxy, TcpProxy};
 
@@ -319,14 +319,12 @@ async fn without_a_suppression_key_nothing_is_checked() {
 /// runs (its trigger sleeps), waits until that commit is visible, then heals the network:
 /// the server never got the answer and retries.
 async fn lose_the_answer_of_the_commit_storing(app: &TestApp, proxy: &TcpProxy, user_id: &str, events: i64) {
-    let running = wait_until(Duration::from_secs(10), Duration::from_millis(10), async || {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep')",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap()
-    })
+    let running = wait_for_sql(
+        &app.pool,
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep')",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+    )
     .await;
     assert!(running, "the commit started");
     proxy.cut();

@@ -192,7 +192,6 @@ impl<'a> CountBinds<'a> {
             raw.1.push(time(end));
             raw_signs.push(sign);
         }
-        unsummarised_hours.dedup();
         Self {
             days: plan.days.bounds(),
             hours: plan.hours.bounds(),
@@ -303,8 +302,9 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
         sql.push(" GROUP BY 1, 2");
     }
     if part != CountPart::Folded {
+        // Each summarised part: its raw rows unless its summary holds, and the summary's
+        // counts if it does.
         for part in &binds.summarised {
-            // The part's raw rows unless its summary holds, and the summary's counts if it does.
             sql.push(" UNION ALL SELECT event.event_name, ");
             push_bucket(sql, binds.group_by, "event.timestamp", binds.zone);
             sql.push(format_args!(
