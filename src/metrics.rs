@@ -38,6 +38,7 @@ pub(crate) const TLS_HANDSHAKES: &str = "analytics_tls_handshakes_total";
 pub(crate) const TLS_RELOADS: &str = "analytics_tls_reloads_total";
 pub(crate) const RATE_LIMIT_FALLBACKS: &str = "analytics_rate_limit_fallbacks_total";
 pub(crate) const RATE_LIMIT_ROUND_TRIPS: &str = "analytics_rate_limit_redis_roundtrips_total";
+pub(crate) const RATE_LIMIT_LEASED_CHECKS: &str = "analytics_rate_limit_leased_checks_total";
 pub(crate) const PERMISSION_DENIED: &str = "analytics_permission_denied_total";
 pub(crate) const TRACE_EXPORT_FAILURES: &str = "analytics_trace_export_failures_total";
 pub(crate) const CONNECTIONS_CLOSED_EARLY: &str = "analytics_grpc_connections_closed_early_total";
@@ -126,6 +127,10 @@ fn describe_all() {
     describe_counter!(
         RATE_LIMIT_ROUND_TRIPS,
         "Round trips to Redis for rate limiting (a pipeline of budget checks, or a script load)."
+    );
+    describe_counter!(
+        RATE_LIMIT_LEASED_CHECKS,
+        "Budget checks (one per budget key of a call) answered in full from tokens this replica leased from Redis earlier, without a round trip."
     );
     describe_counter!(
         TRACE_EXPORT_FAILURES,
@@ -306,6 +311,11 @@ pub(crate) fn record_tls_reload(succeeded: bool) {
 
 pub(crate) fn record_rate_limit_fallback() {
     counter!(RATE_LIMIT_FALLBACKS).increment(1);
+}
+
+pub(crate) fn record_rate_limit_leased_checks(checks: u64) {
+    static LEASED: OnceLock<Counter> = OnceLock::new();
+    cached(&LEASED, || counter!(RATE_LIMIT_LEASED_CHECKS), |leased| leased.increment(checks));
 }
 
 pub(crate) fn record_rate_limit_round_trip() {

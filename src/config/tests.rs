@@ -21,12 +21,34 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(redis.cache_ttl, Some(Duration::from_secs(300)));
     assert_eq!(redis.username, None);
     assert_eq!(config.rate_limit.events_per_user_per_minute, 1000);
+    assert_eq!(config.rate_limit.lease_tokens(), 15, "1000 / 64");
     assert_eq!(config.events.max_age, chrono::Duration::days(30));
     assert_eq!(config.events.retention, None);
     assert_eq!(config.ingest.linger, Duration::from_millis(2));
     assert_eq!(config.grpc.max_connection_age, Some(Duration::from_secs(300)));
     assert_eq!(config.telemetry.log_format, LogFormat::Json);
     assert!(config.telemetry.otlp.is_none());
+}
+
+#[test]
+fn rate_limit_leases_follow_the_budget_unless_set() {
+    let lease_tokens =
+        |pairs: &[(&str, &str)]| Config::from_vars(vars(pairs)).unwrap().rate_limit.lease_tokens();
+    assert_eq!(
+        lease_tokens(&[("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE", "60")]),
+        1,
+        "small budgets: no leases"
+    );
+    assert_eq!(lease_tokens(&[("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE", "640")]), 10);
+    assert_eq!(lease_tokens(&[("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE", "1000000")]), 16, "at most 16");
+    assert_eq!(
+        lease_tokens(&[
+            ("RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE", "1000000"),
+            ("RATE_LIMIT_LEASE_TOKENS", "1")
+        ]),
+        1,
+        "set: exact"
+    );
 }
 
 #[test]
@@ -73,6 +95,8 @@ fn range_checks_name_the_variable() {
         ("GRPC_KEEPALIVE_INTERVAL_SECONDS", "0"),
         ("GRPC_KEEPALIVE_TIMEOUT_SECONDS", "0"),
         ("RATE_LIMIT_EXPECTED_REPLICAS", "0"),
+        ("RATE_LIMIT_LEASE_TOKENS", "0"),
+        ("RATE_LIMIT_LEASE_TOKENS", "1001"),
         ("TLS_ALLOWED_CALLERS_COVER_REFLECTION", "maybe"),
         ("REQUEST_TIMEOUT_SECONDS", "601"),
     ];

@@ -184,8 +184,9 @@ fn rate_limiter(limits: &RateLimitConfig, redis: Option<&RedisConfig>) -> anyhow
     )?;
     Ok(match shared {
         Some(shared) => {
-            tracing::info!(per_minute, "rate limits shared through redis, local fallback");
-            RateLimiter::shared_per_minute(per_minute, limits.expected_replicas, shared)
+            let lease_tokens = limits.lease_tokens();
+            tracing::info!(per_minute, lease_tokens, "rate limits shared through redis, local fallback");
+            RateLimiter::shared_per_minute(per_minute, limits.expected_replicas, lease_tokens, shared)
         }
         None => {
             tracing::info!(per_minute, "redis not configured: rate limits per replica");

@@ -32,6 +32,7 @@ mod pii;
 mod proxy;
 mod rate_limit;
 mod rate_limit_batch;
+mod rate_limit_leases;
 mod read_replica;
 mod readiness;
 mod redis_topologies;

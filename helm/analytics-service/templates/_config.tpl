@@ -22,6 +22,9 @@ GRPC_KEEPALIVE_TIMEOUT_SECONDS: {{ .Values.config.grpcKeepaliveTimeoutSeconds | 
 SHUTDOWN_DRAIN_SECONDS: {{ .Values.shutdownDrainSeconds | quote }}
 RATE_LIMIT_EVENTS_PER_USER_PER_MINUTE: {{ .Values.config.rateLimitEventsPerUserPerMinute | quote }}
 RATE_LIMIT_EXPECTED_REPLICAS: {{ .Values.config.rateLimitExpectedReplicas | quote }}
+{{- with .Values.config.rateLimitLeaseTokens }}
+RATE_LIMIT_LEASE_TOKENS: {{ . | quote }}
+{{- end }}
 EVENT_MAX_AGE_DAYS: {{ .Values.config.eventMaxAgeDays | quote }}
 EVENT_RETENTION_DAYS: {{ .Values.config.eventRetentionDays | quote }}
 MIGRATE_ON_START: {{ .Values.config.migrateOnStart | quote }}

@@ -6,35 +6,43 @@
 //! skipped for a short cool-down ([`RedisBreaker`]), so callers do not each pay a
 //! timeout during an outage.
 //!
-//! Round trips: a TrackEvents call asks once per budget key for as many tokens as it
-//! has events of that key, and gets the first k of them when only k are left; all keys
-//! of a call, and the checks of every other call waiting at the same moment, go to
-//! Redis as one pipeline (see `repository::redis::budget_batch`). Exactness does not
-//! change with the batching: every token is granted by Redis, atomically per key, so
-//! across replicas sharing Redis the events accepted per user within any time window
-//! are at most the budget (the GCRA burst, equal to the capacity) plus what refilled
-//! during the window: the batching adds nothing (a bound of + 0), as no token is
-//! leased to a replica ahead of use.
+//! Round trips: a check first spends the tokens this replica leased for the key earlier
+//! ([`leases`]); only what they do not cover goes to Redis, topped up by a new lease
+//! (RATE_LIMIT_LEASE_TOKENS in all). A TrackEvents call asks once per budget key for as
+//! many tokens as it has events of that key, and gets the first k of them when only k
+//! are left; all keys of a call, and the checks of every other call waiting at the same
+//! moment, go to Redis as one pipeline (see `repository::redis::budget_batch`).
+//!
+//! Exactness: every token is granted by Redis, atomically per key, so across replicas
+//! sharing Redis the events accepted per user within any time window are at most the
+//! budget (the GCRA burst, equal to the capacity) plus what refilled during the window,
+//! plus the leased tokens left over from before the window: at most lease_tokens - 1
+//! per replica. With lease_tokens = 1 the bound is exact (+ 0); the batching adds
+//! nothing either way.
 //!
 //! The fallback cannot see what was spent in Redis or on other replicas, so each replica
 //! gets the budget divided by RATE_LIMIT_EXPECTED_REPLICAS (at least 1 event): with that
 //! many replicas a user gets about one budget per minute in total during an outage, not
 //! one per replica. A failed pipeline sends all of its checks to the fallback.
 
+mod leases;
+
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use crate::metrics;
 use crate::repository::redis::{Grant, RedisBreaker, SharedBudgets, Spend};
+use leases::Leases;
 
 /// Checks and spends event budgets. Unlimited when configured with 0.
 pub struct RateLimiter {
     budget: Option<NonZeroU32>,
     local: Option<DefaultKeyedRateLimiter<String>>,
     shared: Option<SharedBudgets>,
+    leases: Leases,
     clock: DefaultClock,
     breaker: RedisBreaker,
 }
@@ -47,16 +55,19 @@ impl RateLimiter {
             budget,
             local: budget.map(|budget| DefaultKeyedRateLimiter::keyed(Quota::per_minute(budget))),
             shared: None,
+            leases: Leases::new(1),
             clock: DefaultClock::default(),
             breaker: RedisBreaker::default(),
         }
     }
 
-    /// A limiter whose budgets are shared through Redis; the local fallback gives each of
+    /// A limiter whose budgets are shared through Redis, taken `lease_tokens` at a time
+    /// (1: each token when it is spent); the local fallback gives each of
     /// `expected_replicas` replicas its share of the budget (at least 1 event).
     pub(crate) fn shared_per_minute(
         events_per_minute: u32,
         expected_replicas: u32,
+        lease_tokens: u32,
         shared: SharedBudgets,
     ) -> Self {
         let fallback_share = NonZeroU32::new(events_per_minute)
@@ -64,6 +75,7 @@ impl RateLimiter {
             .and_then(NonZeroU32::new);
         Self {
             shared: Some(shared),
+            leases: Leases::new(lease_tokens),
             local: fallback_share.map(|share| DefaultKeyedRateLimiter::keyed(Quota::per_minute(share))),
             ..Self::per_minute(events_per_minute)
         }
@@ -78,10 +90,10 @@ impl RateLimiter {
         }
     }
 
-    /// Spends up to `tokens` tokens of each key's budget (one per event), in one round
-    /// trip for all keys. Answers per key, in order: how many of its tokens were granted
-    /// (the first ones: its first events), and when fewer than asked, how long until the
-    /// next one.
+    /// Spends up to `tokens` tokens of each key's budget (one per event): first from the
+    /// key's lease on this replica, the rest in one round trip for all keys. Answers per
+    /// key, in order: how many of its tokens were granted (the first ones: its first
+    /// events), and when fewer than asked, how long until the next one.
     pub(crate) async fn check_each(&self, demands: Vec<(String, u32)>) -> Vec<Grant> {
         let Some(budget) = self.budget else {
             return demands
@@ -89,21 +101,50 @@ impl RateLimiter {
                 .map(|(_, tokens)| Grant { granted: *tokens, wait: Duration::ZERO })
                 .collect();
         };
+        let now = Instant::now();
+        let mut grants = Vec::with_capacity(demands.len());
+        // What the leases did not cover: (index into demands, tokens short, top-up asked).
+        let mut shortfalls = Vec::new();
+        for (index, (key, tokens)) in demands.iter().enumerate() {
+            let taken = self.leases.take(key, *tokens, now);
+            grants.push(Grant { granted: taken.tokens, wait: Duration::ZERO });
+            if taken.tokens < *tokens {
+                shortfalls.push((index, tokens - taken.tokens, taken.top_up));
+            }
+        }
+        let leased = demands.len() - shortfalls.len();
+        if leased > 0 {
+            metrics::record_rate_limit_leased_checks(leased as u64);
+        }
+        if shortfalls.is_empty() {
+            return grants;
+        }
         if let Some(shared) = self.redis_if_not_cooling_down() {
             let interval = Duration::from_secs(60) / budget.get();
-            let spends = demands
+            let spends = shortfalls
                 .iter()
-                .map(|(key, tokens)| Spend {
-                    key: key.clone(),
-                    tokens: *tokens,
+                .map(|&(index, shortfall, top_up)| Spend {
+                    key: demands[index].0.clone(),
+                    tokens: shortfall.saturating_add(top_up),
                     capacity: budget.get(),
                     interval,
                 })
                 .collect();
             match shared.spend(spends).await {
-                Ok(grants) => {
+                Ok(answers) => {
                     if self.breaker.record_success() {
                         tracing::info!("redis is reachable again, rate limits shared across replicas again");
+                    }
+                    let now = Instant::now();
+                    for ((index, shortfall, top_up), answer) in shortfalls.into_iter().zip(answers) {
+                        let for_events = answer.granted.min(shortfall);
+                        grants[index].granted += for_events;
+                        if for_events < shortfall {
+                            grants[index].wait = answer.wait;
+                        }
+                        if top_up > 0 {
+                            self.leases.refill(&demands[index].0, answer.granted - for_events, now);
+                        }
                     }
                     return grants;
                 }
@@ -115,7 +156,16 @@ impl RateLimiter {
                 }
             }
         }
-        demands.iter().map(|(key, tokens)| self.check_locally(key, *tokens)).collect()
+        let now = Instant::now();
+        for (index, shortfall, top_up) in shortfalls {
+            if top_up > 0 {
+                self.leases.refill(&demands[index].0, 0, now);
+            }
+            let local = self.check_locally(&demands[index].0, shortfall);
+            grants[index].granted += local.granted;
+            grants[index].wait = local.wait;
+        }
+        grants
     }
 
     fn redis_if_not_cooling_down(&self) -> Option<&SharedBudgets> {
@@ -134,9 +184,10 @@ impl RateLimiter {
         Grant { granted: tokens, wait: Duration::ZERO }
     }
 
-    /// Forgets local keys whose buckets are full again, bounding memory (call
-    /// periodically). Redis keys expire on their own.
+    /// Forgets local keys whose buckets are full again and expired leases, bounding
+    /// memory (call periodically). Redis keys expire on their own.
     pub(crate) fn forget_idle_keys(&self) {
+        self.leases.forget_expired(Instant::now());
         if let Some(limiter) = &self.local {
             limiter.retain_recent();
             limiter.shrink_to_fit();
