@@ -37,8 +37,9 @@ async fn round_trips(app: &TestApp) -> f64 {
     metric_value(&app.admin_get("/metrics").await.1, ROUND_TRIPS)
 }
 
-/// One TrackEvent; true when accepted, false when refused for the budget.
-async fn track_one(app: &TestApp, user: &str) -> bool {
+/// One TrackEvent; true when accepted, false when refused for the budget (with
+/// `retry-after`).
+pub(crate) async fn track_one(app: &TestApp, user: &str) -> bool {
     match app.client.clone().track_event(track_request("limited", user)).await {
         Ok(_) => true,
         Err(status) => {

@@ -6,11 +6,9 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use tonic::Code;
 
-use crate::helpers::{
-    metric_value, redis_port, spawn_app_with, start_server, track_request, TestApp, TestOptions,
-};
+use crate::helpers::{metric_value, redis_port, spawn_app_with, start_server, TestApp, TestOptions};
+use crate::rate_limit_batch::track_one;
 
 const ROUND_TRIPS: &str = "analytics_rate_limit_redis_roundtrips_total";
 const LEASED_CHECKS: &str = "analytics_rate_limit_leased_checks_total";
@@ -29,17 +27,6 @@ fn options(budget: u32, lease_tokens: Option<u32>) -> TestOptions {
 /// The process's metrics (every replica of a test shares one registry).
 async fn metric(app: &TestApp, series: &str) -> f64 {
     metric_value(&app.admin_get("/metrics").await.1, series)
-}
-
-/// One TrackEvent; true when accepted, false when refused for the budget.
-async fn track_one(app: &TestApp, user: &str) -> bool {
-    match app.client.clone().track_event(track_request("leased", user)).await {
-        Ok(_) => true,
-        Err(status) => {
-            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-            false
-        }
-    }
 }
 
 #[tokio::test]
