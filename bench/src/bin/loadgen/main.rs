@@ -210,6 +210,15 @@ async fn run(
     };
     let mut server = launcher.serve(redis_on)?;
     let service = service_under_test(args, &server, &sequence, "").await?;
+    // The Redis-off server runs beside it from the start, so that the compared phases can
+    // alternate between the two (see `alternated_phases`).
+    let redis_off = if phases.contains(&"redis-off") && redis_on {
+        let server = launcher.serve(false)?;
+        let service = service_under_test(args, &server, &sequence, " (Redis off)").await?;
+        Some((server, service))
+    } else {
+        None
+    };
     let service_channels = connect(&server, args.connections).await?;
 
     if let Some((bare, bare_channels)) = &bare {
@@ -238,40 +247,84 @@ async fn run(
     if phases.contains(&"capped") {
         rows.push(service.unary_capped(args.capped_rate, args.capped_in_flight).await);
     }
-    compared_phases(args, phases, &service, &database_options, &mut rows, ["unary", "x100", "x1000"]).await?;
     drop(bare);
+    match &redis_off {
+        Some((_, off)) => {
+            alternated_phases(args, phases, [&service, off], &database_options, &mut rows).await?
+        }
+        None => {
+            for phase in compared_phases(phases) {
+                truncate(&database_options).await?;
+                rows.push(phase.run(args, &service, false).await);
+            }
+        }
+    }
     report_stored(&database_options).await?;
     server.terminate();
-
-    if phases.contains(&"redis-off") && redis_on {
-        let server = launcher.serve(false)?;
-        let service = service_under_test(args, &server, &sequence, " (Redis off)").await?;
-        let keys = ["unary-redis-off", "x100-redis-off", "x1000-redis-off"];
-        compared_phases(args, phases, &service, &database_options, &mut rows, keys).await?;
-        drop(server);
-    }
+    drop(redis_off);
     Ok(rows)
 }
 
-/// The phases compared with Redis on and off (unary saturation, TrackEvents x100 and
-/// x1000), each starting from empty tables.
-async fn compared_phases(
-    args: &Args,
-    phases: &[&str],
-    service: &Service,
-    database: &PgConnectOptions,
-    rows: &mut Vec<Row>,
-    [unary, x100, x1000]: [&'static str; 3],
-) -> anyhow::Result<()> {
+/// A phase compared with Redis on and off.
+#[derive(Clone, Copy)]
+enum ComparedPhase {
+    /// Unary TrackEvent at saturation.
+    Unary,
+    /// TrackEvents batches of this many events at saturation.
+    Batch(u64),
+}
+
+impl ComparedPhase {
+    /// One run of the phase against `service`, from whatever the tables hold.
+    async fn run(self, args: &Args, service: &Service, redis_off: bool) -> Row {
+        let key = match (self, redis_off) {
+            (Self::Unary, false) => "unary",
+            (Self::Unary, true) => "unary-redis-off",
+            (Self::Batch(100), false) => "x100",
+            (Self::Batch(100), true) => "x100-redis-off",
+            (Self::Batch(_), false) => "x1000",
+            (Self::Batch(_), true) => "x1000-redis-off",
+        };
+        match self {
+            Self::Unary => service.unary_closed(key, args.concurrency, args.connections).await,
+            Self::Batch(size) => service.batch(key, size, args.batch_concurrency).await,
+        }
+    }
+}
+
+/// The compared phases `phases` asks for: unary saturation, TrackEvents x100 and x1000.
+fn compared_phases(phases: &[&str]) -> Vec<ComparedPhase> {
+    let mut compared = Vec::new();
     if phases.contains(&"unary") {
-        truncate(database).await?;
-        rows.push(service.unary_closed(unary, args.concurrency, args.connections).await);
+        compared.push(ComparedPhase::Unary);
     }
     if phases.contains(&"batch") {
-        for (key, size) in [(x100, 100), (x1000, 1_000)] {
+        compared.extend([ComparedPhase::Batch(100), ComparedPhase::Batch(1_000)]);
+    }
+    compared
+}
+
+/// Each compared phase four times, from empty tables each time, alternating the servers
+/// Redis on, off, off, on; each server's row is the mean of its two runs. Measured one
+/// after the other, the server measured first was slower by up to 20% whichever it was
+/// (README, "Rate-limit leases"), so a ratio of on to off needs both orders.
+async fn alternated_phases(
+    args: &Args,
+    phases: &[&str],
+    [on, off]: [&Service; 2],
+    database: &PgConnectOptions,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    for phase in compared_phases(phases) {
+        let mut runs = Vec::with_capacity(4);
+        for (service, redis_off) in [(on, false), (off, true), (off, true), (on, false)] {
             truncate(database).await?;
-            rows.push(service.batch(key, size, args.batch_concurrency).await);
+            runs.push(phase.run(args, service, redis_off).await);
         }
+        let [on_first, off_first, off_second, on_second]: [Row; 4] =
+            runs.try_into().unwrap_or_else(|_| unreachable!("four runs"));
+        rows.push(on_first.mean_with(on_second));
+        rows.push(off_first.mean_with(off_second));
     }
     Ok(())
 }

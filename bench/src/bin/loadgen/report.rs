@@ -25,6 +25,35 @@ pub(crate) struct Row {
     pub(crate) usage: Option<Cost>,
 }
 
+impl Row {
+    /// The row of two runs of one phase: mean throughput and CPU per event, both runs'
+    /// latencies and errors, the larger peak RSS, and the first run's note.
+    pub(crate) fn mean_with(mut self, other: Row) -> Row {
+        let runs = format!(
+            "runs {:.0} and {:.0}/s, alternated with the other server",
+            self.achieved, other.achieved
+        );
+        self.achieved = (self.achieved + other.achieved) / 2.0;
+        self.errors += other.errors;
+        match (&mut self.latency, other.latency) {
+            (Some(latency), Some(other)) => {
+                latency.add(&other).ok();
+            }
+            (latency @ None, other) => *latency = other,
+            _ => {}
+        }
+        if let (Some(usage), Some(other)) = (&mut self.usage, other.usage) {
+            usage.cpu_us_per_unit = match (usage.cpu_us_per_unit, other.cpu_us_per_unit) {
+                (Some(first), Some(second)) => Some((first + second) / 2.0),
+                (first, second) => first.or(second),
+            };
+            usage.peak_rss_kib = usage.peak_rss_kib.max(other.peak_rss_kib);
+        }
+        self.note = if self.note.is_empty() { runs } else { format!("{runs}; {}", self.note) };
+        self
+    }
+}
+
 /// A phase's cost to the server process.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Cost {
