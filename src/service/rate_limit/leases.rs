@@ -11,16 +11,13 @@
 //! and spent in it: at most `lease_tokens - 1` per replica. Dropping a lease (expiry,
 //! the key cap, a restart) can only refuse early, never admit more.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 /// How long leased tokens stay usable; long enough that a key sending an event every few
 /// seconds spends a whole lease, short enough that idle keys free their memory soon.
 pub(super) const LEASE_LIFETIME: Duration = Duration::from_secs(60);
-/// Locks the keys are spread over, so concurrent checks rarely wait for each other.
-const SHARDS: usize = 16;
 /// The most keys holding a lease on one replica (about 100 bytes each); beyond, a check
 /// keeps no lease and the key asks Redis for every event, as without leases.
 const MAX_LEASED_KEYS: usize = 256 * 1024;
@@ -44,22 +41,18 @@ pub(super) struct Taken {
     pub(super) top_up: u32,
 }
 
-/// This replica's leased tokens, per budget key.
+/// This replica's leased tokens, per budget key (a sharded map, so concurrent checks of
+/// different keys rarely wait for each other).
 pub(super) struct Leases {
     spare_per_key: u32,
-    shards: Box<[Mutex<HashMap<String, Lease>>]>,
-    hasher: RandomState,
+    keys: DashMap<String, Lease>,
 }
 
 impl Leases {
     /// Leases of `lease_tokens` tokens: one for the event that asked, the rest kept. 1 (or
     /// 0) keeps nothing: every token is asked for when it is spent.
     pub(super) fn new(lease_tokens: u32) -> Self {
-        Self {
-            spare_per_key: lease_tokens.saturating_sub(1),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
-        }
+        Self { spare_per_key: lease_tokens.saturating_sub(1), keys: DashMap::new() }
     }
 
     /// Spends up to `wanted` of `key`'s leased tokens. When they do not cover `wanted` and
@@ -68,19 +61,18 @@ impl Leases {
         if self.spare_per_key == 0 || wanted == 0 {
             return Taken { tokens: 0, top_up: 0 };
         }
-        let mut shard = self.shard(key);
-        let keys_in_shard = shard.len();
-        let lease = match shard.get_mut(key) {
-            Some(lease) if lease.expires > now => lease,
-            Some(lease) => {
-                *lease = Lease { tokens: 0, expires: now + LEASE_LIFETIME, topping_up: false };
-                lease
+        let fresh = || Lease { tokens: 0, expires: now + LEASE_LIFETIME, topping_up: false };
+        let mut lease = match self.keys.get_mut(key) {
+            Some(lease) => lease,
+            // Counting the keys locks every shard in turn: done only for a key not leased.
+            None if self.keys.len() < MAX_LEASED_KEYS => {
+                self.keys.entry(key.to_string()).or_insert_with(fresh)
             }
-            None if keys_in_shard < MAX_LEASED_KEYS / SHARDS => shard
-                .entry(key.to_string())
-                .or_insert(Lease { tokens: 0, expires: now + LEASE_LIFETIME, topping_up: false }),
             None => return Taken { tokens: 0, top_up: 0 },
         };
+        if lease.expires <= now {
+            *lease = fresh();
+        }
         let tokens = lease.tokens.min(wanted);
         lease.tokens -= tokens;
         let top_up = if tokens < wanted && !lease.topping_up {
@@ -89,9 +81,8 @@ impl Leases {
         } else {
             0
         };
-        if lease.tokens == 0 && !lease.topping_up {
-            shard.remove(key);
-        }
+        drop(lease);
+        self.forget_if_empty(key);
         Taken { tokens, top_up }
     }
 
@@ -99,34 +90,29 @@ impl Leases {
     /// (0 when it granted none or failed) for the key's next events, up to the per-key
     /// cap; the rest are dropped.
     pub(super) fn refill(&self, key: &str, tokens: u32, now: Instant) {
-        let mut shard = self.shard(key);
-        let Some(lease) = shard.get_mut(key) else { return };
+        let Some(mut lease) = self.keys.get_mut(key) else { return };
         let held = if lease.expires > now { lease.tokens } else { 0 };
         lease.tokens = held.saturating_add(tokens).min(self.spare_per_key);
         lease.expires = now + LEASE_LIFETIME;
         lease.topping_up = false;
-        if lease.tokens == 0 {
-            shard.remove(key);
-        }
+        drop(lease);
+        self.forget_if_empty(key);
+    }
+
+    /// Frees `key` when it holds no token and no check is topping it up.
+    fn forget_if_empty(&self, key: &str) {
+        self.keys.remove_if(key, |_, lease| lease.tokens == 0 && !lease.topping_up);
     }
 
     /// Drops the expired leases, freeing their keys' memory (call periodically).
     pub(super) fn forget_expired(&self, now: Instant) {
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            shard.retain(|_, lease| lease.expires > now);
-            shard.shrink_to_fit();
-        }
-    }
-
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Lease>> {
-        let index = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
-        self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.keys.retain(|_, lease| lease.expires > now);
+        self.keys.shrink_to_fit();
     }
 
     #[cfg(test)]
     fn leased_keys(&self) -> usize {
-        self.shards.iter().map(|shard| shard.lock().unwrap().len()).sum()
+        self.keys.len()
     }
 }
 
