@@ -39,7 +39,7 @@ use crate::metrics;
 use crate::models::user_bitmap::{decode_users, encode_users};
 use crate::models::{EventCount, EventCountPlan, EventFilter, RangeSplit, RollupStamp, TimeRange};
 use crate::repository::postgres::rollups::RollupRepository;
-use plan::{merge_event_counts, user_count_split};
+use plan::{merge_event_counts, sort_event_counts, user_count_split};
 
 /// Margin kept before the retention cut-off: partitions are whole months, so data up
 /// to a month newer than `now - EVENT_RETENTION_DAYS` may be dropped next.
@@ -153,7 +153,9 @@ impl AnalyticsService {
         let mut folded = match folded {
             Some(counts) => counts,
             None => {
-                let counts = parts.folded.take().unwrap_or_default();
+                // Cached in answer order, so a hit's merge finds them sorted.
+                let mut counts = parts.folded.take().unwrap_or_default();
+                sort_event_counts(&mut counts);
                 self.cache.set(&key, &StampedEventCounts::new(parts.stamp, &counts), None).await;
                 counts
             }

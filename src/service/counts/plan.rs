@@ -2,8 +2,6 @@
 //! day rollups, the hour rollups, the deltas not folded yet and the raw events, and how
 //! the parts of an answer add up. Pure computation; the repository runs the plans.
 
-use std::collections::BTreeMap;
-
 use super::time::next_bucket_boundary;
 use crate::models::utc::{ceil_to, floor_to, DAY_SECONDS, HOUR_SECONDS};
 use crate::models::{EventCount, EventCountPlan, EventFilter, PartialHour, RangeSplit, TimeRange};
@@ -157,18 +155,33 @@ fn hour_in_one_bucket(filter: &EventFilter, hour_start: i64) -> bool {
 /// Adds `more` into `counts`; the result is ordered by bucket, then name (bytewise), and
 /// leaves out counts that add up to zero (events subtracted by deletions or by an edge
 /// hour's part outside the range), as an empty bucket is left out.
-pub fn merge_event_counts(counts: Vec<EventCount>, more: Vec<EventCount>) -> Vec<EventCount> {
-    let mut merged: BTreeMap<(i64, String), i64> = BTreeMap::new();
-    for count in counts.into_iter().chain(more) {
-        *merged.entry((count.bucket_start, count.event_name)).or_default() += count.count;
+///
+/// One sort of both and one pass that adds neighbours: a cached hit merges a few fresh
+/// counts into thousands of folded ones already in order (cached that way), which the
+/// sort finds nearly sorted. No map and no key copies: this ran on every count call.
+pub fn merge_event_counts(mut counts: Vec<EventCount>, more: Vec<EventCount>) -> Vec<EventCount> {
+    counts.extend(more);
+    sort_event_counts(&mut counts);
+    let mut merged: Vec<EventCount> = Vec::with_capacity(counts.len());
+    for count in counts {
+        match merged.last_mut() {
+            Some(last) if last.bucket_start == count.bucket_start && last.event_name == count.event_name => {
+                last.count += count.count;
+            }
+            _ => merged.push(count),
+        }
     }
     // Deltas of deleted events not folded yet are negative and may cancel a bucket out:
     // a bucket without events is left out.
+    merged.retain(|count| count.count != 0);
     merged
-        .into_iter()
-        .filter(|(_, count)| *count != 0)
-        .map(|((bucket_start, event_name), count)| EventCount { event_name, bucket_start, count })
-        .collect()
+}
+
+/// Orders counts by bucket, then name (bytewise): the order of every answer.
+pub fn sort_event_counts(counts: &mut [EventCount]) {
+    counts.sort_by(|a, b| {
+        (a.bucket_start, a.event_name.as_str()).cmp(&(b.bucket_start, b.event_name.as_str()))
+    });
 }
 
 #[cfg(test)]
@@ -523,5 +536,9 @@ mod tests {
             vec![count("B", 0, 4), count("view", 0, 5), count("a", 3_600, 1), count("b", 3_600, 1)]
         );
         assert_eq!(merge_event_counts(Vec::new(), Vec::new()), Vec::new());
+        // Deltas of deleted events cancel a bucket out; a key may come twice from one side.
+        let folded = vec![count("a", 0, 2), count("c", 0, 1)];
+        let fresh = vec![count("c", 0, 1), count("a", 0, -2), count("c", 0, 1)];
+        assert_eq!(merge_event_counts(folded, fresh), vec![count("c", 0, 3)]);
     }
 }
