@@ -27,12 +27,14 @@ type Sql<'a> = QueryBuilder<'a, Postgres>;
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
 /// A row of the unique-user statement: its kind ([`FOLDED_BITMAP`], [`EDGE_BITMAP`],
-/// [`UNFOLDED_USER`], [`ERASURE_GENERATION`], [`EDGE_SUMMARY`] or [`EDGE_RAW`]), a bitmap
+/// [`UNFOLDED_USERS`], [`ERASURE_GENERATION`], [`EDGE_SUMMARY`] or [`EDGE_RAW`]), a bitmap
 /// (a folded one only when asked for) and a folded bitmap's version (or the erasure
-/// generation, or a partial hour's index), or a user not folded yet: the id, and its
-/// ordinal when the statement probes for it (`NULL` when the user has none, or when the
-/// ordinals are looked up after the statement).
-type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<i32>, Option<String>);
+/// generation, or a partial hour's index), or, in one row, the users not folded yet: their
+/// ordinals when the statement probes for them (`NULL` for a user that has none; no array
+/// when the ordinals are looked up after the statement) and their ids. One row of arrays,
+/// not a row per user: a dashboard's count has thousands of them, and decoding the rows
+/// was most of the replica's work per call.
+type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<Vec<Option<i32>>>, Option<Vec<String>>);
 
 /// The ordinals of ids this replica does not remember, and the erasure generation, for
 /// the ids of a unique-user count (see [`UserOrdinals`]). A row with a `NULL` id carries
@@ -42,12 +44,12 @@ const USER_ORDINALS_AND_GENERATION: &str = "
     UNION ALL SELECT NULL, generation FROM erasure_generation";
 
 /// Kinds of [`UserCountRow`]: a bitmap of the whole hours (stamped and cached), the
-/// bitmap of a partial edge hour read whole (always fresh), a user not folded yet, the
+/// bitmap of a partial edge hour read whole (always fresh), the users not folded yet, the
 /// erasure generation (part of the stamp), a partial hour whose kept summary holds (its
 /// users come from its [`HourSummary`]), a partial hour whose users were read raw.
 const FOLDED_BITMAP: i32 = 0;
 const EDGE_BITMAP: i32 = 1;
-const UNFOLDED_USER: i32 = 2;
+const UNFOLDED_USERS: i32 = 2;
 const ERASURE_GENERATION: i32 = 3;
 const EDGE_SUMMARY: i32 = 4;
 const EDGE_RAW: i32 = 5;
@@ -655,33 +657,33 @@ impl RollupRepository {
                 }
                 for (table, from, to) in bitmap_sources {
                     sql.push(format_args!(
-                        "SELECT {FOLDED_BITMAP} AS kind, {users_column} AS users, version, NULL::integer AS ordinal, NULL::text AS user_id FROM {table} WHERE "
+                        "SELECT {FOLDED_BITMAP} AS kind, {users_column} AS users, version, NULL::integer[] AS ordinals, NULL::text[] AS user_ids FROM {table} WHERE "
                     ));
                     push_within(&mut sql, "bucket_start", from, to);
                     sql.push(" UNION ALL ");
                 }
                 for (index, part) in partial_hours.iter().enumerate() {
                     sql.push(format_args!(
-                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer, NULL::text FROM user_activity_hourly WHERE bucket_start = "
+                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer[], NULL::text[] FROM user_activity_hourly WHERE bucket_start = "
                     ));
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(" AND (SELECT whole_{index} FROM edges) UNION ALL "));
                     for (kind, summary) in [(EDGE_SUMMARY, ""), (EDGE_RAW, "NOT ")] {
                         sql.push(format_args!(
-                            "SELECT {kind}, NULL::bytea, {index}::bigint, NULL::integer, NULL::text WHERE {summary}(SELECT summary_{index} FROM edges) AND NOT (SELECT whole_{index} FROM edges) UNION ALL "
+                            "SELECT {kind}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE {summary}(SELECT summary_{index} FROM edges) AND NOT (SELECT whole_{index} FROM edges) UNION ALL "
                         ));
                     }
                 }
                 // Without remembered ordinals, one index probe per distinct id not folded yet
                 // (never a pass over every ordinal); an id without an ordinal has never been
                 // folded, so it is in no bitmap.
-                let ordinal = if ordinals.is_some() {
-                    "NULL::integer"
+                let ordinals_column = if ordinals.is_some() {
+                    "NULL::integer[]"
                 } else {
-                    "(SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = unfolded.user_id)"
+                    "array_agg((SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = unfolded.user_id))"
                 };
                 sql.push(format_args!(
-                    "SELECT {UNFOLDED_USER}, NULL::bytea, NULL::bigint, {ordinal}, unfolded.user_id::text"
+                    "SELECT {UNFOLDED_USERS}, NULL::bytea, NULL::bigint, {ordinals_column}, array_agg(unfolded.user_id::text)"
                 ));
                 sql.push(" FROM (SELECT DISTINCT user_id FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
                 push_within(&mut sql, "hour_start", rollup_start, rollup_end);
@@ -698,7 +700,7 @@ impl RollupRepository {
                 sql.push(") ids) unfolded");
                 // The erasure generation, part of the stamp.
                 sql.push(format_args!(
-                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer, NULL::text FROM erasure_generation"
+                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer[], NULL::text[] FROM erasure_generation"
                 ));
                 let mut connection = self.database.connection().await?;
                 let rows: Vec<UserCountRow> = sql.build_query_as().fetch_all(&mut *connection).await?;
@@ -710,7 +712,7 @@ impl RollupRepository {
                 let mut unfolded_ids = Vec::new();
                 let mut raw_hours = Vec::new();
                 let mut summarised_hours = 0;
-                for (kind, users, version, ordinal, user_id) in rows {
+                for (kind, users, version, probed, user_ids) in rows {
                     match kind {
                         ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
                         FOLDED_BITMAP => {
@@ -731,14 +733,20 @@ impl RollupRepository {
                                 _ => raw_hours.push(partial_hours[index]),
                             }
                         }
-                        _ => match (ordinal, ordinals.is_some()) {
-                            (Some(ordinal), _) => {
-                                unfolded_ordinals.push(ordinal as u32);
-                                unfolded_ids.push((user_id.unwrap_or_default(), ordinal as u32));
+                        // UNFOLDED_USERS (`NULL` arrays when there are none).
+                        _ => {
+                            let probed = probed.unwrap_or_default();
+                            for (index, user_id) in user_ids.unwrap_or_default().into_iter().enumerate() {
+                                match (probed.get(index).copied().flatten(), ordinals.is_some()) {
+                                    (Some(ordinal), _) => {
+                                        unfolded_ordinals.push(ordinal as u32);
+                                        unfolded_ids.push((user_id, ordinal as u32));
+                                    }
+                                    (None, false) => never_folded += 1,
+                                    (None, true) => unfolded_ids.push((user_id, u32::MAX)),
+                                }
                             }
-                            (None, false) => never_folded += 1,
-                            (None, true) => unfolded_ids.push((user_id.unwrap_or_default(), u32::MAX)),
-                        },
+                        }
                     }
                 }
                 match ordinals {
