@@ -268,3 +268,55 @@ async fn a_postgres_outage_is_unavailable_then_recovers_without_restart() {
         .unwrap();
     assert_eq!(during, 0, "nothing refused during the outage was stored");
 }
+
+/// The read pool pings only connections that sat idle for a second or more, not every
+/// connection it hands out. When PostgreSQL drops every read connection at once (a
+/// restart), the counts asked right after, on connections used moments before, are
+/// answered: a statement that fails on a dropped connection is retried on another one.
+#[tokio::test]
+async fn counts_asked_right_after_the_read_connections_drop_are_answered() {
+    let (proxy, app) = spawn_app_behind_postgres_proxy(vec![]).await;
+    let now = chrono::Utc::now().timestamp();
+    for index in 0..20 {
+        app.client.clone().track_event(track_request("view", &format!("u{index}"))).await.unwrap();
+    }
+    let client = app.client.clone();
+    let counts = |round: usize| {
+        let client = client.clone();
+        let calls = (0..8).map(move |index| {
+            let mut client = client.clone();
+            async move {
+                // Distinct ranges, so no answer is served whole from an immutable cache entry.
+                let start = now - 86_400 - (round * 8 + index) as i64;
+                let events = client
+                    .get_event_count(pb::GetEventCountRequest {
+                        start_time: start,
+                        end_time: now + 60,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|response| {
+                        response.into_inner().counts.iter().map(|count| count.count).sum::<i64>()
+                    });
+                let users = client
+                    .get_user_count(pb::GetUserCountRequest { start_time: start, end_time: now + 60 })
+                    .await
+                    .map(|response| response.into_inner().unique_users);
+                (events, users)
+            }
+        });
+        futures::future::join_all(calls)
+    };
+    // The read pool now holds several connections, all used within the last moment.
+    for (events, users) in counts(0).await {
+        assert_eq!((events.unwrap(), users.unwrap()), (20, 20));
+    }
+    let opened_before = proxy.accepted();
+    proxy.cut();
+    proxy.restore();
+    for (events, users) in counts(1).await {
+        let (events, users) = (events.expect("event count answered"), users.expect("user count answered"));
+        assert_eq!((events, users), (20, 20), "the same answers as before the drop");
+    }
+    assert!(proxy.accepted() > opened_before, "the answers came over new connections");
+}
