@@ -30,6 +30,7 @@ pub(crate) const USER_ORDINAL_LOOKUPS: &str = "analytics_user_ordinal_lookups_to
 pub(crate) const USER_COUNT_REREADS: &str = "analytics_user_count_rereads_total";
 pub(crate) const EDGE_HOURS: &str = "analytics_edge_hours_total";
 pub(crate) const EDGE_HOUR_SUMMARIES_BUILT: &str = "analytics_edge_hour_summaries_built_total";
+pub(crate) const EDGE_HOUR_SUMMARIES_DROPPED: &str = "analytics_edge_hour_summaries_dropped_total";
 pub(crate) const READ_REPLICA_FALLBACKS: &str = "analytics_read_replica_fallbacks_total";
 pub(crate) const READY: &str = "analytics_ready";
 pub(crate) const RATE_LIMITED: &str = "analytics_rate_limited_total";
@@ -113,6 +114,10 @@ fn describe_all() {
     describe_counter!(
         EDGE_HOUR_SUMMARIES_BUILT,
         "Summaries of folded hours built and kept for the partial hours at the edges of counts."
+    );
+    describe_counter!(
+        EDGE_HOUR_SUMMARIES_DROPPED,
+        "Summaries of folded hours not built because the queue of builds (one runs at a time) was full."
     );
     describe_counter!(
         READ_REPLICA_FALLBACKS,
@@ -262,6 +267,11 @@ pub(crate) fn record_edge_hours(query: &'static str, summarised: usize, raw: usi
 /// A summary of a folded hour was built and kept.
 pub(crate) fn record_edge_hour_summary_built() {
     counter!(EDGE_HOUR_SUMMARIES_BUILT).increment(1);
+}
+
+/// A summary of a folded hour was not built: the queue of builds was full.
+pub(crate) fn record_edge_hour_summary_dropped() {
+    counter!(EDGE_HOUR_SUMMARIES_DROPPED).increment(1);
 }
 
 /// A count call answered from the read replica.

@@ -822,10 +822,15 @@ impl RollupRepository {
             if !memory.note_raw_read(hour_start, now) {
                 continue;
             }
+            let Some(queued) = memory.queue_build() else {
+                metrics::record_edge_hour_summary_dropped();
+                continue;
+            };
             // On the database this call reads (the primary, or the standby's pool): any
             // consistent snapshot will do, as each use checks the summary's stamp.
             let (database, memory) = (self.database.retry_policy().clone(), memory.clone());
             tokio::spawn(async move {
+                let _turn = queued.turn().await;
                 match read_hour_summary(&database, hour_start).await {
                     Ok(Some(summary)) => {
                         memory.keep(hour_start, summary);
