@@ -60,6 +60,11 @@ const EDGE_RAW: i32 = 5;
 /// (ordinal, first second, last second into the hour) and one of kind 2 per event name
 /// and second (second, events, name). An ordinal is `NULL` only for a user not folded
 /// yet, which a settled hour cannot have.
+///
+/// Each of the hour's users is one index probe of `user_ordinals`, so a build costs what
+/// the hour holds. PostgreSQL's own choice, a hash join, reads every ordinal ever given:
+/// at 10M events, an hour of about 4,000 users took 20-28 ms that way against 25-34 ms
+/// probing with 100,000 ordinals, but 141-143 ms against 25-31 ms with 1,000,000.
 const HOUR_SUMMARY: &str = "
     WITH state AS MATERIALIZED (
         SELECT totals.version, totals.event_count,
@@ -72,7 +77,8 @@ const HOUR_SUMMARY: &str = "
     )
     SELECT 0 AS kind, version AS a, event_count AS b, generation AS c, settled, NULL::text AS name FROM state
     UNION ALL
-    SELECT 1, ordinals.ordinal::bigint, hour_users.first, hour_users.last, NULL, NULL
+    SELECT 1, (SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = hour_users.user_id)::bigint,
+           hour_users.first, hour_users.last, NULL, NULL
       FROM (SELECT user_id,
                    floor(extract(epoch FROM min(timestamp) - $1))::bigint AS first,
                    floor(extract(epoch FROM max(timestamp) - $1))::bigint AS last
@@ -81,7 +87,6 @@ const HOUR_SUMMARY: &str = "
                AND user_id IS NOT NULL AND user_id <> ''
                AND (SELECT wanted FROM wanted)
              GROUP BY user_id) hour_users
-      LEFT JOIN user_ordinals ordinals ON ordinals.user_id = hour_users.user_id
     UNION ALL
     SELECT 2, NULL, floor(extract(epoch FROM timestamp - $1))::bigint, count(*), NULL, event_name::text
       FROM events
