@@ -676,6 +676,7 @@ impl RollupRepository {
                 memory.get(part.hour().0)
             })
             .collect();
+        let minus_outside: Vec<bool> = partial_hours.iter().map(reads_hour_minus_outside).collect();
         self.database
             .retry_policy()
             .with_retry("count_unique_users_rollup", || async {
@@ -698,7 +699,7 @@ impl RollupRepository {
                         }
                     }
                     sql.push(format_args!(" AS summary_{index}, "));
-                    if reads_hour_minus_outside(part) {
+                    if minus_outside[index] {
                         sql.push("NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ");
                         sql.push_bind(time(part.hour().0)).push(")");
                     } else {
@@ -727,7 +728,7 @@ impl RollupRepository {
                             "SELECT {kind}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE {summary}(SELECT summary_{index} FROM edges) AND NOT (SELECT whole_{index} FROM edges) UNION ALL "
                         ));
                     }
-                    if reads_hour_minus_outside(part) {
+                    if minus_outside[index] {
                         // The users seen only outside, each probed (an id without an ordinal
                         // is in no bitmap, so there is nothing to take away for it).
                         sql.push(format_args!(
