@@ -245,18 +245,26 @@ impl Load {
 /// `started`.
 async fn time_until_budget_on(app: &TestApp, new_master_port: u16, started: Instant) -> Duration {
     let mut attempt = 0;
+    let mut probes_while_master = 0;
     let resumed = wait_until(Duration::from_secs(30), Duration::from_millis(20), async || {
         attempt += 1;
         let user = format!("probe-{}-{attempt}", app.grpc_address.port());
         let promoted = is_master(new_master_port).await;
         app.client.clone().track_event(event(&user)).await.expect("served during the failover");
+        probes_while_master += u32::from(promoted);
         promoted
             && !keys_on(&[new_master_port], &format!("{}:ratelimit:user:{user}", app.redis_prefix))
                 .await
                 .is_empty()
     })
     .await;
-    assert!(resumed, "the shared budget moves to the new master");
+    // Which half failed: the server never became master (Redis), or it did and the
+    // service's budgets never reached it (the service).
+    assert!(
+        resumed,
+        "the shared budget moves to the new master: {attempt} probes in 30 s, {probes_while_master} of them \
+         while 127.0.0.1:{new_master_port} was master"
+    );
     started.elapsed()
 }
 
@@ -459,6 +467,41 @@ impl ClusterSetup {
     }
 }
 
+/// Promotes `replica` with `CLUSTER FAILOVER`; when the moment it took is returned.
+///
+/// A manual failover is a handshake: the master pauses its clients, the replica catches up
+/// with its offset and wins a vote of the masters, all within 5 s, or Redis abandons it
+/// and leaves the roles as they were (logged as "Manual failover timed out"). On 2 busy
+/// cores that happens now and then, so an abandoned attempt is asked again, as an operator
+/// would. The service's bound is measured from the attempt that took.
+async fn manual_cluster_failover(replica: u16) -> Instant {
+    let mut asked = Instant::now();
+    for attempt in 1..=3 {
+        let previous = asked;
+        asked = Instant::now();
+        match ask::<String>(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await {
+            Ok(answer) => assert_eq!(answer, "OK"),
+            // The attempt before took after all, later than waited for.
+            Err(_) if is_master(replica).await => return previous,
+            Err(error) => panic!("CLUSTER FAILOVER: {error}"),
+        }
+        let promoted =
+            wait_until(Duration::from_secs(12), Duration::from_millis(50), async || is_master(replica).await)
+                .await;
+        if promoted {
+            eprintln!(
+                "CLUSTER FAILOVER: 127.0.0.1:{replica} is master {:?} after it was asked",
+                asked.elapsed()
+            );
+            return asked;
+        }
+        eprintln!(
+            "CLUSTER FAILOVER attempt {attempt} on 127.0.0.1:{replica} was abandoned by redis; asking again"
+        );
+    }
+    panic!("127.0.0.1:{replica} never became master after 3 CLUSTER FAILOVER attempts");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_cluster_replicas_share_budgets_and_the_cache_and_survive_a_failover() {
     let setup = ClusterSetup::start().await;
@@ -491,9 +534,7 @@ async fn in_a_cluster_replicas_share_budgets_and_the_cache_and_survive_a_failove
     let (old_master, replica) = (roles.0, roles.1.unwrap());
     let load = Load::start([first.client.clone(), second.client.clone()], base);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let failover_started = Instant::now();
-    let answer: String = ask(replica, redis::cmd("CLUSTER").arg("FAILOVER")).await.expect("CLUSTER FAILOVER");
-    assert_eq!(answer, "OK");
+    let failover_started = manual_cluster_failover(replica).await;
     let resumed_after = time_until_budget_on(&first, replica, failover_started).await;
     let promoted = wait_until(Duration::from_secs(20), Duration::from_millis(50), async || {
         is_master(replica).await && !is_master(old_master).await
