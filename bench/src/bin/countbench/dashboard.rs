@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use analytics_bench::cpu::{cpu_seconds, cpu_seconds_of, cpu_seconds_since, postgres_pids};
 use analytics_bench::scrape::metrics_page;
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use analytics_service::repository::postgres::Database;
@@ -28,6 +29,10 @@ pub(crate) async fn dashboard_mix(
     admin_address: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     let before = cache_counters(admin_address).await?;
+    // CPU seconds during the clients' calls only (not the inserts nor the raw-SQL checks).
+    let mut own_cpu = Some(0.0);
+    let mut backends_cpu = 0.0;
+    let mut postgres_cpu = 0.0;
     let all_shapes = shapes();
     let queries: Vec<Shape> = all_shapes.iter().cycle().take(20).cloned().collect();
     let clients = 8;
@@ -52,6 +57,19 @@ pub(crate) async fn dashboard_mix(
         .bind(late)
         .execute(database.pool())
         .await?;
+        // The database's client backends: the service's pools (and this process's idle
+        // raw-SQL connections); not autovacuum nor the other processes of the cluster.
+        let backends: Vec<u32> = sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend'",
+        )
+        .fetch_all(raw)
+        .await?
+        .into_iter()
+        .map(|pid| pid as u32)
+        .collect();
+        let all_postgres = postgres_pids();
+        let own_cpu_before = cpu_seconds(std::process::id());
+        let (backends_before, postgres_before) = (cpu_seconds_of(&backends), cpu_seconds_of(&all_postgres));
         let mut tasks = Vec::new();
         for client_number in 0..clients {
             let client = client.clone();
@@ -64,7 +82,7 @@ pub(crate) async fn dashboard_mix(
                     let days = shape.days();
                     let call_started = Instant::now();
                     service_answer(&client, shape, finish - days * DAY + 3_600, finish).await?;
-                    timings.push(call_started.elapsed());
+                    timings.push((shape.label(), call_started.elapsed()));
                 }
                 anyhow::Ok(timings)
             }));
@@ -72,6 +90,14 @@ pub(crate) async fn dashboard_mix(
         for task in tasks {
             timings.extend(task.await??);
         }
+        // A backend the pools opened during the round is not in `backends`; it is in the
+        // next round's.
+        backends_cpu += cpu_seconds_since(&backends_before, &cpu_seconds_of(&backends));
+        postgres_cpu += cpu_seconds_since(&postgres_before, &cpu_seconds_of(&postgres_pids()));
+        own_cpu = own_cpu
+            .zip(own_cpu_before)
+            .zip(cpu_seconds(std::process::id()))
+            .map(|((sum, before), after)| sum + after - before);
         for shape in all_shapes.iter().cycle().skip(round).take(1) {
             let days = shape.days();
             let (start, stop) = (finish - days * DAY + 3_600, finish);
@@ -92,7 +118,7 @@ pub(crate) async fn dashboard_mix(
         "cache hit {hits:.0}, miss {misses:.0}, fresh {fresh:.0}: hit rate {:.1}%",
         if lookups > 0.0 { hits / lookups * 100.0 } else { 0.0 }
     );
-    let (p50, p95, p99) = Timings(timings.clone()).summary();
+    let (p50, p95, p99) = Timings(timings.iter().map(|(_, took)| *took).collect()).summary();
     println!(
         "dashboard mix: {clients} clients x {rounds} rounds x 20 queries = {} calls in {:.1} s, {} events stored meanwhile ({late_events} of them late, into cached hours); p50 / p95 / p99 {} / {} / {} ms; {metrics}; stale answers {stale}/{checked} checked against raw SQL",
         timings.len(),
@@ -102,6 +128,35 @@ pub(crate) async fn dashboard_mix(
         millis(p95),
         millis(p99),
     );
+    // CPU moves less than latency with what else the shared machine runs. Both sides over
+    // the clients' calls only; this process's includes the 8 clients besides the server,
+    // PostgreSQL's any summary build or fold running meanwhile.
+    let per_call = |seconds: f64| seconds * 1_000.0 / timings.len().max(1) as f64;
+    println!(
+        "dashboard mix CPU: the database's backends {backends_cpu:.2} s ({:.2} ms a call; all PostgreSQL processes {postgres_cpu:.2} s, {:.2} ms), countbench's server and clients {} ({} a call)",
+        per_call(backends_cpu),
+        per_call(postgres_cpu),
+        own_cpu.map_or("unknown".into(), |seconds| format!("{seconds:.2} s")),
+        own_cpu.map_or("unknown".into(), |seconds| format!("{:.2} ms", per_call(seconds))),
+    );
+    // Which shapes make the tail: each shape's own percentiles, and its share of the calls
+    // over the mix's p95.
+    println!(
+        "\n| dashboard shape | calls | p50 / p95 / p99 ms | calls over the mix's p95 |\n|---|---|---|---|"
+    );
+    for shape in &all_shapes {
+        let label = shape.label();
+        let took: Vec<_> = timings.iter().filter(|(of, _)| *of == label).map(|(_, took)| *took).collect();
+        let over = took.iter().filter(|took| **took > p95).count();
+        let (shape_p50, shape_p95, shape_p99) = Timings(took.clone()).summary();
+        println!(
+            "| {label} | {} | {} / {} / {} | {over} |",
+            took.len(),
+            millis(shape_p50),
+            millis(shape_p95),
+            millis(shape_p99)
+        );
+    }
     Ok(())
 }
 
