@@ -299,14 +299,8 @@ const PING_CONNECTIONS_IDLE_FOR: Duration = Duration::from_secs(1);
 /// without). It also plans a Gather with two parallel workers, whose start-up cost
 /// about 10 ms of a cached event count's 12 ms (auto_explain in the 10M dashboard mix:
 /// the workers read 20 rows). Nothing the service reads benefits from either.
-///
-/// Prepared statements keep one generic plan (`plan_cache_mode`): a count statement's text
-/// is the same for every range of its shape (the bounds are parameters, most of them in
-/// arrays the planner cannot see into anyway), and PostgreSQL otherwise plans it anew for
-/// each call, 1-3.4 ms of a count statement at 10M events. The partitions of `events` are
-/// still pruned, when the plan starts with the call's bounds.
-pub(crate) const READ_SESSION_SETTINGS: [(&str, &str); 3] =
-    [("jit", "off"), ("max_parallel_workers_per_gather", "0"), ("plan_cache_mode", "force_generic_plan")];
+pub(crate) const READ_SESSION_SETTINGS: [(&str, &str); 2] =
+    [("jit", "off"), ("max_parallel_workers_per_gather", "0")];
 
 impl Database {
     /// Creates the pool without connecting, so the service starts (not ready) while
