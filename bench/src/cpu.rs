@@ -1,6 +1,7 @@
 //! CPU time of processes from /proc: one process's utime + stime, and that of a set of
-//! processes (PostgreSQL's backends, or all its processes), so a benchmark can say what a phase cost each side in CPU seconds rather than only in
-//! latency, which moves with whatever else the shared machine runs.
+//! processes (PostgreSQL's backends, or all its processes), so a benchmark can say what a
+//! phase cost each side in CPU seconds rather than only in latency, which moves with
+//! whatever else the shared machine runs.
 
 /// Clock ticks per second of /proc/<pid>/stat, read once from `getconf CLK_TCK`.
 fn clock_ticks_per_second() -> f64 {
