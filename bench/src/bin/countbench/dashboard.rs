@@ -82,7 +82,8 @@ pub(crate) async fn dashboard_mix(
                     let days = shape.days();
                     let call_started = Instant::now();
                     service_answer(&client, shape, finish - days * DAY + 3_600, finish).await?;
-                    timings.push((shape.label(), call_started.elapsed()));
+                    let took = call_started.elapsed();
+                    timings.push((shape.label(), took));
                 }
                 anyhow::Ok(timings)
             }));
