@@ -293,8 +293,10 @@ fn push_bucket<'a>(sql: &mut Sql<'a>, group_by: Option<GroupBy>, column: &str, z
 
 /// `(event_name, bucket, count)` of `part` of the plan (bucket 0 when ungrouped), counts
 /// that add up to zero left out. Every row read lies inside one bucket (see
-/// [`EventCountPlan`]), so it is labelled by its own start; raw events are counted per
-/// label right away, those outside the range (of the edge hours read whole) negatively.
+/// [`EventCountPlan`]), so it is labelled by its own start; the raw events of a segment
+/// known to lie in one bucket are counted per name under the segment's start, other raw
+/// events each under its own time; those outside the range (of the edge hours read
+/// whole) count negatively.
 /// Summarised parts read whether their summary holds from the `summaries` CTE that
 /// [`push_stamped_parts`] writes, the only caller whose binds have them.
 fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: CountPart) {
@@ -340,18 +342,9 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
         let segments = binds.raw.0.iter().zip(&binds.raw.1).zip(&binds.raw_signs).zip(&binds.raw_labelled);
         for (((&low, &high), &sign), &labelled) in segments {
             next_branch(sql);
+            push_raw_rows(sql, low, high, sign, labelled, binds.event_name);
             if labelled {
-                push_raw_count(sql, low, high, sign, binds.event_name);
                 sql.push(" GROUP BY event.event_name");
-            } else {
-                // Each event labelled by its own time.
-                sql.push(format_args!(
-                    "SELECT event.timestamp AS slice_start, event.event_name, {sign}::bigint AS event_count FROM events event WHERE "
-                ));
-                push_within(sql, "event.timestamp", low, high);
-                if let Some(name) = binds.event_name {
-                    sql.push(" AND event.event_name = ").push_bind(name);
-                }
             }
         }
     } else if part != CountPart::Folded {
@@ -375,7 +368,7 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
         // counts if it does.
         for (index, part) in binds.summarised.iter().enumerate() {
             next_branch(sql);
-            push_raw_count(sql, part.low, part.high, part.sign, binds.event_name);
+            push_raw_rows(sql, part.low, part.high, part.sign, true, binds.event_name);
             sql.push(format_args!(
                 " AND NOT (SELECT holds_{index} FROM summaries) GROUP BY event.event_name"
             ));
@@ -396,19 +389,24 @@ fn push_event_counts<'a>(sql: &mut Sql<'a>, binds: &'a CountBinds<'a>, part: Cou
     sql.push(") counted GROUP BY 1, 2 HAVING sum(counted.event_count) <> 0");
 }
 
-/// `SELECT low AS slice_start, event_name, sign * count(*) AS event_count FROM events
-/// WHERE timestamp in [low, high)` (and the name), to be grouped by name.
-fn push_raw_count<'a>(
+/// The raw events in `[low, high)` (of `event_name` only, when given) as slices of
+/// `sign` events: `labelled`, counted under `low` (to be grouped by name; the segment
+/// lies in one bucket); else one slice per event at its own time.
+fn push_raw_rows<'a>(
     sql: &mut Sql<'a>,
     low: DateTime<Utc>,
     high: DateTime<Utc>,
     sign: i32,
+    labelled: bool,
     event_name: Option<&'a str>,
 ) {
-    sql.push("SELECT ").push_bind(low);
-    sql.push(format_args!(
-        "::timestamptz AS slice_start, event.event_name, {sign}::bigint * count(*) AS event_count FROM events event WHERE "
-    ));
+    if labelled {
+        sql.push("SELECT ").push_bind(low);
+        sql.push(format_args!("::timestamptz AS slice_start, event.event_name, {sign}::bigint * count(*)"));
+    } else {
+        sql.push(format_args!("SELECT event.timestamp AS slice_start, event.event_name, {sign}::bigint"));
+    }
+    sql.push(" AS event_count FROM events event WHERE ");
     push_within(sql, "event.timestamp", low, high);
     if let Some(name) = event_name {
         sql.push(" AND event.event_name = ").push_bind(name);
