@@ -198,15 +198,8 @@ impl<'a> CountBinds<'a> {
         {
             let hour_start = floor_to(start, HOUR_SECONDS);
             let labelled = end <= hour_start + HOUR_SECONDS && plan.labelled_edge_hours.contains(&hour_start);
-            if let Some(memory) = edge_hours.filter(|_| labelled) {
-                let Some(summary) = memory.get(hour_start) else {
-                    unsummarised_hours.push(hour_start);
-                    raw.0.push(time(start));
-                    raw.1.push(time(end));
-                    raw_signs.push(sign);
-                    raw_labelled.push(true);
-                    continue;
-                };
+            let memory = edge_hours.filter(|_| labelled);
+            if let Some(summary) = memory.and_then(|memory| memory.get(hour_start)) {
                 let (names, counts) = (summary.events_within(&PartialHour { start, end }, event_name))
                     .into_iter()
                     .map(|(name, count)| (name, count * i64::from(sign)))
@@ -221,6 +214,9 @@ impl<'a> CountBinds<'a> {
                     counts,
                 });
                 continue;
+            }
+            if memory.is_some() {
+                unsummarised_hours.push(hour_start);
             }
             raw.0.push(time(start));
             raw.1.push(time(end));
