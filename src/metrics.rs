@@ -29,6 +29,7 @@ pub(crate) const READ_REPLICA_QUERIES: &str = "analytics_read_replica_queries_to
 pub(crate) const USER_ORDINAL_LOOKUPS: &str = "analytics_user_ordinal_lookups_total";
 pub(crate) const USER_COUNT_REREADS: &str = "analytics_user_count_rereads_total";
 pub(crate) const EDGE_HOURS: &str = "analytics_edge_hours_total";
+pub(crate) const HOUR_SPANS_BUILT: &str = "analytics_hour_spans_built_total";
 pub(crate) const EDGE_HOUR_SUMMARIES_BUILT: &str = "analytics_edge_hour_summaries_built_total";
 pub(crate) const EDGE_HOUR_SUMMARIES_DROPPED: &str = "analytics_edge_hour_summaries_dropped_total";
 pub(crate) const READ_REPLICA_FALLBACKS: &str = "analytics_read_replica_fallbacks_total";
@@ -109,8 +110,9 @@ fn describe_all() {
     );
     describe_counter!(
         EDGE_HOURS,
-        "Partial hours at the edges of counts that could not be read whole, by query and source (summary: a kept summary of the folded hour, raw: the raw events)."
+        "Partial hours at the edges of counts that could not be read whole, by query and source (summary: a kept summary of the folded hour, spans: the hour's stored spans, raw: the raw events)."
     );
+    describe_counter!(HOUR_SPANS_BUILT, "Closed hours whose user spans the span builder wrote (first and last second of each user, for unique-user counts).");
     describe_counter!(
         EDGE_HOUR_SUMMARIES_BUILT,
         "Summaries of folded hours built and kept for the partial hours at the edges of counts."
@@ -254,14 +256,22 @@ pub(crate) fn record_user_ordinals_reread() {
 }
 
 /// The partial edge hours a count (`query`) could not read whole: those answered from a
-/// kept summary, and those read from the raw events.
-pub(crate) fn record_edge_hours(query: &'static str, summarised: usize, raw: usize) {
+/// kept summary, from the hour's stored spans, and from the raw events.
+pub(crate) fn record_edge_hours(query: &'static str, summarised: usize, spanned: usize, raw: usize) {
     if summarised > 0 {
         counter!(EDGE_HOURS, "query" => query, "source" => "summary").increment(summarised as u64);
+    }
+    if spanned > 0 {
+        counter!(EDGE_HOURS, "query" => query, "source" => "spans").increment(spanned as u64);
     }
     if raw > 0 {
         counter!(EDGE_HOURS, "query" => query, "source" => "raw").increment(raw as u64);
     }
+}
+
+/// Closed hours whose spans one builder pass wrote.
+pub(crate) fn record_hour_spans_built(hours: usize) {
+    counter!(HOUR_SPANS_BUILT).increment(hours as u64);
 }
 
 /// A summary of a folded hour was built and kept.

@@ -294,6 +294,8 @@ async fn counts_after_erasing_random_users_equal_raw_sql_for_every_grouping_zone
 #[tokio::test]
 async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
     let app = spawn_admin_app(&[]).await;
+    // Its edge hours are read raw (or from kept summaries), not from stored spans.
+    let _no_spans = app.hold_the_span_builder().await;
     let hour = (now() - 5 * HOUR).div_euclid(HOUR) * HOUR;
     // [hour + 30 min, hour + 3 h 30 min): its first and last hours are partial; an event in
     // the start hour before the range keeps that hour from being read whole, so the users
@@ -349,6 +351,8 @@ async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
 #[tokio::test]
 async fn a_kept_summary_of_an_edge_hour_never_outlives_a_late_event_or_an_erasure() {
     let app = spawn_admin_app(&[]).await;
+    // Its edge hours are read raw (or from kept summaries), not from stored spans.
+    let _no_spans = app.hold_the_span_builder().await;
     let hour = (now() - 8 * HOUR).div_euclid(HOUR) * HOUR;
     let end_hour = hour + 3 * HOUR;
     let metric = |name: &'static str| {
@@ -426,6 +430,75 @@ async fn a_kept_summary_of_an_edge_hour_never_outlives_a_late_event_or_an_erasur
     assert_eq!(app.unique_users(start, end).await, 2, "mover and stayer");
 }
 
+/// A unique-user count reads its partial edge hours from their stored spans; an erasure
+/// deletes the spans of the erased user's hours with the user's ordinal (no row names it
+/// after), leaves the other hours' spans alone, and every count stays exact before the
+/// builder writes those hours again and after.
+#[tokio::test]
+async fn an_erasure_deletes_the_stored_spans_of_its_hours_and_counts_stay_exact() {
+    let app = spawn_admin_app(&[]).await;
+    let hour = (now() - 8 * HOUR).div_euclid(HOUR) * HOUR;
+    let end_hour = hour + 3 * HOUR;
+    let (start, end) = (hour + 30 * 60, end_hour + 25 * 60);
+    // An event before the start and one after the end keep both edge hours partial.
+    app.track("view", "early", hour + 10 * 60).await;
+    app.track("view", "gone", hour + 40 * 60).await;
+    app.track("view", "stayer", hour + 50 * 60).await;
+    app.track("view", "other", hour + HOUR + 60).await;
+    app.track("view", "gone", end_hour + 5 * 60).await;
+    app.track("view", "late", end_hour + 30 * 60).await;
+    app.wait_for_the_fold().await;
+    app.span_closed_hours().await;
+    let spans_of = async |hour_start: i64| -> Option<Vec<u8>> {
+        sqlx::query_scalar("SELECT spans FROM user_activity_hour_spans WHERE hour_start = to_timestamp($1)")
+            .bind(hour_start)
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap()
+    };
+    for hour_start in [hour, hour + HOUR, end_hour] {
+        assert!(spans_of(hour_start).await.is_some(), "the hour at {hour_start} is spanned");
+    }
+    let spanned = async || {
+        let metrics = app.admin_get("/metrics").await.1;
+        metric_value(&metrics, "analytics_edge_hours_total{query=\"user_count\",source=\"spans\"}")
+    };
+    let exact = async |stage: &str| {
+        let expected = brute_force_unique_users(&app.pool, start, end).await;
+        assert_eq!(app.unique_users(start, end).await, expected, "{stage}");
+        expected
+    };
+    let before = spanned().await;
+    assert_eq!(exact("spanned").await, 3, "gone, stayer, other");
+    assert!(spanned().await >= before + 2.0, "both edge hours were read from their spans");
+
+    let ordinal: i32 = sqlx::query_scalar("SELECT ordinal FROM user_ordinals WHERE user_id = 'gone'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let other_hour = spans_of(hour + HOUR).await;
+    erase(&app, "gone").await;
+    let stored: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT spans FROM user_activity_hour_spans").fetch_all(&app.pool).await.unwrap();
+    for spans in &stored {
+        assert!(
+            spans
+                .chunks_exact(8)
+                .all(|span| i32::from_be_bytes([span[0], span[1], span[2], span[3]]) != ordinal),
+            "no stored spans name the erased ordinal {ordinal}"
+        );
+    }
+    assert_eq!(spans_of(hour + HOUR).await, other_hour, "an hour the user had no event in keeps its spans");
+    assert_eq!(exact("erased, spans deleted").await, 2, "stayer, other");
+    // The builder writes settled hours only: the erasure's deletions folded first.
+    app.wait_for_the_fold().await;
+    app.span_closed_hours().await;
+    assert!(spans_of(hour).await.is_some() && spans_of(end_hour).await.is_some(), "written again");
+    let before = spanned().await;
+    assert_eq!(exact("erased, spans written again").await, 2);
+    assert!(spanned().await >= before + 2.0, "both edge hours were read from their spans again");
+}
+
 /// A unique-user count reads the ordinals it does not remember in a second statement; if an
 /// erasure committed between its two statements (the erasure generation moved), it is read
 /// again with the ordinals probed in one statement. Bumping the generation as fast as
@@ -434,6 +507,8 @@ async fn a_kept_summary_of_an_edge_hour_never_outlives_a_late_event_or_an_erasur
 #[tokio::test(flavor = "multi_thread")]
 async fn a_count_racing_an_erasure_generation_is_read_again_and_stays_exact() {
     let app = spawn_admin_app(&[]).await;
+    // Its edge hours are read raw (or from kept summaries), not from stored spans.
+    let _no_spans = app.hold_the_span_builder().await;
     let hour = (now() - 5 * HOUR).div_euclid(HOUR) * HOUR;
     let (start, end) = (hour + 30 * 60, hour + 3 * HOUR + 30 * 60);
     // As above: the start hour is read raw, so its 40 users are looked up by ordinal.

@@ -12,7 +12,7 @@ use analytics_service::config::Config;
 use analytics_service::pb::analytics_admin_service_client::AnalyticsAdminServiceClient;
 use analytics_service::pb::analytics_service_client::AnalyticsServiceClient;
 use analytics_service::pb::{self, PropertyValue};
-use analytics_service::repository::postgres::{connect_options, schema};
+use analytics_service::repository::postgres::{connect_options, hour_spans, schema, Database};
 use analytics_service::startup::Application;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
@@ -265,6 +265,29 @@ impl TestApp {
         )
         .await;
         assert!(all_folded, "the fold task empties event_count_deltas and user_activity_pending");
+    }
+
+    /// Keeps the server's span builder from writing any hour's user spans while the
+    /// returned connection is open: it holds the builder's advisory lock, as a replica
+    /// building would. For tests of what a unique-user count does with an edge hour it
+    /// reads raw.
+    pub async fn hold_the_span_builder(&self) -> sqlx::PgConnection {
+        let mut connection = self.pool.acquire().await.unwrap().detach();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(hour_spans::SPAN_BUILDER_LOCK_KEY)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        connection
+    }
+
+    /// Writes the user spans of every closed hour now, as the server's fold task does in
+    /// the background; returns how many hours it wrote.
+    pub async fn span_closed_hours(&self) -> usize {
+        let database = Database::connect_lazy(&self.config);
+        let built = hour_spans::build_all_hour_spans(&database, now()).await.unwrap();
+        database.close().await;
+        built
     }
 
     pub fn signal_shutdown(&mut self) {

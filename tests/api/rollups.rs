@@ -4,7 +4,9 @@
 //! brute-force answers here are shared with `rollups_fold`.
 
 use analytics_service::pb;
-use analytics_service::repository::postgres::{connect_options, partitions, schema, Database};
+use analytics_service::repository::postgres::{
+    connect_options, fold, hour_spans, partitions, schema, Database,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::{PgPool, Row};
@@ -390,6 +392,17 @@ async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
             .unwrap()
     };
     assert!(partition_exists().await);
+    // The old month's hour is folded and spanned, as a running service would have done.
+    fold::fold_all_pending(&database).await.unwrap();
+    assert!(hour_spans::build_all_hour_spans(&database, current.timestamp()).await.unwrap() >= 2);
+    let old_spans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_activity_hour_spans WHERE hour_start < to_timestamp($1)",
+    )
+    .bind(old + DAY)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(old_spans, 1, "the old month's hour has its spans");
 
     let app = start_server(config, database_name, redis_prefix).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -404,7 +417,8 @@ async fn new_months_get_partitions_ahead_and_retention_drops_whole_old_ones() {
               + (SELECT count(*) FROM event_counts_daily WHERE bucket_start < to_timestamp($1))
               + (SELECT count(*) FROM user_activity_hourly WHERE bucket_start < to_timestamp($1))
               + (SELECT count(*) FROM user_activity_daily WHERE bucket_start < to_timestamp($1))
-              + (SELECT count(*) FROM user_activity_pending WHERE hour_start < to_timestamp($1))",
+              + (SELECT count(*) FROM user_activity_pending WHERE hour_start < to_timestamp($1))
+              + (SELECT count(*) FROM user_activity_hour_spans WHERE hour_start < to_timestamp($1))",
     )
     .bind(old + DAY)
     .fetch_one(&app.pool)

@@ -4,13 +4,15 @@
 use analytics_service::models::{EventCountPlan, EventFilter, GroupBy, TimeRange};
 use analytics_service::repository::postgres::edge_hours::EdgeHourMemory;
 use analytics_service::repository::postgres::rollups::RollupRepository;
-use analytics_service::repository::postgres::{connect_options, fold, schema, Database};
+use analytics_service::repository::postgres::{connect_options, fold, hour_spans, schema, Database};
 use analytics_service::service::counts::plan::{merge_event_counts, user_count_split};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::helpers::{create_database, now, test_config, TestOptions};
-use crate::rollups::{brute_force_counts, brute_force_unique_users, insert_random_events, Counts, DAY, HOUR};
+use crate::rollups::{
+    brute_force_counts, brute_force_unique_users, insert_random_events, insert_rows, Counts, DAY, HOUR,
+};
 
 /// Counts are exact whatever share of the trigger's output the fold has moved into the
 /// rollups (event-count deltas, (hour, user) pairs): all pending, some folded, all folded,
@@ -141,6 +143,139 @@ async fn counts_are_exact_before_during_and_after_the_fold() {
     .await
     .unwrap();
     assert!(hours > 20 * 20 && days >= 20, "bitmaps per hour ({hours}) and per day ({days})");
+    pool.close().await;
+    crate::helpers::drop_database(&database_name).await;
+}
+
+/// Unique-user counts read a partial edge hour from its stored spans when the statement
+/// finds them current, and never once the hour changed: a late event (pending, then
+/// folded), a deletion, each answered exactly while the spans are outdated and again once
+/// the builder wrote them anew. A positive control: spans emptied behind the builder's
+/// back change the answer while their stamp holds, and stop mattering once it does not.
+#[tokio::test]
+async fn stored_hour_spans_answer_edge_hours_and_never_outlive_a_change() {
+    let database_name = create_database().await;
+    let config = test_config(&database_name, "unused", &TestOptions::default());
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+    let database = Database::connect_lazy(&config);
+    let pool = database.pool().clone();
+    // No kept summaries: the edge hours come from the stored spans or the raw events.
+    let rollups = RollupRepository::new(database.clone());
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    let current = now();
+    let to = current.div_euclid(HOUR) * HOUR - 2 * HOUR;
+    let from = to - 3 * DAY;
+    for _ in 0..3 {
+        insert_random_events(&pool, &mut random, 1_500, from, to).await;
+    }
+    // One hour the ranges below cut, with a user seen only in each of its two parts.
+    let cut_hour = from + DAY + 5 * HOUR;
+    insert_rows(
+        &pool,
+        &[
+            ("view", "only-early", (cut_hour + 5 * 60) as f64),
+            ("view", "only-late", (cut_hour + 45 * 60) as f64),
+        ],
+    )
+    .await;
+    fold::fold_all_pending(&database).await.unwrap();
+    let hours_with_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM event_totals_hourly").fetch_one(&pool).await.unwrap();
+    let built = hour_spans::build_all_hour_spans(&database, current).await.unwrap();
+    assert_eq!(built as i64, hours_with_events, "every closed hour is spanned");
+    assert_eq!(hour_spans::build_all_hour_spans(&database, current).await.unwrap(), 0, "and once only");
+
+    let parse = |start: i64, end: i64| TimeRange::parse(start, end, chrono::Utc::now()).unwrap();
+    let mut ranges: Vec<(i64, i64)> = (0..30)
+        .map(|_| {
+            let start = random.random_range(from..to - HOUR);
+            (start, random.random_range(start + HOUR..to))
+        })
+        .collect();
+    // The cut hour's first 20 minutes and its last 40.
+    ranges.push((cut_hour - DAY, cut_hour + 20 * 60));
+    ranges.push((cut_hour + 20 * 60, cut_hour + DAY));
+    let check = async |stage: &str| {
+        for (start, end) in ranges.iter().copied() {
+            let expected = brute_force_unique_users(&pool, start, end).await;
+            let answer = rollups.unique_users(user_count_split(parse(start, end))).await.unwrap();
+            assert_eq!(answer, expected, "{stage}: users in [{start}, {end})");
+        }
+    };
+    check("from stored spans").await;
+
+    // The positive control: the cut hour's spans emptied, stamp kept.
+    let emptied = sqlx::query(
+        "UPDATE user_activity_hour_spans SET spans = ''::bytea WHERE hour_start = to_timestamp($1)",
+    )
+    .bind(cut_hour)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(emptied.rows_affected(), 1);
+    for (start, end) in [(cut_hour - DAY, cut_hour + 20 * 60), (cut_hour + 20 * 60, cut_hour + DAY)] {
+        let split = user_count_split(parse(start, end));
+        let parts = rollups.user_count_parts(split, true).await.unwrap();
+        let with_emptied = parts.count(parts.folded.as_ref().unwrap());
+        let expected = brute_force_unique_users(&pool, start, end).await;
+        let only_in_cut_part: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT user_id) FROM events
+              WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''
+                AND user_id NOT IN (SELECT user_id FROM events
+                                     WHERE timestamp >= to_timestamp($3) AND timestamp < to_timestamp($4))",
+        )
+        .bind(start.max(cut_hour))
+        .bind(end.min(cut_hour + HOUR))
+        .bind(if start < cut_hour { start } else { cut_hour + HOUR })
+        .bind(if start < cut_hour { cut_hour } else { end })
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(only_in_cut_part > 0, "the cut part has users seen nowhere else in [{start}, {end})");
+        assert_eq!(
+            with_emptied,
+            expected - only_in_cut_part,
+            "the emptied spans were read for [{start}, {end})"
+        );
+    }
+
+    // A late event of a new user into the cut hour: pending, the spans are not current.
+    insert_rows(
+        &pool,
+        &[
+            ("view", "late-comer", (cut_hour + 10 * 60) as f64),
+            ("view", "late-comer-2", (cut_hour + 50 * 60) as f64),
+        ],
+    )
+    .await;
+    check("a late event pending over emptied spans").await;
+    fold::fold_all_pending(&database).await.unwrap();
+    check("the late event folded, spans outdated").await;
+    sqlx::query("DELETE FROM user_activity_hour_spans WHERE hour_start = to_timestamp($1)")
+        .bind(cut_hour)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(hour_spans::build_all_hour_spans(&database, current).await.unwrap(), 1, "the cut hour again");
+    check("spans written again").await;
+
+    // A deletion in a spanned hour: deltas pending, then folded, then spanned again.
+    let deleted = sqlx::query(
+        "DELETE FROM events WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($1) + interval '1 hour'
+           AND user_id IN (SELECT user_id FROM events WHERE timestamp >= to_timestamp($1) ORDER BY timestamp LIMIT 3)",
+    )
+    .bind(cut_hour)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(deleted.rows_affected() > 0);
+    check("a deletion pending").await;
+    fold::fold_all_pending(&database).await.unwrap();
+    check("the deletion folded, spans outdated").await;
+    assert_eq!(hour_spans::build_all_hour_spans(&database, current).await.unwrap(), 1, "the cut hour again");
+    check("spans written after the deletion").await;
     pool.close().await;
     crate::helpers::drop_database(&database_name).await;
 }

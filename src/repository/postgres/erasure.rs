@@ -12,9 +12,9 @@
 //! - The final transaction takes the fold's lock (no fold runs meanwhile), deletes the
 //!   events left and removes the id from the pending user rows in one statement (one
 //!   snapshot: a pending row it sees belongs to an event it sees), clears the user's
-//!   ordinal from the hourly and daily bitmaps of the recorded hours, deletes its ordinal,
-//!   identity and remaining keys, bumps the generation and marks the request completed,
-//!   dropping the user id from it.
+//!   ordinal from the hourly and daily bitmaps of the recorded hours (and deletes those
+//!   hours' stored spans), deletes its ordinal, identity and remaining keys, bumps the
+//!   generation and marks the request completed, dropping the user id from it.
 
 use std::collections::BTreeSet;
 
@@ -350,6 +350,12 @@ impl ErasureRepository {
                     let days: Vec<DateTime<Utc>> = days.into_iter().map(time).collect();
                     clear_ordinal(&mut transaction, "user_activity_hourly", &hours, ordinal as u32).await?;
                     clear_ordinal(&mut transaction, "user_activity_daily", &days, ordinal as u32).await?;
+                    // The stored spans of those hours name the ordinal too; the builder
+                    // writes them again without it.
+                    sqlx::query("DELETE FROM user_activity_hour_spans WHERE hour_start = ANY($1)")
+                        .bind(&hours)
+                        .execute(&mut *transaction)
+                        .await?;
                 }
                 let identity_deleted = sqlx::query("DELETE FROM user_identities WHERE user_id = $1")
                     .bind(&user_id)

@@ -13,6 +13,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::edge_hours::{EdgeHourMemory, HourStamp, HourSummary, MAX_SUMMARY_EVENTS};
 use super::events::event_counts_from_rows;
+use super::hour_spans;
 use super::replica::CountSource;
 use super::user_ordinals::UserOrdinals;
 use super::RepositoryError;
@@ -27,9 +28,10 @@ type Sql<'a> = QueryBuilder<'a, Postgres>;
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
 /// A row of the unique-user statement: its kind ([`FOLDED_BITMAP`], [`EDGE_BITMAP`],
-/// [`UNFOLDED_USERS`], [`ERASURE_GENERATION`], [`EDGE_SUMMARY`] or [`EDGE_RAW`]), a bitmap
-/// (a folded one only when asked for) and a folded bitmap's version (or the erasure
-/// generation, or a partial hour's index), or, in one row, the users not folded yet: their
+/// [`UNFOLDED_USERS`], [`ERASURE_GENERATION`], [`EDGE_SUMMARY`], [`EDGE_RAW`],
+/// [`EDGE_BITMAP_MINUS_OUTSIDE`] or [`EDGE_SPANS`]), a bitmap or stored spans (a folded
+/// bitmap only when asked for) and a folded bitmap's version (or the erasure generation,
+/// or a partial hour's index), or, in one row, the users not folded yet: their
 /// ordinals when the statement probes for them (`NULL` for a user that has none; no array
 /// when the ordinals are looked up after the statement) and their ids. One row of arrays,
 /// not a row per user: a dashboard's count has thousands of them, and decoding the rows
@@ -56,6 +58,9 @@ const EDGE_RAW: i32 = 5;
 /// The bitmap of a settled partial edge hour with the ordinals of its users seen only
 /// outside the range (see [`reads_hour_minus_outside`]).
 const EDGE_BITMAP_MINUS_OUTSIDE: i32 = 6;
+/// The stored spans of a partial edge hour ([`hour_spans`]) that the statement found
+/// current, with the hour's index.
+const EDGE_SPANS: i32 = 7;
 
 /// Whether a partial edge hour not read whole nor from a summary is read as its hour
 /// bitmap minus the users seen only in its part outside the range, rather than as the raw
@@ -125,6 +130,19 @@ fn push_summary_holds<'a>(sql: &mut Sql<'a>, hour_start: DateTime<Utc>, stamp: H
         .push_bind(hour_start);
     sql.push(") AND (SELECT generation FROM erasure_generation) = ").push_bind(stamp.erasures);
     sql.push(")");
+}
+
+/// In a unique-user statement, whether the stored spans of the hour starting at
+/// `hour_start` are current: stamped with the hour's row of `event_totals_hourly` as it
+/// is now, and nothing of the hour pending (see [`hour_spans`]).
+fn push_spans_current<'a>(sql: &mut Sql<'a>, hour_start: DateTime<Utc>) {
+    sql.push("(EXISTS (SELECT 1 FROM user_activity_hour_spans spans JOIN event_totals_hourly totals ON totals.bucket_start = spans.hour_start AND totals.version = spans.version AND totals.event_count = spans.event_count WHERE spans.hour_start = ");
+    sql.push_bind(hour_start);
+    sql.push(") AND NOT EXISTS (SELECT 1 FROM event_count_deltas WHERE bucket_start = ")
+        .push_bind(hour_start);
+    sql.push(") AND NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ")
+        .push_bind(hour_start);
+    sql.push("))");
 }
 
 /// Up to this many raw segments are read by one branch each, with their bounds in the
@@ -658,7 +676,7 @@ impl RollupRepository {
                     binds.summarised.iter().map(|part| part.hour_start).collect();
                 summarised_hours.dedup();
                 summarised_hours.retain(|hour_start| !raw_hours.contains(hour_start));
-                metrics::record_edge_hours("event_count", summarised_hours.len(), raw_hours.len());
+                metrics::record_edge_hours("event_count", summarised_hours.len(), 0, raw_hours.len());
                 self.note_raw_edge_hours(raw_hours);
                 Ok(parts)
             })
@@ -691,7 +709,9 @@ impl RollupRepository {
     /// union), and the users not folded yet: the ordinals of the pending pairs of those
     /// hours and of the partial hours at the edges. An edge hour with no event in its part
     /// outside the range (an open end hour, nearly always) is read whole from its hour
-    /// bitmap and pending pairs; any other from the raw events of the part inside.
+    /// bitmap and pending pairs; any other from this replica's kept summary of the hour, or
+    /// the hour's stored spans ([`hour_spans`]), when the statement finds either current,
+    /// else from the raw events (see [`reads_hour_minus_outside`]).
     ///
     /// With remembered ordinals ([`Self::with_user_ordinals`]) the statement returns the
     /// unfolded users' ids; those this replica does not remember are read by a second
@@ -764,6 +784,12 @@ impl RollupRepository {
                         }
                     }
                     sql.push(format_args!(" AS summary_{index}, "));
+                    if HourSummary::answers_users(part) {
+                        push_spans_current(&mut sql, time(part.hour().0));
+                    } else {
+                        sql.push("false");
+                    }
+                    sql.push(format_args!(" AS spans_{index}, "));
                     if minus_outside[index] {
                         sql.push("NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ");
                         sql.push_bind(time(part.hour().0)).push(")");
@@ -788,11 +814,19 @@ impl RollupRepository {
                     ));
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(" AND (SELECT whole_{index} FROM edges) UNION ALL "));
-                    for (kind, summary) in [(EDGE_SUMMARY, ""), (EDGE_RAW, "NOT ")] {
-                        sql.push(format_args!(
-                            "SELECT {kind}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE {summary}(SELECT summary_{index} FROM edges) AND NOT (SELECT whole_{index} FROM edges) UNION ALL "
-                        ));
-                    }
+                    sql.push(format_args!(
+                        "SELECT {EDGE_SUMMARY}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE (SELECT summary_{index} AND NOT whole_{index} FROM edges) UNION ALL "
+                    ));
+                    sql.push(format_args!(
+                        "SELECT {EDGE_SPANS}, spans, {index}::bigint, NULL::integer[], NULL::text[] FROM user_activity_hour_spans WHERE hour_start = "
+                    ));
+                    sql.push_bind(time(part.hour().0));
+                    sql.push(format_args!(
+                        " AND (SELECT spans_{index} AND NOT whole_{index} AND NOT summary_{index} FROM edges) UNION ALL "
+                    ));
+                    sql.push(format_args!(
+                        "SELECT {EDGE_RAW}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE (SELECT NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
+                    ));
                     if minus_outside[index] {
                         // The users seen only outside, each probed (an id without an ordinal
                         // is in no bitmap, so there is nothing to take away for it).
@@ -809,7 +843,7 @@ impl RollupRepository {
                         sql.push(") only_outside), NULL::text[] FROM user_activity_hourly WHERE bucket_start = ");
                         sql.push_bind(time(part.hour().0));
                         sql.push(format_args!(
-                            " AND (SELECT settled_{index} AND NOT whole_{index} AND NOT summary_{index} FROM edges) UNION ALL "
+                            " AND (SELECT settled_{index} AND NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
                         ));
                     }
                 }
@@ -833,7 +867,7 @@ impl RollupRepository {
                     sql.push(" UNION ALL SELECT user_id FROM events WHERE ");
                     push_within(&mut sql, "timestamp", time(part.start), time(part.end));
                     sql.push(format_args!(
-                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} OR summary_{index} OR settled_{index} FROM edges)"
+                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} OR summary_{index} OR spans_{index} OR settled_{index} FROM edges)"
                     ));
                 }
                 sql.push(") ids) unfolded");
@@ -851,6 +885,7 @@ impl RollupRepository {
                 let mut unfolded_ids = Vec::new();
                 let mut raw_hours = Vec::new();
                 let mut summarised_hours = 0;
+                let mut spanned_hours = 0;
                 for (kind, users, version, probed, user_ids) in rows {
                     match kind {
                         ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
@@ -868,6 +903,12 @@ impl RollupRepository {
                                 users.remove(ordinal as u32);
                             }
                             edge_users |= users;
+                        }
+                        EDGE_SPANS => {
+                            let part = &partial_hours[version.unwrap_or_default() as usize];
+                            let spans = users.unwrap_or_default();
+                            edge_users |= hour_spans::users_within(&spans, part).map_err(RepositoryError::corrupt)?;
+                            spanned_hours += 1;
                         }
                         EDGE_SUMMARY | EDGE_RAW => {
                             let index = version.unwrap_or_default() as usize;
@@ -939,7 +980,7 @@ impl RollupRepository {
                     }
                 }
                 connection.finish().await?;
-                metrics::record_edge_hours("user_count", summarised_hours, raw_hours.len());
+                metrics::record_edge_hours("user_count", summarised_hours, spanned_hours, raw_hours.len());
                 self.note_raw_edge_hours(raw_hours.iter().filter(|part| HourSummary::answers_users(part)).map(|part| part.hour().0));
                 let folded = if with_bitmaps {
                     let decoded = bitmaps
