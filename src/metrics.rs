@@ -28,6 +28,7 @@ pub(crate) const CACHE_REQUESTS: &str = "analytics_cache_requests_total";
 pub(crate) const READ_REPLICA_QUERIES: &str = "analytics_read_replica_queries_total";
 pub(crate) const USER_ORDINAL_LOOKUPS: &str = "analytics_user_ordinal_lookups_total";
 pub(crate) const USER_COUNT_REREADS: &str = "analytics_user_count_rereads_total";
+pub(crate) const FOLDED_BITMAPS: &str = "analytics_folded_bitmaps_total";
 pub(crate) const EDGE_HOURS: &str = "analytics_edge_hours_total";
 pub(crate) const HOUR_SPANS_BUILT: &str = "analytics_hour_spans_built_total";
 pub(crate) const EDGE_HOUR_SUMMARIES_BUILT: &str = "analytics_edge_hour_summaries_built_total";
@@ -107,6 +108,10 @@ fn describe_all() {
     describe_counter!(
         USER_COUNT_REREADS,
         "Unique-user counts read again with the ordinals probed in one statement, because an erasure committed between their two statements."
+    );
+    describe_counter!(
+        FOLDED_BITMAPS,
+        "Folded user bitmaps (whole days and hours) that unique-user counts not cached needed, by source (memory: remembered by this replica as the count's snapshot shows them, read: sent by PostgreSQL)."
     );
     describe_counter!(
         EDGE_HOURS,
@@ -267,6 +272,19 @@ pub(crate) fn record_edge_hours(query: &'static str, summarised: usize, spanned:
     if raw > 0 {
         counter!(EDGE_HOURS, "query" => query, "source" => "raw").increment(raw as u64);
     }
+}
+
+/// The folded bitmaps a unique-user count used: `remembered` from this replica's memory,
+/// `read` from PostgreSQL.
+pub(crate) fn record_folded_bitmaps(remembered: usize, read: usize) {
+    static REMEMBERED: OnceLock<Counter> = OnceLock::new();
+    static READ: OnceLock<Counter> = OnceLock::new();
+    cached(
+        &REMEMBERED,
+        || counter!(FOLDED_BITMAPS, "source" => "memory"),
+        |counter| counter.increment(remembered as u64),
+    );
+    cached(&READ, || counter!(FOLDED_BITMAPS, "source" => "read"), |counter| counter.increment(read as u64));
 }
 
 /// Closed hours whose spans one builder pass wrote.

@@ -24,6 +24,7 @@ use crate::config::EventsConfig;
 use crate::metrics;
 use crate::models::{Caller, IdentifyUser, NewEvent, TrackEvent, UserId};
 use crate::repository::postgres::edge_hours::EdgeHourMemory;
+use crate::repository::postgres::folded_bitmaps::FoldedBitmapMemory;
 use crate::repository::postgres::replica::ReadReplica;
 use crate::repository::postgres::user_ordinals::UserOrdinals;
 use crate::repository::postgres::{
@@ -129,6 +130,9 @@ pub struct AnalyticsService {
     /// Summaries of folded hours for the partial hours at the edges of counts, on the
     /// primary and on the read replica (see [`EdgeHourMemory`]).
     edge_hours: EdgeHourMemory,
+    /// Decoded folded user bitmaps for unique-user counts not cached, on the primary and
+    /// on the read replica (see [`FoldedBitmapMemory`]).
+    folded_bitmaps: FoldedBitmapMemory,
     rate_limiter: Arc<RateLimiter>,
     event_max_age: chrono::Duration,
     event_retention: Option<chrono::Duration>,
@@ -166,6 +170,7 @@ impl AnalyticsService {
             cache,
             user_ordinals: UserOrdinals::default(),
             edge_hours: EdgeHourMemory::default(),
+            folded_bitmaps: FoldedBitmapMemory::default(),
             rate_limiter: Arc::new(rate_limiter),
             event_max_age: events.max_age,
             event_retention: events.retention,

@@ -1,8 +1,10 @@
 //! Counts are exact whatever share of the insert trigger's output the fold has moved into
 //! the rollups, read straight from the repository with plans the service builds.
 
+use analytics_service::models::user_bitmap::{decode_users, encode_users};
 use analytics_service::models::{EventCountPlan, EventFilter, GroupBy, TimeRange};
 use analytics_service::repository::postgres::edge_hours::EdgeHourMemory;
+use analytics_service::repository::postgres::folded_bitmaps::FoldedBitmapMemory;
 use analytics_service::repository::postgres::rollups::RollupRepository;
 use analytics_service::repository::postgres::{connect_options, fold, hour_spans, schema, Database};
 use analytics_service::service::counts::plan::{merge_event_counts, user_count_split};
@@ -14,19 +16,26 @@ use crate::rollups::{
     brute_force_counts, brute_force_unique_users, insert_random_events, insert_rows, Counts, DAY, HOUR,
 };
 
+/// A new database of the test's own, migrated, and a lazy connection to it.
+async fn migrated_database() -> (String, Database) {
+    let database_name = create_database().await;
+    let config = test_config(&database_name, "unused", &TestOptions::default());
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+    (database_name, Database::connect_lazy(&config))
+}
+
 /// Counts are exact whatever share of the trigger's output the fold has moved into the
 /// rollups (event-count deltas, (hour, user) pairs): all pending, some folded, all folded,
 /// and late events and new users after a fold; also through kept summaries of the edge
 /// hours (built from the second raw read of an hour on), which those late events change.
 #[tokio::test]
 async fn counts_are_exact_before_during_and_after_the_fold() {
-    let database_name = create_database().await;
-    let config = test_config(&database_name, "unused", &TestOptions::default());
-    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
-    let database = Database::connect_lazy(&config);
+    let (database_name, database) = migrated_database().await;
     let pool = database.pool().clone();
     let edge_hours = EdgeHourMemory::default();
-    let rollups = RollupRepository::new(database.clone()).with_edge_hours(edge_hours.clone());
+    let rollups = RollupRepository::new(database.clone())
+        .with_edge_hours(edge_hours.clone())
+        .with_folded_bitmaps(FoldedBitmapMemory::default());
     let seed = rand::random::<u64>();
     println!("seed {seed}");
     let mut random = StdRng::seed_from_u64(seed);
@@ -154,10 +163,7 @@ async fn counts_are_exact_before_during_and_after_the_fold() {
 /// back change the answer while their stamp holds, and stop mattering once it does not.
 #[tokio::test]
 async fn stored_hour_spans_answer_edge_hours_and_never_outlive_a_change() {
-    let database_name = create_database().await;
-    let config = test_config(&database_name, "unused", &TestOptions::default());
-    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
-    let database = Database::connect_lazy(&config);
+    let (database_name, database) = migrated_database().await;
     let pool = database.pool().clone();
     // No kept summaries: the edge hours come from the stored spans or the raw events.
     let rollups = RollupRepository::new(database.clone());
@@ -276,6 +282,137 @@ async fn stored_hour_spans_answer_edge_hours_and_never_outlive_a_change() {
     check("the deletion folded, spans outdated").await;
     assert_eq!(hour_spans::build_all_hour_spans(&database, current).await.unwrap(), 1, "the cut hour again");
     check("spans written after the deletion").await;
+    pool.close().await;
+    crate::helpers::drop_database(&database_name).await;
+}
+
+/// A unique-user count takes the folded bitmaps this replica remembers from its memory
+/// only while their rows are the row versions it read: a fold into a remembered day or
+/// hour, an erasure's rewrite, and a row deleted and written again with the same version
+/// (retention, then a fold) are each read again. Checked against raw SQL, and against a
+/// count without the memory where the rows are rewritten by hand.
+#[tokio::test]
+async fn remembered_folded_bitmaps_are_used_only_while_their_rows_are_unchanged() {
+    let (database_name, database) = migrated_database().await;
+    let pool = database.pool().clone();
+    let rollups = RollupRepository::new(database.clone()).with_folded_bitmaps(FoldedBitmapMemory::default());
+    let without_memory = RollupRepository::new(database.clone());
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    let today = now().div_euclid(DAY) * DAY;
+    let from = today - 8 * DAY;
+    insert_random_events(&pool, &mut random, 3_000, from, today - HOUR).await;
+    fold::fold_all_pending(&database).await.unwrap();
+    let parse = |start: i64, end: i64| TimeRange::parse(start, end, chrono::Utc::now()).unwrap();
+    // Six whole days and a few whole hours on each side of them.
+    let (start, end) = (from + DAY - 5 * HOUR, from + 7 * DAY + 3 * HOUR);
+    let split = user_count_split(parse(start, end));
+    let count = async |rollups: &RollupRepository| {
+        let parts = rollups.user_count_parts(split, true).await.unwrap();
+        (parts.count(parts.folded.as_ref().unwrap()), parts.remembered_bitmaps)
+    };
+    let expect = async |stage: &str, remembered: std::ops::RangeInclusive<usize>| {
+        let (answer, from_memory) = count(&rollups).await;
+        assert_eq!(answer, brute_force_unique_users(&pool, start, end).await, "{stage}");
+        assert!(
+            remembered.contains(&from_memory),
+            "{stage}: {from_memory} bitmaps from memory, expected {remembered:?}"
+        );
+    };
+    let (_, first) = count(&rollups).await;
+    assert_eq!(first, 0, "nothing remembered before the first count");
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM user_activity_daily WHERE bucket_start >= to_timestamp($1) AND bucket_start < to_timestamp($2))
+              + (SELECT count(*) FROM user_activity_hourly WHERE (bucket_start >= to_timestamp($3) AND bucket_start < to_timestamp($1))
+                                                              OR (bucket_start >= to_timestamp($2) AND bucket_start < to_timestamp($4)))",
+    )
+    .bind(from + DAY)
+    .bind(from + 7 * DAY)
+    .bind(start)
+    .bind(end)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(rows >= 8, "six days and some hours folded: {rows} rows");
+    let rows = rows as usize;
+    expect("every bitmap remembered", rows..=rows).await;
+
+    // A new user's late event in a remembered day and in a remembered hour, folded.
+    let day = from + 3 * DAY;
+    insert_rows(
+        &pool,
+        &[("view", "late-day", (day + 7 * HOUR) as f64), ("view", "late-hour", (start + 60) as f64)],
+    )
+    .await;
+    fold::fold_all_pending(&database).await.unwrap();
+    expect("a day and an hour folded into", rows - 2..=rows - 2).await;
+
+    // An erasure's rewrite (a user taken out of a bitmap, the version bumped), here by
+    // hand on the remembered day: late-day is in no other bitmap of the range.
+    let ordinal: i32 = sqlx::query_scalar("SELECT ordinal FROM user_ordinals WHERE user_id = 'late-day'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let day_users = async || {
+        let bytes: Vec<u8> =
+            sqlx::query_scalar("SELECT users FROM user_activity_daily WHERE bucket_start = to_timestamp($1)")
+                .bind(day)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        decode_users(&bytes).unwrap()
+    };
+    let (with_late_day, _) = count(&rollups).await;
+    let mut users = day_users().await;
+    assert!(users.remove(ordinal as u32));
+    sqlx::query("UPDATE user_activity_daily SET users = $2, version = version + 1 WHERE bucket_start = to_timestamp($1)")
+        .bind(day)
+        .bind(encode_users(&users))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (answer, from_memory) = count(&rollups).await;
+    assert_eq!((answer, from_memory), (with_late_day - 1, rows - 1), "the rewritten day read again");
+    assert_eq!(
+        answer,
+        brute_force_unique_users(&pool, start, end).await - 1,
+        "late-day taken out of its only bitmap"
+    );
+    assert_eq!(count(&rollups).await, (answer, rows), "and remembered again");
+
+    // Deleted, then written again by a later transaction with the version the remembered
+    // row had (retention, then a fold): the same bucket and version, other users (one
+    // ordinal no other bitmap holds added). Only the row version tells the two apart.
+    let version: i64 =
+        sqlx::query_scalar("SELECT version FROM user_activity_daily WHERE bucket_start = to_timestamp($1)")
+            .bind(day)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let mut other_users = day_users().await;
+    other_users.insert(9_999_999);
+    sqlx::query("DELETE FROM user_activity_daily WHERE bucket_start = to_timestamp($1)")
+        .bind(day)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO user_activity_daily (bucket_start, users, version) VALUES (to_timestamp($1), $2, $3)",
+    )
+    .bind(day)
+    .bind(encode_users(&other_users))
+    .bind(version)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (answer, from_memory) = count(&rollups).await;
+    assert_eq!(answer, count(&without_memory).await.0, "the day written again read again");
+    assert_eq!(
+        (answer, from_memory),
+        (with_late_day, rows - 1),
+        "one user more than before, from the new row"
+    );
     pool.close().await;
     crate::helpers::drop_database(&database_name).await;
 }

@@ -17,6 +17,7 @@ pub mod erasure;
 pub(crate) mod events;
 pub(crate) mod export;
 pub mod fold;
+pub mod folded_bitmaps;
 pub mod hour_spans;
 pub mod partitions;
 pub mod pii;

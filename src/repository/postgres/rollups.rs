@@ -5,6 +5,7 @@
 //! query reads is a plan the service built ([`EventCountPlan`], [`RangeSplit`]); this
 //! module turns plans into SQL and runs them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -13,13 +14,14 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::edge_hours::{EdgeHourMemory, HourStamp, HourSummary, MAX_SUMMARY_EVENTS};
 use super::events::event_counts_from_rows;
+use super::folded_bitmaps::{BitmapTable, FoldedBitmapMemory, RowIdentity};
 use super::hour_spans;
 use super::replica::CountSource;
 use super::user_ordinals::UserOrdinals;
 use super::RepositoryError;
 use crate::metrics;
 use crate::models::user_bitmap::decode_users;
-use crate::models::utc::{floor_to, time, HOUR_SECONDS};
+use crate::models::utc::{floor_to, time, DAY_SECONDS, HOUR_SECONDS};
 use crate::models::{EventCount, EventCountPlan, EventFilter, GroupBy, PartialHour, RangeSplit, RollupStamp};
 
 type Sql<'a> = QueryBuilder<'a, Postgres>;
@@ -27,16 +29,27 @@ type Sql<'a> = QueryBuilder<'a, Postgres>;
 /// The start and end arrays of a set of segments, as a query unnests them.
 type Bounds = (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>);
 
-/// A row of the unique-user statement: its kind ([`FOLDED_BITMAP`], [`EDGE_BITMAP`],
-/// [`UNFOLDED_USERS`], [`ERASURE_GENERATION`], [`EDGE_SUMMARY`], [`EDGE_RAW`],
-/// [`EDGE_BITMAP_MINUS_OUTSIDE`] or [`EDGE_SPANS`]), a bitmap or stored spans (a folded
+/// A row of the unique-user statement: its kind ([`FOLDED_DAY_BITMAP`],
+/// [`FOLDED_HOUR_BITMAP`], [`EDGE_BITMAP`], [`UNFOLDED_USERS`], [`ERASURE_GENERATION`],
+/// [`EDGE_SUMMARY`], [`EDGE_RAW`], [`EDGE_BITMAP_MINUS_OUTSIDE`] or [`EDGE_SPANS`]), a bitmap or stored spans (a folded
 /// bitmap only when asked for) and a folded bitmap's version (or the erasure generation,
 /// or a partial hour's index), or, in one row, the users not folded yet: their
 /// ordinals when the statement probes for them (`NULL` for a user that has none; no array
 /// when the ordinals are looked up after the statement) and their ids. One row of arrays,
 /// not a row per user: a dashboard's count has thousands of them, and decoding the rows
 /// was most of the replica's work per call.
-type UserCountRow = (i32, Option<Vec<u8>>, Option<i64>, Option<Vec<Option<i32>>>, Option<Vec<String>>);
+///
+/// A folded bitmap's row also carries its bucket start (Unix seconds) and its `xmin`, and
+/// its bytes only when this replica does not remember it ([`FoldedBitmapMemory`]).
+type UserCountRow = (
+    i32,
+    Option<Vec<u8>>,
+    Option<i64>,
+    Option<Vec<Option<i32>>>,
+    Option<Vec<String>>,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// The ordinals of ids this replica does not remember, and the erasure generation, for
 /// the ids of a unique-user count (see [`UserOrdinals`]). A row with a `NULL` id carries
@@ -45,11 +58,11 @@ const USER_ORDINALS_AND_GENERATION: &str = "
     SELECT user_id::text, ordinal::bigint FROM user_ordinals WHERE user_id = ANY($1::text[])
     UNION ALL SELECT NULL, generation FROM erasure_generation";
 
-/// Kinds of [`UserCountRow`]: a bitmap of the whole hours (stamped and cached), the
+/// Kinds of [`UserCountRow`]: a bitmap of a whole day (stamped and cached), the
 /// bitmap of a partial edge hour read whole (always fresh), the users not folded yet, the
 /// erasure generation (part of the stamp), a partial hour whose kept summary holds (its
 /// users come from its [`HourSummary`]), a partial hour whose users were read raw.
-const FOLDED_BITMAP: i32 = 0;
+const FOLDED_DAY_BITMAP: i32 = 0;
 const EDGE_BITMAP: i32 = 1;
 const UNFOLDED_USERS: i32 = 2;
 const ERASURE_GENERATION: i32 = 3;
@@ -61,6 +74,8 @@ const EDGE_BITMAP_MINUS_OUTSIDE: i32 = 6;
 /// The stored spans of a partial edge hour ([`hour_spans`]) that the statement found
 /// current, with the hour's index.
 const EDGE_SPANS: i32 = 7;
+/// A folded bitmap of a whole hour (kind [`FOLDED_DAY_BITMAP`] is a whole day's).
+const FOLDED_HOUR_BITMAP: i32 = 8;
 
 /// Whether a partial edge hour not read whole nor from a summary is read as its hour
 /// bitmap minus the users seen only in its part outside the range, rather than as the raw
@@ -512,6 +527,9 @@ pub struct UserCountParts {
     pub unfolded_ordinals: Vec<u32>,
     /// Users in the pending pairs and the raw edges that have no ordinal yet.
     pub never_folded: u64,
+    /// How many of the folded bitmaps came from this replica's memory rather than from
+    /// PostgreSQL (see [`FoldedBitmapMemory`]).
+    pub remembered_bitmaps: usize,
 }
 
 impl UserCountParts {
@@ -541,11 +559,14 @@ pub struct RollupRepository {
     /// This replica's summaries of folded hours; without them a count reads the part of a
     /// partial edge hour it cannot read whole from the raw events.
     edge_hours: Option<EdgeHourMemory>,
+    /// This replica's decoded folded user bitmaps; without them a unique-user count not
+    /// cached reads every folded bitmap of its range.
+    folded_bitmaps: Option<FoldedBitmapMemory>,
 }
 
 impl RollupRepository {
     pub fn new(source: impl Into<CountSource>) -> Self {
-        Self { database: source.into(), ordinals: None, edge_hours: None }
+        Self { database: source.into(), ordinals: None, edge_hours: None, folded_bitmaps: None }
     }
 
     /// Unique-user counts look up the ordinals of users not folded yet in `ordinals`
@@ -561,6 +582,14 @@ impl RollupRepository {
     /// path ([`Self::event_counts_parts`]), where dashboards repeat their edge hours.
     pub fn with_edge_hours(mut self, memory: EdgeHourMemory) -> Self {
         self.edge_hours = Some(memory);
+        self
+    }
+
+    /// Unique-user counts that read the folded bitmaps take the ones `memory` holds as
+    /// they are in the count's snapshot from there, and remember the others (see
+    /// [`FoldedBitmapMemory`]).
+    pub fn with_folded_bitmaps(mut self, memory: FoldedBitmapMemory) -> Self {
+        self.folded_bitmaps = Some(memory);
         self
     }
 
@@ -746,12 +775,29 @@ impl RollupRepository {
         ordinals: Option<&UserOrdinals>,
     ) -> Result<Option<UserCountParts>, RepositoryError> {
         let [_, rollup_start, day_start, day_end, rollup_end, _] = split.instants();
-        let users_column = if with_bitmaps { "users" } else { "NULL::bytea" };
         let bitmap_sources = [
-            ("user_activity_daily", day_start, day_end),
-            ("user_activity_hourly", rollup_start, day_start),
-            ("user_activity_hourly", day_end, rollup_end),
+            (BitmapTable::Daily, day_start, day_end),
+            (BitmapTable::Hourly, rollup_start, day_start),
+            (BitmapTable::Hourly, day_end, rollup_end),
         ];
+        // The folded bitmaps of the range this replica remembers, and their keys as the
+        // statement compares them, per source.
+        let mut remembered = HashMap::new();
+        let mut remembered_keys: [Vec<String>; 3] = Default::default();
+        if let (true, Some(memory)) = (with_bitmaps, &self.folded_bitmaps) {
+            for (index, (table, from, to)) in bitmap_sources.into_iter().enumerate() {
+                let step = match table {
+                    BitmapTable::Daily => DAY_SECONDS,
+                    BitmapTable::Hourly => HOUR_SECONDS,
+                };
+                for bucket in (from.timestamp()..to.timestamp()).step_by(step as usize) {
+                    if let Some(bitmap) = memory.get(table, bucket) {
+                        remembered_keys[index].push(format!("{bucket}/{}", bitmap.identity.key()));
+                        remembered.insert((table, bucket), bitmap);
+                    }
+                }
+            }
+        }
         let partial_hours: Vec<PartialHour> = split.partial_hours().collect();
         // The kept summaries of the partial hours that one can answer.
         let summaries: Vec<Option<Arc<HourSummary>>> = partial_hours
@@ -801,31 +847,45 @@ impl RollupRepository {
                 if !partial_hours.is_empty() {
                     sql.push(") ");
                 }
-                for (table, from, to) in bitmap_sources {
+                for (index, (table, from, to)) in bitmap_sources.into_iter().enumerate() {
+                    let kind = match table {
+                        BitmapTable::Daily => FOLDED_DAY_BITMAP,
+                        BitmapTable::Hourly => FOLDED_HOUR_BITMAP,
+                    };
+                    sql.push(format_args!("SELECT {kind} AS kind, "));
+                    if with_bitmaps {
+                        // The bytes only of the rows this replica does not remember as
+                        // they are in this snapshot (see [`FoldedBitmapMemory`]).
+                        sql.push("CASE WHEN extract(epoch FROM bucket_start)::bigint || '/' || xmin::text || '/' || version = ANY(");
+                        sql.push_bind(&remembered_keys[index]).push(") THEN NULL ELSE users END");
+                    } else {
+                        sql.push("NULL::bytea");
+                    }
                     sql.push(format_args!(
-                        "SELECT {FOLDED_BITMAP} AS kind, {users_column} AS users, version, NULL::integer[] AS ordinals, NULL::text[] AS user_ids FROM {table} WHERE "
+                        " AS users, version, NULL::integer[] AS ordinals, NULL::text[] AS user_ids, extract(epoch FROM bucket_start)::bigint AS bucket, xmin::text::bigint AS row_xmin FROM {} WHERE ",
+                        table.name()
                     ));
                     push_within(&mut sql, "bucket_start", from, to);
                     sql.push(" UNION ALL ");
                 }
                 for (index, part) in partial_hours.iter().enumerate() {
                     sql.push(format_args!(
-                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer[], NULL::text[] FROM user_activity_hourly WHERE bucket_start = "
+                        "SELECT {EDGE_BITMAP}, users, NULL::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint FROM user_activity_hourly WHERE bucket_start = "
                     ));
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(" AND (SELECT whole_{index} FROM edges) UNION ALL "));
                     sql.push(format_args!(
-                        "SELECT {EDGE_SUMMARY}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE (SELECT summary_{index} AND NOT whole_{index} FROM edges) UNION ALL "
+                        "SELECT {EDGE_SUMMARY}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint WHERE (SELECT summary_{index} AND NOT whole_{index} FROM edges) UNION ALL "
                     ));
                     sql.push(format_args!(
-                        "SELECT {EDGE_SPANS}, spans, {index}::bigint, NULL::integer[], NULL::text[] FROM user_activity_hour_spans WHERE hour_start = "
+                        "SELECT {EDGE_SPANS}, spans, {index}::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint FROM user_activity_hour_spans WHERE hour_start = "
                     ));
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(
                         " AND (SELECT spans_{index} AND NOT whole_{index} AND NOT summary_{index} FROM edges) UNION ALL "
                     ));
                     sql.push(format_args!(
-                        "SELECT {EDGE_RAW}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[] WHERE (SELECT NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
+                        "SELECT {EDGE_RAW}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint WHERE (SELECT NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
                     ));
                     if minus_outside[index] {
                         // The users seen only outside, each probed (an id without an ordinal
@@ -840,7 +900,7 @@ impl RollupRepository {
                         }
                         sql.push(" AND user_id IS NOT NULL AND user_id <> '' EXCEPT SELECT user_id FROM events WHERE ");
                         push_within(&mut sql, "timestamp", time(part.start), time(part.end));
-                        sql.push(") only_outside), NULL::text[] FROM user_activity_hourly WHERE bucket_start = ");
+                        sql.push(") only_outside), NULL::text[], NULL::bigint, NULL::bigint FROM user_activity_hourly WHERE bucket_start = ");
                         sql.push_bind(time(part.hour().0));
                         sql.push(format_args!(
                             " AND (SELECT settled_{index} AND NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
@@ -856,7 +916,7 @@ impl RollupRepository {
                     "array_agg((SELECT ordinal FROM user_ordinals ordinals WHERE ordinals.user_id = unfolded.user_id))"
                 };
                 sql.push(format_args!(
-                    "SELECT {UNFOLDED_USERS}, NULL::bytea, NULL::bigint, {ordinals_column}, array_agg(unfolded.user_id::text)"
+                    "SELECT {UNFOLDED_USERS}, NULL::bytea, NULL::bigint, {ordinals_column}, array_agg(unfolded.user_id::text), NULL::bigint, NULL::bigint"
                 ));
                 sql.push(" FROM (SELECT DISTINCT user_id FROM (SELECT unnest(user_ids) AS user_id FROM user_activity_pending WHERE ");
                 push_within(&mut sql, "hour_start", rollup_start, rollup_end);
@@ -873,12 +933,13 @@ impl RollupRepository {
                 sql.push(") ids) unfolded");
                 // The erasure generation, part of the stamp.
                 sql.push(format_args!(
-                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer[], NULL::text[] FROM erasure_generation"
+                    " UNION ALL SELECT {ERASURE_GENERATION}, NULL::bytea, generation, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint FROM erasure_generation"
                 ));
                 let mut connection = self.database.connection().await?;
                 let rows: Vec<UserCountRow> = sql.build_query_as().fetch_all(&mut *connection).await?;
                 let mut stamp = RollupStamp::default();
-                let mut bitmaps = Vec::new();
+                let mut bitmaps: Vec<Arc<RoaringBitmap>> = Vec::new();
+                let mut remembered_bitmaps = 0;
                 let mut edge_users = RoaringBitmap::new();
                 let mut never_folded = 0;
                 let mut unfolded_ordinals = Vec::new();
@@ -886,13 +947,41 @@ impl RollupRepository {
                 let mut raw_hours = Vec::new();
                 let mut summarised_hours = 0;
                 let mut spanned_hours = 0;
-                for (kind, users, version, probed, user_ids) in rows {
+                for (kind, users, version, probed, user_ids, bucket, row_xmin) in rows {
                     match kind {
                         ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
-                        FOLDED_BITMAP => {
+                        FOLDED_DAY_BITMAP | FOLDED_HOUR_BITMAP => {
                             stamp.rows += 1;
                             stamp.sum += version.unwrap_or_default();
-                            bitmaps.extend(users);
+                            if with_bitmaps {
+                                let table = if kind == FOLDED_DAY_BITMAP { BitmapTable::Daily } else { BitmapTable::Hourly };
+                                let bucket = bucket.unwrap_or_default();
+                                let identity =
+                                    RowIdentity { xmin: row_xmin.unwrap_or_default(), version: version.unwrap_or_default() };
+                                match users {
+                                    Some(bytes) => {
+                                        let decoded = Arc::new(decode_users(&bytes).map_err(RepositoryError::corrupt)?);
+                                        if let Some(memory) = &self.folded_bitmaps {
+                                            memory.remember(table, bucket, identity, decoded.clone(), bytes.len());
+                                        }
+                                        bitmaps.push(decoded);
+                                    }
+                                    // Remembered as it is in this snapshot: the statement
+                                    // matched the identity sent for this bucket.
+                                    None => match remembered.get(&(table, bucket)) {
+                                        Some(bitmap) if bitmap.identity == identity => {
+                                            remembered_bitmaps += 1;
+                                            bitmaps.push(bitmap.users.clone());
+                                        }
+                                        _ => {
+                                            return Err(RepositoryError::corrupt(std::io::Error::other(format!(
+                                                "{} row {bucket} came without its bitmap and is not remembered",
+                                                table.name()
+                                            ))))
+                                        }
+                                    },
+                                }
+                            }
                         }
                         EDGE_BITMAP => {
                             edge_users |= decode_users(&users.unwrap_or_default()).map_err(RepositoryError::corrupt)?;
@@ -983,16 +1072,19 @@ impl RollupRepository {
                 metrics::record_edge_hours("user_count", summarised_hours, spanned_hours, raw_hours.len());
                 self.note_raw_edge_hours(raw_hours.iter().filter(|part| HourSummary::answers_users(part)).map(|part| part.hour().0));
                 let folded = if with_bitmaps {
-                    let decoded = bitmaps
-                        .iter()
-                        .map(|bytes| decode_users(bytes))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(RepositoryError::corrupt)?;
-                    Some(decoded.union())
+                    metrics::record_folded_bitmaps(remembered_bitmaps, bitmaps.len() - remembered_bitmaps);
+                    Some(bitmaps.iter().map(|bitmap| bitmap.as_ref()).union())
                 } else {
                     None
                 };
-                Ok(Some(UserCountParts { folded, stamp, edge_users, unfolded_ordinals, never_folded }))
+                Ok(Some(UserCountParts {
+                    folded,
+                    stamp,
+                    edge_users,
+                    unfolded_ordinals,
+                    never_folded,
+                    remembered_bitmaps,
+                }))
             })
             .await
     }

@@ -59,12 +59,13 @@ impl AnalyticsService {
         }
     }
 
-    /// The rollups of `source`, with this replica's remembered user ordinals and
-    /// summaries of folded edge hours.
+    /// The rollups of `source`, with this replica's remembered user ordinals, summaries
+    /// of folded edge hours and decoded folded bitmaps.
     fn rollups(&self, source: CountSource) -> RollupRepository {
         RollupRepository::new(source)
             .with_user_ordinals(self.user_ordinals.clone())
             .with_edge_hours(self.edge_hours.clone())
+            .with_folded_bitmaps(self.folded_bitmaps.clone())
     }
 
     /// Where this call's statements run: a replica connection that has replayed the
