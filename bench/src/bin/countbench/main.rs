@@ -75,6 +75,10 @@ pub(crate) struct Arguments {
     /// ingestion measurement and the seeding; "now" is its newest event.
     #[arg(long)]
     pub(crate) reuse_database: Option<String>,
+    /// Also print each shape's cold calls in the order they ran, in ms (the first call of
+    /// a shape finds the least in the server's memories).
+    #[arg(long)]
+    pub(crate) print_samples: bool,
 }
 
 #[tokio::main]
@@ -210,6 +214,7 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
     println!("| query | raw SQL p50 / p95 / p99 ms | service cold p50 / p95 / p99 ms | service warm p50 / p95 / p99 ms | p95 speed-up (raw / cold) | answers equal to raw SQL |");
     println!("|---|---|---|---|---|---|");
     let end = now.timestamp() - 600;
+    let mut cold_calls = Vec::new();
     for shape in shapes() {
         let requests: Vec<(i64, i64)> = (0..arguments.samples as i64)
             .map(|sample| {
@@ -253,6 +258,10 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
         }
         let checked = requests.len().min(2 * arguments.baseline_samples);
         let (raw50, raw95, raw99) = Timings(baseline).summary();
+        if arguments.print_samples {
+            let calls: Vec<String> = cold.iter().map(|took| millis(*took)).collect();
+            cold_calls.push(format!("{}: {}", shape.label(), calls.join(" ")));
+        }
         let (cold50, cold95, cold99) = Timings(cold).summary();
         let (warm50, warm95, warm99) = Timings(warm).summary();
         println!(
@@ -271,6 +280,10 @@ async fn run(arguments: &Arguments, config: &Config) -> anyhow::Result<()> {
         );
     }
 
+    if !cold_calls.is_empty() {
+        println!("\ncold calls in order, ms:");
+        cold_calls.iter().for_each(|line| println!("- {line}"));
+    }
     println!();
     dashboard_mix(&client, raw, &database, arguments, end, admin_address).await?;
     stop.send(()).ok();
