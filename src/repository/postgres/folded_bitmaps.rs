@@ -53,10 +53,16 @@ pub(crate) struct RowIdentity {
     pub(crate) version: i64,
 }
 
+/// A folded bitmap row's key as a statement computes it from the row; [`RowIdentity::key`]
+/// is the same key computed here.
+pub(crate) const ROW_KEY_SQL: &str =
+    "extract(epoch FROM bucket_start)::bigint || '/' || xmin::text || '/' || version";
+
 impl RowIdentity {
-    /// The form a statement compares with `xmin::text || '/' || version`.
-    pub(crate) fn key(self) -> String {
-        format!("{}/{}", self.xmin, self.version)
+    /// The key of this row version of the bucket starting at `bucket_start` (Unix
+    /// seconds), as [`ROW_KEY_SQL`] computes it.
+    pub(crate) fn key(self, bucket_start: i64) -> String {
+        format!("{bucket_start}/{}/{}", self.xmin, self.version)
     }
 }
 
@@ -135,7 +141,7 @@ mod tests {
         assert_eq!(remembered.identity, identity);
         assert_eq!(remembered.users.len(), 2);
         assert!(memory.get(BitmapTable::Hourly, 86_400).is_none(), "the hour starting there is another row");
-        assert_eq!(identity.key(), "812/3");
+        assert_eq!(identity.key(86_400), "86400/812/3");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use sqlx::{Postgres, QueryBuilder, Row};
 
 use super::edge_hours::{EdgeHourMemory, HourStamp, HourSummary, MAX_SUMMARY_EVENTS};
 use super::events::event_counts_from_rows;
-use super::folded_bitmaps::{BitmapTable, FoldedBitmapMemory, RowIdentity};
+use super::folded_bitmaps::{BitmapTable, FoldedBitmapMemory, RowIdentity, ROW_KEY_SQL};
 use super::hour_spans;
 use super::replica::CountSource;
 use super::user_ordinals::UserOrdinals;
@@ -792,7 +792,7 @@ impl RollupRepository {
                 };
                 for bucket in (from.timestamp()..to.timestamp()).step_by(step as usize) {
                     if let Some(bitmap) = memory.get(table, bucket) {
-                        remembered_keys[index].push(format!("{bucket}/{}", bitmap.identity.key()));
+                        remembered_keys[index].push(bitmap.identity.key(bucket));
                         remembered.insert((table, bucket), bitmap);
                     }
                 }
@@ -856,15 +856,14 @@ impl RollupRepository {
                     if with_bitmaps {
                         // The bytes only of the rows this replica does not remember as
                         // they are in this snapshot (see [`FoldedBitmapMemory`]).
-                        sql.push("CASE WHEN extract(epoch FROM bucket_start)::bigint || '/' || xmin::text || '/' || version = ANY(");
+                        sql.push(format_args!("CASE WHEN {ROW_KEY_SQL} = ANY("));
                         sql.push_bind(&remembered_keys[index]).push(") THEN NULL ELSE users END");
+                        sql.push(", version, NULL::integer[], NULL::text[], extract(epoch FROM bucket_start)::bigint, xmin::text::bigint");
                     } else {
-                        sql.push("NULL::bytea");
+                        // The stamp only (a cache hit's statement).
+                        sql.push("NULL::bytea, version, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint");
                     }
-                    sql.push(format_args!(
-                        " AS users, version, NULL::integer[] AS ordinals, NULL::text[] AS user_ids, extract(epoch FROM bucket_start)::bigint AS bucket, xmin::text::bigint AS row_xmin FROM {} WHERE ",
-                        table.name()
-                    ));
+                    sql.push(format_args!(" FROM {} WHERE ", table.name()));
                     push_within(&mut sql, "bucket_start", from, to);
                     sql.push(" UNION ALL ");
                 }
