@@ -115,7 +115,7 @@ fn describe_all() {
     );
     describe_counter!(
         EDGE_HOURS,
-        "Partial hours at the edges of counts that could not be read whole, by query and source (summary: a kept summary of the folded hour, spans: the hour's stored spans, raw: the raw events)."
+        "Partial hours at the edges of counts that could not be read whole, by query and source (summary: a kept summary of the folded hour, spans: the hour's stored spans, live_spans: the live spans the fold keeps of an hour still taking events, raw: the raw events)."
     );
     describe_counter!(HOUR_SPANS_BUILT, "Closed hours whose user spans the span builder wrote (first and last second of each user, for unique-user counts).");
     describe_counter!(
@@ -261,13 +261,22 @@ pub(crate) fn record_user_ordinals_reread() {
 }
 
 /// The partial edge hours a count (`query`) could not read whole: those answered from a
-/// kept summary, from the hour's stored spans, and from the raw events.
-pub(crate) fn record_edge_hours(query: &'static str, summarised: usize, spanned: usize, raw: usize) {
+/// kept summary, from the hour's stored spans, from its live spans, and from the raw events.
+pub(crate) fn record_edge_hours(
+    query: &'static str,
+    summarised: usize,
+    spanned: usize,
+    live: usize,
+    raw: usize,
+) {
     if summarised > 0 {
         counter!(EDGE_HOURS, "query" => query, "source" => "summary").increment(summarised as u64);
     }
     if spanned > 0 {
         counter!(EDGE_HOURS, "query" => query, "source" => "spans").increment(spanned as u64);
+    }
+    if live > 0 {
+        counter!(EDGE_HOURS, "query" => query, "source" => "live_spans").increment(live as u64);
     }
     if raw > 0 {
         counter!(EDGE_HOURS, "query" => query, "source" => "raw").increment(raw as u64);

@@ -294,7 +294,7 @@ async fn counts_after_erasing_random_users_equal_raw_sql_for_every_grouping_zone
 #[tokio::test]
 async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
     let app = spawn_admin_app(&[]).await;
-    // Its edge hours are read raw (or from kept summaries), not from stored spans.
+    // Its edge hours are read raw (or from kept summaries), not from stored or live spans.
     let _no_spans = app.hold_the_span_builder().await;
     let hour = (now() - 5 * HOUR).div_euclid(HOUR) * HOUR;
     // [hour + 30 min, hour + 3 h 30 min): its first and last hours are partial; an event in
@@ -307,6 +307,7 @@ async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
         app.track("view", user, hour + HOUR + 5 * 60).await;
     }
     app.wait_for_the_fold().await;
+    app.forget_live_spans().await;
     let lookups = |result: &'static str| {
         let app = &app;
         async move {
@@ -351,7 +352,7 @@ async fn an_erased_user_who_comes_back_is_counted_once_under_a_new_ordinal() {
 #[tokio::test]
 async fn a_kept_summary_of_an_edge_hour_never_outlives_a_late_event_or_an_erasure() {
     let app = spawn_admin_app(&[]).await;
-    // Its edge hours are read raw (or from kept summaries), not from stored spans.
+    // Its edge hours are read raw (or from kept summaries), not from stored or live spans.
     let _no_spans = app.hold_the_span_builder().await;
     let hour = (now() - 8 * HOUR).div_euclid(HOUR) * HOUR;
     let end_hour = hour + 3 * HOUR;
@@ -375,6 +376,7 @@ async fn a_kept_summary_of_an_edge_hour_never_outlives_a_late_event_or_an_erasur
     app.track("view", "late-starter", end_hour + 30 * 60).await;
     app.track("view", "gone", end_hour + 20 * 60).await;
     app.wait_for_the_fold().await;
+    app.forget_live_spans().await;
     let exact = async |stage: &str| {
         for (from, to) in [(start, end), (start, end_hour), (hour + 2 * HOUR, end)] {
             let expected = brute_force_unique_users(&app.pool, from, to).await;
@@ -507,7 +509,7 @@ async fn an_erasure_deletes_the_stored_spans_of_its_hours_and_counts_stay_exact(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_count_racing_an_erasure_generation_is_read_again_and_stays_exact() {
     let app = spawn_admin_app(&[]).await;
-    // Its edge hours are read raw (or from kept summaries), not from stored spans.
+    // Its edge hours are read raw (or from kept summaries), not from stored or live spans.
     let _no_spans = app.hold_the_span_builder().await;
     let hour = (now() - 5 * HOUR).div_euclid(HOUR) * HOUR;
     let (start, end) = (hour + 30 * 60, hour + 3 * HOUR + 30 * 60);
@@ -518,6 +520,7 @@ async fn a_count_racing_an_erasure_generation_is_read_again_and_stays_exact() {
     }
     app.track("view", "user-0", hour + HOUR + 5 * 60).await;
     app.wait_for_the_fold().await;
+    app.forget_live_spans().await;
     let expected = brute_force_unique_users(&app.pool, start, end).await;
     assert_eq!(expected, 40);
 

@@ -416,3 +416,193 @@ async fn remembered_folded_bitmaps_are_used_only_while_their_rows_are_unchanged(
     pool.close().await;
     crate::helpers::drop_database(&database_name).await;
 }
+
+/// Unique-user counts read a partial edge hour that still takes events from the live spans
+/// the fold keeps of it (with its pending rows' seconds) while the statement finds them
+/// current, and never once they are not: a bitmap changed behind the fold's back, pending
+/// rows without seconds (written before the migration), a deletion, and an hour with more
+/// users than a live row keeps. Every stage is checked against raw SQL; a positive control
+/// empties a current row and sees the answer change.
+#[tokio::test]
+async fn live_spans_answer_edges_of_hours_still_taking_events_and_never_outlive_a_change() {
+    let (database_name, database) = migrated_database().await;
+    let pool = database.pool().clone();
+    // No kept summaries and no stored spans: edge hours come from live spans or raw events.
+    let rollups = RollupRepository::new(database.clone());
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let mut random = StdRng::seed_from_u64(seed);
+    let open = now().div_euclid(HOUR) * HOUR - 6 * HOUR;
+    let [late, unstamped, deleted, crowded] = [1, 2, 3, 4].map(|hours| open + hours * HOUR);
+    insert_random_events(&pool, &mut random, 600, open - DAY, open).await;
+    fold::fold_all_pending(&database).await.unwrap();
+    let live_row = async |hour: i64| -> Option<bool> {
+        sqlx::query_scalar(
+            "SELECT live.bitmap_version = bitmap.version FROM user_activity_live_spans live
+               JOIN user_activity_hourly bitmap ON bitmap.bucket_start = live.hour_start
+              WHERE live.hour_start = to_timestamp($1)",
+        )
+        .bind(hour)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+    };
+    let parse = |start: i64, end: i64| TimeRange::parse(start, end, chrono::Utc::now()).unwrap();
+    // Each hour's first 20 minutes and its last 40, from and to a day away.
+    let ranges: Vec<(i64, i64)> = [open, late, unstamped, deleted, crowded]
+        .into_iter()
+        .flat_map(|hour| [(hour - DAY, hour + 20 * 60), (hour + 20 * 60, hour + DAY)])
+        .chain([(open - DAY + 1_234, open + 59 * 60 + 59)])
+        .collect();
+    let check = async |stage: &str| {
+        for (start, end) in ranges.iter().copied() {
+            let expected = brute_force_unique_users(&pool, start, end).await;
+            let answer = rollups.unique_users(user_count_split(parse(start, end))).await.unwrap();
+            assert_eq!(answer, expected, "{stage}: users in [{start}, {end})");
+        }
+    };
+    // Hours still taking events, several statements each; users seen only in one part.
+    let fill = async |hour: i64, random: &mut StdRng| {
+        for _ in 0..3 {
+            insert_random_events(&pool, random, 150, hour, hour + HOUR).await;
+        }
+        insert_rows(
+            &pool,
+            &[
+                ("view", &format!("only-early-{hour}"), (hour + 5 * 60) as f64 + 0.5),
+                ("view", &format!("only-late-{hour}"), (hour + 45 * 60) as f64),
+                ("view", &format!("at-the-cut-{hour}"), (hour + 20 * 60) as f64),
+                ("view", &format!("early-and-late-{hour}"), (hour + 6 * 60) as f64),
+                ("view", &format!("early-and-late-{hour}"), (hour + 50 * 60) as f64),
+            ],
+        )
+        .await;
+    };
+    fill(open, &mut random).await;
+    check("all pending").await;
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_activity_pending").fetch_one(&pool).await.unwrap();
+    fold::fold_pending(&database, 1_000, pending / 2).await.unwrap();
+    assert_eq!(live_row(open).await, Some(true), "the fold started the open hour's live row");
+    check("half folded").await;
+    fill(open, &mut random).await;
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(open).await, Some(true), "and kept it current");
+    check("all folded").await;
+
+    // The positive control: the open hour's live spans emptied, stamp kept.
+    let emptied = sqlx::query(
+        "UPDATE user_activity_live_spans SET spans = ''::bytea WHERE hour_start = to_timestamp($1)",
+    )
+    .bind(open)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(emptied.rows_affected(), 1);
+    for (start, end) in [(open - DAY, open + 20 * 60), (open + 20 * 60, open + DAY)] {
+        let expected = brute_force_unique_users(&pool, start, end).await;
+        let only_in_part: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT user_id) FROM events
+              WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''
+                AND user_id NOT IN (SELECT user_id FROM events
+                                     WHERE timestamp >= to_timestamp($3) AND timestamp < to_timestamp($4))",
+        )
+        .bind(start.max(open))
+        .bind(end.min(open + HOUR))
+        .bind(if start < open { start } else { open + HOUR })
+        .bind(if start < open { open } else { end })
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(only_in_part > 0, "the cut part has users seen nowhere else in [{start}, {end})");
+        let answer = rollups.unique_users(user_count_split(parse(start, end))).await.unwrap();
+        assert_eq!(answer, expected - only_in_part, "the emptied live spans were read for [{start}, {end})");
+    }
+    // The bitmap changed behind the fold's back (as an erasure's clearing does): not used,
+    // and the next fold into the hour ends the row.
+    sqlx::query(
+        "UPDATE user_activity_hourly SET version = version + 1 WHERE bucket_start = to_timestamp($1)",
+    )
+    .bind(open)
+    .execute(&pool)
+    .await
+    .unwrap();
+    check("an outdated live row").await;
+    insert_rows(&pool, &[("view", "late-comer", (open + 10 * 60) as f64)]).await;
+    check("a late event over an outdated live row").await;
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(open).await, None, "the fold ended the outdated row");
+    check("the late event folded, no live row").await;
+
+    // A late event into a live hour: pending, then folded into its live row.
+    fill(late, &mut random).await;
+    fold::fold_all_pending(&database).await.unwrap();
+    insert_rows(
+        &pool,
+        &[
+            ("view", &format!("only-late-{late}"), (late + 1) as f64),
+            ("view", "late-newcomer", (late + 19 * 60 + 59) as f64 + 0.9),
+        ],
+    )
+    .await;
+    check("a late event pending over a live row").await;
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(late).await, Some(true));
+    check("the late event folded into the live row").await;
+
+    // Pending rows without seconds (written before the migration): read raw, and the fold
+    // starts no live row from them.
+    fill(unstamped, &mut random).await;
+    sqlx::query(
+        "UPDATE user_activity_pending SET first_seconds = NULL, last_seconds = NULL
+          WHERE ctid = (SELECT ctid FROM user_activity_pending WHERE hour_start = to_timestamp($1) LIMIT 1)",
+    )
+    .bind(unstamped)
+    .execute(&pool)
+    .await
+    .unwrap();
+    check("a pending row without seconds").await;
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(unstamped).await, None, "no live row from rows without seconds");
+    check("rows without seconds folded").await;
+
+    // A deletion: a user's early event goes (the late one stays, so the hour's bitmap
+    // still holds them rightly), the live row would still put them in the first part.
+    fill(deleted, &mut random).await;
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(deleted).await, Some(true));
+    let removed = sqlx::query("DELETE FROM events WHERE user_id = $1 AND timestamp < to_timestamp($2)")
+        .bind(format!("early-and-late-{deleted}"))
+        .bind(deleted + 20 * 60)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(removed.rows_affected(), 1);
+    check("a deletion pending").await;
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(deleted).await, None, "the fold of a deletion ends the live row");
+    check("the deletion folded").await;
+
+    // More users than a live row keeps.
+    sqlx::query(
+        "INSERT INTO events (event_name, user_id, timestamp)
+         SELECT 'view', 'crowd-' || i, to_timestamp($1 + i % 3600) FROM generate_series(1, $2) i",
+    )
+    .bind(crowded)
+    .bind(fold::LIVE_SPANS_MAX_USERS as i64 + 1)
+    .execute(&pool)
+    .await
+    .unwrap();
+    fold::fold_all_pending(&database).await.unwrap();
+    assert_eq!(live_row(crowded).await, None, "no live row past the cap");
+    check("a crowded hour").await;
+
+    // The span builder ends the live rows of settled hours.
+    hour_spans::build_all_hour_spans(&database, now()).await.unwrap();
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM user_activity_live_spans").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0, "settled hours keep no live rows");
+    check("stored spans").await;
+    pool.close().await;
+    crate::helpers::drop_database(&database_name).await;
+}

@@ -350,12 +350,16 @@ impl ErasureRepository {
                     let days: Vec<DateTime<Utc>> = days.into_iter().map(time).collect();
                     clear_ordinal(&mut transaction, "user_activity_hourly", &hours, ordinal as u32).await?;
                     clear_ordinal(&mut transaction, "user_activity_daily", &days, ordinal as u32).await?;
-                    // The stored spans of those hours name the ordinal too; the builder
-                    // writes them again without it.
-                    sqlx::query("DELETE FROM user_activity_hour_spans WHERE hour_start = ANY($1)")
-                        .bind(&hours)
-                        .execute(&mut *transaction)
-                        .await?;
+                    // The stored and live spans of those hours name the ordinal too; the
+                    // builder writes the stored ones again without it (a live row, stamped
+                    // with a bitmap version the clearing just bumped, is outdated anyway).
+                    sqlx::query(
+                        "WITH stored AS (DELETE FROM user_activity_hour_spans WHERE hour_start = ANY($1))
+                         DELETE FROM user_activity_live_spans WHERE hour_start = ANY($1)",
+                    )
+                    .bind(&hours)
+                    .execute(&mut *transaction)
+                    .await?;
                 }
                 let identity_deleted = sqlx::query("DELETE FROM user_identities WHERE user_id = $1")
                     .bind(&user_id)

@@ -22,6 +22,7 @@
 //! [`BUILD_PASS_BUDGET`]. Hours with more than [`MAX_SUMMARY_EVENTS`] events are never
 //! spanned (read raw, as before).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -131,6 +132,11 @@ pub async fn build_hour_spans_within(
             if !locked {
                 return Ok(SpanPass { lock_busy: true, ..SpanPass::default() });
             }
+            // Live spans (V8) are for hours still taking events; these no longer do.
+            sqlx::query("DELETE FROM user_activity_live_spans WHERE hour_start <= $1")
+                .bind(latest_hour_start)
+                .execute(&mut *transaction)
+                .await?;
             let hours: Vec<DateTime<Utc>> = sqlx::query_scalar(HOURS_TO_SPAN)
                 .bind(latest_hour_start)
                 .bind(MAX_SUMMARY_EVENTS)
@@ -173,6 +179,59 @@ pub async fn build_all_hour_spans(database: &Database, now: i64) -> Result<usize
     }
 }
 
+/// One user's span in an hour: ordinal, first and last second into the hour.
+pub(crate) type Span = (u32, i16, i16);
+
+/// Users' spans to merge into a row: ordinal -> (first second, last second).
+pub(crate) type SpanAdditions = BTreeMap<u32, (i16, i16)>;
+
+fn span_at(bytes: &[u8]) -> Span {
+    (
+        u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        i16::from_be_bytes([bytes[4], bytes[5]]),
+        i16::from_be_bytes([bytes[6], bytes[7]]),
+    )
+}
+
+/// The spans of a stored or live row, in the row's order (by ordinal).
+pub(crate) fn decode_spans(bytes: &[u8]) -> Result<Vec<Span>, std::io::Error> {
+    if bytes.len() % SPAN_BYTES != 0 {
+        return Err(std::io::Error::other(format!("hour spans of {} bytes", bytes.len())));
+    }
+    Ok(bytes.chunks_exact(SPAN_BYTES).map(span_at).collect())
+}
+
+/// `spans` (ordered by ordinal) as a row stores them.
+pub(crate) fn encode_spans(spans: &[Span]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(spans.len() * SPAN_BYTES);
+    for (ordinal, first, last) in spans {
+        bytes.extend_from_slice(&ordinal.to_be_bytes());
+        bytes.extend_from_slice(&first.to_be_bytes());
+        bytes.extend_from_slice(&last.to_be_bytes());
+    }
+    bytes
+}
+
+/// `known` (ordered by ordinal) with `added`: a user in both keeps the earlier first and
+/// the later last second.
+pub(crate) fn merge_spans(known: &[Span], added: &SpanAdditions) -> Vec<Span> {
+    let mut merged = Vec::with_capacity(known.len() + added.len());
+    let mut added = added.iter().peekable();
+    for &(ordinal, first, last) in known {
+        while let Some((&new_ordinal, &(new_first, new_last))) = added.next_if(|(new, _)| **new < ordinal) {
+            merged.push((new_ordinal, new_first, new_last));
+        }
+        match added.next_if(|(new, _)| **new == ordinal) {
+            Some((_, &(new_first, new_last))) => {
+                merged.push((ordinal, first.min(new_first), last.max(new_last)))
+            }
+            None => merged.push((ordinal, first, last)),
+        }
+    }
+    merged.extend(added.map(|(&ordinal, &(first, last))| (ordinal, first, last)));
+    merged
+}
+
 /// The users with an event in `part` of its hour, from the hour's stored spans: those whose
 /// last second is at or after the part's start when it ends with the hour, else those
 /// whose first second is before its end (the part must start or end with its hour).
@@ -183,11 +242,8 @@ pub(crate) fn users_within(spans: &[u8], part: &PartialHour) -> Result<RoaringBi
     let (hour_start, hour_end) = part.hour();
     let suffix = part.end == hour_end;
     let (from, to) = (part.start - hour_start, part.end - hour_start);
-    let ordinals = spans.chunks_exact(SPAN_BYTES).filter_map(|span| {
-        let ordinal = u32::from_be_bytes([span[0], span[1], span[2], span[3]]);
-        let first = i64::from(i16::from_be_bytes([span[4], span[5]]));
-        let last = i64::from(i16::from_be_bytes([span[6], span[7]]));
-        let within = if suffix { last >= from } else { first < to };
+    let ordinals = spans.chunks_exact(SPAN_BYTES).map(span_at).filter_map(|(ordinal, first, last)| {
+        let within = if suffix { i64::from(last) >= from } else { i64::from(first) < to };
         within.then_some(ordinal)
     });
     RoaringBitmap::from_sorted_iter(ordinals)
@@ -214,6 +270,20 @@ mod tests {
         let prefix = PartialHour { start: hour, end: hour + 601 };
         assert_eq!(users_within(&spans, &prefix).unwrap().iter().collect::<Vec<_>>(), [1, 2, 7]);
         assert!(users_within(&[], &prefix).unwrap().is_empty());
+    }
+
+    #[test]
+    fn merged_spans_keep_each_users_earliest_first_and_latest_last_second_in_ordinal_order() {
+        let known = [(2, 100, 200), (5, 0, 0), (9, 50, 60)];
+        let added = BTreeMap::from([(1, (7, 8)), (2, (50, 150)), (5, (10, 3_599)), (12, (1, 1))]);
+        assert_eq!(
+            merge_spans(&known, &added),
+            [(1, 7, 8), (2, 50, 200), (5, 0, 3_599), (9, 50, 60), (12, 1, 1)]
+        );
+        assert_eq!(merge_spans(&[], &added).len(), 4);
+        let encoded = encode_spans(&merge_spans(&known, &added));
+        assert_eq!(decode_spans(&encoded).unwrap(), merge_spans(&known, &added));
+        assert!(decode_spans(&encoded[1..]).is_err());
     }
 
     #[test]

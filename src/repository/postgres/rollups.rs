@@ -76,6 +76,9 @@ const EDGE_BITMAP_MINUS_OUTSIDE: i32 = 6;
 const EDGE_SPANS: i32 = 7;
 /// A folded bitmap of a whole hour (kind [`FOLDED_DAY_BITMAP`] is a whole day's).
 const FOLDED_HOUR_BITMAP: i32 = 8;
+/// A partial edge hour answered by its live spans (V8) and its pending rows' seconds, with
+/// the hour's index; the spans are `NULL` when nothing of the hour is folded yet.
+const EDGE_LIVE_SPANS: i32 = 9;
 
 /// Whether a partial edge hour not read whole nor from a summary is read as its hour
 /// bitmap minus the users seen only in its part outside the range, rather than as the raw
@@ -158,6 +161,24 @@ fn push_spans_current<'a>(sql: &mut Sql<'a>, hour_start: DateTime<Utc>) {
     sql.push(") AND NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ")
         .push_bind(hour_start);
     sql.push("))");
+}
+
+/// Whether the live spans of the hour starting at `hour_start` (migration V8) answer for
+/// its users in the statement's snapshot: its live row is stamped with the version of its
+/// bitmap row, or it has neither (nothing of it folded yet), and every pending row of it
+/// carries seconds, and no deletion of its events waits to be folded (a fold of one drops
+/// the live row).
+fn push_live_spans_current<'a>(sql: &mut Sql<'a>, hour_start: DateTime<Utc>) {
+    sql.push("(SELECT CASE WHEN bitmap.version IS NULL THEN live.hour_start IS NULL ELSE live.bitmap_version IS NOT DISTINCT FROM bitmap.version END FROM (SELECT 1) one LEFT JOIN user_activity_hourly bitmap ON bitmap.bucket_start = ");
+    sql.push_bind(hour_start);
+    sql.push(" LEFT JOIN user_activity_live_spans live ON live.hour_start = ").push_bind(hour_start);
+    sql.push(") AND NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ")
+        .push_bind(hour_start);
+    sql.push(
+        " AND first_seconds IS NULL) AND NOT EXISTS (SELECT 1 FROM event_count_deltas WHERE bucket_start = ",
+    )
+    .push_bind(hour_start);
+    sql.push(" AND event_count < 0)");
 }
 
 /// Up to this many raw segments are read by one branch each, with their bounds in the
@@ -705,7 +726,7 @@ impl RollupRepository {
                     binds.summarised.iter().map(|part| part.hour_start).collect();
                 summarised_hours.dedup();
                 summarised_hours.retain(|hour_start| !raw_hours.contains(hour_start));
-                metrics::record_edge_hours("event_count", summarised_hours.len(), 0, raw_hours.len());
+                metrics::record_edge_hours("event_count", summarised_hours.len(), 0, 0, raw_hours.len());
                 self.note_raw_edge_hours(raw_hours);
                 Ok(parts)
             })
@@ -836,6 +857,12 @@ impl RollupRepository {
                         sql.push("false");
                     }
                     sql.push(format_args!(" AS spans_{index}, "));
+                    if HourSummary::answers_users(part) {
+                        push_live_spans_current(&mut sql, time(part.hour().0));
+                    } else {
+                        sql.push("false");
+                    }
+                    sql.push(format_args!(" AS live_{index}, "));
                     if minus_outside[index] {
                         sql.push("NOT EXISTS (SELECT 1 FROM user_activity_pending WHERE hour_start = ");
                         sql.push_bind(time(part.hour().0)).push(")");
@@ -884,7 +911,14 @@ impl RollupRepository {
                         " AND (SELECT spans_{index} AND NOT whole_{index} AND NOT summary_{index} FROM edges) UNION ALL "
                     ));
                     sql.push(format_args!(
-                        "SELECT {EDGE_RAW}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint WHERE (SELECT NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
+                        "SELECT {EDGE_LIVE_SPANS}, (SELECT spans FROM user_activity_live_spans WHERE hour_start = "
+                    ));
+                    sql.push_bind(time(part.hour().0));
+                    sql.push(format_args!(
+                        "), {index}::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint WHERE (SELECT live_{index} AND NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
+                    ));
+                    sql.push(format_args!(
+                        "SELECT {EDGE_RAW}, NULL::bytea, {index}::bigint, NULL::integer[], NULL::text[], NULL::bigint, NULL::bigint WHERE (SELECT NOT (whole_{index} OR summary_{index} OR spans_{index} OR live_{index}) FROM edges) UNION ALL "
                     ));
                     if minus_outside[index] {
                         // The users seen only outside, each probed (an id without an ordinal
@@ -902,7 +936,7 @@ impl RollupRepository {
                         sql.push(") only_outside), NULL::text[], NULL::bigint, NULL::bigint FROM user_activity_hourly WHERE bucket_start = ");
                         sql.push_bind(time(part.hour().0));
                         sql.push(format_args!(
-                            " AND (SELECT settled_{index} AND NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges) UNION ALL "
+                            " AND (SELECT settled_{index} AND NOT (whole_{index} OR summary_{index} OR spans_{index} OR live_{index}) FROM edges) UNION ALL "
                         ));
                     }
                 }
@@ -923,10 +957,25 @@ impl RollupRepository {
                     sql.push(" UNION ALL SELECT unnest(user_ids) FROM user_activity_pending WHERE hour_start = ");
                     sql.push_bind(time(part.hour().0));
                     sql.push(format_args!(" AND (SELECT whole_{index} FROM edges)"));
+                    if HourSummary::answers_users(part) {
+                        // The pending users of a part its live spans answer: those whose
+                        // seconds in their row fall in the part (as in `users_within`).
+                        let (hour_start, hour_end) = part.hour();
+                        sql.push(" UNION ALL SELECT pending.user_id FROM user_activity_pending rows, unnest(rows.user_ids, rows.first_seconds, rows.last_seconds) AS pending(user_id, first_second, last_second) WHERE rows.hour_start = ");
+                        sql.push_bind(time(hour_start));
+                        if part.end == hour_end {
+                            sql.push(" AND pending.last_second >= ").push_bind((part.start - hour_start) as i32);
+                        } else {
+                            sql.push(" AND pending.first_second < ").push_bind((part.end - hour_start) as i32);
+                        }
+                        sql.push(format_args!(
+                            " AND (SELECT live_{index} AND NOT (whole_{index} OR summary_{index} OR spans_{index}) FROM edges)"
+                        ));
+                    }
                     sql.push(" UNION ALL SELECT user_id FROM events WHERE ");
                     push_within(&mut sql, "timestamp", time(part.start), time(part.end));
                     sql.push(format_args!(
-                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} OR summary_{index} OR spans_{index} OR settled_{index} FROM edges)"
+                        " AND user_id IS NOT NULL AND user_id <> '' AND NOT (SELECT whole_{index} OR summary_{index} OR spans_{index} OR live_{index} OR settled_{index} FROM edges)"
                     ));
                 }
                 sql.push(") ids) unfolded");
@@ -946,6 +995,7 @@ impl RollupRepository {
                 let mut raw_hours = Vec::new();
                 let mut summarised_hours = 0;
                 let mut spanned_hours = 0;
+                let mut live_hours = 0;
                 for (kind, users, version, probed, user_ids, bucket, row_xmin) in rows {
                     match kind {
                         ERASURE_GENERATION => stamp.erasures = version.unwrap_or_default(),
@@ -997,6 +1047,13 @@ impl RollupRepository {
                             let spans = users.unwrap_or_default();
                             edge_users |= hour_spans::users_within(&spans, part).map_err(RepositoryError::corrupt)?;
                             spanned_hours += 1;
+                        }
+                        EDGE_LIVE_SPANS => {
+                            // Its pending users came with the unfolded ones.
+                            let part = &partial_hours[version.unwrap_or_default() as usize];
+                            let spans = users.unwrap_or_default();
+                            edge_users |= hour_spans::users_within(&spans, part).map_err(RepositoryError::corrupt)?;
+                            live_hours += 1;
                         }
                         EDGE_SUMMARY | EDGE_RAW => {
                             let index = version.unwrap_or_default() as usize;
@@ -1068,7 +1125,7 @@ impl RollupRepository {
                     }
                 }
                 connection.finish().await?;
-                metrics::record_edge_hours("user_count", summarised_hours, spanned_hours, raw_hours.len());
+                metrics::record_edge_hours("user_count", summarised_hours, spanned_hours, live_hours, raw_hours.len());
                 self.note_raw_edge_hours(raw_hours.iter().filter(|part| HourSummary::answers_users(part)).map(|part| part.hour().0));
                 let folded = if with_bitmaps {
                     metrics::record_folded_bitmaps(remembered_bitmaps, bitmaps.len() - remembered_bitmaps);
