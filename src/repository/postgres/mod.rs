@@ -203,7 +203,27 @@ impl Session {
     }
 }
 
+/// What [`Session::prefer_generic_plans`] opens its transaction with.
+const BEGIN_WITH_GENERIC_PLANS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+
 impl Session {
+    /// Runs the session's further statements in a transaction that plans each prepared
+    /// statement once per connection (a generic plan, reused with any parameters) instead
+    /// of for every call: for a statement with many branches whose planning costs more
+    /// than its execution. Directly only: behind a transaction pooler the statements are
+    /// prepared anew in every transaction, so each is planned once either way.
+    pub(crate) async fn prefer_generic_plans(&mut self) -> Result<(), sqlx::Error> {
+        if !self.in_transaction {
+            <Postgres as sqlx::Database>::TransactionManager::begin(
+                &mut **self,
+                Some(BEGIN_WITH_GENERIC_PLANS.into()),
+            )
+            .await?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
     /// Closes the connection when the session is dropped instead of returning it to the
     /// pool (a query may still be sending rows on it).
     pub(crate) fn close_on_drop(&mut self) {

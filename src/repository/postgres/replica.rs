@@ -292,6 +292,16 @@ impl CountConnection<'_> {
             CountConnection::Checked(_) => Ok(()),
         }
     }
+
+    /// Plans the statements to come once per connection (see
+    /// [`Session::prefer_generic_plans`]); on the standby connection, which a call's
+    /// statements share outside any transaction, they are planned per call as before.
+    pub(crate) async fn prefer_generic_plans(&mut self) -> Result<(), sqlx::Error> {
+        match self {
+            CountConnection::Pooled(session) => session.prefer_generic_plans().await,
+            CountConnection::Checked(_) => Ok(()),
+        }
+    }
 }
 
 impl Deref for CountConnection<'_> {
