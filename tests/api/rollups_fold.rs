@@ -24,6 +24,27 @@ async fn migrated_database() -> (String, Database) {
     (database_name, Database::connect_lazy(&config))
 }
 
+/// The users of `[start, end)` seen only in its part of the hour starting at `cut_hour`
+/// (which the range must start or end inside), none elsewhere in the range; asserts there
+/// are some, so a count that leaves that part out must differ.
+async fn users_only_in_cut_part(pool: &sqlx::PgPool, start: i64, end: i64, cut_hour: i64) -> i64 {
+    let only_in_cut_part: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT user_id) FROM events
+          WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''
+            AND user_id NOT IN (SELECT user_id FROM events
+                                 WHERE timestamp >= to_timestamp($3) AND timestamp < to_timestamp($4))",
+    )
+    .bind(start.max(cut_hour))
+    .bind(end.min(cut_hour + HOUR))
+    .bind(if start < cut_hour { start } else { cut_hour + HOUR })
+    .bind(if start < cut_hour { cut_hour } else { end })
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(only_in_cut_part > 0, "the cut part has users seen nowhere else in [{start}, {end})");
+    only_in_cut_part
+}
+
 /// Counts are exact whatever share of the trigger's output the fold has moved into the
 /// rollups (event-count deltas, (hour, user) pairs): all pending, some folded, all folded,
 /// and late events and new users after a fold; also through kept summaries of the edge
@@ -226,20 +247,7 @@ async fn stored_hour_spans_answer_edge_hours_and_never_outlive_a_change() {
         let parts = rollups.user_count_parts(split, true).await.unwrap();
         let with_emptied = parts.count(parts.folded.as_ref().unwrap());
         let expected = brute_force_unique_users(&pool, start, end).await;
-        let only_in_cut_part: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT user_id) FROM events
-              WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''
-                AND user_id NOT IN (SELECT user_id FROM events
-                                     WHERE timestamp >= to_timestamp($3) AND timestamp < to_timestamp($4))",
-        )
-        .bind(start.max(cut_hour))
-        .bind(end.min(cut_hour + HOUR))
-        .bind(if start < cut_hour { start } else { cut_hour + HOUR })
-        .bind(if start < cut_hour { cut_hour } else { end })
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        assert!(only_in_cut_part > 0, "the cut part has users seen nowhere else in [{start}, {end})");
+        let only_in_cut_part = users_only_in_cut_part(&pool, start, end, cut_hour).await;
         assert_eq!(
             with_emptied,
             expected - only_in_cut_part,
@@ -501,20 +509,7 @@ async fn live_spans_answer_edges_of_hours_still_taking_events_and_never_outlive_
     assert_eq!(emptied.rows_affected(), 1);
     for (start, end) in [(open - DAY, open + 20 * 60), (open + 20 * 60, open + DAY)] {
         let expected = brute_force_unique_users(&pool, start, end).await;
-        let only_in_part: i64 = sqlx::query_scalar(
-            "SELECT count(DISTINCT user_id) FROM events
-              WHERE timestamp >= to_timestamp($1) AND timestamp < to_timestamp($2) AND user_id <> ''
-                AND user_id NOT IN (SELECT user_id FROM events
-                                     WHERE timestamp >= to_timestamp($3) AND timestamp < to_timestamp($4))",
-        )
-        .bind(start.max(open))
-        .bind(end.min(open + HOUR))
-        .bind(if start < open { start } else { open + HOUR })
-        .bind(if start < open { open } else { end })
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        assert!(only_in_part > 0, "the cut part has users seen nowhere else in [{start}, {end})");
+        let only_in_part = users_only_in_cut_part(&pool, start, end, open).await;
         let answer = rollups.unique_users(user_count_split(parse(start, end))).await.unwrap();
         assert_eq!(answer, expected - only_in_part, "the emptied live spans were read for [{start}, {end})");
     }
