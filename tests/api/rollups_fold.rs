@@ -601,3 +601,47 @@ async fn live_spans_answer_edges_of_hours_still_taking_events_and_never_outlive_
     pool.close().await;
     crate::helpers::drop_database(&database_name).await;
 }
+
+/// A cache hit's unique-user statement (no bitmaps: what a dashboard repeats) runs with a
+/// generic plan, planned once on its connection; a count that reads bitmaps is planned
+/// per call. Read from `pg_prepared_statements` on the one connection the counts used.
+#[tokio::test]
+async fn a_cache_hits_user_statement_is_planned_once_and_a_miss_per_call() {
+    let database_name = create_database().await;
+    let config = test_config(&database_name, "unused", &TestOptions::default());
+    schema::migrate(&connect_options(&config)).await.expect("migrations apply");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect_options(&config))
+        .await
+        .unwrap();
+    let rollups = RollupRepository::new(Database::from(pool.clone()));
+    let mut random = StdRng::seed_from_u64(7);
+    let to = now().div_euclid(HOUR) * HOUR - 2 * HOUR;
+    insert_random_events(&pool, &mut random, 500, to - 2 * DAY, to).await;
+    fold::fold_all_pending(&Database::from(pool.clone())).await.unwrap();
+    // Both edge hours partial, the range over a day of whole hours.
+    let range = TimeRange::parse(to - DAY - 20 * 60, to - 40 * 60, chrono::Utc::now()).unwrap();
+    // Five: PostgreSQL's own choice (plan_cache_mode = auto) plans the first five calls of
+    // a prepared statement per call, whatever it does after.
+    for _ in 0..5 {
+        rollups.user_count_parts(user_count_split(range), false).await.unwrap();
+        rollups.user_count_parts(user_count_split(range), true).await.unwrap();
+    }
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements
+          WHERE statement LIKE '%FROM erasure_generation%' AND statement LIKE '%unnest(user_ids)%'
+            AND statement NOT LIKE '%pg_prepared_statements%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let (hits, misses): (Vec<_>, Vec<_>) =
+        plans.iter().partition(|(statement, _, _)| !statement.contains("ELSE users END"));
+    assert_eq!(hits.len(), 1, "one hit statement: {plans:?}");
+    assert_eq!(misses.len(), 1, "one miss statement: {plans:?}");
+    assert_eq!((hits[0].1, hits[0].2), (5, 0), "the hit statement ran its generic plan every time");
+    assert_eq!((misses[0].1, misses[0].2), (0, 5), "the miss statement was planned per call");
+    pool.close().await;
+    crate::helpers::drop_database(&database_name).await;
+}
