@@ -1051,18 +1051,15 @@ impl RollupRepository {
                             }
                             edge_users |= users;
                         }
-                        EDGE_SPANS => {
+                        // A live row's pending users came with the unfolded ones.
+                        EDGE_SPANS | EDGE_LIVE_SPANS => {
                             let part = &partial_hours[version.unwrap_or_default() as usize];
                             let spans = users.unwrap_or_default();
                             edge_users |= hour_spans::users_within(&spans, part).map_err(RepositoryError::corrupt)?;
-                            spanned_hours += 1;
-                        }
-                        EDGE_LIVE_SPANS => {
-                            // Its pending users came with the unfolded ones.
-                            let part = &partial_hours[version.unwrap_or_default() as usize];
-                            let spans = users.unwrap_or_default();
-                            edge_users |= hour_spans::users_within(&spans, part).map_err(RepositoryError::corrupt)?;
-                            live_hours += 1;
+                            match kind {
+                                EDGE_SPANS => spanned_hours += 1,
+                                _ => live_hours += 1,
+                            }
                         }
                         EDGE_SUMMARY | EDGE_RAW => {
                             let index = version.unwrap_or_default() as usize;
